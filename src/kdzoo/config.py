@@ -1,0 +1,314 @@
+"""Plain YAML mapped onto dataclasses.  No code is imported or called from a config.
+
+Every unknown key, wrong type or bad value is a one-line `ConfigError` naming it; ``a.b=value``
+overrides (the value parsed as YAML) are applied before validation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 240
+    batch_size: int = 64
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "multistep"  # multistep | cosine | constant
+    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    eval_every: int = 1  # epochs
+    save_every: int = 10  # epochs; the last epoch is always saved
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    deterministic: bool = False
+    num_workers: int = 0
+    progress: bool = True
+    log_every: int = 20  # steps between progress-bar refreshes (each one reads values back from the device)
+
+    def validate(self) -> None:
+        _choice("train.optimizer", self.optimizer, ("sgd", "adamw"))
+        _choice("train.schedule", self.schedule, ("multistep", "cosine", "constant"))
+        _choice("train.amp", self.amp, ("auto", "bf16", "off"))
+        for key in ("epochs", "batch_size", "eval_every", "save_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("lr", "weight_decay", "warmup_epochs", "min_lr", "momentum", "num_workers"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny:cnn"
+    weights: Optional[str] = None  # .safetensors file, run directory or kdzoo checkpoint
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodConfig:
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    """``kdzoo train``: a student distilled from a teacher."""
+
+    student: ModelConfig
+    teacher: Optional[ModelConfig] = None
+    methods: list[MethodConfig] = field(default_factory=list)
+    ce_weight: Optional[float] = None  # None: the first method's published weight
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs"
+    name: Optional[str] = None
+
+    def validate(self) -> None:
+        from .methods import METHODS
+
+        self.train.validate()
+        for i, method in enumerate(self.methods):
+            entry = _lookup(METHODS, method.name, f"methods[{i}].name")
+            _check_options(f"methods[{i}] ({method.name})", method.options, entry.defaults)
+            if entry.obj.needs_teacher and self.teacher is None:
+                raise ConfigError(f"methods[{i}] ({method.name}) needs a teacher: add a 'teacher:' section")
+        _validate_data(self.data)
+
+
+@dataclass
+class TeacherConfig:
+    """``kdzoo teacher``: plain supervised training of one model with the same trainer."""
+
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs"
+    name: Optional[str] = None
+
+    def validate(self) -> None:
+        self.train.validate()
+        _validate_data(self.data)
+
+
+def _validate_data(data: DataConfig) -> None:
+    from .data.datasets import DATASETS
+
+    entry = _lookup(DATASETS, data.name, "data.name")
+    _check_options(f"data.options ({data.name})", data.options, entry.defaults)
+
+
+def _lookup(registry, name: str, where: str):
+    try:
+        return registry.get(name)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _check_options(where: str, options: dict, allowed: dict) -> None:
+    for key in options:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, list(allowed), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"options: {', '.join(allowed) or 'none'}"
+            raise ConfigError(f"{where}: unknown option {key!r} ({hint})")
+
+
+def _choice(where: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
+
+
+# ---------------------------------------------------------------- dict <-> dataclass
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from plain data, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (keys: {', '.join(fields)})"
+            raise ConfigError(f"{_join(where, key)}: unknown key{hint}")
+    values = {}
+    for name, f in fields.items():
+        if name in data:
+            values[name] = _convert(hints[name], data[name], _join(where, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{_join(where, name)}: missing required key")
+    return cls(**values)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        if tp is MethodConfig:
+            return _method(value, where)
+        return from_dict(tp, value if value is not None else {}, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {_describe(value)}")
+        return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {_describe(value)}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {_describe(value)}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _method(value: Any, where: str) -> MethodConfig:
+    """A method is written as a bare name or as a mapping of name and options."""
+    if isinstance(value, str):
+        return MethodConfig(value)
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise ConfigError(f"{where}: expected a method name or a mapping with 'name', got {_describe(value)}")
+    options = {k: v for k, v in value.items() if k != "name"}
+    return MethodConfig(value["name"], options)
+
+
+def to_dict(obj: Any) -> Any:
+    if isinstance(obj, MethodConfig):
+        return {"name": obj.name, **obj.options}
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+# ---------------------------------------------------------------- files and overrides
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at} ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {_describe(data)}")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` (value parsed as YAML; ``methods.0.temperature=2`` indexes lists)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=0.1")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: value is not valid YAML") from None
+        node: Any = data
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth]) or 'list'} has no item {part}")
+                i = int(part)
+                if isinstance(node[i], str) and not last:  # "kd" -> {"name": "kd"} to take options
+                    node[i] = {"name": node[i]}
+                if last:
+                    node[i] = value
+                else:
+                    node = node[i]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+                    if node is None:
+                        node = data_set(data, parts[: depth + 1], {})
+            else:
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth])} is not a mapping")
+    return data
+
+
+def data_set(data: dict, parts: list[str], value: Any) -> Any:
+    node = data
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = value
+    return value
+
+
+def load_config(cls: type, path: Optional[str | Path], overrides: list[str] = ()) -> Any:
+    data = read_yaml(path) if path else {}
+    data = apply_overrides(data, list(overrides))
+    config = from_dict(cls, data)
+    config.validate()
+    return config
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    from .train.checkpoint import atomic_write
+
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    atomic_write(path, lambda tmp: tmp.write_text(text))

@@ -1,0 +1,15 @@
+"""Distillation methods, one file each, grouped by family; importing this package registers them."""
+from ..registry import METHODS, register_method
+from .base import Context, InitStage, Method, Setup
+
+from .logit import kd  # noqa: F401,E402
+from .feature import at, fitnet  # noqa: F401,E402
+from .relation import rkd  # noqa: F401,E402
+
+
+def create_method(name: str, **options) -> Method:
+    """Build a registered method by name; unknown options are a one-line error."""
+    return METHODS.build(name, **options)
+
+
+__all__ = ["Context", "InitStage", "Method", "Setup", "METHODS", "register_method", "create_method"]

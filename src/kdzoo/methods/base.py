@@ -1,0 +1,91 @@
+"""The contract every distillation method follows.
+
+A method is an `nn.Module` that declares the taps it reads and returns a dict of *weighted* losses.
+Its math lives in pure functions beside it; the module only holds hyper-parameters and any learnable
+adapter, which `build` creates once the Distiller knows the feature shapes.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Context:
+    """Everything a method may read for one batch."""
+
+    student_logits: torch.Tensor
+    teacher_logits: Optional[torch.Tensor]
+    labels: torch.Tensor
+    student: dict[str, torch.Tensor] = field(default_factory=dict)  # tap spec -> feature
+    teacher: dict[str, torch.Tensor] = field(default_factory=dict)
+    index: Optional[torch.Tensor] = None  # dataset sample indices, for memory-bank methods
+    epoch: float = 0.0  # fractional epoch, for warm-ups
+
+
+@dataclass
+class Setup:
+    """What a method may know when it builds its learnable parts."""
+
+    student_shapes: dict[str, torch.Size]  # tap spec -> feature shape, batch dimension included
+    teacher_shapes: dict[str, torch.Size]
+    num_classes: int
+    num_samples: Optional[int] = None  # training-set size, for memory banks
+    train_labels: Optional[torch.Tensor] = None  # training labels by sample index (CRD's sampling)
+    student: Optional[nn.Module] = None  # the models themselves, read-only, e.g. to find a teacher BN
+    teacher: Optional[nn.Module] = None
+    student_paths: dict[str, str] = field(default_factory=dict)  # tap spec -> module tap ("layer1.2.relu:input")
+    teacher_paths: dict[str, str] = field(default_factory=dict)
+    example_input: Optional[torch.Tensor] = None  # a small batch of real inputs
+
+
+@dataclass
+class InitStage:
+    """A stage a method runs before distillation (FitNet hints, FT paraphraser, AB, FSP).
+
+    For `epochs` epochs only `parameters` are trained, on `method.init_loss(ctx)` alone.
+    """
+
+    epochs: int
+    parameters: list[nn.Parameter]
+    lr: Optional[float] = None  # None: the run's learning rate
+
+
+class Method(nn.Module, abc.ABC):
+    """Base class.  Subclasses set the class attributes and implement `forward`.
+
+    - ``ce_weight``: the cross-entropy weight the method's paper pairs it with (None: no opinion).
+    - ``needs_teacher``: False for methods that only use the student (self-distillation).
+    - ``student_taps`` / ``teacher_taps``: tap specs read from ``ctx.student`` / ``ctx.teacher``;
+      instances may override them from their own hyper-parameters.
+    """
+
+    ce_weight: ClassVar[Optional[float]] = None
+    needs_teacher: ClassVar[bool] = True
+    student_taps: tuple[str, ...] = ()
+    teacher_taps: tuple[str, ...] = ()
+
+    def choose_taps(self, student_layout, teacher_layout) -> None:
+        """Pick taps that depend on the models' layouts (e.g. "every stage").  Default: keep them."""
+
+    def build(self, setup: Setup) -> None:
+        """Create learnable parts from feature shapes and data facts.  Default: none."""
+
+    def init_stage(self, student: nn.Module) -> Optional[InitStage]:
+        """An optional stage to run before distillation; see `InitStage`.  Default: none."""
+        return None
+
+    def init_loss(self, ctx: Context) -> torch.Tensor:
+        """The loss of the init stage (only called when `init_stage` returns one)."""
+        raise TypeError(f"{type(self).__name__} has no init stage")
+
+    @abc.abstractmethod
+    def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
+        """Weighted loss terms, named; the trainer sums them."""
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_") and k != "training")

@@ -1,0 +1,59 @@
+"""Model factory: ``create_model("tiny:cnn")``, ``"tv:resnet18"`` (torchvision), ``"timm:deit_tiny_patch16_224"``.
+
+Registered families live in files of their own (``tiny.py``, ...); torchvision and timm models are
+built by name with random weights (pretrained weights are loaded from a file, never downloaded here).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..registry import MODELS, register_model
+from . import tiny  # noqa: F401  (registers its models)
+
+EXTERNAL_PREFIXES = ("tv:", "timm:")
+
+
+def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **options) -> nn.Module:
+    """Build a model by factory name with `num_classes` outputs."""
+    if name.startswith("tv:"):
+        return _torchvision_model(name[3:], num_classes, in_channels, options)
+    if name.startswith("timm:"):
+        return _timm_model(name[5:], num_classes, in_channels, options)
+    entry = MODELS.get(name)
+    from ..registry import check_options
+
+    check_options(f"model {name!r}", options, entry.defaults)
+    return entry.obj(num_classes=num_classes, in_channels=in_channels, **options)
+
+
+def _torchvision_model(arch: str, num_classes: int, in_channels: int, options: dict) -> nn.Module:
+    import torchvision
+
+    names = torchvision.models.list_models()
+    if arch not in names:
+        from ..registry import unknown_name_message
+
+        raise ConfigError(unknown_name_message("torchvision model", arch, names))
+    if in_channels != 3:
+        raise ConfigError(f"torchvision model {arch!r} expects 3 input channels, the data has {in_channels}")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)
+
+
+def _timm_model(arch: str, num_classes: int, in_channels: int, options: dict) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError("timm models need the optional extra: pip install 'kdzoo[timm]'") from None
+    if not timm.is_model(arch):
+        from ..registry import unknown_name_message
+
+        raise ConfigError(unknown_name_message("timm model", arch, timm.list_models()))
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels, **options)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["create_model", "count_parameters", "register_model", "MODELS"]
