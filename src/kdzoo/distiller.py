@@ -97,9 +97,9 @@ class Distiller(nn.Module):
         if self.teacher is not None and any(m.needs_teacher for m in self.methods.values()):
             with torch.no_grad():
                 teacher_logits = self.teacher(images)
-            teacher_feats = {spec: self._teacher_hooks.features[path] for spec, path in self._teacher_paths.items()}
+            teacher_feats = {spec: self._teacher_hooks.get(path) for spec, path in self._teacher_paths.items()}
         student_logits = self.student(images)
-        student_feats = {spec: self._student_hooks.features[path] for spec, path in self._student_paths.items()}
+        student_feats = {spec: self._student_hooks.get(path) for spec, path in self._student_paths.items()}
         self._student_hooks.features.clear()  # let activations go once the losses are built
         if self._teacher_hooks is not None:
             self._teacher_hooks.features.clear()

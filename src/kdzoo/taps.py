@@ -51,24 +51,49 @@ class Taps:
     """Forward hooks that store chosen features of one model in `self.features` (tap -> tensor).
 
     Use as a context manager or call `remove()`; features are overwritten at every forward.
+    The input of an in-place module (``relu:input`` with ``inplace=True``) is copied before the
+    module overwrites it; any other capture that a later in-place op modifies is refused by `get`.
     """
 
     def __init__(self, model: nn.Module, taps: Iterable[str]):
         self.features: dict[str, torch.Tensor] = {}
+        self._versions: dict[str, int] = {}
         self._handles = []
         for tap in dict.fromkeys(taps):  # ordered, unique
             path, want_input = split_tap(tap)
             module = get_module(model, path)
-            self._handles.append(module.register_forward_hook(self._hook(tap, want_input)))
+            if want_input:
+                copy = bool(getattr(module, "inplace", False))
+                self._handles.append(module.register_forward_pre_hook(self._input_hook(tap, copy)))
+            else:
+                self._handles.append(module.register_forward_hook(self._output_hook(tap)))
 
-    def _hook(self, tap: str, want_input: bool):
-        def hook(module, inputs, output):
-            value = inputs[0] if want_input else output
-            if not isinstance(value, torch.Tensor):
-                raise ConfigError(f"tap {tap!r} is not a tensor but {type(value).__name__}")
-            self.features[tap] = value
+    def _store(self, tap: str, value) -> None:
+        if not isinstance(value, torch.Tensor):
+            raise ConfigError(f"tap {tap!r} is not a tensor but {type(value).__name__}")
+        self.features[tap] = value
+        self._versions[tap] = value._version
+
+    def _input_hook(self, tap: str, copy: bool):
+        def hook(module, inputs):
+            value = inputs[0] if inputs else None
+            self._store(tap, value.clone() if copy and isinstance(value, torch.Tensor) else value)
 
         return hook
+
+    def _output_hook(self, tap: str):
+        def hook(module, inputs, output):
+            self._store(tap, output)
+
+        return hook
+
+    def get(self, tap: str) -> torch.Tensor:
+        """The captured feature, refusing one that an in-place op changed after it was captured."""
+        value = self.features[tap]
+        if value._version != self._versions[tap]:
+            raise ConfigError(f"tap {tap!r} was modified in place after it was captured (an in-place op "
+                              "follows that module); tap the next module's ':input' instead")
+        return value
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -105,6 +130,15 @@ class Layout:
         return spec
 
 
+def paired_stages(student_layout: Layout, teacher_layout: Layout, stages=None) -> tuple[str, ...]:
+    """Stage taps for methods that match several stages: the given stage indices, or by default every
+    stage after the stem, paired from the deepest one back (the shallower model sets the count)."""
+    if stages is not None:
+        return tuple(f"stage:{i}" for i in stages)
+    n = min(len(student_layout.stages), len(teacher_layout.stages)) - 1
+    return tuple(f"stage:{i}" for i in range(-n, 0)) if n > 0 else ("stage:-1",)
+
+
 @torch.no_grad()
 def probe(model: nn.Module, example: torch.Tensor, taps: Iterable[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Run one eval-mode forward; return the requested features and the output (training mode is restored)."""
@@ -113,7 +147,7 @@ def probe(model: nn.Module, example: torch.Tensor, taps: Iterable[str]) -> tuple
     try:
         with Taps(model, taps) as t:
             output = model(example)
-            return dict(t.features), output
+            return {tap: t.get(tap) for tap in t.features}, output
     finally:
         model.train(was_training)
 

@@ -2,9 +2,9 @@
 from ..registry import METHODS, register_method
 from .base import Context, InitStage, Method, Setup
 
-from .logit import kd  # noqa: F401,E402
+from .logit import ctkd, dist, dkd, kd  # noqa: F401,E402
 from .feature import at, fitnet  # noqa: F401,E402
-from .relation import rkd  # noqa: F401,E402
+from .relation import cc, crd, pkt, rkd, sp, vid  # noqa: F401,E402
 
 
 def create_method(name: str, **options) -> Method:

@@ -84,7 +84,7 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: Optional[
     correct5 = torch.zeros((), device=device)
     loss_sum = torch.zeros((), device=device)
     count = 0
-    for images, labels, _ in make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers):
+    for images, labels, _ in make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, device=device):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast_for(device, amp):
             logits = model(images)
@@ -164,7 +164,8 @@ def fit(distiller: nn.Module, data: DataSplits, cfg: TrainConfig, run_dir: Optio
     for epoch in range(start_epoch, cfg.epochs):
         distiller.train()
         loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                             num_workers=cfg.num_workers, drop_last=False, pin_memory=device.type == "cuda")
+                             num_workers=cfg.num_workers, drop_last=False, pin_memory=device.type == "cuda",
+                             device=device)
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=device)
         seen = 0
@@ -252,7 +253,7 @@ def _run_init_stages(distiller: nn.Module, data: DataSplits, cfg: TrainConfig, d
         for epoch in range(stage.epochs):
             total, seen = torch.zeros((), device=device), 0
             loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=-1 - epoch,
-                                 num_workers=cfg.num_workers)
+                                 num_workers=cfg.num_workers, device=device)
             for images, labels, index in tqdm(loader, desc=f"{name} init {epoch + 1}/{stage.epochs}", leave=False,
                                               disable=not cfg.progress):
                 images, labels, index = images.to(device), labels.to(device), index.to(device)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ...adapters import resize_like
 from ...registry import register_method
+from ...taps import paired_stages
 from ..base import Context, Method
 
 
@@ -35,14 +36,7 @@ class AT(Method):
         self.stages = stages
 
     def choose_taps(self, student_layout, teacher_layout) -> None:
-        if self.stages is not None:
-            picks = [f"stage:{i}" for i in self.stages]
-            self.student_taps = self.teacher_taps = tuple(picks)
-            return
-        # Every stage after the stem, paired from the deepest one back.
-        n = min(len(student_layout.stages), len(teacher_layout.stages)) - 1
-        picks = tuple(f"stage:{i}" for i in range(-n, 0)) if n > 0 else ("stage:-1",)
-        self.student_taps = self.teacher_taps = picks
+        self.student_taps = self.teacher_taps = paired_stages(student_layout, teacher_layout, self.stages)
 
     def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
         total = sum(at_loss(ctx.student[s], ctx.teacher[t], self.p) for s, t in zip(self.student_taps, self.teacher_taps))

@@ -1,0 +1,93 @@
+"""CTKD: Li et al., "Curriculum Temperature for Knowledge Distillation", AAAI 2023.
+
+KD with a learnable temperature trained *adversarially*: the student minimises the KD loss while the
+temperature maximises it, through a gradient reversal layer (identity forward, gradient times -lambda
+backward).  lambda follows a curriculum, rising from lambda_min to lambda_max along a cosine over the first
+`curriculum_epochs`, so the task starts easy and grows harder.
+
+As in the authors' code (zhengli97/CTKD, ``models/temp_global.py``, ``scripts/run_cifar_distill.sh``):
+one global temperature T = 1 + 20 * sigmoid(theta) with theta starting at 1 (T about 15.6), lambda from
+0 to 1 over 10 epochs, CE 0.1 and KD 0.9.  The temperature is a parameter of this module, so it trains
+with the student (same optimizer) and is saved in checkpoints.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ...registry import register_method
+from ..base import Context, Method
+from .kd import kd_loss
+
+
+class _GradientReversal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, strength: float) -> torch.Tensor:
+        ctx.strength = strength
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.strength * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, strength: float) -> torch.Tensor:
+    """Identity forward; multiplies the gradient by -strength backward."""
+    return _GradientReversal.apply(x, strength)
+
+
+def curriculum_lambda(epoch: float, lambda_min: float, lambda_max: float, curriculum_epochs: float) -> float:
+    """Cosine rise from lambda_min at epoch 0 to lambda_max at `curriculum_epochs`, then flat."""
+    progress = min(max(epoch / curriculum_epochs, 0.0), 1.0) if curriculum_epochs > 0 else 1.0
+    return lambda_min + (lambda_max - lambda_min) * (1 - math.cos(math.pi * progress)) / 2
+
+
+class GlobalTemperature(nn.Module):
+    """One learnable temperature for every sample: T = min_temperature + temperature_range * sigmoid(theta).
+
+    The sigmoid keeps T inside (min, min + range) however hard the adversary pushes.
+    """
+
+    def __init__(self, min_temperature: float = 1.0, temperature_range: float = 20.0):
+        super().__init__()
+        self.min_temperature = min_temperature
+        self.temperature_range = temperature_range
+        self.theta = nn.Parameter(torch.ones(()))  # the authors' start
+
+    def forward(self, reversal_strength: float) -> torch.Tensor:
+        theta = reverse_gradient(self.theta, reversal_strength)
+        return self.min_temperature + self.temperature_range * torch.sigmoid(theta)
+
+    def extra_repr(self) -> str:
+        return f"min_temperature={self.min_temperature}, temperature_range={self.temperature_range}"
+
+
+@register_method("ctkd", family="logit", paper="Li et al. AAAI 2023, Curriculum Temperature for Knowledge Distillation")
+class CTKD(Method):
+    """KD at a learned, adversarial temperature.  `temperature` holds the current value for logging."""
+
+    ce_weight = 0.1
+
+    def __init__(self, weight: float = 0.9, min_temperature: float = 1.0, temperature_range: float = 20.0,
+                 lambda_min: float = 0.0, lambda_max: float = 1.0, curriculum_epochs: float = 10.0,
+                 standardize: bool = False):
+        super().__init__()
+        self.weight = weight
+        self.lambda_min = lambda_min
+        self.lambda_max = lambda_max
+        self.curriculum_epochs = curriculum_epochs
+        self.standardize = standardize
+        self.learned_temperature = GlobalTemperature(min_temperature, temperature_range)
+
+    @property
+    def temperature(self) -> float:
+        with torch.no_grad():
+            return float(self.learned_temperature(0.0))
+
+    def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
+        strength = curriculum_lambda(ctx.epoch, self.lambda_min, self.lambda_max, self.curriculum_epochs)
+        temperature = self.learned_temperature(strength)
+        loss = kd_loss(ctx.student_logits, ctx.teacher_logits, temperature, self.standardize)
+        return {"ctkd": self.weight * loss}

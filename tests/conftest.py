@@ -1,0 +1,9 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    # Two cores on CI: more threads than cores only adds contention.
+    torch.set_num_threads(2)
+    yield
