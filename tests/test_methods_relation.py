@@ -175,7 +175,7 @@ def test_vid_taps_and_regressors_from_layouts():
     assert method.student_taps == method.teacher_taps == ("stage:-2", "stage:-1")  # stage1 acts as the stem
     widths = [(r.mean[0].in_channels, r.mean[0].out_channels, r.mean[-1].out_channels) for r in method.regressors]
     assert widths == [(8, 16, 16), (16, 32, 32)]  # hidden width = teacher width, as RepDistiller
-    assert make_distiller("vid", stages=[-1]).methods["vid"].student_taps == ("stage:-1",)
+    assert make_distiller("vid", student_layers=["stage:-1"], teacher_layers=["stage:-1"]).methods["vid"].student_taps == ("stage:-1",)
 
 
 # --------------------------------------------------------------------------------------------- CRD

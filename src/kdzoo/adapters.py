@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .taps import get_module, split_tap
 
 
 def resize_like(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -47,3 +48,17 @@ def make_adapter(student_shape: torch.Size, teacher_shape: torch.Size, relu: boo
     if len(s) == 1 and len(t) == 1:
         return nn.Linear(s[0], t[0])
     raise ConfigError(f"no adapter from student feature {list(s)} to teacher feature {list(t)}")
+
+
+def match_spatial(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average-pool whichever of two feature maps is larger, side by side, to their common smaller size."""
+    size = (min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1]))
+    return resize_like(a, size), resize_like(b, size)
+
+
+def feature_parameters(model: nn.Module, penultimate_tap: str) -> list[nn.Parameter]:
+    """`model`'s parameters except its classifier's (the module whose input is the penultimate feature),
+    as RepDistiller's ``get_feat_modules()``: what an init stage on feature losses alone trains."""
+    path, is_input = split_tap(penultimate_tap)
+    classifier = {id(p) for p in get_module(model, path).parameters()} if is_input else set()
+    return [p for p in model.parameters() if id(p) not in classifier]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -130,13 +130,28 @@ class Layout:
         return spec
 
 
-def paired_stages(student_layout: Layout, teacher_layout: Layout, stages=None) -> tuple[str, ...]:
-    """Stage taps for methods that match several stages: the given stage indices, or by default every
-    stage after the stem, paired from the deepest one back (the shallower model sets the count)."""
-    if stages is not None:
-        return tuple(f"stage:{i}" for i in stages)
-    n = min(len(student_layout.stages), len(teacher_layout.stages)) - 1
-    return tuple(f"stage:{i}" for i in range(-n, 0)) if n > 0 else ("stage:-1",)
+def stage_taps(owner: str, student_layout: Layout, teacher_layout: Layout,
+               student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None,
+               student_kind: str = "stage", teacher_kind: str = "stage",
+               skip_stem: bool = True) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Student and teacher tap specs for a method that reads several stages, paired in order.
+
+    Explicit `student_layers` / `teacher_layers` (any tap specs) win.  Otherwise: the stages both models
+    have, paired from the deepest back, ``kind:-n`` .. ``kind:-1``, where n is the smaller stage count less
+    the stem (stage 0) when `skip_stem` (RepDistiller's ``feat[1:-1]``, mdistiller's ``feats[1:]``).
+    A kind other than "stage" names a list the model family publishes, e.g. "preact" (pre-ReLU stage outputs).
+    """
+    if student_layers is not None or teacher_layers is not None:
+        if not student_layers or not teacher_layers or len(student_layers) != len(teacher_layers):
+            raise ConfigError(f"{owner}: give student_layers and teacher_layers together, as lists of equal length")
+        return tuple(student_layers), tuple(teacher_layers)
+    for role, layout, kind in (("student", student_layout, student_kind), ("teacher", teacher_layout, teacher_kind)):
+        if kind != "stage" and kind not in layout.extra:
+            raise ConfigError(f"{owner}: the {role} model publishes no {kind!r} taps; name them with "
+                              "student_layers=[...] and teacher_layers=[...], e.g. the input of each stage's last "
+                              "ReLU 'layer3.2.relu:input'")
+    n = max(min(len(student_layout.stages), len(teacher_layout.stages)) - int(skip_stem), 1)
+    return (tuple(f"{student_kind}:{i}" for i in range(-n, 0)), tuple(f"{teacher_kind}:{i}" for i in range(-n, 0)))
 
 
 @torch.no_grad()

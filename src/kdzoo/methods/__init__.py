@@ -3,7 +3,7 @@ from ..registry import METHODS, register_method
 from .base import Context, InitStage, Method, Setup
 
 from .logit import ctkd, dist, dkd, kd  # noqa: F401,E402
-from .feature import at, fitnet  # noqa: F401,E402
+from .feature import ab, at, fitnet, fsp, ft, nst, ofd, reviewkd  # noqa: F401,E402
 from .relation import cc, crd, pkt, rkd, sp, vid  # noqa: F401,E402
 
 

@@ -7,6 +7,7 @@ adapter, which `build` creates once the Distiller knows the feature shapes.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
@@ -25,6 +26,14 @@ class Context:
     teacher: dict[str, torch.Tensor] = field(default_factory=dict)
     index: Optional[torch.Tensor] = None  # dataset sample indices, for memory-bank methods
     epoch: float = 0.0  # fractional epoch, for warm-ups
+
+
+def warmup_factor(epoch: float, warmup_epochs: float) -> float:
+    """Linear loss warm-up as mdistiller's DKD/ReviewKD: min(epoch / warmup, 1) with epochs counted from 1
+    and held for a whole epoch, so the first epoch already gets 1/warmup."""
+    if warmup_epochs <= 0:
+        return 1.0
+    return min((math.floor(epoch) + 1) / warmup_epochs, 1.0)
 
 
 @dataclass

@@ -250,6 +250,9 @@ def _run_init_stages(distiller: nn.Module, data: DataSplits, cfg: TrainConfig, d
         stage_cfg = TrainConfig(**{**vars(cfg), "lr": stage.lr if stage.lr is not None else cfg.lr})
         optimizer = build_optimizer(stage.parameters, stage_cfg)
         distiller.train()
+        student_ids = {id(p) for p in distiller.student.parameters()}
+        if not any(id(p) in student_ids for p in stage.parameters):
+            distiller.student.eval()  # a stage that trains no student weight must not move its BN statistics
         for epoch in range(stage.epochs):
             total, seen = torch.zeros((), device=device), 0
             loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=-1 - epoch,

@@ -6,9 +6,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ...adapters import resize_like
+from ...adapters import match_spatial
 from ...registry import register_method
-from ...taps import paired_stages
+from ...taps import stage_taps
 from ..base import Context, Method
 
 
@@ -19,9 +19,7 @@ def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
 
 def at_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """Mean squared difference of attention maps; the larger map is pooled to the smaller's size."""
-    size = min(student_feature.shape[-2:], teacher_feature.shape[-2:])
-    s = resize_like(student_feature, size)
-    t = resize_like(teacher_feature, size)
+    s, t = match_spatial(student_feature, teacher_feature)
     return (attention_map(s, p) - attention_map(t, p)).pow(2).mean()
 
 
@@ -29,14 +27,18 @@ def at_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, p: flo
 class AT(Method):
     ce_weight = 1.0
 
-    def __init__(self, weight: float = 1000.0, p: float = 2.0, stages: Optional[Sequence[int]] = None):
+    def __init__(self, weight: float = 1000.0, p: float = 2.0, student_layers: Optional[Sequence[str]] = None,
+                 teacher_layers: Optional[Sequence[str]] = None):
         super().__init__()
         self.weight = weight
         self.p = p
-        self.stages = stages
+        self.student_layers = student_layers
+        self.teacher_layers = teacher_layers
 
     def choose_taps(self, student_layout, teacher_layout) -> None:
-        self.student_taps = self.teacher_taps = paired_stages(student_layout, teacher_layout, self.stages)
+        # every stage after the stem, paired from the deepest back, unless layers are named
+        self.student_taps, self.teacher_taps = stage_taps("at", student_layout, teacher_layout,
+                                                          self.student_layers, self.teacher_layers)
 
     def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
         total = sum(at_loss(ctx.student[s], ctx.teacher[t], self.p) for s, t in zip(self.student_taps, self.teacher_taps))

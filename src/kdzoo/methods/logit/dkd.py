@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ...registry import register_method
-from ..base import Context, Method
+from ..base import Context, Method, warmup_factor
 from .standardize import prepare_logits
 
 
@@ -39,11 +39,6 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     return alpha * tckd + beta * nckd
 
 
-def warmup_factor(epoch: float, warmup_epochs: float) -> float:
-    """Linear ramp from 0 at epoch 0 to 1 at `warmup_epochs`, then 1."""
-    return min(epoch / warmup_epochs, 1.0) if warmup_epochs > 0 else 1.0
-
-
 def _target_vs_rest_log_probs(scaled_logits: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
     """log [p_target, 1 - p_target] per row, from log-sum-exps so that neither side underflows."""
     log_total = torch.logsumexp(scaled_logits, dim=1)
@@ -64,7 +59,7 @@ class DKD(Method):
     """Defaults: mdistiller's CIFAR-100 setting (CE 1, alpha 1, beta 8, T 4, 20-epoch warm-up); its
     per-pair beta is 2 for res56->res20 and res110->res32, 6 for vgg13->vgg8, vgg13->MV2 and the WRN pairs.
 
-    The DKD term is multiplied by min(epoch / warmup_epochs, 1) with the fractional epoch from the context.
+    The DKD term is ramped by `warmup_factor` (mdistiller's convention: 1/warmup in the first epoch).
     """
 
     ce_weight = 1.0

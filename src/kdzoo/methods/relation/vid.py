@@ -10,7 +10,7 @@ from torch import nn
 
 from ...adapters import resize_like
 from ...registry import register_method
-from ...taps import paired_stages
+from ...taps import stage_taps
 from ..base import Context, Method, Setup
 
 
@@ -59,15 +59,17 @@ class VID(Method):
     ce_weight = 1.0
 
     def __init__(self, weight: float = 1.0, init_variance: float = 5.0, eps: float = 1e-5,
-                 stages: Optional[Sequence[int]] = None):
+                 student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
         super().__init__()
         self.weight = weight
         self.init_variance = init_variance
         self.eps = eps
-        self.stages = stages
+        self.student_layers = student_layers
+        self.teacher_layers = teacher_layers
 
     def choose_taps(self, student_layout, teacher_layout) -> None:
-        self.student_taps = self.teacher_taps = paired_stages(student_layout, teacher_layout, self.stages)
+        self.student_taps, self.teacher_taps = stage_taps("vid", student_layout, teacher_layout,
+                                                          self.student_layers, self.teacher_layers)
 
     def build(self, setup: Setup) -> None:
         # As RepDistiller: the regressor's hidden width is the teacher's channel count.

@@ -1,0 +1,97 @@
+"""FT: Kim, Park & Kwak, "Paraphrasing Complex Network: Network Compression via Factor Transfer", NeurIPS 2018."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...adapters import match_spatial
+from ...registry import register_method
+from ..base import Context, InitStage, Method
+
+
+def conv_stack(channels: Sequence[int], batch_norm: bool, transpose: bool = False) -> nn.Sequential:
+    """3x3 stride-1 (transposed) convolutions between consecutive widths, each followed by (BN and) LeakyReLU(0.1)."""
+    conv = nn.ConvTranspose2d if transpose else nn.Conv2d
+    layers: list[nn.Module] = []
+    for cin, cout in zip(channels, channels[1:]):
+        layers.append(conv(cin, cout, 3, 1, 1))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(cout))
+        layers.append(nn.LeakyReLU(0.1))
+    return nn.Sequential(*layers)
+
+
+class Paraphraser(nn.Module):
+    """Convolutional autoencoder of the teacher's feature; its code (the "factor") has `factor_channels` channels."""
+
+    def __init__(self, channels: int, factor_channels: int):
+        super().__init__()
+        self.encoder = conv_stack([channels, channels, factor_channels, factor_channels], batch_norm=False)
+        self.decoder = conv_stack([factor_channels, factor_channels, channels, channels], batch_norm=False,
+                                  transpose=True)
+
+    def forward(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        factor = self.encoder(feature)
+        return factor, self.decoder(factor)
+
+
+def factor_vector(factor: torch.Tensor, spatial: bool = True) -> torch.Tensor:
+    """The L2-normalised vector FT compares: the flattened factor (paper), or with `spatial` its
+    channel mean of squares, one value per position (RepDistiller, whose weight 200 is tuned to it)."""
+    v = factor.pow(2).mean(1) if spatial else factor
+    return F.normalize(v.flatten(1), dim=1)
+
+
+def factor_transfer_loss(student_factor: torch.Tensor, teacher_factor: torch.Tensor, p: float = 1.0,
+                         spatial: bool = True) -> torch.Tensor:
+    """Mean |difference|^p of the normalised factors (p = 1: the paper's L1); larger maps are pooled."""
+    s, t = match_spatial(student_factor, teacher_factor)
+    return (factor_vector(s, spatial) - factor_vector(t, spatial)).abs().pow(p).mean()
+
+
+@register_method("ft", family="feature",
+                 paper="Kim et al. 2018, Paraphrasing Complex Network: Network Compression via Factor Transfer")
+class FT(Method):
+    """A paraphraser (teacher side, rate `rate`) is first trained alone as an autoencoder of the teacher's
+    feature (`init_epochs`, MSE); then it is frozen and a translator (student side) learns to produce the
+    same normalised factor.  Defaults follow RepDistiller: last stage, 30 init epochs at lr 0.01, weight 200.
+    """
+
+    ce_weight = 1.0
+
+    def __init__(self, weight: float = 200.0, rate: float = 0.5, p: float = 1.0, spatial: bool = True,
+                 init_epochs: int = 30, init_lr: Optional[float] = 0.01, student_layer: str = "stage:-1",
+                 teacher_layer: str = "stage:-1"):
+        super().__init__()
+        self.weight = weight
+        self.rate = rate
+        self.p = p
+        self.spatial = spatial
+        self.init_epochs = init_epochs
+        self.init_lr = init_lr
+        self.student_taps = (student_layer,)
+        self.teacher_taps = (teacher_layer,)
+
+    def build(self, setup) -> None:
+        student_channels = setup.student_shapes[self.student_taps[0]][1]
+        teacher_channels = setup.teacher_shapes[self.teacher_taps[0]][1]
+        factor_channels = max(1, int(teacher_channels * self.rate))
+        self.paraphraser = Paraphraser(teacher_channels, factor_channels)
+        self.translator = conv_stack([student_channels, student_channels, factor_channels, factor_channels],
+                                     batch_norm=True)
+
+    def init_stage(self, student: nn.Module) -> Optional[InitStage]:
+        return InitStage(self.init_epochs, list(self.paraphraser.parameters()), self.init_lr)
+
+    def init_loss(self, ctx: Context) -> torch.Tensor:
+        feature = ctx.teacher[self.teacher_taps[0]]
+        return F.mse_loss(self.paraphraser(feature)[1], feature)
+
+    def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
+        student_factor = self.translator(ctx.student[self.student_taps[0]])
+        with torch.no_grad():  # the paraphraser stays as its init stage left it
+            teacher_factor = self.paraphraser.encoder(ctx.teacher[self.teacher_taps[0]])
+        return {"ft": self.weight * factor_transfer_loss(student_factor, teacher_factor, self.p, self.spatial)}

@@ -1,0 +1,117 @@
+"""ReviewKD: Chen et al., "Distilling Knowledge via Knowledge Review", CVPR 2021."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...registry import register_method
+from ...taps import stage_taps
+from ..base import Context, Method, warmup_factor
+
+
+def hcl_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor],
+             levels: Sequence[int] = (4, 2, 1)) -> torch.Tensor:
+    """Hierarchical context loss, summed over pairs of maps of equal shape.
+
+    Per pair: the MSE of the maps plus the MSEs of both maps average-pooled to each size in `levels` that is
+    smaller than the map's (shorter) side, weighted 1/2, 1/4, ... in that order, all divided by the sum of
+    the weights (1 included).
+    """
+    total = 0.0
+    for s, t in zip(student_features, teacher_features):
+        loss, weight, weights = F.mse_loss(s, t), 1.0, 1.0
+        for size in levels:
+            if size >= min(s.shape[-2:]):
+                continue
+            weight /= 2
+            loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size))
+            weights += weight
+        total = total + loss / weights
+    return total
+
+
+class AttentionFusion(nn.Module):
+    """ABF: the student's feature, 1x1 conv + BN to `mid_channels`, is fused with the deeper level's fused
+    feature (nearest-upsampled to its size) through two sigmoid attention maps computed from both; the
+    result is resized (nearest) to the teacher's size and a 3x3 conv + BN maps it to the teacher's width.
+    Returns (output for the loss, fused feature for the next shallower level)."""
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, out_size: Sequence[int], fuse: bool):
+        super().__init__()
+        self.out_size = tuple(out_size)
+        self.reduce = nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels))
+        self.project = nn.Sequential(nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False),
+                                     nn.BatchNorm2d(out_channels))
+        self.attention = nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid()) if fuse else None
+        for conv in (self.reduce[0], self.project[0]):
+            nn.init.kaiming_uniform_(conv.weight, a=1)  # the authors' init
+
+    def forward(self, x: torch.Tensor, deeper: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.reduce(x)
+        if self.attention is not None:
+            deeper = F.interpolate(deeper, size=x.shape[-2:], mode="nearest")
+            w = self.attention(torch.cat([x, deeper], dim=1))
+            x = x * w[:, :1] + deeper * w[:, 1:]
+        if tuple(x.shape[-2:]) != self.out_size:
+            x = F.interpolate(x, size=self.out_size, mode="nearest")
+        return self.project(x), x
+
+
+def as_map(feature: torch.Tensor) -> torch.Tensor:
+    """A pooled (B, C) feature as a (B, C, 1, 1) map; maps pass unchanged."""
+    return feature[:, :, None, None] if feature.dim() == 2 else feature
+
+
+def map_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape `as_map` gives a feature of `shape`."""
+    return (*shape, 1, 1) if len(shape) == 2 else tuple(shape)
+
+
+@register_method("reviewkd", family="feature", paper="Chen et al. 2021, Distilling Knowledge via Knowledge Review")
+class ReviewKD(Method):
+    """Levels: every stage after the stem plus the pooled penultimate feature (mdistiller).  The student's
+    levels (post-ReLU) are fused from the deepest back by `AttentionFusion` modules and each output is
+    matched to the teacher's level by `hcl_loss`.  The teacher's stages are its pre-ReLU outputs (the
+    published "preact" list) when the model family has one, else its stage outputs.  The term is ramped in
+    over `warmup_epochs`.  ``mid_channels`` None: min(512, the student's penultimate width).
+    """
+
+    ce_weight = 1.0
+
+    def __init__(self, weight: float = 1.0, warmup_epochs: float = 20.0, mid_channels: Optional[int] = None,
+                 student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
+        super().__init__()
+        self.weight = weight
+        self.warmup_epochs = warmup_epochs
+        self.mid_channels = mid_channels
+        self.student_layers = student_layers
+        self.teacher_layers = teacher_layers
+
+    def choose_taps(self, student_layout, teacher_layout) -> None:
+        teacher_kind = "preact" if "preact" in teacher_layout.extra else "stage"
+        student, teacher = stage_taps("reviewkd", student_layout, teacher_layout, self.student_layers,
+                                      self.teacher_layers, teacher_kind=teacher_kind)
+        self.student_taps = student + ("penultimate",)
+        self.teacher_taps = teacher + ("penultimate",)
+
+    def build(self, setup) -> None:
+        student_shapes = [map_shape(setup.student_shapes[s]) for s in self.student_taps]
+        teacher_shapes = [map_shape(setup.teacher_shapes[t]) for t in self.teacher_taps]
+        mid = self.mid_channels or min(512, student_shapes[-1][1])
+        deepest = len(student_shapes) - 1
+        self.fusions = nn.ModuleList(
+            AttentionFusion(s[1], mid, t[1], t[2:], fuse=i < deepest)
+            for i, (s, t) in enumerate(zip(student_shapes, teacher_shapes)))
+
+    def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
+        outputs, fused = [], None
+        for fusion, spec in zip(reversed(self.fusions), reversed(self.student_taps)):
+            out, fused = fusion(as_map(ctx.student[spec]), fused)
+            outputs.append(out)
+        teacher = [as_map(ctx.teacher[t]) for t in self.teacher_taps]
+        loss = hcl_loss(outputs[::-1], teacher)
+        return {"reviewkd": self.weight * warmup_factor(ctx.epoch, self.warmup_epochs) * loss}
