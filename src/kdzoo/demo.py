@@ -53,6 +53,7 @@ def run_demo(seeds: int = 3, epochs: int = 40, out_dir: str | Path = "runs/demo"
         f"  student tiny:cnn width {STUDENT_WIDTH}: {len(student_data.train)} labelled images, {epochs} epochs, "
         f"{seeds} seeds, alone / KD / FitNet")
     started = time.perf_counter()
+    torch.manual_seed(teacher_recipe.seed)  # initial weights must not depend on what ran before
     teacher = create_model("tiny:cnn", num_classes=10, in_channels=1, width=TEACHER_WIDTH)
     taught = fit(Distiller(teacher), data, teacher_recipe, verbose=False)
     rows = [{"model": f"teacher (tiny:cnn width {TEACHER_WIDTH})", "top1": [taught.last_top1],

@@ -14,7 +14,7 @@ from .errors import CheckpointError, ConfigError
 from .methods import create_method
 from .models import create_model
 from .train import FitResult, evaluate, fit, load_checkpoint, read_weights
-from .train.trainer import CHECKPOINT, resolve_device
+from .train.trainer import CHECKPOINT, resolve_device, seed_everything
 
 WEIGHT_FILES = ("model.safetensors", "student.safetensors")
 
@@ -89,6 +89,7 @@ def build_distiller(cfg: RunConfig, data: DataSplits) -> Distiller:
 
 def train_run(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: bool = True) -> FitResult:
     data = build_data(cfg.data)
+    seed_everything(cfg.train.seed)  # initial weights depend on the seed alone
     distiller = build_distiller(cfg, data)
     save_config(cfg, run_dir / "config.yaml")
     return fit(distiller, data, cfg.train, run_dir, resume=resume,
@@ -97,6 +98,7 @@ def train_run(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: bool
 
 def teacher_run(cfg: TeacherConfig, run_dir: Path, resume: bool = False, verbose: bool = True) -> FitResult:
     data = build_data(cfg.data)
+    seed_everything(cfg.train.seed)
     model = build_model(cfg.model, data)
     save_config(cfg, run_dir / "config.yaml")
     result = fit(Distiller(model), data, cfg.train, run_dir, resume=resume,
