@@ -86,3 +86,18 @@ def test_discovery_restores_training_mode_and_bn_statistics():
     discover_layout(model, torch.randn(2, 3, 16, 16) * 5 + 3)
     assert model.training
     torch.testing.assert_close(model.stem[1].running_mean, before)
+
+
+def test_timm_models_work_unmodified():
+    pytest.importorskip("timm")
+    from kdzoo.distiller import Distiller
+    from kdzoo.methods import create_method
+
+    student = create_model("timm:convnext_atto", num_classes=10)
+    teacher = create_model("timm:resnet18", num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    assert discover_layout(teacher, x).stages == ["act1", "layer1", "layer2", "layer3", "layer4"]
+    assert discover_layout(student, x).penultimate == "head.fc:input"
+    distiller = Distiller(student, teacher, [create_method(n) for n in ("kd", "fitnet", "at")], example_input=x)
+    out = distiller(x, torch.tensor([1, 2]))
+    assert set(out.losses) == {"ce", "kd", "fitnet", "at"} and all(torch.isfinite(v) for v in out.losses.values())
