@@ -69,12 +69,12 @@ def write(path: Path, data: dict, header: str) -> None:
                     + yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
 
 
-def main() -> None:
+def main(root: Path = ROOT) -> None:
     for dataset in ("cifar100", "cifar10"):
         data = {"name": dataset, "options": {"root": "data"}}
         for model in sorted({m for pair in PAIRS for m in pair}):
             recipe = dict(RECIPE, lr=0.01 if model in LIGHT_STUDENTS else 0.05)
-            write(ROOT / dataset / "teachers" / f"{model}.yaml",
+            write(root / dataset / "teachers" / f"{model}.yaml",
                   {"model": {"name": f"cifar:{model}"}, "data": data, "train": recipe,
                    "output_dir": f"runs/{dataset}/teachers", "name": model},
                   f"{dataset}: plain training of cifar:{model} (standard recipe)")
@@ -88,7 +88,7 @@ def main() -> None:
                     config["teacher"] = {"name": f"cifar:{teacher}", "weights": f"runs/{dataset}/teachers/{teacher}"}
                 config.update({"methods": methods, "data": data, "train": recipe,
                                "output_dir": f"runs/{dataset}/{pair}", "name": name})
-                write(ROOT / dataset / pair / f"{name}.yaml", config,
+                write(root / dataset / pair / f"{name}.yaml", config,
                       f"{dataset}: {name} from cifar:{teacher} to cifar:{student} (standard recipe)")
 
 
