@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import ConfigError
+from .registry import check_options
 
 
 @dataclass
@@ -92,7 +93,7 @@ class RunConfig:
         self.train.validate()
         for i, method in enumerate(self.methods):
             entry = _lookup(METHODS, method.name, f"methods[{i}].name")
-            _check_options(f"methods[{i}] ({method.name})", method.options, entry.defaults)
+            check_options(f"methods[{i}] ({method.name})", method.options, entry.defaults)
             if entry.obj.needs_teacher and self.teacher is None:
                 raise ConfigError(f"methods[{i}] ({method.name}) needs a teacher: add a 'teacher:' section")
         _validate_data(self.data)
@@ -117,7 +118,7 @@ def _validate_data(data: DataConfig) -> None:
     from .data.datasets import DATASETS
 
     entry = _lookup(DATASETS, data.name, "data.name")
-    _check_options(f"data.options ({data.name})", data.options, entry.defaults)
+    check_options(f"data.options ({data.name})", data.options, entry.defaults)
 
 
 def _lookup(registry, name: str, where: str):
@@ -125,14 +126,6 @@ def _lookup(registry, name: str, where: str):
         return registry.get(name)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
-
-
-def _check_options(where: str, options: dict, allowed: dict) -> None:
-    for key in options:
-        if key not in allowed:
-            close = difflib.get_close_matches(key, list(allowed), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"options: {', '.join(allowed) or 'none'}"
-            raise ConfigError(f"{where}: unknown option {key!r} ({hint})")
 
 
 def _choice(where: str, value: str, allowed: tuple[str, ...]) -> None:

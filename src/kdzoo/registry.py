@@ -62,8 +62,9 @@ class Registry:
             raise ConfigError(unknown_name_message(self.kind, name, self._entries)) from None
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Call the entry; keyword arguments must be options it declares (or ones the registry skips)."""
         entry = self.get(name)
-        check_options(f"{self.kind} {name!r}", kwargs, entry.defaults)
+        check_options(f"{self.kind} {name!r}", {k: v for k, v in kwargs.items() if k not in self._skip}, entry.defaults)
         return entry.obj(*args, **kwargs)
 
     def __contains__(self, name: str) -> bool:
@@ -87,11 +88,12 @@ def unknown_name_message(kind: str, name: str, known: Any) -> str:
 
 
 def check_options(owner: str, options: dict[str, Any], allowed: dict[str, Any]) -> None:
+    """Refuse an option `allowed` does not name, with the closest spelling as a hint."""
     for key in options:
         if key not in allowed:
             close = difflib.get_close_matches(key, list(allowed), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (options: {', '.join(allowed) or 'none'})"
-            raise ConfigError(f"{owner} has no option {key!r}{hint}")
+            hint = f"did you mean {close[0]!r}?" if close else f"options: {', '.join(allowed) or 'none'}"
+            raise ConfigError(f"{owner}: unknown option {key!r} ({hint})")
 
 
 METHODS = Registry("method")

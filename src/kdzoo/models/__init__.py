@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ConfigError
-from ..registry import MODELS, register_model
+from ..registry import MODELS, register_model, unknown_name_message
 from . import tiny  # noqa: F401  (registers its models)
 from . import cifar_mobilenetv2, cifar_resnet, cifar_shufflenet, cifar_vgg, cifar_wrn  # noqa: F401
 
@@ -21,11 +21,7 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **optio
         return _torchvision_model(name[3:], num_classes, in_channels, options)
     if name.startswith("timm:"):
         return _timm_model(name[5:], num_classes, in_channels, options)
-    entry = MODELS.get(name)
-    from ..registry import check_options
-
-    check_options(f"model {name!r}", options, entry.defaults)
-    return entry.obj(num_classes=num_classes, in_channels=in_channels, **options)
+    return MODELS.build(name, num_classes=num_classes, in_channels=in_channels, **options)
 
 
 def _torchvision_model(arch: str, num_classes: int, in_channels: int, options: dict) -> nn.Module:
@@ -33,8 +29,6 @@ def _torchvision_model(arch: str, num_classes: int, in_channels: int, options: d
 
     names = torchvision.models.list_models()
     if arch not in names:
-        from ..registry import unknown_name_message
-
         raise ConfigError(unknown_name_message("torchvision model", arch, names))
     if in_channels != 3:
         raise ConfigError(f"torchvision model {arch!r} expects 3 input channels, the data has {in_channels}")
@@ -47,8 +41,6 @@ def _timm_model(arch: str, num_classes: int, in_channels: int, options: dict) ->
     except ImportError:
         raise ConfigError("timm models need the optional extra: pip install 'kdzoo[timm]'") from None
     if not timm.is_model(arch):
-        from ..registry import unknown_name_message
-
         raise ConfigError(unknown_name_message("timm model", arch, timm.list_models()))
     return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels, **options)
 
