@@ -44,6 +44,8 @@ def test_round_trip_of_resolved_config(tmp_path):
     (["data.name=cifar"], r"data\.name: unknown dataset 'cifar'"),
     (["data.options.trainsize=3"], r"data\.options \(synthetic\): unknown option 'trainsize'"),
     (["train.milestones=5"], r"train\.milestones: expected a list"),
+    (["student.options.widht=3"], r"student\.options \(tiny:cnn\): unknown option 'widht' \(did you mean 'width'\?\)"),
+    (["teacher.name=tiny:cnnn"], r"teacher\.name: unknown model 'tiny:cnnn'"),
     (["lr"], r"expected KEY=VALUE"),
     (["methods.7.weight=1"], r"methods has no item 7"),
 ])

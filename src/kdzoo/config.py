@@ -91,6 +91,9 @@ class RunConfig:
         from .methods import METHODS
 
         self.train.validate()
+        _validate_model(self.student, "student")
+        if self.teacher is not None:
+            _validate_model(self.teacher, "teacher")
         for i, method in enumerate(self.methods):
             entry = _lookup(METHODS, method.name, f"methods[{i}].name")
             check_options(f"methods[{i}] ({method.name})", method.options, entry.defaults)
@@ -111,7 +114,17 @@ class TeacherConfig:
 
     def validate(self) -> None:
         self.train.validate()
+        _validate_model(self.model, "model")
         _validate_data(self.data)
+
+
+def _validate_model(model: ModelConfig, where: str) -> None:
+    """Registered models are checked here; torchvision and timm names when the model is built."""
+    from .models import EXTERNAL_PREFIXES, MODELS
+
+    if not model.name.startswith(EXTERNAL_PREFIXES):
+        entry = _lookup(MODELS, model.name, f"{where}.name")
+        check_options(f"{where}.options ({model.name})", model.options, entry.defaults)
 
 
 def _validate_data(data: DataConfig) -> None:
