@@ -1,0 +1,8 @@
+"""Datasets by name (``build_dataset("digits")``) and the loaders the trainer uses."""
+from .arrays import AugmentSpec, UInt8Images
+from .cache import DecodedSplit, cached_decode
+from .datasets import DataSplits, build_dataset, input_example, labels_of
+from .loaders import TensorData, make_loader
+
+__all__ = ["DataSplits", "build_dataset", "input_example", "labels_of", "TensorData", "make_loader",
+           "UInt8Images", "AugmentSpec", "DecodedSplit", "cached_decode"]

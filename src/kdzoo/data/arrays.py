@@ -1,0 +1,160 @@
+"""UInt8Images: a decoded dataset held in memory as uint8 arrays, plus how to normalise and augment it.
+
+The loaders read the spec and do the work: the device-resident loader on whole batches on the training
+device (``device_loader.py``), or, when the data does not fit there, a DataLoader over ``PILItems`` with
+torchvision's PIL transforms in worker processes.  Indexing a UInt8Images gives the normalised image
+*without* augmentation: augmentation belongs to the loaders, per epoch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError
+from .cache import DecodedSplit
+from .device_loader import normalize_batch
+
+# "auto" keeps a dataset on a CUDA device when it takes at most this share of the free device memory.
+DEVICE_MEMORY_FRACTION = 0.5
+RESIDENT_CHOICES = ("auto", "true", "false")
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """Training augmentation: RandomCrop(size, padding=crop_padding) with zero fill, then a horizontal flip."""
+
+    crop_padding: int = 4  # 0: no crop
+    flip: bool = True  # RandomHorizontalFlip(p=0.5)
+
+
+CIFAR_AUGMENT = AugmentSpec(crop_padding=4, flip=True)
+
+
+def pil_transform(mean: Sequence[float], std: Sequence[float], augment: Optional[AugmentSpec],
+                  size: tuple[int, int]):
+    """The torchvision (PIL) pipeline equivalent to what the device-resident loader does on batches."""
+    from torchvision import transforms as T
+
+    steps = []
+    if augment is not None and augment.crop_padding > 0:
+        steps.append(T.RandomCrop(size, padding=augment.crop_padding))
+    if augment is not None and augment.flip:
+        steps.append(T.RandomHorizontalFlip())
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+def parse_resident(value: str | bool) -> str:
+    """Data option `resident`: auto | true | false (YAML may hand over a bool)."""
+    text = str(value).lower()
+    if text not in RESIDENT_CHOICES:
+        raise ConfigError(f"data.options.resident: {value!r} is not one of {', '.join(RESIDENT_CHOICES)}")
+    return text
+
+
+def canonical_device(device: Optional[torch.device | str]) -> torch.device:
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class UInt8Images(Dataset):
+    """uint8 images (N, C, H, W) and int64 labels in host memory, with normalisation and augmentation spec.
+
+    `resident` decides where make_loader cuts batches: "auto" on the training device when the data takes at
+    most half its free memory (always on the CPU), "true" always there, "false" through PIL transforms in
+    DataLoader workers.  Items are ``(normalised image, label, index)``, never augmented.
+    """
+
+    def __init__(self, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, mean: Sequence[float],
+                 std: Sequence[float], augment: Optional[AugmentSpec] = None, classes: Optional[Sequence[str]] = None,
+                 resident: str | bool = "auto"):
+        images, labels = torch.as_tensor(images), torch.as_tensor(labels, dtype=torch.long)
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"UInt8Images wants uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if not len(mean) == len(std) == images.shape[1]:
+            raise ValueError(f"{images.shape[1]} channels but mean {tuple(mean)} and std {tuple(std)}")
+        self.images, self.labels = images.contiguous(), labels
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.augment, self.resident = augment, parse_resident(resident)
+        self.classes = list(classes) if classes is not None else None
+        self._mean_cpu, self._std_cpu = torch.tensor(self.mean), torch.tensor(self.std)
+        self._device_copy: Optional[tuple] = None  # (device, images, labels, mean, std), made once
+        self._fits: dict[torch.device, bool] = {}  # decided once per device, so epochs never switch paths
+
+    @classmethod
+    def from_decoded(cls, decoded: DecodedSplit, mean: Sequence[float], std: Sequence[float],
+                     augment: Optional[AugmentSpec] = None, resident: str | bool = "auto") -> "UInt8Images":
+        return cls(torch.from_numpy(decoded.images), torch.from_numpy(decoded.labels), mean, std, augment,
+                   decoded.meta.get("classes"), resident)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        image = normalize_batch(self.images[i].unsqueeze(0), self._mean_cpu, self._std_cpu)[0]
+        return image, self.labels[i], i
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.images.shape[2:])
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel() * self.images.element_size() + self.labels.numel() * 8
+
+    def fits_on(self, device: Optional[torch.device | str]) -> bool:
+        """Whether make_loader keeps this dataset on `device` (see `resident`)."""
+        if self.resident != "auto":
+            return self.resident == "true"
+        device = canonical_device(device)
+        if device.type != "cuda":
+            return True  # the arrays already live in host memory
+        if device not in self._fits:
+            free, _ = torch.cuda.mem_get_info(device)
+            self._fits[device] = self.nbytes <= DEVICE_MEMORY_FRACTION * free
+        return self._fits[device]
+
+    def on_device(self, device: Optional[torch.device | str]):
+        """(images, labels, mean, std) on `device`, copied there once and kept for later epochs."""
+        device = canonical_device(device)
+        if self._device_copy is None or self._device_copy[0] != device:
+            self._device_copy = None  # free the old copy before making the new one
+            self._device_copy = (device, self.images.to(device), self.labels.to(device),
+                                 self._mean_cpu.to(device), self._std_cpu.to(device))
+        return self._device_copy[1:]
+
+    def __getstate__(self) -> dict:
+        # worker processes and pickles get the host arrays only
+        return {**self.__dict__, "_device_copy": None, "_fits": {}}
+
+    def __repr__(self) -> str:
+        return (f"UInt8Images({len(self)} x {tuple(self.images.shape[1:])}, augment={self.augment}, "
+                f"resident={self.resident!r})")
+
+
+class PILItems(Dataset):
+    """The fallback path: each item through torchvision's PIL transforms, for DataLoader workers."""
+
+    def __init__(self, data: UInt8Images):
+        self.images, self.labels = data.images, data.labels
+        self.transform = pil_transform(data.mean, data.std, data.augment, data.image_size)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        pixels = self.images[i].permute(1, 2, 0).numpy()
+        image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+        return self.transform(image), self.labels[i], i
+
+
+__all__ = ["UInt8Images", "PILItems", "AugmentSpec", "CIFAR_AUGMENT", "pil_transform", "parse_resident"]

@@ -1,0 +1,296 @@
+"""Datasets by name.  Each builder returns train/test splits plus what models need to know.
+
+Image datasets (cifar10, cifar100, imagefolder, fashion_mnist) are decoded once into the on-disk cache
+(``cache.py``) and come back as ``UInt8Images``, which make_loader batches and augments on the training
+device.  Data options shared by them: ``cache_dir`` (default ``~/.cache/kdzoo``), ``resident``
+(auto | true | false, see ``UInt8Images``) and ``augment`` (RandomCrop(padding=4) + horizontal flip).
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from ..registry import DATASETS, register_dataset
+from .arrays import CIFAR_AUGMENT, UInt8Images, parse_resident
+from .cache import DecodedSplit, cached_decode
+from .loaders import TensorData
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
+DECODE_CHUNK = 1024  # images per task when decoding in worker processes
+
+
+@dataclass
+class DataSplits:
+    name: str
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    in_channels: int
+    image_size: tuple[int, int]
+
+
+def build_dataset(name: str, **options) -> DataSplits:
+    return DATASETS.build(name, **options)
+
+
+def input_example(data: DataSplits, batch: int = 2) -> torch.Tensor:
+    """A batch of real training images (used once to find feature shapes)."""
+    items = [data.train[i][0] for i in range(min(batch, len(data.train)))]
+    return torch.stack(items)
+
+
+def labels_of(dataset: Dataset) -> torch.Tensor:
+    """Every training label by sample index, without decoding images where the dataset allows it."""
+    for attr in ("labels", "targets"):
+        if hasattr(dataset, attr):
+            return torch.as_tensor(getattr(dataset, attr), dtype=torch.long)
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+
+
+@register_dataset("digits", paper="scikit-learn's copy of the UCI optical digits (1797 8x8 images)")
+def digits(test_fraction: float = 0.25, split_seed: int = 0, image_size: int = 8) -> DataSplits:
+    """Real 8x8 grey-scale digits shipped inside scikit-learn: no download."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    if image_size != 8:
+        images = torch.nn.functional.interpolate(images, size=image_size, mode="bilinear", align_corners=False)
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(split_seed))
+    n_test = int(round(len(labels) * test_fraction))
+    test_idx, train_idx = order[:n_test], order[n_test:]
+    mean, std = images[train_idx].mean(), images[train_idx].std()
+    images = (images - mean) / std
+    return DataSplits("digits", TensorData(images[train_idx], labels[train_idx]),
+                      TensorData(images[test_idx], labels[test_idx]), 10, 1, (image_size, image_size))
+
+
+@register_dataset("synthetic", paper="generated class prototypes plus noise, for tests")
+def synthetic(num_classes: int = 10, image_size: int = 32, channels: int = 3, train_size: int = 512,
+              test_size: int = 256, noise: float = 0.5, seed: int = 0) -> DataSplits:
+    """Each class is a smooth random prototype image; samples add Gaussian noise.  Learnable, tiny."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(num_classes, channels, 4, 4, generator=g)
+    prototypes = torch.nn.functional.interpolate(coarse, size=image_size, mode="bilinear", align_corners=False)
+
+    def draw(n: int) -> TensorData:
+        labels = torch.arange(n) % num_classes
+        labels = labels[torch.randperm(n, generator=g)]
+        images = prototypes[labels] + noise * torch.randn(n, channels, image_size, image_size, generator=g)
+        return TensorData(images, labels)
+
+    return DataSplits("synthetic", draw(train_size), draw(test_size), num_classes, channels, (image_size, image_size))
+
+
+# ---------------------------------------------------------------- decoded, cached, uint8 datasets
+
+
+def _uint8_splits(name: str, train: DecodedSplit, test: DecodedSplit, mean: Sequence[float], std: Sequence[float],
+                  augment: bool, resident: str | bool) -> DataSplits:
+    parse_resident(resident)  # a bad value fails here, not at the first epoch
+    classes = train.meta.get("classes")
+    num_classes = len(classes) if classes else int(train.labels.max()) + 1
+    _, channels, height, width = train.images.shape
+    return DataSplits(name, UInt8Images.from_decoded(train, mean, std, CIFAR_AUGMENT if augment else None, resident),
+                      UInt8Images.from_decoded(test, mean, std, None, resident), num_classes, channels, (height, width))
+
+
+def _torchvision_cifar(cls_name: str, name: str, root: str, download: bool, augment: bool, mean, std,
+                       cache_dir: Optional[str], resident: str | bool, hint: str = "") -> DataSplits:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, cls_name)
+    folder = Path(root) / cls.base_folder
+    split_files = {"train": [file for file, _ in cls.train_list], "test": [file for file, _ in cls.test_list]}
+    needed = [file for files in split_files.values() for file in files] + [cls.meta["filename"]]
+
+    def missing() -> list[str]:
+        return [file for file in needed if not (folder / file).is_file()]
+
+    if missing() and download:
+        try:
+            cls(root, train=True, download=True)
+        except (RuntimeError, OSError) as err:
+            raise ConfigError(f"{name}: downloading into {root!r} failed ({err})") from None
+    if missing():
+        raise ConfigError(f"{name}: no {cls_name} in {str(folder)!r} (missing {', '.join(missing())}); set "
+                          f"data.options.download=true to fetch it, or data.options.root to the folder holding "
+                          f"{cls.base_folder}/{hint}")
+
+    def decode(train: bool) -> DecodedSplit:
+        try:
+            source = cls(root, train=train)  # checks torchvision's md5 of every file
+        except RuntimeError as err:
+            raise ConfigError(f"{name}: {str(folder)!r} is damaged ({err}); delete it and set "
+                              "data.options.download=true") from None
+        images = np.ascontiguousarray(source.data.transpose(0, 3, 1, 2))  # torchvision holds N, H, W, C
+        return DecodedSplit(images, np.asarray(source.targets, dtype=np.int64), {"classes": list(source.classes)})
+
+    decoded = {split: cached_decode(name, split, [folder / f for f in files + [cls.meta["filename"]]], folder,
+                                    partial(decode, split == "train"), cache_dir)
+               for split, files in split_files.items()}
+    return _uint8_splits(name, decoded["train"], decoded["test"], mean, std, augment, resident)
+
+
+@register_dataset("cifar10", paper="Krizhevsky 2009, Learning Multiple Layers of Features from Tiny Images")
+def cifar10(root: str = "data", download: bool = False, augment: bool = True, cache_dir: Optional[str] = None,
+            resident: str = "auto") -> DataSplits:
+    """torchvision's CIFAR-10 (python pickles under ROOT/cifar-10-batches-py), decoded once into the cache."""
+    return _torchvision_cifar("CIFAR10", "cifar10", root, download, augment, CIFAR10_MEAN, CIFAR10_STD, cache_dir,
+                              resident, hint="; offline, the JPEG copy in shared/data loads with data.name=imagefolder")
+
+
+@register_dataset("cifar100", paper="Krizhevsky 2009, Learning Multiple Layers of Features from Tiny Images")
+def cifar100(root: str = "data", download: bool = False, augment: bool = True, cache_dir: Optional[str] = None,
+             resident: str = "auto") -> DataSplits:
+    """torchvision's CIFAR-100 (python pickles under ROOT/cifar-100-python), 100 fine labels."""
+    return _torchvision_cifar("CIFAR100", "cifar100", root, download, augment, CIFAR100_MEAN, CIFAR100_STD,
+                              cache_dir, resident)
+
+
+def _decode_image(path: str, size: tuple[int, int]) -> np.ndarray:
+    """One file as uint8 (3, H, W): torchvision's PIL loader (RGB), resized only when its size differs."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if image.size != (size[1], size[0]):
+            image = image.resize((size[1], size[0]), Image.BILINEAR)
+        return np.asarray(image).transpose(2, 0, 1)
+
+
+def _decode_chunk(paths: list[str], size: tuple[int, int]) -> np.ndarray:
+    return np.stack([_decode_image(path, size) for path in paths])
+
+
+def decode_image_files(paths: list[str], size: tuple[int, int], desc: str = "decoding") -> np.ndarray:
+    """Decode image files to uint8 (N, 3, H, W); large sets in worker processes, with a progress bar."""
+    out = np.empty((len(paths), 3, *size), dtype=np.uint8)
+    chunks = [paths[i:i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
+    workers = min(len(chunks), os.cpu_count() or 1, 16)
+    with contextlib.ExitStack() as stack:
+        mapper = map
+        if workers > 1:  # PIL decoding holds the GIL: processes, not threads
+            mapper = stack.enter_context(ProcessPoolExecutor(workers)).map
+        bar = stack.enter_context(tqdm(total=len(paths), desc=desc, unit="img", disable=len(chunks) < 2))
+        start = 0
+        for block in mapper(partial(_decode_chunk, size=size), chunks):
+            out[start:start + len(block)] = block
+            start += len(block)
+            bar.update(len(block))
+    return out
+
+
+def _decode_image_folder(folder, size: tuple[int, int], desc: str) -> DecodedSplit:
+    images = decode_image_files([path for path, _ in folder.samples], size, desc)
+    return DecodedSplit(images, np.asarray(folder.targets, dtype=np.int64), {"classes": list(folder.classes)})
+
+
+@register_dataset("imagefolder", paper="torchvision ImageFolder layout: ROOT/{train,test}/<class>/*.jpg")
+def imagefolder(root: str = "data/imagefolder", image_size: int = 32, augment: bool = True,
+                mean: tuple = CIFAR10_MEAN, std: tuple = CIFAR10_STD, test_split: str = "test",
+                cache_dir: Optional[str] = None, resident: str = "auto") -> DataSplits:
+    """Class-per-folder images (any size, any PIL format) decoded once to RGB uint8 image_size x image_size."""
+    import torchvision
+
+    size = (image_size, image_size)
+    decoded = {}
+    for split in ("train", test_split):
+        path = Path(root) / split
+        if not path.is_dir():
+            raise ConfigError(f"imagefolder: no folder {str(path)!r} (expected ROOT/train and ROOT/{test_split})")
+        try:
+            folder = torchvision.datasets.ImageFolder(str(path))  # lists the files; decoding happens below, once
+        except (FileNotFoundError, OSError) as err:
+            raise ConfigError(f"imagefolder: {str(path)!r}: {err}") from None
+        decoded[split] = cached_decode("imagefolder", split, [p for p, _ in folder.samples], path,
+                                       partial(_decode_image_folder, folder, size, f"decoding {path}"), cache_dir,
+                                       {"image_size": list(size)})
+    if decoded["train"].meta["classes"] != decoded[test_split].meta["classes"]:
+        raise ConfigError(f"imagefolder: train and {test_split} class folders differ under {root!r}")
+    return _uint8_splits("imagefolder", decoded["train"], decoded[test_split], mean, std, augment, resident)
+
+
+def _gunzip(archive: Path, target: Path) -> None:
+    """Unpack `archive` to `target` atomically (a partial file never takes the final name)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with gzip.open(archive, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fashion_mnist_raw(root: str, debian_dir: str, download: bool) -> Path:
+    """ROOT/FashionMNIST/raw holding the four idx files torchvision reads, unpacked where needed from .gz
+    files in that folder or in `debian_dir` (where the Debian package dataset-fashion-mnist puts them)."""
+    from torchvision.datasets import FashionMNIST
+
+    raw = Path(root) / "FashionMNIST" / "raw"
+    names = [file.removesuffix(".gz") for file, _ in FashionMNIST.resources]
+    for name in names:
+        if (raw / name).is_file():
+            continue
+        archive = next((a for a in (raw / f"{name}.gz", Path(debian_dir) / f"{name}.gz") if a.is_file()), None)
+        if archive is not None:
+            try:
+                _gunzip(archive, raw / name)
+            except (OSError, EOFError) as err:
+                raise ConfigError(f"fashion_mnist: cannot unpack {archive} into {raw} ({err})") from None
+    missing = [name for name in names if not (raw / name).is_file()]
+    if missing and download:
+        try:
+            FashionMNIST(root, download=True)
+        except (RuntimeError, OSError) as err:
+            raise ConfigError(f"fashion_mnist: downloading into {root!r} failed ({err})") from None
+        missing = [name for name in names if not (raw / name).is_file()]
+    if missing:
+        raise ConfigError(f"fashion_mnist: no Fashion-MNIST in {str(raw)!r} or {debian_dir!r} (missing "
+                          f"{', '.join(missing)}); install it with `apt-get install dataset-fashion-mnist`, or set "
+                          "data.options.download=true on a machine with internet")
+    return raw
+
+
+def _decode_fashion_mnist(root: str, train: bool) -> DecodedSplit:
+    from torchvision.datasets import FashionMNIST
+
+    source = FashionMNIST(root, train=train)
+    return DecodedSplit(source.data.unsqueeze(1).numpy(), source.targets.numpy(), {"classes": list(source.classes)})
+
+
+@register_dataset("fashion_mnist", paper="Xiao et al. 2017, Fashion-MNIST (28x28 grey-scale clothing, 10 classes)")
+def fashion_mnist(root: str = "data", download: bool = False, augment: bool = False,
+                  cache_dir: Optional[str] = None, resident: str = "auto",
+                  debian_dir: str = DEBIAN_FASHION_MNIST) -> DataSplits:
+    """torchvision's FashionMNIST; the idx files come from ROOT/FashionMNIST/raw or the Debian package.
+    `augment` is off by default (the dataset-condensation recipes train without it); on, it is crop + flip."""
+    raw = _fashion_mnist_raw(root, debian_dir, download)
+    decoded = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        files = [raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"]
+        decoded[split] = cached_decode("fashion_mnist", split, files, raw,
+                                       partial(_decode_fashion_mnist, root, split == "train"), cache_dir)
+    return _uint8_splits("fashion_mnist", decoded["train"], decoded["test"], FASHION_MNIST_MEAN, FASHION_MNIST_STD,
+                         augment, resident)
+
+
+__all__ = ["DataSplits", "build_dataset", "input_example", "labels_of", "DATASETS"]

@@ -1,0 +1,86 @@
+"""Loaders with a per-epoch seed, so an epoch's order never depends on what ran before (exact resume)."""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .arrays import PILItems, UInt8Images
+from .device_loader import ResidentBatches
+
+
+class TensorData(Dataset):
+    """An in-memory dataset of already-normalised image and label tensors; items carry their index."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.labels[i], i
+
+
+class WithIndex(Dataset):
+    """Wraps an (image, label) dataset so items become (image, label, index)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, label = self.dataset[i]
+        return image, label, i
+
+
+class _TensorBatches:
+    """Batches sliced straight from memory: no per-item Python calls."""
+
+    def __init__(self, data: TensorData, batch_size: int, order: torch.Tensor, drop_last: bool):
+        self.data, self.batch_size, self.order, self.drop_last = data, batch_size, order, drop_last
+
+    def __len__(self) -> int:
+        n = len(self.order)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for b in range(len(self)):
+            idx = self.order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield self.data.images[idx], self.data.labels[idx], idx
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's shuffle (and augmentation): a function of (seed, epoch) alone."""
+    return seed * 1_000_003 + epoch
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
+                num_workers: int = 0, drop_last: bool = False, pin_memory: bool = False,
+                device: Optional[torch.device] = None):
+    """An iterable of (images, labels, indices) batches; the shuffle is seeded by (seed, epoch).
+
+    `device` is where the training step runs.  A `UInt8Images` dataset that fits there is kept there and
+    batched and augmented on it (its batches already live on `device`); one that does not goes through
+    torchvision's PIL transforms in a DataLoader with `num_workers` workers.
+    """
+    if isinstance(dataset, UInt8Images):
+        if dataset.fits_on(device):
+            return ResidentBatches(dataset, batch_size, shuffle, epoch_seed(seed, epoch), drop_last, device)
+        dataset = PILItems(dataset)
+    # seeds the shuffle and, through the DataLoader, its workers' augmentation
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    if isinstance(dataset, TensorData):
+        n = len(dataset)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        return _TensorBatches(dataset, batch_size, order, drop_last)
+    if not isinstance(dataset, (WithIndex, PILItems)):
+        dataset = WithIndex(dataset)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory,
+                      persistent_workers=False)
