@@ -12,7 +12,7 @@ def _yaml(path, data):
     return str(path)
 
 
-SYNTH = {"name": "synthetic", "options": {"train_size": 32, "test_size": 16, "image_size": 32, "num_classes": 4}}
+SYNTH = {"name": "synthetic", "options": {"train_size": 32, "test_size": 16, "image_size": 16, "num_classes": 4}}
 FAST = {"epochs": 1, "batch_size": 16, "lr": 0.01, "progress": False, "device": "cpu"}
 
 

@@ -42,7 +42,7 @@ def run_demo(seeds: int = 3, epochs: int = 40, out_dir: str | Path = "runs/demo"
     student_data = labelled_subset(data, STUDENT_FRACTION)
     recipe = TrainConfig(epochs=epochs, batch_size=32, lr=0.05, schedule="cosine", weight_decay=5e-4,
                          progress=False, device="cpu")
-    teacher_recipe = replace(recipe, epochs=12, batch_size=64, seed=100)
+    teacher_recipe = replace(recipe, epochs=min(12, epochs), batch_size=64, seed=100)
 
     def say(text: str) -> None:
         if verbose:
