@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext, desc in (
         ("train", "distil a student from a teacher as a YAML config says",
          "Train the config's student with its methods and teacher. The run directory (OUTPUT_DIR/NAME) gets "
-         "config.yaml, metrics.csv, TensorBoard events, checkpoint.pt and student.safetensors."),
+         "config.yaml, metrics.csv, TensorBoard events, checkpoint.pt and student.safetensors. On N GPUs: "
+         "torchrun --nproc_per_node=N -m kdzoo train CONFIG (train.batch_size stays the global batch)."),
         ("teacher", "train one model with plain cross-entropy (same trainer)",
          "Train the config's 'model' alone; its weights go to RUN_DIR/model.safetensors, which a train "
          "config then names as teacher.weights."),
@@ -93,10 +95,13 @@ def _run(args, cls, runner) -> int:
     config = load_config(cls, args.config, args.overrides)
     name = config.name or Path(args.config).stem
     run_dir = prepare_run_dir(config.output_dir, name, args.resume, args.run_dir)
-    print(f"run directory: {run_dir}")
-    result = runner(config, run_dir, resume=args.resume)
-    print(f"done: last top-1 {result.last_top1:.2f}%, best {result.best_top1:.2f}% (epoch {result.best_epoch}), "
-          f"{result.seconds:.1f}s; weights in {run_dir}")
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 speaks for all
+    if main_process:
+        print(f"run directory: {run_dir}")
+    result = runner(config, run_dir, resume=args.resume, verbose=main_process)
+    if main_process:
+        print(f"done: last top-1 {result.last_top1:.2f}%, best {result.best_top1:.2f}% (epoch {result.best_epoch}), "
+              f"{result.seconds:.1f}s; weights in {run_dir}")
     return 0
 
 

@@ -42,15 +42,26 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     log_every: int = 20  # steps between progress-bar refreshes (each one reads values back from the device)
+    # speed (see kdzoo.train.fast_step); none of these changes what is computed beyond bf16/compiler rounding
+    compile: str = "off"  # off | default | reduce-overhead (torch.compile; reduce-overhead adds CUDA graphs, CUDA only)
+    channels_last: bool = False  # NHWC memory format for models and batches (faster convolutions on CUDA)
+    cache_teacher_outputs: bool = False  # keep teacher outputs per sample; only for data without augmentation
+    # large-batch training (Goyal et al. 2017): lr *= k (linear) or sqrt(k), k = batch_size / reference_batch_size
+    lr_scaling: str = "none"  # none | linear | sqrt
+    reference_batch_size: int = 64  # the batch size train.lr was tuned for
+    scaling_warmup_epochs: float = 5.0  # warm-up used when lr_scaling raises the lr; a larger warmup_epochs wins
 
     def validate(self) -> None:
         _choice("train.optimizer", self.optimizer, ("sgd", "adamw"))
         _choice("train.schedule", self.schedule, ("multistep", "cosine", "constant"))
         _choice("train.amp", self.amp, ("auto", "bf16", "off"))
-        for key in ("epochs", "batch_size", "eval_every", "save_every", "log_every"):
+        _choice("train.compile", self.compile, ("off", "default", "reduce-overhead"))
+        _choice("train.lr_scaling", self.lr_scaling, ("none", "linear", "sqrt"))
+        for key in ("epochs", "batch_size", "eval_every", "save_every", "log_every", "reference_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("lr", "weight_decay", "warmup_epochs", "min_lr", "momentum", "num_workers"):
+        for key in ("lr", "weight_decay", "warmup_epochs", "min_lr", "momentum", "num_workers",
+                    "scaling_warmup_epochs"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
 

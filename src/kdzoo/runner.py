@@ -1,6 +1,7 @@
 """Configs to runs: build data, models and the Distiller, train, export, evaluate."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -104,7 +105,8 @@ def teacher_run(cfg: TeacherConfig, run_dir: Path, resume: bool = False, verbose
     result = fit(Distiller(model), data, cfg.train, run_dir, resume=resume,
                  export_meta=model_meta(cfg.model, data, cfg.data), verbose=verbose)
     # A teacher run's weights are the model itself: name them so `teacher.weights: RUN_DIR` reads clearly.
-    (run_dir / "student.safetensors").replace(run_dir / "model.safetensors")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 wrote them
+        (run_dir / "student.safetensors").replace(run_dir / "model.safetensors")
     return result
 
 

@@ -55,6 +55,28 @@ class _TensorBatches:
             yield self.data.images[idx], self.data.labels[idx], idx
 
 
+class ShardedBatches:
+    """One process's share of every global batch: the strided slice ``[rank::world_size]``, each global batch
+    first cut to a multiple of `world_size` (so every process steps on equal batches, and a global batch
+    smaller than `world_size` is skipped by all).  The global batches are the ones a single process would
+    draw for the same (seed, epoch), so N processes see exactly one process's batches between them."""
+
+    def __init__(self, batches, rank: int, world_size: int, num_samples: int, global_batch: int, drop_last: bool):
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+        full, rest = divmod(num_samples, global_batch)
+        self.length = full + (1 if rest >= world_size and not drop_last else 0)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for images, labels, index in self.batches:
+            keep = len(labels) - len(labels) % self.world_size
+            if keep:
+                share = slice(self.rank, keep, self.world_size)
+                yield images[share], labels[share], index[share]
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of one epoch's shuffle (and augmentation): a function of (seed, epoch) alone."""
     return seed * 1_000_003 + epoch
@@ -62,13 +84,20 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
                 num_workers: int = 0, drop_last: bool = False, pin_memory: bool = False,
-                device: Optional[torch.device] = None):
+                device: Optional[torch.device] = None, rank: int = 0, world_size: int = 1):
     """An iterable of (images, labels, indices) batches; the shuffle is seeded by (seed, epoch).
+
+    With `world_size` > 1 (data-parallel processes) `batch_size` is this process's share and the batches are
+    its strided slice of the global batches (see `ShardedBatches`).
 
     `device` is where the training step runs.  A `UInt8Images` dataset that fits there is kept there and
     batched and augmented on it (its batches already live on `device`); one that does not goes through
     torchvision's PIL transforms in a DataLoader with `num_workers` workers.
     """
+    if world_size > 1:
+        global_batches = make_loader(dataset, batch_size * world_size, shuffle, seed, epoch, num_workers, drop_last,
+                                     pin_memory, device)
+        return ShardedBatches(global_batches, rank, world_size, len(dataset), batch_size * world_size, drop_last)
     if isinstance(dataset, UInt8Images):
         if dataset.fits_on(device):
             return ResidentBatches(dataset, batch_size, shuffle, epoch_seed(seed, epoch), drop_last, device)

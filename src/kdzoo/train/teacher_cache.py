@@ -1,0 +1,221 @@
+"""Where each batch's teacher outputs come from: one live forward shared by every student, or a cache.
+
+`TeacherFeed` runs the teacher once per batch (under no_grad, in eval mode) and hands its logits to every
+`Distiller` that shares it, in place of each distiller's own teacher call; the teacher's forward hooks fill
+every distiller's tapped features in that one forward.  With a `TeacherCache` it replays stored outputs
+instead once every sample has been seen.
+
+`TeacherCache` keeps the teacher's logits (and tapped features, when they total at most
+`MAX_FEATURE_BYTES`) per sample index, for data the teacher sees unchanged every epoch: no augmentation,
+fixed views, a condensed set being evaluated.  Its key is a hash of the teacher's weights, of the dataset's
+contents and of its augmentation spec; data with augmentation, or that cannot be fingerprinted, is refused.
+The teacher's weights are hashed again at every epoch, and a change empties the cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..data import TensorData, UInt8Images
+from ..errors import ConfigError
+
+MAX_FEATURE_BYTES = 1 << 30  # tapped teacher features are cached only up to this size (all samples together)
+
+
+def needs_teacher(distiller: nn.Module) -> bool:
+    """Whether the distiller's forward calls its teacher (the Distiller's own rule)."""
+    return distiller.teacher is not None and any(m.needs_teacher for m in distiller.methods.values())
+
+
+def _hash_tensor(digest, tensor: torch.Tensor) -> None:
+    digest.update(f"{tuple(tensor.shape)} {tensor.dtype}".encode())
+    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def teacher_fingerprint(teacher: nn.Module) -> str:
+    """A hash of the teacher's class and every tensor of its state."""
+    digest = hashlib.blake2b(type(teacher).__qualname__.encode(), digest_size=16)
+    for name, tensor in teacher.state_dict().items():
+        digest.update(name.encode())
+        _hash_tensor(digest, tensor)
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(dataset) -> tuple[Optional[str], str]:
+    """(hash of the samples, labels and augmentation spec, '') or (None, why the dataset cannot be cached)."""
+    if isinstance(dataset, UInt8Images):
+        if dataset.augment is not None:
+            return None, f"the training data is augmented ({dataset.augment}): the teacher sees new inputs each epoch"
+        tensors, spec = (dataset.images, dataset.labels), f"uint8 mean={dataset.mean} std={dataset.std} augment=None"
+    elif isinstance(dataset, TensorData):
+        tensors, spec = (dataset.images, dataset.labels), "tensors augment=None"
+    else:
+        return None, f"{type(dataset).__name__} cannot be fingerprinted (only TensorData and UInt8Images can)"
+    digest = hashlib.blake2b(spec.encode(), digest_size=16)
+    for tensor in tensors:
+        _hash_tensor(digest, tensor)
+    return digest.hexdigest(), ""
+
+
+class TeacherCache:
+    """Teacher logits and tapped features by sample index, on the training device.
+
+    Filled during training (each stored batch marks its samples); once an epoch ends with every sample
+    stored, `complete` is set and later batches are looked up instead of computed.
+    """
+
+    def __init__(self, num_samples: int, device: torch.device, dataset_key: str):
+        self.num_samples, self.device, self.dataset_key = num_samples, device, dataset_key
+        self.teacher_key: Optional[str] = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.logits: Optional[torch.Tensor] = None
+        self.features: dict[str, torch.Tensor] = {}
+        self.stored = torch.zeros(self.num_samples, dtype=torch.bool, device=self.device)  # ever stored
+        self.stored_this_epoch = torch.zeros_like(self.stored)
+        self.complete = False
+        self.enabled = True
+
+    @classmethod
+    def for_dataset(cls, dataset, device: torch.device) -> Optional["TeacherCache"]:
+        key, why = dataset_fingerprint(dataset)
+        if key is None:
+            warnings.warn(f"train.cache_teacher_outputs: disabled, {why}", stacklevel=2)
+            return None
+        return cls(len(dataset), device, key)
+
+    def check_teacher(self, teacher: nn.Module) -> bool:
+        """Empty the cache if the teacher's weights differ from those it was filled with; True if they did."""
+        key = teacher_fingerprint(teacher)
+        changed = self.teacher_key is not None and key != self.teacher_key
+        if changed:
+            self.reset()
+        self.teacher_key = key
+        return changed
+
+    def store(self, index: torch.Tensor, logits: torch.Tensor, features: dict[str, torch.Tensor]) -> None:
+        if not self.enabled:
+            return
+        if self.logits is None:
+            feature_bytes = sum(f[0].numel() * f.element_size() for f in features.values()) * self.num_samples
+            if feature_bytes > MAX_FEATURE_BYTES:
+                warnings.warn(f"train.cache_teacher_outputs: disabled, the tapped teacher features would take "
+                              f"{feature_bytes / 2**30:.1f} GiB (limit {MAX_FEATURE_BYTES / 2**30:.0f} GiB)",
+                              stacklevel=2)
+                self.enabled = False
+                return
+            self.logits = logits.new_zeros((self.num_samples, *logits.shape[1:]))
+            self.features = {path: f.new_zeros((self.num_samples, *f.shape[1:])) for path, f in features.items()}
+        self.logits[index] = logits.detach()
+        for path, feature in features.items():
+            self.features[path][index] = feature.detach()
+        self.stored_this_epoch[index] = True
+
+    def lookup(self, index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.logits.index_select(0, index), {p: f.index_select(0, index) for p, f in self.features.items()}
+
+    def end_epoch(self, all_reduce_sum: Optional[Callable[[torch.Tensor], None]] = None) -> None:
+        """Merge what every process stored this epoch (distributed: disjoint shards, so a sum is exact), then
+        mark the cache complete if every sample is stored (one read-back per epoch)."""
+        if not self.enabled or self.complete or self.logits is None:
+            return
+        fresh = self.stored_this_epoch
+        if all_reduce_sum is not None:
+            fresh = fresh.to(torch.int32)
+            all_reduce_sum(fresh)
+            for tensor in (self.logits, *self.features.values()):
+                mask = self.stored_this_epoch.view(-1, *[1] * (tensor.dim() - 1))
+                delta = torch.where(mask, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+                all_reduce_sum(delta)
+                tensor.copy_(torch.where((fresh > 0).view_as(mask), delta, tensor))
+            fresh = fresh > 0
+        self.stored |= fresh
+        self.stored_this_epoch.zero_()
+        self.complete = bool(self.stored.all())
+
+
+class _TeacherReplay(nn.Module):
+    """Stands in for a distiller's teacher: returns the logits its `TeacherFeed` computed for this batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits: Optional[torch.Tensor] = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits
+
+
+class TeacherFeed:
+    """The teacher outputs of every batch, for distillers that share one teacher module.
+
+    Use as a context manager around training: inside it each distiller's `teacher` is a replay of what
+    `feed(images, index)` produced for the current batch, so the teacher runs at most once per batch.
+    Distillers that never call their teacher (no teacher, or no method needs it) are left alone.
+    """
+
+    def __init__(self, distillers: Sequence[nn.Module], cache: Optional[TeacherCache] = None):
+        self.users = [d for d in distillers if needs_teacher(d)]
+        teachers = {id(d.teacher) for d in self.users}
+        if len(teachers) > 1:
+            raise ConfigError("distillers trained together must share one teacher module (the same object)")
+        self.teacher = self.users[0].teacher if self.users else None
+        self.cache = cache if self.teacher is not None else None
+        self._replays: list[_TeacherReplay] = []
+        self.forwards = 0  # live teacher forwards run (tests and benchmarks read it)
+
+    @property
+    def active(self) -> bool:
+        return self.teacher is not None
+
+    def __enter__(self) -> "TeacherFeed":
+        self._replays = []
+        for distiller in self.users:
+            replay = _TeacherReplay()
+            distiller.teacher = replay
+            self._replays.append(replay)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for distiller in self.users:
+            distiller.teacher = self.teacher
+        self._replays = []
+
+    def start_epoch(self) -> None:
+        if self.cache is not None and self.cache.check_teacher(self.teacher):
+            warnings.warn("train.cache_teacher_outputs: the teacher's weights changed; its cached outputs were "
+                          "dropped", stacklevel=2)
+
+    def end_epoch(self, all_reduce_sum: Optional[Callable[[torch.Tensor], None]] = None) -> None:
+        if self.cache is not None:
+            self.cache.end_epoch(all_reduce_sum)
+
+    def __call__(self, images: torch.Tensor, index: torch.Tensor) -> None:
+        """Produce this batch's teacher outputs for every sharing distiller (call under the step's autocast)."""
+        if self.teacher is None:
+            return
+        if self.cache is not None and self.cache.complete:
+            logits, by_path = self.cache.lookup(index)
+            for distiller in self.users:
+                taps = distiller._teacher_hooks  # the distiller's own Taps on the teacher
+                for path in distiller._teacher_paths.values():
+                    taps._store(path, by_path[path])
+        else:
+            self.teacher.eval()
+            with torch.no_grad():
+                logits = self.teacher(images)
+            self.forwards += 1
+            if self.cache is not None and self.cache.enabled:
+                by_path = {}
+                for distiller in self.users:
+                    by_path.update({p: distiller._teacher_hooks.get(p) for p in distiller._teacher_paths.values()})
+                self.cache.store(index, logits, by_path)
+        for replay in self._replays:
+            replay.logits = logits
+
+
+__all__ = ["TeacherCache", "TeacherFeed", "teacher_fingerprint", "dataset_fingerprint", "needs_teacher"]
