@@ -73,10 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.set_defaults(func=cmd_eval)
 
+    from .condense.cli import add_condense_parser
+
+    add_condense_parser(sub)
+
     p = sub.add_parser("methods", help="list the registered distillation methods",
                        description="Every registered method with its family, defaults and paper.")
     p.add_argument("--models", action="store_true", help="list registered models instead")
     p.add_argument("--datasets", action="store_true", help="list registered datasets instead")
+    p.add_argument("--condensers", action="store_true", help="list dataset-distillation methods instead")
     p.set_defaults(func=cmd_methods)
     return parser
 
@@ -132,7 +137,10 @@ def cmd_methods(args) -> int:
     from .registry import DATASETS, METHODS, MODELS
     from . import data, methods, models  # noqa: F401  (register everything)
 
-    registry = MODELS if args.models else DATASETS if args.datasets else METHODS
+    from .condense import CONDENSERS
+
+    registry = (MODELS if args.models else DATASETS if args.datasets else CONDENSERS if args.condensers
+                else METHODS)
     rows = [(e.name, e.meta.get("family", ""), _defaults(e.defaults), e.paper) for e in registry]
     headers = ("name", "family", "defaults", "paper")
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers[:3])]

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import MODELS, register_model, unknown_name_message
-from . import tiny  # noqa: F401  (registers its models)
+from . import convnet, tiny  # noqa: F401  (registers its models)
 from . import cifar_mobilenetv2, cifar_resnet, cifar_shufflenet, cifar_vgg, cifar_wrn  # noqa: F401
 
 EXTERNAL_PREFIXES = ("tv:", "timm:")

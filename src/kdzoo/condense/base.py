@@ -1,0 +1,373 @@
+"""What every dataset-distillation method shares: the synthetic set, the real images by class, the
+condenser base class (learnable images, optimizer, siamese augmentation, FYI flips, checkpointable
+state) and the loop that runs a condenser with progress bars, checkpoints and resume.
+
+A method subclasses `Condenser` as a dataclass: its options are fields whose defaults live beside
+the code (the registry reads them from the generated signature), and it implements
+`matching_loss()`, the loss of one random draw (networks, real batch, augmentation) with a graph to
+the synthetic images.  `step()` (one outer iteration) defaults to one update with that loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..errors import CheckpointError, ConfigError, TrainingDiverged
+from ..models import MODELS, convnet, create_model  # noqa: F401  (convnet registers ConvNet-3, the default)
+from ..registry import Registry
+from ..taps import Layout, Taps, discover_layout
+from ..train.checkpoint import atomic_write, load_checkpoint, read_weights, rng_state, save_checkpoint, set_rng_state
+from ..train.trainer import resolve_device
+from .augment import DSA, DSA_STRATEGY
+
+CONDENSERS = Registry("condenser", skip_args=("data", "ipc"))
+register_condenser = CONDENSERS.register
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How a method's synthetic set is evaluated in its paper: fresh networks trained for `epochs`
+    with SGD (momentum 0.9, weight decay 5e-4, lr x0.1 at half time), batch 256."""
+
+    epochs: int = 1000
+    augment: bool = True  # DSA augmentation while the fresh networks train
+    lr: float = 0.01
+    learned_lr: bool = False  # trajectory matching learns the step size; evaluate with it
+
+
+@dataclass
+class SyntheticSet:
+    """Distilled images (normalised like the real data) with hard (N,) or soft (N, classes) labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    learned_lr: Optional[float] = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def soft(self) -> bool:
+        return self.labels.is_floating_point()
+
+    def save(self, path: str | Path) -> None:
+        """images + labels as safetensors; `meta` and the learned step size as JSON metadata."""
+        from safetensors.torch import save_file
+
+        tensors = {"images": self.images.detach().cpu().contiguous(), "labels": self.labels.detach().cpu().contiguous()}
+        meta = json.dumps({**self.meta, "learned_lr": self.learned_lr})
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"kdzoo": meta}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SyntheticSet":
+        tensors, meta = read_weights(path)
+        if not {"images", "labels"} <= set(tensors):
+            raise CheckpointError(f"{path}: not a synthetic set (needs tensors 'images' and 'labels')")
+        learned_lr = meta.pop("learned_lr", None)
+        return cls(tensors["images"], tensors["labels"], learned_lr, meta)
+
+
+def split_tensors(dataset, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (image, label, ...) item of a dataset stacked into two tensors (one pass)."""
+    images, labels = [], []
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+        images.append(batch[0])
+        labels.append(torch.as_tensor(batch[1]))
+    if not images:
+        raise ConfigError("the dataset split is empty")
+    return torch.cat(images).float(), torch.cat(labels).long()
+
+
+class RealImages:
+    """A split's images and labels on one device, with per-class random sampling that stays there."""
+
+    def __init__(self, dataset, num_classes: int, device: torch.device):
+        images, labels = split_tensors(dataset)
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.num_classes, self.device = num_classes, device
+        members = [(labels == c).nonzero().squeeze(1) for c in range(num_classes)]
+        empty = [c for c, m in enumerate(members) if len(m) == 0]
+        if empty:
+            raise ConfigError(f"the training split has no images of class(es) {empty}")
+        self.class_counts = torch.tensor([len(m) for m in members])
+        # Padded (classes, largest class) index table so sampling all classes is one argsort.
+        self.class_index = torch.nn.utils.rnn.pad_sequence(members, batch_first=True).to(device)
+        self.class_valid = (torch.arange(self.class_index.shape[1]) < self.class_counts.view(-1, 1)).to(device)
+
+    @property
+    def smallest_class(self) -> int:
+        return int(self.class_counts.min())
+
+    def per_class(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`n` random images of every class (capped at the smallest class), class by class."""
+        n = min(n, self.smallest_class)
+        keys = torch.rand(self.class_index.shape, device=self.device).masked_fill(~self.class_valid, 2.0)
+        index = self.class_index.gather(1, keys.argsort(1)[:, :n]).flatten()
+        return self.images[index], self.labels[index]
+
+
+def build_network(name: str, num_classes: int, in_channels: int, image_size, options: Optional[dict],
+                  device: torch.device) -> nn.Module:
+    """A freshly initialised zoo model, created directly on `device`; ConvNet learns the image size."""
+    options = dict(options or {})
+    if name in MODELS and "image_size" in MODELS.get(name).defaults:
+        options.setdefault("image_size", tuple(image_size))
+    with torch.device(device):
+        return create_model(name, num_classes=num_classes, in_channels=in_channels, **options)
+
+
+def fyi_expand(images: torch.Tensor, labels: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FYI (Son et al. 2024): every synthetic image also enters matching horizontally flipped, so one
+    image need not show a discriminative part on both sides.  Each of `groups` consecutive chunks
+    (one per class) keeps its flips inside it, so class-major layouts stay class-major."""
+    x = images.view(groups, -1, *images.shape[1:])
+    y = labels.view(groups, -1, *labels.shape[1:])
+    return torch.cat([x, x.flip(-1)], 1).flatten(0, 1), torch.cat([y, y], 1).flatten(0, 1)
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool)) or value is None else repr(value)
+
+
+@dataclass(eq=False)
+class Condenser(ABC):
+    """Learnable synthetic images (`ipc` per class) and the shared machinery of the methods."""
+
+    data: Any = field(repr=False)  # kdzoo.data.DataSplits
+    ipc: int
+    iterations: int = 1000
+    lr_img: float = 0.1
+    momentum_img: float = 0.5
+    init: str = "real"  # "real": random real images of each class; "noise": standard normal pixels
+    model: str = "convnet:convnet3"
+    model_options: Optional[dict] = None
+    dsa_strategy: str = DSA_STRATEGY  # "none" switches augmentation off
+    batch_real: int = 256  # real images per class in one matching draw
+    fyi: bool = False
+    soft_labels: bool = False  # relabel the final images with a committee of teachers
+    committee: str = "convnet:convnet3"  # comma-separated architectures of the committee
+    committee_size: int = 5
+    committee_epochs: int = 30
+    label_temperature: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+
+    EVAL: ClassVar[EvalProtocol] = EvalProtocol()
+    registry_name: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        if self.ipc < 1:
+            raise ConfigError(f"{self.registry_name}: ipc must be at least 1, got {self.ipc}")
+        if self.init not in ("real", "noise"):
+            raise ConfigError(f"{self.registry_name}: init must be 'real' or 'noise', got {self.init!r}")
+        if self.iterations < 0:
+            raise ConfigError(f"{self.registry_name}: iterations must be >= 0, got {self.iterations}")
+        self.torch_device = resolve_device(self.device)
+        torch.manual_seed(self.seed)
+        self.num_classes = self.data.num_classes
+        self.channels = self.data.in_channels
+        self.image_size = tuple(self.data.image_size)
+        self.real = RealImages(self.data.train, self.num_classes, self.torch_device)
+        self.dsa = DSA(self.dsa_strategy)
+        self.labels = torch.arange(self.num_classes, device=self.torch_device).repeat_interleave(self.ipc)
+        self.images = self.initial_images().requires_grad_(True)
+        self.image_optimizer = torch.optim.SGD([self.images], lr=self.lr_img, momentum=self.momentum_img)
+        self.history: list[float] = []
+        self.progress = True  # progress bars of long preparations (experts, committee); set by run_condenser
+        self._layout: Optional[Layout] = None
+        self.setup()
+
+    # -- hooks for the methods ------------------------------------------------------------------
+    def setup(self) -> None:
+        """Method-specific preparation after the images exist (expert trajectories, EMA, ...)."""
+
+    @abstractmethod
+    def matching_loss(self) -> torch.Tensor:
+        """The method's loss for one random draw, differentiable w.r.t. the synthetic images."""
+
+    def step(self) -> float:
+        """One outer iteration; returns its loss."""
+        loss = self.matching_loss()
+        self.update(loss)
+        return loss.item()
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.image_optimizer]
+
+    def after_update(self) -> None:
+        """Called after every optimizer step (FTD keeps its moving average here)."""
+
+    def final_images(self) -> torch.Tensor:
+        return self.images
+
+    def learned_lr(self) -> Optional[float]:
+        return None
+
+    # -- shared machinery -----------------------------------------------------------------------
+    def initial_images(self) -> torch.Tensor:
+        shape = (self.num_classes * self.ipc, self.channels, *self.image_size)
+        if self.init == "noise":
+            return torch.randn(shape, device=self.torch_device)
+        if self.real.smallest_class < self.ipc:
+            raise ConfigError(f"{self.registry_name}: init=real needs {self.ipc} images per class, the smallest "
+                              f"class has {self.real.smallest_class}; use init=noise or a smaller ipc")
+        return self.real.per_class(self.ipc)[0].clone()
+
+    def update(self, loss: torch.Tensor) -> None:
+        for optimizer in self.optimizers():
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimizer in self.optimizers():
+            optimizer.step()
+        self.after_update()
+
+    def new_network(self, name: Optional[str] = None, options: Optional[dict] = None) -> nn.Module:
+        """A freshly initialised network in training mode (the condenser's model by default)."""
+        options = self.model_options if name is None else options
+        return build_network(name or self.model, self.num_classes, self.channels, self.image_size, options,
+                             self.torch_device)
+
+    def synthetic_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All synthetic images class by class (with their flips under FYI) and their labels."""
+        if self.fyi:
+            return fyi_expand(self.images, self.labels, self.num_classes)
+        return self.images, self.labels
+
+    def siamese(self, real: torch.Tensor, syn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One DSA draw per class, applied identically to the real and the synthetic images of the class."""
+        if not self.dsa.enabled:
+            return real, syn
+        draw = self.dsa.draw(self.num_classes, self.torch_device)
+        return self.dsa.apply(real, draw), self.dsa.apply(syn, draw)
+
+    def layout(self, network: nn.Module) -> Layout:
+        """Where `network`'s stages and penultimate feature are (found once per condenser)."""
+        if self._layout is None:
+            self._layout = discover_layout(network, self.real.images[:2])
+        return self._layout
+
+    @staticmethod
+    def features(network: nn.Module, x: torch.Tensor, taps: list[str]) -> list[torch.Tensor]:
+        with Taps(network, taps) as t:
+            network(x)
+            return [t.get(tap) for tap in taps]
+
+    def fixed_draw_loss(self, seed: int) -> float:
+        """`matching_loss()` of the current images under a fixed random draw; touches no state."""
+        devices = [self.torch_device] if self.torch_device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return self.matching_loss().item()
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "data"}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"images": self.images.detach().cpu(), "history": list(self.history),
+                "optimizers": [o.state_dict() for o in self.optimizers()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.images.copy_(state["images"].to(self.torch_device))
+        self.history = list(state["history"])
+        for optimizer, saved in zip(self.optimizers(), state["optimizers"]):
+            optimizer.load_state_dict(saved)
+
+    def result(self) -> SyntheticSet:
+        """The synthetic set now (soft labels from the committee when asked for)."""
+        images = self.final_images().detach().clone()
+        labels = self.labels.clone()
+        if self.soft_labels:
+            from .soft_labels import committee_soft_labels
+
+            labels = committee_soft_labels(self, images)
+        meta = {"method": self.registry_name, "dataset": self.data.name, "ipc": self.ipc,
+                "num_classes": self.num_classes, "image_size": list(self.image_size), "model": self.model,
+                "model_options": jsonable(self.model_options), "options": jsonable(self.options()),
+                "eval": dataclasses.asdict(self.EVAL), "iterations_done": len(self.history)}
+        return SyntheticSet(images.cpu(), labels.cpu(), self.learned_lr(), meta)
+
+
+def build_condenser(method: str, data, ipc: int, **options: Any) -> Condenser:
+    """A registered condenser by name; unknown names and options are one-line `ConfigError`s."""
+    _register_methods()
+    return CONDENSERS.build(method, data, ipc, **options)
+
+
+def _register_methods() -> None:
+    from . import datadam, dc, dm, ftd, mtt  # noqa: F401  (register on import)
+
+
+# Options that may change between a run and its resume.
+RESUMABLE_CHANGES = ("iterations", "device")
+
+
+def run_condenser(condenser: Condenser, checkpoint: Optional[str | Path] = None, checkpoint_every: int = 0,
+                  resume: bool = False, progress: bool = True) -> SyntheticSet:
+    """Run the outer iterations with a progress bar; every `checkpoint_every` iterations (and at the end)
+    write an atomic checkpoint; `resume` continues from it exactly (images, optimizers, RNG)."""
+    name = condenser.registry_name
+    condenser.progress = progress
+    start = 0
+    if resume:
+        if checkpoint is None:
+            raise ConfigError(f"{name}: resume needs a checkpoint path")
+        state = load_checkpoint(checkpoint)
+        saved = {k: v for k, v in state["options"].items() if k not in RESUMABLE_CHANGES}
+        now = {k: v for k, v in jsonable(condenser.options()).items() if k not in RESUMABLE_CHANGES}
+        if state["method"] != name or saved != now:
+            changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            raise ConfigError(f"{checkpoint}: written by {state['method']!r} with other options "
+                              f"({', '.join(changed) or 'method'}); resume with the same method and options")
+        condenser.load_state_dict(state["condenser"])
+        set_rng_state(state["rng"])
+        start = state["iteration"]
+    bar = tqdm(range(start, condenser.iterations), initial=start, total=condenser.iterations,
+               desc=f"condense {name}", disable=not progress, dynamic_ncols=True)
+    for iteration in bar:
+        loss = condenser.step()
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"{name}: the matching loss became {loss} at iteration {iteration}; "
+                                   "lower lr_img (or lr_lr)")
+        condenser.history.append(loss)
+        recent = condenser.history[-20:]
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.4g}", refresh=False)
+        done = iteration + 1
+        if checkpoint and checkpoint_every and (done % checkpoint_every == 0 or done == condenser.iterations):
+            save_checkpoint(checkpoint, {"method": name, "options": jsonable(condenser.options()),
+                                         "iteration": done, "condenser": condenser.state_dict(), "rng": rng_state()})
+    return condenser.result()
+
+
+def condense(method: str, data, ipc: int, *, checkpoint: Optional[str | Path] = None, checkpoint_every: int = 0,
+             resume: bool = False, progress: bool = True, **options: Any) -> SyntheticSet:
+    """Distil `data` (a `DataSplits`) into `ipc` synthetic images per class with a registered method."""
+    condenser = build_condenser(method, data, ipc, **options)
+    return run_condenser(condenser, checkpoint, checkpoint_every, resume, progress)
+
+
+def nearest_ipc(table: dict[int, Any], ipc: int) -> Any:
+    """A per-IPC setting of a paper; IPCs it does not list take the nearest listed one (the smaller on ties)."""
+    return table[min(table, key=lambda k: (abs(k - ipc), k))]
+
+
+def per_class_mean(x: torch.Tensor, classes: int) -> torch.Tensor:
+    """Mean over each class's consecutive rows of a class-major batch: (classes, features)."""
+    return x.reshape(classes, -1, x[0].numel()).mean(1)
+
+
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against class indices or against soft label distributions."""
+    return F.cross_entropy(logits, targets)

@@ -1,0 +1,140 @@
+"""``kdzoo condense METHOD --dataset cifar10 --ipc 10 [--out DIR] [KEY=VALUE ...]``.
+
+Writes into the output directory: ``synthetic.safetensors`` (images + labels), ``synthetic.png``
+(one row per class), ``evaluation.json`` and ``checkpoint.pt`` (every ``--checkpoint-every``
+iterations, so ``--resume`` continues an interrupted run); MTT/FTD keep their expert
+trajectories in ``experts/`` for reuse.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError
+from ..train.checkpoint import atomic_write
+
+if TYPE_CHECKING:
+    from .base import SyntheticSet
+
+OVERRIDES_HELP = ("method options, e.g. lr_img=1 fyi=true soft_labels=true model_options.width=64; "
+                  "data.OPTION=VALUE for the dataset (data.root=/data/cifar); eval.OPTION=VALUE for the "
+                  "evaluation (eval.epochs=300 eval.augment=false eval.models=[convnet:convnet3,cifar:resnet20])")
+EVAL_OPTIONS = ("models", "num_models", "epochs", "lr", "augment", "dsa_strategy", "batch_size", "flip_batch",
+                "model_options", "vectorize")
+
+
+def add_condense_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``condense`` subcommand to an ``add_subparsers()`` object (dispatches to `cmd_condense`)."""
+    p = subparsers.add_parser(
+        "condense", help="distil a dataset into a few synthetic images per class (DC, DSA, DM, DataDAM, MTT, FTD)",
+        usage="kdzoo condense METHOD [options] [KEY=VALUE ...]", description=DESCRIPTION, epilog=EPILOG)
+    # Options may come before or after METHOD and the overrides (argparse alone cannot mix a
+    # positional list with options), so everything from METHOD on is parsed again in `cmd_condense`.
+    p.add_argument("arguments", nargs=argparse.REMAINDER, metavar="METHOD [KEY=VALUE ...]",
+                   help="dc, dsa, dm, datadam, mtt or ftd, then " + OVERRIDES_HELP)
+    _add_options(p)
+    p.set_defaults(func=cmd_condense)
+    return p
+
+
+DESCRIPTION = ("Learn IPC synthetic images per class with a dataset-distillation method, save them (safetensors + "
+               "PNG grid), then train fresh networks on them and report test accuracy beside the published number.")
+EPILOG = "A method's options with their defaults: kdzoo condense METHOD --help-options."
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="cifar10", help="registered dataset name (default cifar10)")
+    p.add_argument("--ipc", type=int, default=10, help="synthetic images per class (default 10)")
+    p.add_argument("--out", default=None, help="output directory (default runs/condense/METHOD-DATASET-ipcN)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="iterations between checkpoints (default 100)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--num-eval", type=int, default=20, help="fresh networks per evaluated architecture (default 20)")
+    p.add_argument("--no-eval", action="store_true", help="only distil; skip the evaluation")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--help-options", action="store_true", help="print the method's options with defaults and exit")
+
+
+def _parse_arguments(args) -> argparse.Namespace:
+    """METHOD, the overrides and any options given after METHOD (on top of those given before)."""
+    parser = argparse.ArgumentParser(prog="kdzoo condense", usage="kdzoo condense METHOD [options] [KEY=VALUE ...]",
+                                     description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("method", help="dc, dsa, dm, datadam, mtt or ftd")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    _add_options(parser)
+    given = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("arguments", "func", "command")})
+    return parser.parse_intermixed_args(args.arguments, namespace=given)
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict, dict, dict]:
+    """KEY=VALUE pairs (values parsed as YAML) -> (method options, dataset options, evaluation options)."""
+    from ..config import apply_overrides
+
+    options = apply_overrides({}, list(overrides))
+    sections = []
+    for section in ("data", "eval"):
+        value = options.pop(section, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"override {section}={value!r}: use {section}.OPTION=VALUE")
+        sections.append(value)
+    return options, sections[0], sections[1]
+
+
+def cmd_condense(args) -> int:
+    from ..data import build_dataset
+    from ..registry import DATASETS, check_options
+    from .base import CONDENSERS, _register_methods, build_condenser, run_condenser
+    from .evaluate import evaluate_synthetic, format_results, published_accuracy
+
+    args = _parse_arguments(args)
+    _register_methods()
+    entry = CONDENSERS.get(args.method)
+    if args.help_options:
+        print(f"{entry.name}: {entry.paper}")
+        for key, value in entry.defaults.items():
+            print(f"  {key} = {value!r}")
+        return 0
+    options, data_options, eval_options = parse_overrides(args.overrides)
+    check_options("evaluation", eval_options, {k: None for k in EVAL_OPTIONS})
+    if "augment" in DATASETS.get(args.dataset).defaults:
+        data_options.setdefault("augment", False)  # distil from the images as they are
+    out = Path(args.out or f"runs/condense/{args.method}-{args.dataset}-ipc{args.ipc}")
+    checkpoint = out / "checkpoint.pt"
+    if checkpoint.exists() and not args.resume:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    options.setdefault("device", args.device)
+    if "buffer_dir" in entry.defaults:
+        options.setdefault("buffer_dir", str(out / "experts"))
+
+    data = build_dataset(args.dataset, **data_options)
+    condenser = build_condenser(args.method, data, args.ipc, **options)
+    synthetic = run_condenser(condenser, checkpoint, args.checkpoint_every, args.resume, progress=not args.quiet)
+    synthetic.save(out / "synthetic.safetensors")
+    save_grid(synthetic, out / "synthetic.png")
+    print(f"{args.method}: {len(synthetic.images)} synthetic images ({args.ipc} per class, "
+          f"{'soft' if synthetic.soft else 'hard'} labels) in {out}")
+    if args.no_eval:
+        return 0
+    eval_options.setdefault("num_models", args.num_eval)
+    results = evaluate_synthetic(synthetic, data, device=args.device, progress=not args.quiet, **eval_options)
+    report = {"method": args.method, "dataset": args.dataset, "ipc": args.ipc,
+              "published": published_accuracy(args.method, args.dataset, args.ipc),
+              "results": {name: r.to_dict() for name, r in results.items()}}
+    text = json.dumps(report, indent=1)
+    atomic_write(out / "evaluation.json", lambda tmp: tmp.write_text(text))
+    print(format_results(results, args.method, args.dataset, args.ipc))
+    return 0
+
+
+def save_grid(synthetic: "SyntheticSet", path: Path) -> None:
+    """PNG of the images, one row per class; pixels clipped to mean +- 2.5 std of the set and
+    stretched to [0, 1] (no dataset statistics needed)."""
+    from torchvision.utils import save_image
+
+    images = synthetic.images.float()
+    mean, std = images.mean(), images.std().clamp_min(1e-8)
+    shown = ((images - mean) / (5 * std) + 0.5).clamp(0, 1)
+    per_row = int(synthetic.meta.get("ipc", len(images)))
+    atomic_write(path, lambda tmp: save_image(shown, str(tmp), nrow=per_row, padding=1, format="png"))

@@ -1,0 +1,247 @@
+"""Evaluation protocol of dataset distillation, with the N networks trained together.
+
+`train_networks` trains N same-architecture networks at once: their parameters are stacked
+(`torch.func.stack_module_state`) and one step is `vmap(grad(loss))` over the stack, followed by
+one SGD update of the stacked tensors.  Every network draws its own batch order and its own DSA
+augmentation, so the N runs are as independent as if trained one by one (``vectorize=False``
+does exactly that with the same per-network step, which the tests compare against).  By default
+the stack is vectorised on CUDA and looped on a CPU, where vmap's batched convolutions are slower
+than N plain ones.  The same
+trainer trains MTT/FTD experts (momentum 0, sharpness-aware for FTD) and the soft-label committee.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, stack_module_state, vmap
+from tqdm import tqdm
+
+from ..errors import ConfigError
+from ..train.trainer import resolve_device
+from .augment import DSA, DSA_STRATEGY
+from .base import EvalProtocol, SyntheticSet, build_network, classification_loss, split_tensors
+
+# CIFAR-10, ConvNet-3, test accuracy % (../shared/reference/published.md; DC/DSA from the
+# VICO-UoE/DatasetCondensation README, the others secondary quotes).
+PUBLISHED_CIFAR10 = {
+    "random": {1: 14.4, 10: 26.0, 50: 43.4},
+    "dc": {1: 28.3, 10: 44.9, 50: 53.9},
+    "dsa": {1: 28.8, 10: 52.1, 50: 60.6},
+    "dm": {1: 26.0, 10: 48.9, 50: 63.0},
+    "mtt": {1: 46.3, 10: 65.3, 50: 71.6},
+    "datm": {1: 46.9, 10: 66.8, 50: 76.1},
+}
+
+
+def published_accuracy(method: str, dataset: str, ipc: int) -> Optional[float]:
+    if dataset.lower() != "cifar10":
+        return None
+    return PUBLISHED_CIFAR10.get(method, {}).get(ipc)
+
+
+GradientFn = Callable[[dict, dict, torch.Tensor, torch.Tensor], dict]
+
+
+def network_gradient(base: nn.Module, sam_rho: float = 0.0, sam_alpha: float = 0.0) -> GradientFn:
+    """Gradient of one network's loss on one batch, as a pure function of (params, buffers, x, y).
+
+    With `sam_rho` > 0 it is the sharpness-aware gradient (SAM: taken at the parameters moved by
+    rho along the normalised gradient); `sam_alpha` > 0 adds GSAM's correction, removing alpha x
+    the part of the plain gradient orthogonal to the perturbed one.
+    """
+
+    def loss(params, buffers, x, y):
+        return classification_loss(functional_call(base, (params, buffers), (x,)), y)
+
+    plain = grad(loss)
+    if sam_rho <= 0:
+        return plain
+
+    def sharpness_aware(params, buffers, x, y):
+        g = plain(params, buffers, x, y)
+        norm = torch.sqrt(sum((v * v).sum() for v in g.values()))
+        scale = sam_rho / (norm + 1e-12)
+        g_sharp = plain({k: params[k] + scale * g[k] for k in params}, buffers, x, y)
+        if sam_alpha <= 0:
+            return g_sharp
+        dot = sum((g[k] * g_sharp[k]).sum() for k in g)
+        sharp_sq = sum((v * v).sum() for v in g_sharp.values())
+        return {k: g_sharp[k] - sam_alpha * (g[k] - dot / (sharp_sq + 1e-12) * g_sharp[k]) for k in g}
+
+    return sharpness_aware
+
+
+def member(stacked: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Network `i`'s tensors of a stack (views: in-place updates reach the stack)."""
+    return {k: v[i] for k, v in stacked.items()}
+
+
+@dataclass
+class StackedNetworks:
+    """N trained networks of one architecture: a parameter-free template plus stacked tensors."""
+
+    base: nn.Module
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    vectorize: bool = True
+
+    def __len__(self) -> int:
+        return next(iter(self.params.values())).shape[0]
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        """Logits of every network for every image: (networks, images, classes), in eval mode."""
+        chunk = chunk or max(16, 2048 // len(self))  # images x networks per forward bounds the activations
+        forward = vmap(self._forward, in_dims=(0, 0, None)) if self.vectorize else self._forward_each
+        self.base.eval()
+        try:
+            return torch.cat([forward(self.params, self.buffers, x) for x in images.split(chunk)], 1)
+        finally:
+            self.base.train()
+
+    def _forward(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.base, (params, buffers), (x,))
+
+    def _forward_each(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self._forward(member(params, i), member(buffers, i), x) for i in range(len(self))])
+
+    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Top-1 accuracy in [0, 1] of every network."""
+        return (self.predict(images).argmax(-1) == labels).float().mean(1)
+
+
+def train_networks(networks: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor, *, epochs: int,
+                   lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 256,
+                   augment: Optional[DSA] = None, decay_epoch: Optional[int] = None, decay_factor: float = 0.1,
+                   flip_batch: bool = False, sam_rho: float = 0.0, sam_alpha: float = 0.0,
+                   vectorize: Optional[bool] = None,
+                   on_epoch: Optional[Callable[[int, dict], None]] = None, progress: bool = False,
+                   desc: str = "train") -> StackedNetworks:
+    """Train same-architecture `networks` on (images, labels) with SGD (PyTorch semantics: weight decay
+    added to the gradient, momentum buffer without dampening).  After `decay_epoch` epochs the lr is
+    multiplied by `decay_factor` and the momentum restarts (the reference builds a new optimizer).
+    `flip_batch` (FYI's evaluation) appends the horizontal flip of every batch, halving the batch.
+    `on_epoch(epoch, params)` sees the stacked parameters at epoch 0 and after every epoch."""
+    if len({type(n) for n in networks}) != 1:
+        raise ConfigError("train_networks: all networks must share one architecture")
+    params, buffers = stack_module_state(list(networks))
+    params = {k: v.detach() for k, v in params.items()}
+    buffers = {k: v.detach() for k, v in buffers.items()}
+    base = copy.deepcopy(networks[0]).to("meta").train()
+    vectorize = images.device.type == "cuda" if vectorize is None else vectorize
+    gradient = network_gradient(base, sam_rho, sam_alpha)
+    count, n = len(networks), len(images)
+    batch = max(1, batch_size // 2 if flip_batch else batch_size)
+    steps = math.ceil(n / batch)
+
+    def all_gradients(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        if vectorize:
+            return vmap(gradient)(params, buffers, x, y)
+        # One network at a time through the same function; buffer views write into the stack.
+        each = [gradient(member(params, i), member(buffers, i), x[i], y[i]) for i in range(count)]
+        return {k: torch.stack([g[k] for g in each]) for k in params}
+
+    velocity: dict[str, torch.Tensor] = {}
+    if on_epoch:
+        on_epoch(0, params)
+    for epoch in tqdm(range(epochs), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        order = torch.rand(count, n, device=images.device).argsort(1)  # each network its own shuffle
+        for s in range(steps):
+            with torch.no_grad():
+                index = order[:, s * batch:(s + 1) * batch]
+                x, y = images[index], labels[index]
+                if flip_batch:
+                    x, y = torch.cat([x, x.flip(-1)], 1), torch.cat([y, y], 1)
+                if augment is not None and augment.enabled:
+                    x = augment.augment(x.flatten(0, 1)).view_as(x)
+            grads = all_gradients(x, y)
+            with torch.no_grad():
+                for k, g in grads.items():
+                    if weight_decay:
+                        g = g + weight_decay * params[k]
+                    if momentum:
+                        velocity[k] = g if k not in velocity else momentum * velocity[k] + g
+                        g = velocity[k]
+                    params[k] = params[k] - lr * g
+        if decay_epoch is not None and epoch + 1 == decay_epoch:
+            lr *= decay_factor
+            velocity.clear()
+        if on_epoch:
+            on_epoch(epoch + 1, params)
+    return StackedNetworks(base, params, buffers, vectorize)
+
+
+@dataclass
+class EvalResult:
+    model: str
+    accuracies: list[float]  # %, one per network
+    mean: float
+    std: float
+    epochs: int
+    lr: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_synthetic(synthetic: SyntheticSet, data, *, models: Optional[Sequence[str]] = None,
+                       num_models: int = 20, epochs: Optional[int] = None, lr: Optional[float] = None,
+                       augment: Optional[bool] = None, dsa_strategy: str = DSA_STRATEGY, batch_size: int = 256,
+                       flip_batch: bool = False, model_options: Optional[dict] = None,
+                       vectorize: Optional[bool] = None,
+                       device: str = "auto", progress: bool = True) -> dict[str, EvalResult]:
+    """Train `num_models` fresh networks of every architecture in `models` on the synthetic set and
+    test them on `data.test`; mean and (population) std of their test accuracy in %.
+
+    Unset settings come from the method's published protocol stored with the set (epochs, DSA
+    augmentation, learned step size).  `models` defaults to the architecture the set was distilled
+    with; other zoo names (``cifar:resnet20``, ``cifar:vgg11``, ``tv:...``) test cross-architecture
+    generalisation and are built with `model_options` only if given."""
+    protocol = EvalProtocol(**synthetic.meta.get("eval", {}))
+    epochs = protocol.epochs if epochs is None else epochs
+    if lr is None:
+        lr = synthetic.learned_lr if protocol.learned_lr and synthetic.learned_lr else protocol.lr
+    augment = protocol.augment if augment is None else augment
+    dsa = DSA(dsa_strategy) if augment else None
+    own_model = synthetic.meta.get("model", "convnet:convnet3")
+    models = list(models or [own_model])
+    torch_device = resolve_device(device)
+    test_images, test_labels = (t.to(torch_device) for t in split_tensors(data.test))
+    images, labels = synthetic.images.to(torch_device), synthetic.labels.to(torch_device)
+    num_classes = synthetic.meta.get("num_classes", data.num_classes)
+    results = {}
+    for name in models:
+        options = model_options if model_options is not None else (
+            synthetic.meta.get("model_options") if name == own_model else None)
+        start = time.perf_counter()
+        networks = [build_network(name, num_classes, images.shape[1], images.shape[2:], options, torch_device)
+                    for _ in range(num_models)]
+        trained = train_networks(networks, images, labels, epochs=epochs, lr=lr, batch_size=batch_size, augment=dsa,
+                                 decay_epoch=epochs // 2, flip_batch=flip_batch, vectorize=vectorize,
+                                 progress=progress, desc=f"evaluate {name}")
+        accuracies = (trained.accuracy(test_images, test_labels) * 100).tolist()
+        if torch_device.type == "cuda":
+            torch.cuda.synchronize(torch_device)
+        mean = sum(accuracies) / len(accuracies)
+        std = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / len(accuracies))
+        results[name] = EvalResult(name, accuracies, mean, std, epochs, float(lr), time.perf_counter() - start)
+    return results
+
+
+def format_results(results: dict[str, EvalResult], method: str, dataset: str, ipc: int) -> str:
+    """A plain-text table of our accuracy beside the published one (ConvNet-3 rows only)."""
+    published = published_accuracy(method, dataset, ipc)
+    rows = [("method", "dataset", "ipc", "model", "networks", "epochs", "accuracy %", "published %")]
+    for name, r in results.items():
+        paper = f"{published:.1f}" if published is not None and name.startswith("convnet:") else "-"
+        rows.append((method, dataset, str(ipc), name, str(len(r.accuracies)), str(r.epochs),
+                     f"{r.mean:.2f} ± {r.std:.2f}", paper))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)

@@ -1,0 +1,278 @@
+"""MTT: matching training trajectories (Cazenavette et al. 2022), with its expert buffer.
+
+Experts are networks trained on the real data whose flat parameters are recorded after every
+epoch.  One iteration starts a student at an expert's epoch t, trains it `syn_steps` SGD steps on
+(DSA-augmented) synthetic images with a learnable step size, and minimises
+||student - expert(t + M)||^2 / ||expert(t) - expert(t + M)||^2 w.r.t. the images and the step size.
+
+Memory: the student is a flat parameter vector run through `torch.func.functional_call`.  With
+``checkpoint_steps`` (default) each unrolled step keeps only its inputs (parameters, augmented
+batch, step size) and rebuilds its double-backward graph during the backward pass, so memory grows
+by one parameter vector per step instead of one step's activations and second-order graph.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, ClassVar, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ..errors import CheckpointError, ConfigError
+from ..train.checkpoint import atomic_write
+from .base import Condenser, EvalProtocol, fyi_expand, jsonable, nearest_ipc, register_condenser
+from .evaluate import train_networks
+
+MTT_PAPER = "Cazenavette et al. 2022, Dataset Distillation by Matching Training Trajectories (CVPR)"
+
+# Per images-per-class (CIFAR-10 settings of the MTT paper): synthetic steps, maximum start
+# epoch, learning rate of the step size.  Other IPCs take the nearest listed IPC's values.
+TRAJECTORY_SETTINGS = {1: (50, 2, 1e-7), 10: (30, 20, 1e-5), 50: (30, 40, 1e-5)}
+
+ParamLayout = list[tuple[str, torch.Size]]
+
+
+def param_layout(network: nn.Module) -> ParamLayout:
+    return [(name, p.shape) for name, p in network.named_parameters()]
+
+
+def flatten_params(params: dict[str, torch.Tensor], layout: ParamLayout, batch_dims: int = 0) -> torch.Tensor:
+    """Concatenate parameters (in `layout` order) into one vector (per leading batch index)."""
+    return torch.cat([params[name].flatten(batch_dims) for name, _ in layout], -1)
+
+
+def unflatten_params(flat: torch.Tensor, layout: ParamLayout) -> dict[str, torch.Tensor]:
+    sizes = [math.prod(shape) for _, shape in layout]
+    return {name: chunk.view(shape) for (name, shape), chunk in zip(layout, flat.split(sizes))}
+
+
+def student_update(network: nn.Module, layout: ParamLayout, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                   lr: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    """One SGD step of the student (flat parameters `w`, which must require grad) on batch (x, y)."""
+    loss = F.cross_entropy(functional_call(network, unflatten_params(w, layout), (x,)), y)
+    (g,) = torch.autograd.grad(loss, w, create_graph=create_graph)
+    return w - lr * g
+
+
+class RecomputedStudentStep(torch.autograd.Function):
+    """`student_update` whose graph is rebuilt in backward: saves (w, x, lr, y) only."""
+
+    @staticmethod
+    def forward(ctx, w, x, lr, y, network, layout):
+        ctx.network, ctx.layout = network, layout
+        ctx.save_for_backward(w, x, lr, y)
+        with torch.enable_grad():
+            w_leaf = w.detach().requires_grad_(True)
+            return student_update(network, layout, w_leaf, x.detach(), y, lr.detach(), create_graph=False).detach()
+
+    @staticmethod
+    def backward(ctx, grad_next):
+        w, x, lr, y = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (w, x, lr)]
+            w_next = student_update(ctx.network, ctx.layout, leaves[0], leaves[1], y, leaves[2], create_graph=True)
+            grads = torch.autograd.grad(w_next, leaves, grad_next)
+        return (*grads, None, None, None)
+
+
+def unroll_student(network: nn.Module, layout: ParamLayout, w0: torch.Tensor,
+                   batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, lr: torch.Tensor,
+                   checkpoint_steps: bool = True) -> torch.Tensor:
+    """The student's parameters after `steps` SGD steps from `w0`, differentiable w.r.t. the batches and lr."""
+    w = w0.detach().clone().requires_grad_(True)
+    for _ in range(steps):
+        x, y = next(batches)
+        if checkpoint_steps:
+            w = RecomputedStudentStep.apply(w, x, lr, y, network, layout)
+        else:
+            w = student_update(network, layout, w, x, y, lr, create_graph=True)
+    return w
+
+
+class ExpertBuffer:
+    """Expert trajectories: per expert, its flat parameters at epoch 0, 1, ..., E.
+
+    Held in memory, or in a directory with one safetensors file per expert (read lazily, two rows
+    at a time) and ``buffer.json`` describing how the experts were trained; the JSON is written
+    last, so a directory without it is an unfinished buffer."""
+
+    INDEX = "buffer.json"
+
+    def __init__(self, meta: dict, trajectories: Optional[list[torch.Tensor]] = None,
+                 files: Optional[list[Path]] = None):
+        self.meta = meta
+        self.trajectories = trajectories
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.trajectories if self.trajectories is not None else self.files)
+
+    @property
+    def epochs(self) -> int:
+        return self.meta["epochs"]
+
+    def segment(self, expert: int, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat parameters of `expert` after epochs `start` and `end`."""
+        if self.trajectories is not None:
+            rows = self.trajectories[expert][[start, end]]
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(self.files[expert]), framework="pt") as f:
+                trajectory = f.get_slice("trajectory")
+                rows = torch.cat([trajectory[start:start + 1], trajectory[end:end + 1]])
+        rows = rows.to(device)
+        return rows[0], rows[1]
+
+    def save(self, directory: str | Path) -> "ExpertBuffer":
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        files = []
+        for i, trajectory in enumerate(self.trajectories):
+            path = directory / f"expert_{i:04d}.safetensors"
+            tensors = {"trajectory": trajectory.contiguous()}
+            atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+            files.append(path)
+        text = json.dumps(self.meta, indent=1)
+        atomic_write(directory / self.INDEX, lambda tmp: tmp.write_text(text))
+        return ExpertBuffer(self.meta, files=files)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Optional["ExpertBuffer"]:
+        """The buffer saved in `directory`, or None when there is none (yet)."""
+        directory = Path(directory)
+        index = directory / cls.INDEX
+        if not index.is_file():
+            return None
+        try:
+            meta = json.loads(index.read_text())
+        except ValueError as err:
+            raise CheckpointError(f"{index}: unreadable expert buffer index ({err})") from None
+        files = [directory / f"expert_{i:04d}.safetensors" for i in range(meta["num_experts"])]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{directory}: expert buffer lacks {', '.join(missing[:3])}")
+        return cls(meta, files=files)
+
+    @classmethod
+    def load_or_train(cls, directory: Optional[str | Path], meta: dict,
+                      train: Callable[[], list[torch.Tensor]]) -> "ExpertBuffer":
+        """Reuse the buffer in `directory` if it was trained as `meta` says, else train (and save) it."""
+        if directory is not None:
+            saved = cls.load(directory)
+            if saved is not None:
+                if saved.meta != meta:
+                    differ = sorted(k for k in set(meta) | set(saved.meta) if meta.get(k) != saved.meta.get(k))
+                    raise ConfigError(f"expert buffer {directory} was trained differently ({', '.join(differ)}); "
+                                      "point buffer_dir elsewhere or delete it")
+                return saved
+        buffer = cls(meta, trajectories=train())
+        return buffer.save(directory) if directory is not None else buffer
+
+
+@register_condenser("mtt", paper=MTT_PAPER)
+@dataclass(eq=False)
+class MTT(Condenser):
+    iterations: int = 5000
+    lr_img: float = 1000.0
+    lr_teacher: float = 0.01  # the experts' SGD lr and the initial student step size
+    lr_lr: Optional[float] = None  # None: by IPC (TRAJECTORY_SETTINGS)
+    syn_steps: Optional[int] = None
+    max_start_epoch: Optional[int] = None
+    expert_epochs: int = 2  # M: the student matches the expert this many epochs later
+    batch_syn: Optional[int] = None  # None: all synthetic images in every student step
+    checkpoint_steps: bool = True  # bounded memory: rebuild each unrolled step in backward
+    buffer_dir: Optional[str] = None  # where expert trajectories are saved and reused
+    num_experts: int = 100
+    expert_train_epochs: int = 50
+    expert_batch: int = 256
+    experts_together: int = 10  # experts trained in one vectorised group
+
+    EVAL: ClassVar[EvalProtocol] = EvalProtocol(epochs=1000, augment=True, learned_lr=True)
+
+    def setup(self) -> None:
+        steps, max_start, lr_lr = nearest_ipc(TRAJECTORY_SETTINGS, self.ipc)
+        self.steps = self.syn_steps if self.syn_steps is not None else steps
+        self.max_start = self.max_start_epoch if self.max_start_epoch is not None else max_start
+        self.step_size_lr = self.lr_lr if self.lr_lr is not None else lr_lr
+        if self.max_start < 1 or self.max_start - 1 + self.expert_epochs > self.expert_train_epochs:
+            raise ConfigError(f"{self.registry_name}: start epochs 0..{self.max_start - 1} plus expert_epochs="
+                              f"{self.expert_epochs} must stay within expert_train_epochs={self.expert_train_epochs}")
+        self.student = self.new_network()
+        self.param_layout = param_layout(self.student)
+        self.syn_lr = torch.tensor(self.lr_teacher, device=self.torch_device).requires_grad_(True)
+        self.lr_optimizer = torch.optim.SGD([self.syn_lr], lr=self.step_size_lr, momentum=0.5)
+
+    @cached_property
+    def buffer(self) -> ExpertBuffer:
+        """Built on first use, so a run's progress settings apply; depends on `seed` only."""
+        return ExpertBuffer.load_or_train(self.buffer_dir, self.expert_meta(), self.train_experts)
+
+    def expert_training(self) -> dict:
+        """How the experts' SGD deviates from plain SGD (FTD: sharpness-aware)."""
+        return {}
+
+    def expert_meta(self) -> dict:
+        return jsonable({"dataset": self.data.name, "num_classes": self.num_classes, "image_size": self.image_size,
+                         "model": self.model, "model_options": self.model_options, "num_experts": self.num_experts,
+                         "epochs": self.expert_train_epochs, "lr": self.lr_teacher, "batch": self.expert_batch,
+                         "dsa_strategy": self.dsa_strategy, "seed": self.seed,
+                         "num_params": sum(math.prod(s) for _, s in self.param_layout), **self.expert_training()})
+
+    def train_experts(self) -> list[torch.Tensor]:
+        """Experts on the real data as in the reference buffer: SGD lr_teacher, no momentum, no
+        weight decay, DSA augmentation, flat parameters recorded after every epoch (CPU)."""
+        devices = [self.torch_device] if self.torch_device.type == "cuda" else []
+        trajectories: list[torch.Tensor] = []
+        with torch.random.fork_rng(devices=devices):  # the buffer depends on `seed` only
+            torch.manual_seed(self.seed)
+            for first in range(0, self.num_experts, self.experts_together):
+                count = min(self.experts_together, self.num_experts - first)
+                snapshots: list[torch.Tensor] = []
+                train_networks([self.new_network() for _ in range(count)], self.real.images, self.real.labels,
+                               epochs=self.expert_train_epochs, lr=self.lr_teacher, momentum=0.0, weight_decay=0.0,
+                               batch_size=self.expert_batch, augment=self.dsa,
+                               on_epoch=lambda _, p: snapshots.append(flatten_params(p, self.param_layout, 1).cpu()),
+                               progress=self.progress, desc=f"experts {first + 1}-{first + count}/{self.num_experts}",
+                               **self.expert_training())
+                trajectories.extend(torch.stack(snapshots, 1).unbind(0))
+        return trajectories
+
+    def student_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless augmented minibatches of the synthetic set (each epoch a new order)."""
+        size = self.batch_syn or len(self.images)
+        while True:
+            for index in torch.randperm(len(self.images), device=self.torch_device).split(size):
+                x, y = self.images[index], self.labels[index]
+                if self.fyi:
+                    x, y = fyi_expand(x, y, 1)
+                yield self.dsa.augment(x), y
+
+    def matching_loss(self) -> torch.Tensor:
+        expert = int(torch.randint(len(self.buffer), ()))
+        start = int(torch.randint(self.max_start, ()))
+        w0, target = self.buffer.segment(expert, start, start + self.expert_epochs, self.torch_device)
+        w = unroll_student(self.student, self.param_layout, w0, self.student_batches(), self.steps, self.syn_lr,
+                           self.checkpoint_steps)
+        return ((w - target) ** 2).sum() / ((w0 - target) ** 2).sum()
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.image_optimizer, self.lr_optimizer]
+
+    def learned_lr(self) -> float:
+        return self.syn_lr.detach().item()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "syn_lr": self.syn_lr.detach().cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        with torch.no_grad():
+            self.syn_lr.copy_(state["syn_lr"])
