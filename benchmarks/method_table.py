@@ -55,7 +55,8 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=None, help="default: --epochs")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--methods", default="all", help="comma-separated names, or all")
-    parser.add_argument("--student-fraction", type=float, default=1.0, help="students see this share of the train set")
+    parser.add_argument("--student-fraction", type=float, default=None,
+                        help="students see this share of the train set (default 1; 0.1 with --quick)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="CPU-sized: digits 16x16, resnet20 -> resnet8, 10%% labels")
@@ -63,8 +64,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.teacher, args.student, args.data = "cifar:resnet20", "cifar:resnet8", "digits"
-        args.student_fraction, args.batch_size = 0.1, 32
+        args.batch_size = 32
     args.epochs = args.epochs or (15 if args.quick else 30)
+    if args.student_fraction is None:
+        args.student_fraction = 0.1 if args.quick else 1.0
 
     options = {"image_size": 16} if args.data == "digits" else {}
     if args.data_root:
