@@ -6,45 +6,30 @@ import warnings
 import pytest
 import torch
 
-from kdzoo.config import TrainConfig
-from kdzoo.data import TensorData, UInt8Images, build_dataset, input_example
+from kdzoo.data import TensorData, UInt8Images
 from kdzoo.data.arrays import CIFAR_AUGMENT
-from kdzoo.distiller import Distiller
 from kdzoo.errors import ConfigError, TrainingDiverged
-from kdzoo.methods import create_method
-from kdzoo.models import create_model
 from kdzoo.train import fit, load_checkpoint
 from kdzoo.train.fast_step import (DeviceMeters, LearningRate, build_optimizer, load_optimizer_state,
                                    optimizer_state, resolve_compile_mode)
 from kdzoo.train.teacher_cache import TeacherCache, dataset_fingerprint
 from kdzoo.train.trainer import lr_schedule, scaled_lr
+from tiny_setup import max_diff, tiny_data, tiny_distiller, train_config
 
 
-def _data(train_size=48):
-    return build_dataset("synthetic", num_classes=4, image_size=8, train_size=train_size, test_size=16)
+_data, _max_diff = tiny_data, max_diff
 
 
 def _distiller(data, methods=("kd",), seed=1):
-    torch.manual_seed(0)
-    teacher = create_model("tiny:cnn", num_classes=4, width=8)
-    torch.manual_seed(seed)
-    student = create_model("tiny:cnn", num_classes=4, width=4)
-    return Distiller(student, teacher, [create_method(m) for m in methods], example_input=input_example(data))
+    return tiny_distiller(data, seed, methods)
 
 
 def _cfg(**kw):
-    base = dict(epochs=2, batch_size=16, lr=0.05, schedule="constant", save_every=1, progress=False, device="cpu",
-                deterministic=True, seed=7)
-    base.update(kw)
-    return TrainConfig(**base)
+    return train_config(**{"schedule": "constant", "warmup_epochs": 0.0, **kw})
 
 
 def _state(distiller):
     return {k: v.clone() for k, v in distiller.student.state_dict().items()}
-
-
-def _max_diff(a, b):
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in b)
 
 
 # ---------------------------------------------------------------- meters and divergence

@@ -2,39 +2,16 @@
 import pytest
 import torch
 
-from kdzoo.config import TrainConfig
-from kdzoo.data import build_dataset, input_example
-from kdzoo.distiller import Distiller
-from kdzoo.methods import create_method
-from kdzoo.models import create_model
 from kdzoo.train import fit, load_checkpoint
 from kdzoo.train.multi import fit_many, stacking_obstacle
+from tiny_setup import max_diff, tiny_data, tiny_distiller, tiny_teacher, train_config
 
 
-def _data():
-    return build_dataset("synthetic", num_classes=4, image_size=8, train_size=48, test_size=16)
-
-
-def _teacher():
-    torch.manual_seed(0)
-    return create_model("tiny:cnn", num_classes=4, width=8)
+_data, _teacher, _cfg, _max_diff = tiny_data, tiny_teacher, train_config, max_diff
 
 
 def _distiller(data, teacher, seed, methods=("kd",), width=4):
-    torch.manual_seed(seed)
-    student = create_model("tiny:cnn", num_classes=4, width=width)
-    return Distiller(student, teacher, [create_method(m) for m in methods], example_input=input_example(data))
-
-
-def _cfg(**kw):
-    base = dict(epochs=2, batch_size=16, lr=0.05, schedule="cosine", warmup_epochs=1, save_every=1, progress=False,
-                device="cpu", deterministic=True, seed=7)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in b)
+    return tiny_distiller(data, seed, methods, teacher=teacher, width=width)
 
 
 def _count_calls(module):

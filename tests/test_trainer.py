@@ -4,34 +4,23 @@ import math
 import pytest
 import torch
 
-from kdzoo.config import TrainConfig
-from kdzoo.data import build_dataset, input_example
 from kdzoo.distiller import Distiller
 from kdzoo.errors import CheckpointError, TrainingDiverged
-from kdzoo.methods import create_method
 from kdzoo.models import create_model
 from kdzoo.train import fit, load_checkpoint, save_checkpoint
 from kdzoo.train.schedule import learning_rate
+from tiny_setup import tiny_data, tiny_distiller, train_config
 
 
-def _data():
-    return build_dataset("synthetic", num_classes=4, image_size=8, train_size=48, test_size=16)
+_data = tiny_data
 
 
 def _distiller(data, seed=0):
-    torch.manual_seed(0)
-    teacher = create_model("tiny:cnn", num_classes=4, width=8)  # the same teacher every time, as from a file
-    torch.manual_seed(seed)
-    student = create_model("tiny:cnn", num_classes=4, width=4)
-    methods = [create_method("kd"), create_method("fitnet")]
-    return Distiller(student, teacher, methods, example_input=input_example(data))
+    return tiny_distiller(data, seed, methods=("kd", "fitnet"))
 
 
 def _cfg(**kw):
-    base = dict(epochs=3, batch_size=16, lr=0.05, schedule="cosine", warmup_epochs=1, save_every=1,
-                progress=False, device="cpu", deterministic=True, seed=7)
-    base.update(kw)
-    return TrainConfig(**base)
+    return train_config(**{"epochs": 3, **kw})
 
 
 def _state(distiller):
