@@ -330,7 +330,7 @@ def load_config(cls: type, path: Optional[str | Path], overrides: list[str] = ()
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    from .train.checkpoint import atomic_write
+    from .runtime import atomic_write
 
     text = yaml.safe_dump(to_dict(config), sort_keys=False)
     atomic_write(path, lambda tmp: tmp.write_text(text))

@@ -15,7 +15,8 @@ from .errors import CheckpointError, ConfigError
 from .methods import create_method
 from .models import create_model
 from .train import FitResult, evaluate, fit, load_checkpoint, read_weights
-from .train.trainer import CHECKPOINT, resolve_device, seed_everything
+from .runtime import resolve_device, seed_everything
+from .train.trainer import CHECKPOINT
 
 WEIGHT_FILES = ("model.safetensors", "student.safetensors")
 

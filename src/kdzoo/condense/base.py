@@ -26,8 +26,9 @@ from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..models import MODELS, convnet, create_model  # noqa: F401  (convnet registers ConvNet-3, the default)
 from ..registry import Registry
 from ..taps import Layout, Taps, discover_layout
-from ..train.checkpoint import atomic_write, load_checkpoint, read_weights, rng_state, save_checkpoint, set_rng_state
-from ..train.trainer import resolve_device
+from ..runtime import atomic_write
+from ..train.checkpoint import load_checkpoint, read_weights, rng_state, save_checkpoint, set_rng_state
+from ..runtime import resolve_device
 from .augment import DSA, DSA_STRATEGY
 
 CONDENSERS = Registry("condenser", skip_args=("data", "ipc"))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from ..train.checkpoint import atomic_write
+from ..runtime import atomic_write
 
 if TYPE_CHECKING:
     from .base import SyntheticSet

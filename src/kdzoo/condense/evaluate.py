@@ -23,7 +23,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from tqdm import tqdm
 
 from ..errors import ConfigError
-from ..train.trainer import resolve_device
+from ..runtime import resolve_device
 from .augment import DSA, DSA_STRATEGY
 from .base import EvalProtocol, SyntheticSet, build_network, classification_loss, split_tensors
 

@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import CheckpointError, ConfigError
-from ..train.checkpoint import atomic_write
+from ..runtime import atomic_write
 from .base import Condenser, EvalProtocol, fyi_expand, jsonable, nearest_ipc, register_condenser
 from .evaluate import train_networks
 

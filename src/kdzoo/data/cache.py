@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
+
+from ..runtime import atomic_write
 
 FORMAT_VERSION = 1
 DEFAULT_CACHE_DIR = "~/.cache/kdzoo"
@@ -81,19 +82,12 @@ def cache_path(cache_dir: Path, dataset: str, split: str, fingerprint: str, opti
 
 
 def write_entry(path: Path, decoded: DecodedSplit) -> None:
-    """Write atomically: a temporary file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
+    """Write atomically (a reader never sees a partial entry)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             np.savez(f, images=decoded.images, labels=decoded.labels, meta=np.array(json.dumps(decoded.meta)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 def read_entry(path: Path) -> DecodedSplit:

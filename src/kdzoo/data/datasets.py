@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..runtime import atomic_write
 from ..registry import DATASETS, register_dataset
 from .arrays import CIFAR_AUGMENT, UInt8Images, parse_resident
 from .cache import DecodedSplit, cached_decode
@@ -230,14 +231,11 @@ def imagefolder(root: str = "data/imagefolder", image_size: int = 32, augment: b
 
 def _gunzip(archive: Path, target: Path) -> None:
     """Unpack `archive` to `target` atomically (a partial file never takes the final name)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         with gzip.open(archive, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(target, write)
 
 
 def _fashion_mnist_raw(root: str, debian_dir: str, download: bool) -> Path:

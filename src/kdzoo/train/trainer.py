@@ -14,13 +14,11 @@ import csv
 import functools
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -28,6 +26,7 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..data import DataSplits, make_loader
 from ..errors import ConfigError, TrainingDiverged
+from ..runtime import atomic_write, resolve_device, seed_everything
 from .checkpoint import export_weights, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import Distributed
 from .fast_step import (DeviceMeters, LearningRate, MeterReading, TrainStep, autocast_for, build_optimizer,
@@ -48,24 +47,6 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     run_dir: Optional[Path] = None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r} asked for, but CUDA is not available")
-    return device
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
 
 
 def scaled_lr(cfg: TrainConfig) -> tuple[float, float]:
@@ -489,8 +470,6 @@ def _run_init_stages(distiller: nn.Module, data: DataSplits, cfg: TrainConfig, d
 
 
 def _write_metrics(path: Path, history: list[dict]) -> None:
-    from .checkpoint import atomic_write
-
     keys = list(dict.fromkeys(k for row in history for k in row))
 
     def write(tmp: Path) -> None:
