@@ -33,7 +33,8 @@ class Distiller(nn.Module):
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None, methods: Sequence[Method] = (),
                  example_input: Optional[torch.Tensor] = None, ce_weight: Optional[float] = None,
-                 num_samples: Optional[int] = None, train_labels: Optional[torch.Tensor] = None):
+                 num_samples: Optional[int] = None, train_labels: Optional[torch.Tensor] = None,
+                 train_data=None, cache_dir=None):
         super().__init__()
         self.student = student
         self.teacher = teacher
@@ -47,16 +48,17 @@ class Distiller(nn.Module):
 
         self._student_paths: dict[str, str] = {}  # tap spec -> module tap
         self._teacher_paths: dict[str, str] = {}
-        if any(m.student_taps or m.teacher_taps or type(m).choose_taps is not Method.choose_taps
-               for m in self.methods.values()):
+        needs_layout = any(m.student_taps or m.teacher_taps or type(m).choose_taps is not Method.choose_taps
+                           for m in self.methods.values())
+        if needs_layout or (len(self.methods) and example_input is not None):  # every method gets its build()
             if example_input is None:
                 raise ConfigError("feature methods need example_input to find layers and shapes")
-            self._wire_taps(example_input, num_samples, train_labels)
+            self._wire_taps(example_input, num_samples, train_labels, train_data, cache_dir)
         self._student_hooks = Taps(student, set(self._student_paths.values()))
         self._teacher_hooks = Taps(teacher, set(self._teacher_paths.values())) if teacher is not None else None
 
     def _wire_taps(self, example: torch.Tensor, num_samples: Optional[int],
-                   train_labels: Optional[torch.Tensor]) -> None:
+                   train_labels: Optional[torch.Tensor], train_data, cache_dir) -> None:
         example = example[:2] if example.dim() == 4 else example.unsqueeze(0)
         example = torch.cat([example, example]) if len(example) == 1 else example  # BN needs 2 in train
         s_layout = discover_layout(self.student, example)
@@ -74,7 +76,8 @@ class Distiller(nn.Module):
                       {spec: t_feats[path].shape for spec, path in self._teacher_paths.items()},
                       num_classes=logits.shape[1], num_samples=num_samples, train_labels=train_labels,
                       student=self.student, teacher=self.teacher, student_paths=dict(self._student_paths),
-                      teacher_paths=dict(self._teacher_paths), example_input=example)
+                      teacher_paths=dict(self._teacher_paths), example_input=example,
+                      train_data=train_data, cache_dir=cache_dir)
         for method in self.methods.values():
             method.build(setup)
 

@@ -79,20 +79,21 @@ def model_meta(cfg: ModelConfig, data: DataSplits, data_cfg: DataConfig) -> dict
             "in_channels": data.in_channels, "data": {"name": data_cfg.name, "options": data_cfg.options}}
 
 
-def build_distiller(cfg: RunConfig, data: DataSplits) -> Distiller:
+def build_distiller(cfg: RunConfig, data: DataSplits, run_dir: Optional[Path] = None) -> Distiller:
     student = build_model(cfg.student, data, "student")
     teacher = build_model(cfg.teacher, data, "teacher") if cfg.teacher else None
     if cfg.teacher and not cfg.teacher.weights:
         print("warning: the teacher has no weights (teacher.weights); it is randomly initialised")
     methods = [create_method(m.name, **m.options) for m in cfg.methods]
     return Distiller(student, teacher, methods, example_input=input_example(data), ce_weight=cfg.ce_weight,
-                     num_samples=len(data.train), train_labels=labels_of(data.train))
+                     num_samples=len(data.train), train_labels=labels_of(data.train), train_data=data.train,
+                     cache_dir=run_dir)
 
 
 def train_run(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: bool = True) -> FitResult:
     data = build_data(cfg.data)
     seed_everything(cfg.train.seed)  # initial weights depend on the seed alone
-    distiller = build_distiller(cfg, data)
+    distiller = build_distiller(cfg, data, run_dir)
     save_config(cfg, run_dir / "config.yaml")
     return fit(distiller, data, cfg.train, run_dir, resume=resume,
                export_meta=model_meta(cfg.student, data, cfg.data), verbose=verbose)

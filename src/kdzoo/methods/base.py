@@ -9,7 +9,8 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from pathlib import Path
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -50,6 +51,8 @@ class Setup:
     student_paths: dict[str, str] = field(default_factory=dict)  # tap spec -> module tap ("layer1.2.relu:input")
     teacher_paths: dict[str, str] = field(default_factory=dict)
     example_input: Optional[torch.Tensor] = None  # a small batch of real inputs
+    train_data: Optional[Any] = None  # the training dataset (items: image, label, index), for statistics over it
+    cache_dir: Optional[Path] = None  # where a method may keep what it computed once (the run directory)
 
 
 @dataclass
