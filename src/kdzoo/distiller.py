@@ -1,7 +1,7 @@
 """Distiller: a frozen teacher teaches a student through any list of methods, on unmodified models."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -54,8 +54,8 @@ class Distiller(nn.Module):
             if example_input is None:
                 raise ConfigError("feature methods need example_input to find layers and shapes")
             self._wire_taps(example_input, num_samples, train_labels, train_data, cache_dir)
-        self._student_hooks = Taps(student, set(self._student_paths.values()))
-        self._teacher_hooks = Taps(teacher, set(self._teacher_paths.values())) if teacher is not None else None
+        self._student_taps: Optional[Taps] = None  # hooks, registered by the first forward, removed by close()
+        self._teacher_taps: Optional[Taps] = None
 
     def _wire_taps(self, example: torch.Tensor, num_samples: Optional[int],
                    train_labels: Optional[torch.Tensor], train_data, cache_dir) -> None:
@@ -81,6 +81,45 @@ class Distiller(nn.Module):
         for method in self.methods.values():
             method.build(setup)
 
+    @property
+    def student_paths(self) -> dict[str, str]:
+        """Tap spec -> module tap of every student feature a method reads (a copy)."""
+        return dict(self._student_paths)
+
+    @property
+    def teacher_paths(self) -> dict[str, str]:
+        """Tap spec -> module tap of every teacher feature a method reads (a copy)."""
+        return dict(self._teacher_paths)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether a forward reads the teacher's outputs (a teacher is set and some method uses it)."""
+        return self.teacher is not None and any(m.needs_teacher for m in self.methods.values())
+
+    # ------------------------------------------------------------------ hooks
+
+    def open(self) -> "Distiller":
+        """Register the forward hooks the methods read (done by the first forward; `close` removes them)."""
+        if self._student_taps is None:
+            self._student_taps = Taps(self.student, self._student_paths.values())
+        return self
+
+    def close(self) -> None:
+        """Remove every forward hook this distiller put on the student and the teacher.  The distiller stays
+        usable: the next forward registers them again."""
+        for taps in (self._student_taps, self._teacher_taps):
+            if taps is not None:
+                taps.remove()
+        self._student_taps = self._teacher_taps = None
+
+    def __enter__(self) -> "Distiller":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ forward
+
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
         if self.teacher is not None:
@@ -92,25 +131,48 @@ class Distiller(nn.Module):
         yield from self.student.parameters()
         yield from self.methods.parameters()
 
+    def run_teacher(self, images: torch.Tensor) -> TeacherOutputs:
+        """The teacher's logits and every tapped teacher feature for one batch (eval mode, no_grad)."""
+        if self.teacher is None:
+            raise ConfigError("this distiller has no teacher")
+        if self._teacher_taps is None:
+            self._teacher_taps = Taps(self.teacher, self._teacher_paths.values())
+        return teacher_forward(self.teacher, images, self._teacher_taps)
+
     def context(self, images: torch.Tensor, labels: torch.Tensor, index: Optional[torch.Tensor] = None,
-                epoch: float = 0.0) -> Context:
-        """Run the teacher (no_grad) and the student on one batch and collect every tap."""
+                epoch: float | torch.Tensor = 0.0, teacher_outputs: Optional[TeacherOutputs] = None,
+                student_logits: Optional[torch.Tensor] = None) -> Context:
+        """Run the teacher (no_grad) and the student on one batch and collect every tap.
+
+        `teacher_outputs` (logits and features by module tap, e.g. from a shared forward or a cache) stand in
+        for the teacher's forward; `student_logits` (from a forward run elsewhere, e.g. several students
+        stacked) for the student's, which only methods that read no student feature allow.  `epoch` is the
+        fractional epoch; it reaches methods as a 0-d tensor so a compiled step never specialises on it."""
+        epoch = torch.as_tensor(epoch, dtype=torch.float32, device=images.device)
         teacher_logits = None
         teacher_feats: dict[str, torch.Tensor] = {}
-        if self.teacher is not None and any(m.needs_teacher for m in self.methods.values()):
-            with torch.no_grad():
-                teacher_logits = self.teacher(images)
-            teacher_feats = {spec: self._teacher_hooks.get(path) for spec, path in self._teacher_paths.items()}
-        student_logits = self.student(images)
-        student_feats = {spec: self._student_hooks.get(path) for spec, path in self._student_paths.items()}
-        self._student_hooks.features.clear()  # let activations go once the losses are built
-        if self._teacher_hooks is not None:
-            self._teacher_hooks.features.clear()
+        if self.needs_teacher:
+            if teacher_outputs is None:
+                teacher_outputs = self.run_teacher(images)
+            teacher_logits = teacher_outputs.logits
+            teacher_feats = {spec: teacher_outputs.feature(path) for spec, path in self._teacher_paths.items()}
+        if student_logits is None:
+            self.open()
+            student_logits = self.student(images)
+            student_feats = self._student_taps.collect()
+            student_feats = {spec: student_feats[path] for spec, path in self._student_paths.items()}
+        elif self._student_paths:
+            raise ConfigError("student_logits given, but a method reads student features "
+                              f"({', '.join(self._student_paths)}): run the student through the distiller")
+        else:
+            student_feats = {}
         return Context(student_logits, teacher_logits, labels, student_feats, teacher_feats, index, epoch)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, index: Optional[torch.Tensor] = None,
-                epoch: float = 0.0) -> DistillOutput:
-        ctx = self.context(images, labels, index, epoch)
+                epoch: float | torch.Tensor = 0.0, teacher_outputs: Optional[TeacherOutputs] = None,
+                student_logits: Optional[torch.Tensor] = None) -> DistillOutput:
+        """The student's logits and the named, weighted losses of one batch (see `context`)."""
+        ctx = self.context(images, labels, index, epoch, teacher_outputs, student_logits)
         losses = {}
         if self.ce_weight:
             losses["ce"] = self.ce_weight * F.cross_entropy(ctx.student_logits, labels)
@@ -119,10 +181,28 @@ class Distiller(nn.Module):
                 losses[key if key not in losses else f"{name}.{key}"] = value
         return DistillOutput(ctx.student_logits, losses)
 
-    def remove_hooks(self) -> None:
-        self._student_hooks.remove()
-        if self._teacher_hooks is not None:
-            self._teacher_hooks.remove()
+
+@dataclass
+class TeacherOutputs:
+    """A teacher's logits and tapped features (by module tap) for one batch."""
+
+    logits: torch.Tensor
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def feature(self, path: str) -> torch.Tensor:
+        try:
+            return self.features[path]
+        except KeyError:
+            raise ConfigError(f"teacher outputs have no feature {path!r} (they hold: "
+                              f"{', '.join(self.features) or 'none'})") from None
+
+
+def teacher_forward(teacher: nn.Module, images: torch.Tensor, taps: Optional[Taps] = None) -> TeacherOutputs:
+    """Run a frozen teacher on one batch in eval mode under no_grad; `taps` (hooks on it) give its features."""
+    teacher.eval()
+    with torch.no_grad():
+        logits = teacher(images)
+    return TeacherOutputs(logits, taps.collect() if taps is not None else {})
 
 
 def _unique_names(methods: Sequence[Method]) -> dict[str, Method]:

@@ -59,7 +59,8 @@ class Taps:
         self.features: dict[str, torch.Tensor] = {}
         self._versions: dict[str, int] = {}
         self._handles = []
-        for tap in dict.fromkeys(taps):  # ordered, unique
+        self._taps = list(dict.fromkeys(taps))  # ordered, unique
+        for tap in self._taps:
             path, want_input = split_tap(tap)
             module = get_module(model, path)
             if want_input:
@@ -72,7 +73,8 @@ class Taps:
         if not isinstance(value, torch.Tensor):
             raise ConfigError(f"tap {tap!r} is not a tensor but {type(value).__name__}")
         self.features[tap] = value
-        self._versions[tap] = value._version
+        if not torch.compiler.is_compiling():  # a traced tensor has no meaningful version counter
+            self._versions[tap] = value._version
 
     def _input_hook(self, tap: str, copy: bool):
         def hook(module, inputs):
@@ -87,13 +89,25 @@ class Taps:
 
         return hook
 
+    @property
+    def taps(self) -> list[str]:
+        """The taps these hooks capture, in registration order."""
+        return list(self._taps)
+
     def get(self, tap: str) -> torch.Tensor:
         """The captured feature, refusing one that an in-place op changed after it was captured."""
         value = self.features[tap]
-        if value._version != self._versions[tap]:
+        if not torch.compiler.is_compiling() and value._version != self._versions[tap]:
             raise ConfigError(f"tap {tap!r} was modified in place after it was captured (an in-place op "
                               "follows that module); tap the next module's ':input' instead")
         return value
+
+    def collect(self) -> dict[str, torch.Tensor]:
+        """Every captured feature of the last forward (checked as by `get`), then forget them so the
+        activations are freed once the caller is done with them."""
+        captured = {tap: self.get(tap) for tap in self._taps}
+        self.features = {}
+        return captured
 
     def remove(self) -> None:
         for handle in self._handles:

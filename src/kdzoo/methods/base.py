@@ -7,7 +7,6 @@ adapter, which `build` creates once the Distiller knows the feature shapes.
 from __future__ import annotations
 
 import abc
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -26,15 +25,16 @@ class Context:
     student: dict[str, torch.Tensor] = field(default_factory=dict)  # tap spec -> feature
     teacher: dict[str, torch.Tensor] = field(default_factory=dict)
     index: Optional[torch.Tensor] = None  # dataset sample indices, for memory-bank methods
-    epoch: float = 0.0  # fractional epoch, for warm-ups
+    epoch: torch.Tensor | float = 0.0  # fractional epoch as a 0-d tensor (a float when built by hand)
 
 
-def warmup_factor(epoch: float, warmup_epochs: float) -> float:
+def warmup_factor(epoch: torch.Tensor | float, warmup_epochs: float) -> torch.Tensor | float:
     """Linear loss warm-up as mdistiller's DKD/ReviewKD: min(epoch / warmup, 1) with epochs counted from 1
-    and held for a whole epoch, so the first epoch already gets 1/warmup."""
+    and held for a whole epoch, so the first epoch already gets 1/warmup.  Tensor arithmetic, so a compiled
+    step reads the epoch as data instead of recompiling for each value."""
     if warmup_epochs <= 0:
         return 1.0
-    return min((math.floor(epoch) + 1) / warmup_epochs, 1.0)
+    return torch.clamp((torch.floor(torch.as_tensor(epoch)) + 1) / warmup_epochs, max=1.0)
 
 
 @dataclass

@@ -9,13 +9,14 @@ What changes with the device and `train.compile` (the optimizer's form: see `bui
 - CUDA, compile off: fused SGD/AdamW whose learning rate is a 0-d tensor on the device (`fill_` before each
   step, no host sync) and whose `found_inf` is the run's non-finite flag, so every update after a NaN/inf loss
   is skipped on the device until the loop sees the flag and stops.
-- compile ``default`` / ``reduce-overhead``: the student and teacher modules are compiled in place with
-  torch.compile (``reduce-overhead`` replays them as CUDA graphs, one generation per batch), as are the meters
-  and the optimizer step (foreach SGD/AdamW whose learning rate is a static 0-d tensor: a replayed graph reads
-  its memory, so the schedule stays adjustable without recompiling).  Methods' losses stay eager: they may
-  read the fractional epoch as a Python float, which a compiled graph would specialise on at every step.
-  Forward hooks (taps) run eagerly between the compiled pieces.  Without found_inf, a non-finite loss stops
-  the run at the next check (at most `log_every` steps later); no checkpoint is written after it.
+- compile ``default`` / ``reduce-overhead``: the whole forward of a step (student, taps, every method's loss)
+  is one compiled function, as are the teacher's forward, the meters and the optimizer step (foreach SGD/AdamW
+  whose learning rate is a static 0-d tensor: a replayed graph reads its memory, so the schedule stays
+  adjustable without recompiling); ``reduce-overhead`` replays them as CUDA graphs, one generation per batch.
+  The fractional epoch reaches methods as a 0-d tensor, so warm-ups never specialise a graph.  Nothing is
+  compiled in place: the models are untouched, and `compile_scope` restores the one compiler setting it raises.
+  Without found_inf, a non-finite loss stops the run at the next check (at most `log_every` steps later); no
+  checkpoint is written after it.
 - CPU: the same code eagerly, with a Python-float learning rate and torch's default optimizer, so runs and
   resumes stay bit-identical.  ``reduce-overhead`` falls back to ``default`` (CUDA graphs need CUDA);
   ``default`` needs a C++ compiler and falls back to eager without one.
@@ -32,12 +33,13 @@ from torch import nn
 
 from ..config import TrainConfig
 
-# Compiled module calls share one code object (Module._call_impl), so its recompile limit covers every compiled
-# model together: the teacher, each student, and the train / last-batch / eval shapes of each.
-RECOMPILES_PER_MODULE = 8
+# Compiled functions that share one code object (every run's step forward, every module call) share its
+# recompile limit: allow a few graphs (full batch, last batch, evaluation) for each of them.
+RECOMPILES_PER_FUNCTION = 8
 
 LossTerms = dict[str, torch.Tensor]
-StepForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], Sequence[tuple[Optional[torch.Tensor], LossTerms]]]
+# forward(images, labels, index, epoch tensor, teacher outputs or None) -> one (logits, losses) per run
+StepForward = Callable[..., Sequence[tuple[Optional[torch.Tensor], LossTerms]]]
 
 
 def autocast_for(device: torch.device, amp: str):
@@ -214,35 +216,36 @@ class DeviceMeters:
 
 
 @contextlib.contextmanager
-def compiled_modules(modules: Sequence[nn.Module], mode: str) -> Iterator[None]:
-    """Compile `modules` in place (their state_dict keys, hooks and identity unchanged) for the block, and
-    give them back uncompiled afterwards."""
-    if mode == "off" or not modules:
+def compile_scope(mode: str, functions: int = 1) -> Iterator[None]:
+    """Raise dynamo's recompile limit for the block when compiling (`functions` compiled callables, each with a
+    few shapes), and restore it afterwards.  The setting is named `recompile_limit` from torch 2.6 on and
+    `cache_size_limit` before."""
+    if mode == "off":
         yield
         return
     import torch._dynamo
 
-    limit = max(torch._dynamo.config.recompile_limit, RECOMPILES_PER_MODULE * len(modules))
-    torch._dynamo.config.recompile_limit = limit
-    # Forward hooks (feature taps) run eagerly between compiled pieces: traced, a hook would see tracing-time
-    # tensors (their in-place version counters, for one) instead of the real outputs.
-    hook_tables = [table for module in modules for sub in module.modules()
-                   for table in (sub._forward_hooks, sub._forward_pre_hooks) if table]
-    originals = [dict(table) for table in hook_tables]
-    for table in hook_tables:
-        for key, hook in table.items():
-            table[key] = torch._dynamo.disable(hook)
-    for module in modules:
-        # dynamic=False: one specialised graph per batch shape (full batches, the last one, evaluation)
-        module.compile(mode=None if mode == "default" else mode, dynamic=False)
-    try:
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    with config.patch(**{name: max(getattr(config, name), RECOMPILES_PER_FUNCTION * max(functions, 1))}):
         yield
-    finally:
-        for module in modules:
-            module._compiled_call_impl = None  # Module.compile's own slot: back to the eager forward
-        for table, original in zip(hook_tables, originals):
-            for key in table:
-                table[key] = original.get(key, table[key])
+
+
+def compile_function(fn: Callable, mode: str) -> Callable:
+    """`fn` compiled for `mode` (one specialised graph per input shape), or `fn` itself when mode is off."""
+    if mode == "off":
+        return fn
+    return torch.compile(fn, mode=None if mode == "default" else mode, dynamic=False)
+
+
+def mark_static(tensors: Iterable[torch.Tensor]) -> None:
+    """Tell the compiler these tensors keep their address (updated in place), so CUDA graphs read them live."""
+    import torch._dynamo
+
+    mark = getattr(torch._dynamo, "mark_static_address", None)
+    if mark is not None:
+        for tensor in tensors:
+            mark(tensor)
 
 
 class TrainStep:
@@ -256,8 +259,9 @@ class TrainStep:
 
     def __init__(self, forward: StepForward, optimizer: torch.optim.Optimizer, device: torch.device, amp: str,
                  compile_mode: str = "off"):
-        self.forward, self.optimizer, self.device, self.amp = forward, optimizer, device, amp
+        self.optimizer, self.device, self.amp = optimizer, device, amp
         self.compile_mode = compile_mode
+        self.forward = compile_function(forward, compile_mode)
         self.meters: list[DeviceMeters] = []
         self.fused = any(g.get("fused") for g in optimizer.param_groups)
         # the loop marks each batch as one CUDA-graph generation (teacher, student, backward, update), so a
@@ -265,19 +269,17 @@ class TrainStep:
         self.cuda_graphs = compile_mode == "reduce-overhead" and device.type == "cuda"
         self._update = optimizer.step
         if compile_mode != "off" and any(g.get("foreach") for g in optimizer.param_groups):
-            import torch._dynamo
-
-            for group in optimizer.param_groups:
-                torch._dynamo.mark_static_address(group["lr"])  # replayed graphs read the current value
-            self._update = torch.compile(optimizer.step, mode=None if compile_mode == "default" else compile_mode)
+            mark_static(group["lr"] for group in optimizer.param_groups)  # replayed graphs read the current value
+            self._update = compile_function(optimizer.step, compile_mode)
 
     def new_epoch(self, runs: int, first_step: int) -> list[DeviceMeters]:
         self.meters = [DeviceMeters(self.device, first_step, compiled=self.compile_mode != "off") for _ in range(runs)]
         return self.meters
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, epoch: float) -> None:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, epoch: torch.Tensor,
+                 teacher_outputs=None) -> None:
         with autocast_for(self.device, self.amp):
-            outputs = self.forward(images, labels, index, epoch)
+            outputs = self.forward(images, labels, index, epoch, teacher_outputs)
         total = None
         for meters, (logits, terms) in zip(self.meters, outputs):
             loss = sum(terms.values())
@@ -300,4 +302,4 @@ def prepare_models(modules: Iterable[nn.Module], device: torch.device, channels_
 
 
 __all__ = ["TrainStep", "DeviceMeters", "MeterReading", "LearningRate", "autocast_for", "build_optimizer",
-           "compiled_modules", "resolve_compile_mode", "optimizer_state", "load_optimizer_state", "prepare_models"]
+           "compile_scope", "compile_function", "mark_static", "resolve_compile_mode", "optimizer_state", "load_optimizer_state", "prepare_models"]

@@ -1,9 +1,8 @@
 """Where each batch's teacher outputs come from: one live forward shared by every student, or a cache.
 
-`TeacherFeed` runs the teacher once per batch (under no_grad, in eval mode) and hands its logits to every
-`Distiller` that shares it, in place of each distiller's own teacher call; the teacher's forward hooks fill
-every distiller's tapped features in that one forward.  With a `TeacherCache` it replays stored outputs
-instead once every sample has been seen.
+`TeacherFeed` runs the teacher once per batch (under no_grad, in eval mode) with hooks for every feature any
+sharing `Distiller` reads, and the loop passes the result to each of them as `teacher_outputs`.  With a
+`TeacherCache` it replays stored outputs instead once every sample has been seen.
 
 `TeacherCache` keeps the teacher's logits (and tapped features, when they total at most
 `MAX_FEATURE_BYTES`) per sample index, for data the teacher sees unchanged every epoch: no augmentation,
@@ -21,14 +20,12 @@ import torch
 from torch import nn
 
 from ..data import TensorData, UInt8Images
+from ..distiller import Distiller, TeacherOutputs, teacher_forward
 from ..errors import ConfigError
+from ..taps import Taps
+from .fast_step import compile_function
 
 MAX_FEATURE_BYTES = 1 << 30  # tapped teacher features are cached only up to this size (all samples together)
-
-
-def needs_teacher(distiller: nn.Module) -> bool:
-    """Whether the distiller's forward calls its teacher (the Distiller's own rule)."""
-    return distiller.teacher is not None and any(m.needs_teacher for m in distiller.methods.values())
 
 
 def _hash_tensor(digest, tensor: torch.Tensor) -> None:
@@ -139,51 +136,47 @@ class TeacherCache:
         self.complete = bool(self.stored.all())
 
 
-class _TeacherReplay(nn.Module):
-    """Stands in for a distiller's teacher: returns the logits its `TeacherFeed` computed for this batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.logits: Optional[torch.Tensor] = None
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logits
-
-
 class TeacherFeed:
     """The teacher outputs of every batch, for distillers that share one teacher module.
 
-    Use as a context manager around training: inside it each distiller's `teacher` is a replay of what
-    `feed(images, index)` produced for the current batch, so the teacher runs at most once per batch.
-    Distillers that never call their teacher (no teacher, or no method needs it) are left alone.
+    Use as a context manager around training: it puts one set of forward hooks on the teacher (the union of the
+    taps every distiller reads) and removes them on exit.  `feed(images, index)` returns this batch's
+    `TeacherOutputs` (one live forward, or a cache lookup), which the loop hands to each distiller through
+    `Distiller.forward(teacher_outputs=...)`: the teacher runs at most once per batch, whatever the number of
+    students.  Distillers that never read their teacher are not served.
     """
 
-    def __init__(self, distillers: Sequence[nn.Module], cache: Optional[TeacherCache] = None):
-        self.users = [d for d in distillers if needs_teacher(d)]
+    def __init__(self, distillers: Sequence[Distiller], cache: Optional[TeacherCache] = None, compile_mode: str = "off"):
+        self.users = [d for d in distillers if d.needs_teacher]
         teachers = {id(d.teacher) for d in self.users}
         if len(teachers) > 1:
             raise ConfigError("distillers trained together must share one teacher module (the same object)")
         self.teacher = self.users[0].teacher if self.users else None
+        self.paths = list(dict.fromkeys(p for d in self.users for p in d.teacher_paths.values()))
         self.cache = cache if self.teacher is not None else None
-        self._replays: list[_TeacherReplay] = []
+        self.compile_mode = compile_mode
+        self.taps: Optional[Taps] = None
+        self._forward = None
         self.forwards = 0  # live teacher forwards run (tests and benchmarks read it)
 
     @property
     def active(self) -> bool:
         return self.teacher is not None
 
+    def serves(self, distiller: Distiller) -> bool:
+        return any(d is distiller for d in self.users)
+
     def __enter__(self) -> "TeacherFeed":
-        self._replays = []
-        for distiller in self.users:
-            replay = _TeacherReplay()
-            distiller.teacher = replay
-            self._replays.append(replay)
+        if self.teacher is not None:
+            self.taps = Taps(self.teacher, self.paths)
+            taps, teacher = self.taps, self.teacher
+            self._forward = compile_function(lambda images: teacher_forward(teacher, images, taps), self.compile_mode)
         return self
 
     def __exit__(self, *exc) -> None:
-        for distiller in self.users:
-            distiller.teacher = self.teacher
-        self._replays = []
+        if self.taps is not None:
+            self.taps.remove()
+        self.taps = self._forward = None
 
     def start_epoch(self) -> None:
         if self.cache is not None and self.cache.check_teacher(self.teacher):
@@ -194,28 +187,19 @@ class TeacherFeed:
         if self.cache is not None:
             self.cache.end_epoch(all_reduce_sum)
 
-    def __call__(self, images: torch.Tensor, index: torch.Tensor) -> None:
-        """Produce this batch's teacher outputs for every sharing distiller (call under the step's autocast)."""
+    def __call__(self, images: torch.Tensor, index: torch.Tensor) -> Optional[TeacherOutputs]:
+        """This batch's teacher outputs (call under the step's autocast), or None without a teacher."""
         if self.teacher is None:
-            return
+            return None
         if self.cache is not None and self.cache.complete:
-            logits, by_path = self.cache.lookup(index)
-            for distiller in self.users:
-                taps = distiller._teacher_hooks  # the distiller's own Taps on the teacher
-                for path in distiller._teacher_paths.values():
-                    taps._store(path, by_path[path])
-        else:
-            self.teacher.eval()
-            with torch.no_grad():
-                logits = self.teacher(images)
-            self.forwards += 1
-            if self.cache is not None and self.cache.enabled:
-                by_path = {}
-                for distiller in self.users:
-                    by_path.update({p: distiller._teacher_hooks.get(p) for p in distiller._teacher_paths.values()})
-                self.cache.store(index, logits, by_path)
-        for replay in self._replays:
-            replay.logits = logits
+            return TeacherOutputs(*self.cache.lookup(index))
+        if self._forward is None:
+            raise RuntimeError("TeacherFeed is used as a context manager: `with TeacherFeed(...) as feed:`")
+        outputs = self._forward(images)
+        self.forwards += 1
+        if self.cache is not None and self.cache.enabled:
+            self.cache.store(index, outputs.logits, outputs.features)
+        return outputs
 
 
-__all__ = ["TeacherCache", "TeacherFeed", "teacher_fingerprint", "dataset_fingerprint", "needs_teacher"]
+__all__ = ["TeacherCache", "TeacherFeed", "teacher_fingerprint", "dataset_fingerprint"]

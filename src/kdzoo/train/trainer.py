@@ -1,12 +1,15 @@
 """fit(): the training loop.  It knows no method by name: ``loss = sum(output.losses.values())``.
 
-It owns the optimizer, the schedule, evaluation, checkpoints, logging and nothing else.  The step itself
-(autocast, channels_last, torch.compile / CUDA graphs, fused optimizer, meters on the device) lives in
+A `Trainer` holds the loop's state (device, schedule, step groups, the teacher feed, epoch and step) and one
+`RunState` per student (its distiller, optimizer slot, history, best accuracy); what happens at the end of an
+epoch or of training (metrics, console, checkpoints, exported weights) is done by `Callback`s.  The step
+itself (autocast, channels_last, torch.compile / CUDA graphs, fused optimizer, meters on the device) lives in
 ``fast_step.py``; where each batch's teacher outputs come from (one shared forward, or a cache) in
-``teacher_cache.py``; several students in one process in ``multi.py``; several processes in
-``distributed.py``.  Losses and accuracy are read back from the device only at progress refreshes (every
-`log_every` steps) and once per epoch; a non-finite loss raises `TrainingDiverged` at the first of those
-reads, always before an evaluation or checkpoint, so the last checkpoint on disk is the last good one.
+``teacher_cache.py`` (they reach each distiller as ``teacher_outputs``); several students in one process in
+``multi.py``; several processes in ``distributed.py``.  Losses and accuracy are read back from the device only
+at progress refreshes (every `log_every` steps) and once per epoch; a non-finite loss raises
+`TrainingDiverged` at the first of those reads, always before an evaluation or checkpoint, so the last
+checkpoint on disk is the last good one.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -25,12 +28,13 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..data import DataSplits, make_loader
+from ..distiller import DistillOutput, TeacherOutputs
 from ..errors import ConfigError, TrainingDiverged
 from ..runtime import atomic_write, resolve_device, seed_everything
 from .checkpoint import export_weights, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import Distributed
 from .fast_step import (DeviceMeters, LearningRate, MeterReading, TrainStep, autocast_for, build_optimizer,
-                        compiled_modules, load_optimizer_state, optimizer_state, prepare_models, resolve_compile_mode)
+                        compile_scope, load_optimizer_state, optimizer_state, prepare_models, resolve_compile_mode)
 from .schedule import learning_rate
 from .teacher_cache import TeacherCache, TeacherFeed
 
@@ -100,6 +104,30 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: Optional[
     return {"top1": 100 * correct1 / count, "top5": 100 * correct5 / count, "loss": loss_sum / count}
 
 
+class Distillable(Protocol):
+    """What the trainer needs of a distiller (`kdzoo.Distiller` is one): a student, an optional teacher, named
+    methods (state saved in checkpoints), the parameters to train, a forward that returns logits and named
+    losses and takes precomputed teacher outputs, and its hooks closed when training ends."""
+
+    student: nn.Module
+    teacher: Optional[nn.Module]
+    methods: nn.ModuleDict
+
+    @property
+    def needs_teacher(self) -> bool: ...
+
+    @property
+    def teacher_paths(self) -> dict[str, str]: ...
+
+    def trainable_parameters(self): ...
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, index: Optional[torch.Tensor] = None,
+                 epoch: float | torch.Tensor = 0.0, teacher_outputs: Optional[TeacherOutputs] = None,
+                 student_logits: Optional[torch.Tensor] = None) -> DistillOutput: ...
+
+    def close(self) -> None: ...
+
+
 class OptimizerSlot:
     """How a run's optimizer state is read for its checkpoint and restored from it."""
 
@@ -125,42 +153,53 @@ class StepGroup:
     close: Callable[[], None] = lambda: None  # after training, even when it fails
 
 
-class _DistillerForward:
-    """The main-stage forward of one distiller; `model` becomes the DDP wrapper on several processes."""
+def distiller_forward(model: Callable[..., DistillOutput]):
+    """The step forward of one distiller (or its DDP wrapper): one (logits, losses) pair."""
 
-    def __init__(self, distiller: nn.Module):
-        self.model = distiller
-
-    def __call__(self, images, labels, index, epoch):
-        out = self.model(images, labels, index=index, epoch=epoch)
+    def forward(images, labels, index, epoch, teacher_outputs):
+        out = model(images, labels, index=index, epoch=epoch, teacher_outputs=teacher_outputs)
         return [(out.logits, out.losses)]
 
+    return forward
 
-def separate_steps(distillers: Sequence[nn.Module], cfg: TrainConfig, device: torch.device,
-                   compile_mode: str, schedule: Callable[[int], float]) -> list[StepGroup]:
-    """One optimizer and step per distiller (fit, and fit_many when students cannot be stacked)."""
+
+def separate_steps(distillers: Sequence[Distillable], cfg: TrainConfig, device: torch.device, compile_mode: str,
+                   schedule: Callable[[int], float], wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> list[StepGroup]:
+    """One optimizer and step per distiller (fit, and fit_many when students cannot be stacked); `wrap` puts a
+    distiller in its DDP wrapper on several processes."""
     groups = []
     for k, distiller in enumerate(distillers):
         optimizer = build_optimizer(distiller.trainable_parameters(), cfg, device, compile_mode)
-        step = TrainStep(_DistillerForward(distiller), optimizer, device, cfg.amp, compile_mode)
+        step = TrainStep(distiller_forward(wrap(distiller)), optimizer, device, cfg.amp, compile_mode)
         groups.append(StepGroup(step, LearningRate(optimizer, schedule), [k], [OptimizerSlot(optimizer)]))
     return groups
 
 
-class Run:
-    """One student's bookkeeping: run directory, history, best accuracy, checkpoints, metrics and logs.
-    Only the main process (rank 0) writes anything."""
+StepBuilder = Callable[..., list[StepGroup]]
 
-    def __init__(self, distiller: nn.Module, run_dir: Optional[str | Path], export_meta: Optional[dict],
-                 writes: bool, verbose: bool, label: str = ""):
-        self.distiller, self.student = distiller, distiller.student  # the student itself, even if later replaced
+
+class RunState:
+    """One student's state in the loop: its distiller, run directory, optimizer slot, history and best."""
+
+    def __init__(self, distiller: Distillable, run_dir: Optional[str | Path], export_meta: Optional[dict],
+                 label: str = ""):
+        self.distiller, self.student = distiller, distiller.student
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.export_meta, self.writes, self.verbose, self.label = export_meta, writes, verbose, label
-        self.checkpoint_path = self.run_dir / CHECKPOINT if self.run_dir else None
+        self.export_meta, self.label = export_meta, label
         self.slot: Optional[OptimizerSlot] = None
         self.best, self.best_epoch, self.history = -1.0, 0, []
         self.last = {"top1": float("nan"), "top5": float("nan")}
-        self.writer = None
+
+    @property
+    def checkpoint_path(self) -> Optional[Path]:
+        return self.run_dir / CHECKPOINT if self.run_dir is not None else None
+
+    def checkpoint(self, epoch: int, step: int) -> dict:
+        # clones: a stacked student's tensors are views of a larger stack, which torch.save would write whole
+        return {"student": {k: v.clone() for k, v in self.student.state_dict().items()},
+                "methods": self.distiller.methods.state_dict(), "optimizer": self.slot.state(), "epoch": epoch,
+                "step": step, "best_top1": self.best, "best_epoch": self.best_epoch, "history": self.history,
+                "rng": rng_state()}
 
     def restore(self) -> tuple[int, int]:
         """Load the run directory's checkpoint; (epoch, step) to continue from."""
@@ -172,29 +211,7 @@ class Run:
         self.slot.load(state["optimizer"])
         self.best, self.best_epoch, self.history = state["best_top1"], state["best_epoch"], state["history"]
         set_rng_state(state["rng"])
-        if self.verbose:
-            print(f"resumed {self.run_dir} at epoch {state['epoch']} (step {state['step']})")
         return state["epoch"], state["step"]
-
-    def open_logs(self, start_epoch: int, resumed: bool) -> None:
-        if self.run_dir is None or not self.writes:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        _write_metrics(self.run_dir / METRICS, self.history)  # a resumed run drops rows after its checkpoint
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_epoch + 1 if resumed else None)
-
-    def save(self, epoch: int, step: int) -> None:
-        if self.checkpoint_path is None or not self.writes:
-            return
-        save_checkpoint(self.checkpoint_path, {
-            # clones: a stacked student's tensors are views of a larger stack, which torch.save would write whole
-            "student": {k: v.clone() for k, v in self.student.state_dict().items()},
-            "methods": self.distiller.methods.state_dict(), "optimizer": self.slot.state(), "epoch": epoch,
-            "step": step, "best_top1": self.best, "best_epoch": self.best_epoch, "history": self.history,
-            "rng": rng_state(),
-        })
 
     def diverged_message(self, reading: MeterReading, steps_per_epoch: int) -> str:
         bad = max(reading.first_bad_step, 0)
@@ -203,270 +220,371 @@ class Run:
         return (f"{self.label}loss is not finite at epoch {bad // steps_per_epoch + 1}, step {bad + 1} "
                 f"(epoch means: {reading.describe()}){where}; try a lower train.lr or smaller method weights")
 
-    def end_epoch(self, epoch: int, cfg: TrainConfig, step: int, lr: float, reading: MeterReading,
-                  train_seconds: float, started: float, evaluate_student: Callable[[nn.Module], dict]) -> None:
-        """Evaluate, keep the best export, log the epoch's row and checkpoint when due."""
-        row = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": reading.loss, "train_top1": reading.top1,
-               "images_per_s": reading.seen / train_seconds}
-        row.update({f"loss_{k}": v for k, v in reading.terms.items()})
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            self.last = evaluate_student(self.student)
-            if self.last["top1"] > self.best:
-                self.best, self.best_epoch = self.last["top1"], epoch + 1
-                if self.run_dir is not None and self.export_meta is not None and self.writes:
-                    export_weights(self.run_dir / "student_best.safetensors", self.student, self.export_meta)
-            row.update({"test_top1": self.last["top1"], "test_top5": self.last["top5"], "test_loss": self.last["loss"]})
-        row.update({"best_top1": self.best, "seconds": time.perf_counter() - started})
-        self.history.append(row)
-        if self.writer is not None:
-            _write_metrics(self.run_dir / METRICS, self.history)
-            for key, value in row.items():
-                if key != "epoch":
-                    self.writer.add_scalar(key, value, epoch + 1)
-            self.writer.flush()
-        if self.verbose and self.writes:
-            test = f"test {row['test_top1']:.2f}% (best {self.best:.2f}%)  " if "test_top1" in row else ""
-            message = (f"{self.label}epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
-                       f"train {row['train_top1']:.2f}%  {test}{row['images_per_s']:.0f} img/s")
-            tqdm.write(message) if cfg.progress else print(message)
-        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-            self.save(epoch + 1, step)
-
-    def finish(self, started: float) -> FitResult:
-        if self.writer is not None:
-            self.writer.close()
-        if self.run_dir is not None and self.export_meta is not None and self.writes:
-            export_weights(self.run_dir / "student.safetensors", self.student, self.export_meta)
-            _write_summary(self.run_dir, self.history, self.best, self.best_epoch)
+    def result(self, started: float) -> FitResult:
         final = self.history[-1] if self.history else {}
         return FitResult(final.get("test_top1", self.last["top1"]), self.best, self.best_epoch,
                          final.get("test_top5", self.last["top5"]), self.history, time.perf_counter() - started,
                          self.run_dir)
 
 
-def fit(distiller: nn.Module, data: DataSplits, cfg: TrainConfig, run_dir: Optional[str | Path] = None,
+class Callback:
+    """What happens around the loop for each run; every hook is optional.  Only the main process calls them."""
+
+    def on_train_start(self, trainer: "Trainer", run: RunState) -> None:
+        pass
+
+    def on_checkpoint_due(self, trainer: "Trainer", run: RunState, epoch: int) -> None:
+        """After the init stages (epoch 0) and at every epoch the schedule saves."""
+
+    def on_epoch_end(self, trainer: "Trainer", run: RunState, row: dict, improved: bool) -> None:
+        pass
+
+    def on_train_end(self, trainer: "Trainer", run: RunState) -> None:
+        pass
+
+
+class MetricsLog(Callback):
+    """metrics.csv (rewritten atomically each epoch) and TensorBoard events in the run directory."""
+
+    def __init__(self):
+        self.writers: dict[int, object] = {}
+
+    def on_train_start(self, trainer, run):
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        _write_metrics(run.run_dir / METRICS, run.history)  # a resumed run drops rows after its checkpoint
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writers[id(run)] = SummaryWriter(str(run.run_dir / "tensorboard"),
+                                              purge_step=trainer.start_epoch + 1 if trainer.resumed else None)
+
+    def on_epoch_end(self, trainer, run, row, improved):
+        _write_metrics(run.run_dir / METRICS, run.history)
+        writer = self.writers[id(run)]
+        for key, value in row.items():
+            if key != "epoch":
+                writer.add_scalar(key, value, row["epoch"])
+        writer.flush()
+
+    def on_train_end(self, trainer, run):
+        writer = self.writers.pop(id(run), None)
+        if writer is not None:
+            writer.close()
+
+
+class ConsoleLog(Callback):
+    """One line per epoch (through tqdm when a progress bar is shown)."""
+
+    def on_train_start(self, trainer, run):
+        if trainer.resumed and run.run_dir is not None:
+            print(f"resumed {run.run_dir} at epoch {trainer.start_epoch} (step {trainer.step})")
+
+    def on_epoch_end(self, trainer, run, row, improved):
+        test = f"test {row['test_top1']:.2f}% (best {run.best:.2f}%)  " if "test_top1" in row else ""
+        message = (f"{run.label}epoch {row['epoch']}/{trainer.cfg.epochs}  loss {row['train_loss']:.4f}  "
+                   f"train {row['train_top1']:.2f}%  {test}{row['images_per_s']:.0f} img/s")
+        tqdm.write(message) if trainer.cfg.progress else print(message)
+
+
+class Checkpoints(Callback):
+    """An atomic checkpoint every `train.save_every` epochs, at the last one, and after the init stages."""
+
+    def on_checkpoint_due(self, trainer, run, epoch):
+        save_checkpoint(run.checkpoint_path, run.checkpoint(epoch, trainer.step))
+
+
+class ExportWeights(Callback):
+    """student_best.safetensors at each new best; student.safetensors, summary.json and curves.png at the end."""
+
+    def on_epoch_end(self, trainer, run, row, improved):
+        if improved:
+            export_weights(run.run_dir / "student_best.safetensors", run.student, run.export_meta)
+
+    def on_train_end(self, trainer, run):
+        if run.history:
+            export_weights(run.run_dir / "student.safetensors", run.student, run.export_meta)
+            _write_summary(run.run_dir, run.history, run.best, run.best_epoch)
+
+
+def default_callbacks(run_dir: Optional[Path], export_meta: Optional[dict], verbose: bool) -> list[Callback]:
+    """What `fit` does for a run: console lines, and with a run directory metrics, checkpoints and exports."""
+    callbacks: list[Callback] = [ConsoleLog()] if verbose else []
+    if run_dir is not None:
+        callbacks += [MetricsLog(), Checkpoints()]
+        if export_meta is not None:
+            callbacks.append(ExportWeights())
+    return callbacks
+
+
+class Trainer:
+    """The loop over epochs and batches for one or more runs that see the same batches.
+
+    Its state is in its fields (`epoch`, `step`, `runs`, `groups`, `feed`...); `run()` trains and returns one
+    `FitResult` per run.  Launched by torchrun, every process builds the same Trainer."""
+
+    def __init__(self, distillers: Sequence[Distillable], data: DataSplits, cfg: TrainConfig, *,
+                 run_dirs: Sequence[Optional[str | Path]], export_metas: Sequence[Optional[dict]],
+                 labels: Sequence[str], callbacks: Sequence[Sequence[Callback]], resume: bool = False,
+                 on_step: Optional[Callable[[int], None]] = None, verbose: bool = True,
+                 teacher_cache: Optional[TeacherCache] = None, build_steps: StepBuilder = separate_steps,
+                 group: Optional[Distributed] = None):
+        cfg.validate()
+        self.cfg, self.data, self.on_step, self.resumed = cfg, data, on_step, resume
+        self.distillers = list(distillers)
+        self.group = group or Distributed.from_env(cfg.device)
+        self.device = self.group.device(resolve_device(cfg.device))
+        self.verbose = verbose and self.group.is_main
+        self.runs = [RunState(d, r, m, label) for d, r, m, label in zip(distillers, run_dirs, export_metas, labels)]
+        self.callbacks = [list(c) if self.group.is_main else [] for c in callbacks]
+        self.teacher_cache, self.build_steps = teacher_cache, build_steps
+        self.start_epoch = self.epoch = self.step = 0
+        self.started = time.perf_counter()
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        seed_everything(cfg.seed, cfg.deterministic)
+        self.compile_mode, note = resolve_compile_mode(cfg.compile, self.device)
+        if note and self.verbose:
+            print(note)
+        prepare_models(self.distillers, self.device, cfg.channels_last)
+        self.batch_size = self.group.local_batch_size(cfg.batch_size)
+        self.steps_per_epoch = len(make_loader(self.data.train, self.batch_size, shuffle=False, **self.group.shard()))
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"train.batch_size: the training set has only {len(self.data.train)} samples")
+        self.schedule = lr_schedule(cfg, self.steps_per_epoch)
+        self.groups = self.build_steps(self.distillers, cfg, self.device, self.compile_mode, self.schedule,
+                                       wrap=lambda d: self.group.wrap(d, self.device))
+        for g in self.groups:
+            for k, slot in zip(g.run_indices, g.slots):
+                self.runs[k].slot = slot
+
+    def _notify(self, event: str, run_index: int, *args) -> None:
+        for callback in self.callbacks[run_index]:
+            getattr(callback, event)(self, self.runs[run_index], *args)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> list[FitResult]:
+        try:
+            self._setup()
+            try:
+                self._train()
+            finally:
+                for g in self.groups:
+                    g.close()
+            for k in range(len(self.runs)):
+                self._notify("on_train_end", k)
+            return [run.result(self.started) for run in self.runs]
+        finally:
+            for distiller in self.distillers:
+                distiller.close()  # no hook stays on a student or a teacher after training
+            self.group.close()
+
+    def _train(self) -> None:
+        cfg = self.cfg
+        if self.resumed:
+            positions = {run.restore() for run in self.runs}
+            if len(positions) > 1:
+                raise ConfigError(f"--resume: the runs stopped at different points {sorted(positions)}; "
+                                  "resume them apart")
+            self.start_epoch, self.step = positions.pop()
+            for g in self.groups:
+                g.finish_loading()
+        for k in range(len(self.runs)):
+            self._notify("on_train_start", k)
+        cache = self.teacher_cache
+        if cache is None and cfg.cache_teacher_outputs:
+            cache = TeacherCache.for_dataset(self.data.train, self.device)
+        with compile_scope(self.compile_mode, functions=len(self.distillers) + 1):
+            if self.start_epoch == 0 and self.step == 0:
+                for k, run in enumerate(self.runs):
+                    if self._init_stages(run):
+                        self._notify("on_checkpoint_due", k, 0)  # so a resume never repeats the init stages
+            with TeacherFeed(self.distillers, cache, self.compile_mode) as feed:
+                for self.epoch in range(self.start_epoch, cfg.epochs):
+                    self._epoch(feed)
+
+    def _epoch(self, feed: TeacherFeed) -> None:
+        cfg, epoch = self.cfg, self.epoch
+        for run in self.runs:
+            run.distiller.train()
+        meters: list[Optional[DeviceMeters]] = [None] * len(self.runs)
+        for g in self.groups:
+            for k, m in zip(g.run_indices, g.step.new_epoch(len(g.run_indices), self.step)):
+                meters[k] = m
+        loader = make_loader(self.data.train, self.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+                             num_workers=cfg.num_workers, drop_last=False, pin_memory=self.device.type == "cuda",
+                             device=self.device, **self.group.shard())
+        feed.start_epoch()
+
+        def check() -> list[MeterReading]:
+            readings = [m.read(self.group) for m in meters]
+            for run, reading in zip(self.runs, readings):
+                if reading.diverged:
+                    raise TrainingDiverged(run.diverged_message(reading, self.steps_per_epoch))
+            return readings
+
+        epoch_start = time.perf_counter()
+        self._batches(loader, self.groups, feed, self.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", check,
+                      self.on_step)
+        feed.end_epoch(self.group.all_reduce_sum if self.group.active else None)
+        readings = check()
+        train_seconds = time.perf_counter() - epoch_start
+        for k, (run, reading) in enumerate(zip(self.runs, readings)):
+            self.group.broadcast_buffers(run.student)  # every process evaluates and saves rank 0's statistics
+            self._end_epoch(k, run, reading, train_seconds)
+
+    def _end_epoch(self, k: int, run: RunState, reading: MeterReading, train_seconds: float) -> None:
+        cfg, epoch = self.cfg, self.epoch
+        row = {"epoch": epoch + 1, "step": self.step, "lr": self.schedule(self.step - 1), "train_loss": reading.loss,
+               "train_top1": reading.top1, "images_per_s": reading.seen / train_seconds}
+        row.update({f"loss_{key}": value for key, value in reading.terms.items()})
+        improved = False
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            run.last = evaluate(run.student, self.data.test, batch_size=max(cfg.batch_size, 256), device=self.device,
+                                amp=cfg.amp, num_workers=cfg.num_workers, channels_last=cfg.channels_last)
+            if run.last["top1"] > run.best:
+                run.best, run.best_epoch, improved = run.last["top1"], epoch + 1, True
+            row.update({"test_top1": run.last["top1"], "test_top5": run.last["top5"], "test_loss": run.last["loss"]})
+        row.update({"best_top1": run.best, "seconds": time.perf_counter() - self.started})
+        run.history.append(row)
+        self._notify("on_epoch_end", k, row, improved)
+        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+            self._notify("on_checkpoint_due", k, epoch + 1)
+
+    def _batches(self, loader, groups: list[StepGroup], feed: Optional[TeacherFeed], steps_per_epoch: int,
+                 desc: str, check: Callable[[], list[MeterReading]], on_step: Optional[Callable[[int], None]],
+                 epoch_offset: Optional[float] = None) -> None:
+        """One pass over `loader`: every group steps on every batch; meters are read every `log_every` steps.
+        `epoch_offset` fixes the progress the methods see (init stages); else it is the running epoch."""
+        cfg, device = self.cfg, self.device
+        show = cfg.progress and self.group.is_main
+        bar = tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
+        start, seen, lr = time.perf_counter(), 0, float("nan")
+        cuda_graphs = any(g.step.cuda_graphs for g in groups)
+        progress = torch.zeros((), device=device)  # the fractional epoch, filled in place (no host sync)
+        for i, (images, labels, index) in enumerate(bar):
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            index = index.to(device, non_blocking=True)
+            if cfg.channels_last and images.dim() == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
+            teacher_outputs = None
+            if feed is not None and feed.active:
+                with autocast_for(device, cfg.amp):
+                    teacher_outputs = feed(images, index)
+            progress.fill_(epoch_offset if epoch_offset is not None else self.epoch + i / steps_per_epoch)
+            for g in groups:
+                lr = g.lr.set(self.step)
+                g.step(images, labels, index, progress, teacher_outputs)
+            self.step += 1
+            seen += len(labels)
+            if (i + 1) % cfg.log_every == 0:
+                reading = check()[0]  # stops a diverged run here, before anything is saved
+                if show:
+                    bar.set_postfix(loss=f"{reading.loss:.3f}", acc=f"{reading.top1:.1f}",
+                                    img_s=f"{seen / (time.perf_counter() - start):.0f}", lr=f"{lr:.3g}")
+            if on_step is not None:
+                on_step(self.step)
+        bar.close()
+
+    # ------------------------------------------------------------------ init stages
+
+    def _init_stages(self, run: RunState) -> bool:
+        """Run each method's stage before distillation (FitNet hints, FT paraphraser, ...), if it has one.
+
+        On several processes each trains on its own shard; DDP then starts every process from rank 0's result.
+        The main loop's step counter is left alone (a stage has its own)."""
+        cfg, distiller = self.cfg, run.distiller
+        ran = False
+        for name, method in distiller.methods.items():
+            stage = method.init_stage(distiller.student)
+            if stage is None or stage.epochs <= 0:
+                continue
+            ran = True
+            stage_lr = stage.lr if stage.lr is not None else cfg.lr
+            stage_cfg = TrainConfig(**{**vars(cfg), "lr": stage_lr})
+            optimizer = build_optimizer(stage.parameters, stage_cfg, self.device, self.compile_mode)
+
+            def forward(images, labels, index, epoch, teacher_outputs, name=name, method=method):
+                ctx = distiller.context(images, labels, index, epoch)
+                return [(None, {f"{name}_init": method.init_loss(ctx)})]
+
+            step = TrainStep(forward, optimizer, self.device, cfg.amp, self.compile_mode)
+            stage_group = StepGroup(step, LearningRate(optimizer, lambda _: stage_lr), [0], [OptimizerSlot(optimizer)])
+            distiller.train()
+            student_ids = {id(p) for p in distiller.student.parameters()}
+            if not any(id(p) in student_ids for p in stage.parameters):
+                distiller.student.eval()  # a stage that trains no student weight must not move its BN statistics
+            main_step, self.step = self.step, 0
+            try:
+                for epoch in range(stage.epochs):
+                    loader = make_loader(self.data.train, self.batch_size, shuffle=True, seed=cfg.seed,
+                                         epoch=-1 - epoch, num_workers=cfg.num_workers, device=self.device,
+                                         **self.group.shard())
+                    (meters,) = step.new_epoch(1, self.step)
+
+                    def check() -> list[MeterReading]:
+                        reading = meters.read(self.group)
+                        if reading.diverged:
+                            raise TrainingDiverged(
+                                f"loss is not finite at epoch {epoch + 1}, step {reading.first_bad_step + 1} of "
+                                f"{name}'s init stage ({reading.describe()}); try a lower train.lr or smaller "
+                                "method weights")
+                        return [reading]
+
+                    self._batches(loader, [stage_group], None, len(loader), f"{name} init {epoch + 1}/{stage.epochs}",
+                                  check, None, epoch_offset=0.0)
+                    reading = check()[0]
+                    if self.verbose:
+                        print(f"{name} init stage {epoch + 1}/{stage.epochs}  loss {reading.loss:.4f}")
+            finally:
+                self.step = main_step
+        if ran:
+            distiller.close()  # its own teacher hooks served the stages; the feed taps the teacher from here on
+        return ran
+
+
+def fit(distiller: Distillable, data: DataSplits, cfg: TrainConfig, run_dir: Optional[str | Path] = None,
         resume: bool = False, export_meta: Optional[dict] = None,
         on_step: Optional[Callable[[int], None]] = None, verbose: bool = True,
-        teacher_cache: Optional[TeacherCache] = None) -> FitResult:
-    """Train `distiller` (a `Distiller`, or any module with the same forward) and evaluate its student.
+        teacher_cache: Optional[TeacherCache] = None,
+        callbacks: Optional[Sequence[Callback]] = None) -> FitResult:
+    """Train `distiller` (a `Distiller`, or anything following the `Distillable` protocol) and evaluate its
+    student.
 
     With `run_dir`: checkpoints (atomic) every `cfg.save_every` epochs and at the end, metrics.csv,
-    TensorBoard events, and the student exported as safetensors.  `resume=True` continues exactly
-    from the run directory's checkpoint.  `on_step(step)` is called after every optimizer step.
-    `teacher_cache` reuses teacher outputs across calls (else one is made when
-    `cfg.cache_teacher_outputs`).  Launched by torchrun, every process calls fit the same way.
-    """
+    TensorBoard events, and, with `export_meta`, the student exported as safetensors with a summary and
+    curves.  `resume=True` continues exactly from the run directory's checkpoint.  `on_step(step)` is called
+    after every optimizer step.  `teacher_cache` reuses teacher outputs across calls (else one is made when
+    `cfg.cache_teacher_outputs`).  `callbacks` replace the default ones (`default_callbacks`).  The
+    distiller's hooks are removed when training ends.  Launched by torchrun, every process calls fit the same
+    way."""
     return train_runs([distiller], data, cfg, [run_dir], resume=resume, export_metas=[export_meta],
-                      on_step=on_step, verbose=verbose, teacher_cache=teacher_cache)[0]
+                      on_step=on_step, verbose=verbose, teacher_cache=teacher_cache,
+                      callbacks=[callbacks] if callbacks is not None else None)[0]
 
 
-StepBuilder = Callable[[Sequence[nn.Module], TrainConfig, torch.device, str, Callable[[int], float]], list[StepGroup]]
-
-
-def train_runs(distillers: Sequence[nn.Module], data: DataSplits, cfg: TrainConfig,
+def train_runs(distillers: Sequence[Distillable], data: DataSplits, cfg: TrainConfig,
                run_dirs: Sequence[Optional[str | Path]], *, resume: bool = False,
                export_metas: Optional[Sequence[Optional[dict]]] = None,
                on_step: Optional[Callable[[int], None]] = None, verbose: bool = True,
                teacher_cache: Optional[TeacherCache] = None, build_steps: StepBuilder = separate_steps,
-               labels: Optional[Sequence[str]] = None) -> list[FitResult]:
+               labels: Optional[Sequence[str]] = None,
+               callbacks: Optional[Sequence[Sequence[Callback]]] = None) -> list[FitResult]:
     """Train several distillers on the same batches, each with its own optimizer, run directory and metrics
     (fit() is the case of one).  Those that share a teacher get its outputs from one forward per batch."""
-    cfg.validate()
-    group = Distributed.from_env(cfg.device)
-    try:
-        return _train(distillers, data, cfg, run_dirs, group, resume, export_metas or [None] * len(distillers),
-                      on_step, verbose, teacher_cache, build_steps, labels or [""] * len(distillers))
-    finally:
-        group.close()
-
-
-def _train(distillers, data, cfg, run_dirs, group: Distributed, resume, export_metas, on_step, verbose,
-           teacher_cache, build_steps, labels) -> list[FitResult]:
-    device = group.device(resolve_device(cfg.device))
-    seed_everything(cfg.seed, cfg.deterministic)
-    compile_mode, note = resolve_compile_mode(cfg.compile, device)
-    if note and verbose and group.is_main:
-        print(note)
-    verbose = verbose and group.is_main
-    prepare_models(distillers, device, cfg.channels_last)
-    batch_size = group.local_batch_size(cfg.batch_size)
-    steps_per_epoch = len(make_loader(data.train, batch_size, shuffle=False, **group.shard()))
-    if steps_per_epoch == 0:
-        raise ConfigError(f"train.batch_size: the training set has only {len(data.train)} samples")
-    schedule = lr_schedule(cfg, steps_per_epoch)
-
-    runs = [Run(d, r, m, group.is_main, verbose, label) for d, r, m, label in zip(distillers, run_dirs, export_metas, labels)]
-    groups = build_steps(distillers, cfg, device, compile_mode, schedule)
-    started = time.perf_counter()
-    try:
-        _run_stages(runs, groups, distillers, data, cfg, device, group, compile_mode, resume, batch_size,
-                    steps_per_epoch, schedule, teacher_cache, on_step, started)
-    finally:
-        for g in groups:
-            g.close()
-    return [run.finish(started) for run in runs]
-
-
-def _run_stages(runs, groups, distillers, data, cfg, device, group, compile_mode, resume, batch_size, steps_per_epoch,
-                schedule, teacher_cache, on_step, started) -> None:
-    """Restore or initialise, then the epochs."""
-    for g in groups:
-        for k, slot in zip(g.run_indices, g.slots):
-            runs[k].slot = slot
-    start_epoch, step = 0, 0
-    if resume:
-        positions = {run.restore() for run in runs}
-        if len(positions) > 1:
-            raise ConfigError(f"--resume: the runs stopped at different points {sorted(positions)}; resume them apart")
-        start_epoch, step = positions.pop()
-        for g in groups:
-            g.finish_loading()
-    for run in runs:
-        run.open_logs(start_epoch, resume)
-    teachers = [d.teacher for d in distillers if d.teacher is not None]
-    models = list({id(m): m for m in [run.student for run in runs] + teachers}.values())
-    cache = teacher_cache
-    if cache is None and cfg.cache_teacher_outputs:
-        cache = TeacherCache.for_dataset(data.train, device)
-    with compiled_modules(models, compile_mode):
-        if start_epoch == 0 and step == 0:
-            for run in runs:
-                if _run_init_stages(run.distiller, data, cfg, device, compile_mode, batch_size, group, run.verbose):
-                    run.save(0, 0)  # a checkpoint only ever exists after the init stages, so resume never repeats them
-        with TeacherFeed(distillers, cache) as feed:
-            for g in groups:
-                forward = g.step.forward
-                if isinstance(forward, _DistillerForward):
-                    forward.model = group.wrap(forward.model, device)
-            for epoch in range(start_epoch, cfg.epochs):
-                step = _train_epoch(runs, groups, feed, data, cfg, device, group, epoch, step, batch_size,
-                                    steps_per_epoch, schedule, started, on_step)
-
-
-def _train_epoch(runs: list[Run], groups: list[StepGroup], feed: TeacherFeed, data: DataSplits, cfg: TrainConfig,
-                 device: torch.device, group: Distributed, epoch: int, step: int, batch_size: int,
-                 steps_per_epoch: int, schedule: Callable[[int], float], started: float,
-                 on_step: Optional[Callable[[int], None]]) -> int:
-    for run in runs:
-        run.distiller.train()
-    meters: list[Optional[DeviceMeters]] = [None] * len(runs)
-    for g in groups:
-        for k, m in zip(g.run_indices, g.step.new_epoch(len(g.run_indices), step)):
-            meters[k] = m
-    loader = make_loader(data.train, batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                         num_workers=cfg.num_workers, drop_last=False, pin_memory=device.type == "cuda",
-                         device=device, **group.shard())
-    feed.start_epoch()
-
-    def check() -> list[MeterReading]:
-        readings = [m.read(group) for m in meters]
-        for run, reading in zip(runs, readings):
-            if reading.diverged:
-                raise TrainingDiverged(run.diverged_message(reading, steps_per_epoch))
-        return readings
-
-    epoch_start = time.perf_counter()
-    step = _run_batches(loader, groups, feed, cfg, device, epoch, step, steps_per_epoch,
-                        f"epoch {epoch + 1}/{cfg.epochs}", check, on_step, group.is_main)
-    feed.end_epoch(group.all_reduce_sum if group.active else None)
-    readings = check()
-    train_seconds = time.perf_counter() - epoch_start
-    evaluate_student = functools.partial(evaluate, dataset=data.test, batch_size=max(cfg.batch_size, 256),
-                                         device=device, amp=cfg.amp, num_workers=cfg.num_workers,
-                                         channels_last=cfg.channels_last)
-    for run, reading in zip(runs, readings):
-        group.broadcast_buffers(run.student)  # every process evaluates and saves rank 0's statistics
-        run.end_epoch(epoch, cfg, step, schedule(step - 1), reading, train_seconds, started, evaluate_student)
-    return step
-
-
-def _run_batches(loader, groups: list[StepGroup], feed: Optional[TeacherFeed], cfg: TrainConfig,
-                 device: torch.device, epoch: int, step: int, steps_per_epoch: int, desc: str,
-                 check: Callable[[], list[MeterReading]], on_step: Optional[Callable[[int], None]],
-                 show: bool) -> int:
-    """One pass over `loader`: every group steps on every batch; meters are read every `log_every` steps."""
-    bar = tqdm(loader, desc=desc, leave=False, disable=not (cfg.progress and show), dynamic_ncols=True)
-    start, seen, lr = time.perf_counter(), 0, float("nan")
-    cuda_graphs = any(g.step.cuda_graphs for g in groups)
-    for i, (images, labels, index) in enumerate(bar):
-        if cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        index = index.to(device, non_blocking=True)
-        if cfg.channels_last and images.dim() == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if feed is not None and feed.active:
-            with autocast_for(device, cfg.amp):
-                feed(images, index)
-        fraction = epoch + i / steps_per_epoch
-        for g in groups:
-            lr = g.lr.set(step)
-            g.step(images, labels, index, fraction)
-        step += 1
-        seen += len(labels)
-        if (i + 1) % cfg.log_every == 0:
-            reading = check()[0]  # stops a diverged run here, before anything is saved
-            if cfg.progress and show:
-                bar.set_postfix(loss=f"{reading.loss:.3f}", acc=f"{reading.top1:.1f}",
-                                img_s=f"{seen / (time.perf_counter() - start):.0f}", lr=f"{lr:.3g}")
-        if on_step is not None:
-            on_step(step)
-    bar.close()
-    return step
-
-
-class _InitForward:
-    """An init stage's forward: the method's own loss on the distiller's context (fractional epoch 0)."""
-
-    def __init__(self, distiller: nn.Module, name: str, method: nn.Module):
-        self.distiller, self.name, self.method = distiller, name, method
-
-    def __call__(self, images, labels, index, epoch):
-        ctx = self.distiller.context(images, labels, index, 0.0)
-        return [(None, {f"{self.name}_init": self.method.init_loss(ctx)})]
-
-
-def _run_init_stages(distiller: nn.Module, data: DataSplits, cfg: TrainConfig, device: torch.device,
-                     compile_mode: str, batch_size: int, group: Distributed, verbose: bool) -> bool:
-    """Run each method's stage before distillation (FitNet hints, FT paraphraser, ...), if it has one.
-
-    On several processes each trains on its own shard; DDP then starts every process from rank 0's result."""
-    ran = False
-    for name, method in distiller.methods.items():
-        stage = method.init_stage(distiller.student)
-        if stage is None or stage.epochs <= 0:
-            continue
-        ran = True
-        stage_lr = stage.lr if stage.lr is not None else cfg.lr
-        stage_cfg = TrainConfig(**{**vars(cfg), "lr": stage_lr})
-        optimizer = build_optimizer(stage.parameters, stage_cfg, device, compile_mode)
-        step = TrainStep(_InitForward(distiller, name, method), optimizer, device, cfg.amp, compile_mode)
-        stage_group = StepGroup(step, LearningRate(optimizer, lambda _: stage_lr), [0], [OptimizerSlot(optimizer)])
-        distiller.train()
-        student_ids = {id(p) for p in distiller.student.parameters()}
-        if not any(id(p) in student_ids for p in stage.parameters):
-            distiller.student.eval()  # a stage that trains no student weight must not move its BN statistics
-        steps = 0
-        for epoch in range(stage.epochs):
-            loader = make_loader(data.train, batch_size, shuffle=True, seed=cfg.seed, epoch=-1 - epoch,
-                                 num_workers=cfg.num_workers, device=device, **group.shard())
-            (meters,) = step.new_epoch(1, steps)
-
-            def check() -> list[MeterReading]:
-                reading = meters.read(group)
-                if reading.diverged:
-                    raise TrainingDiverged(f"loss is not finite at epoch {epoch + 1}, step {reading.first_bad_step + 1} "
-                                           f"of {name}'s init stage ({reading.describe()}); try a lower train.lr or "
-                                           "smaller method weights")
-                return [reading]
-
-            steps = _run_batches(loader, [stage_group], None, cfg, device, epoch, steps, len(loader),
-                                 f"{name} init {epoch + 1}/{stage.epochs}", check, None, group.is_main)
-            reading = check()[0]
-            if verbose:
-                print(f"{name} init stage {epoch + 1}/{stage.epochs}  loss {reading.loss:.4f}")
-    return ran
+    export_metas = list(export_metas or [None] * len(distillers))
+    if callbacks is None:
+        callbacks = [default_callbacks(Path(r) if r is not None else None, m, verbose)
+                     for r, m in zip(run_dirs, export_metas)]
+    trainer = Trainer(distillers, data, cfg, run_dirs=run_dirs, export_metas=export_metas,
+                      labels=labels or [""] * len(distillers), callbacks=callbacks, resume=resume, on_step=on_step,
+                      verbose=verbose, teacher_cache=teacher_cache, build_steps=build_steps)
+    return trainer.run()
 
 
 def _write_metrics(path: Path, history: list[dict]) -> None:
@@ -492,5 +610,6 @@ def _write_summary(run_dir: Path, history: list[dict], best: float, best_epoch: 
     plot_curves({"run": history}, run_dir / "curves.png")
 
 
-__all__ = ["fit", "train_runs", "evaluate", "FitResult", "resolve_device", "seed_everything", "build_optimizer",
-           "autocast_for", "scaled_lr", "lr_schedule", "CHECKPOINT", "METRICS"]
+__all__ = ["fit", "train_runs", "evaluate", "FitResult", "Trainer", "RunState", "Callback", "MetricsLog", "ConsoleLog",
+           "Checkpoints", "ExportWeights", "default_callbacks", "Distillable", "build_optimizer", "autocast_for",
+           "scaled_lr", "lr_schedule", "CHECKPOINT", "METRICS"]

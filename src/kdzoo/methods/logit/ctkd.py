@@ -40,8 +40,10 @@ def reverse_gradient(x: torch.Tensor, strength: float) -> torch.Tensor:
 
 def curriculum_lambda(epoch: float, lambda_min: float, lambda_max: float, curriculum_epochs: float) -> float:
     """Cosine rise from lambda_min at epoch 0 to lambda_max at `curriculum_epochs`, then flat."""
-    progress = min(max(epoch / curriculum_epochs, 0.0), 1.0) if curriculum_epochs > 0 else 1.0
-    return lambda_min + (lambda_max - lambda_min) * (1 - math.cos(math.pi * progress)) / 2
+    if curriculum_epochs <= 0:
+        return lambda_max
+    progress = torch.clamp(torch.as_tensor(epoch) / curriculum_epochs, 0.0, 1.0)
+    return lambda_min + (lambda_max - lambda_min) * (1 - torch.cos(math.pi * progress)) / 2
 
 
 class GlobalTemperature(nn.Module):
