@@ -248,9 +248,9 @@ def naive_affinity(sa, sb, ta, tb, s_scale, t_scale) -> float:
 
 
 def embeddings(seed: int = 0):
+    """Student sets A (5, 3) and B (4, 3), teacher sets A (5, 6) and B (4, 6): the widths differ."""
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(4, 3, generator=gen, dtype=torch.float64),
-            torch.randn(5, 6, generator=gen, dtype=torch.float64), torch.randn(4, 6, generator=gen, dtype=torch.float64))
+    return tuple(torch.randn(n, d, generator=gen, dtype=torch.float64) for n, d in ((5, 3), (4, 3), (5, 6), (4, 6)))
 
 
 def test_affinity_matches_the_authors_formula():
@@ -262,9 +262,8 @@ def test_affinity_matches_the_authors_formula():
 def test_affinity_is_minimal_at_a_match_and_blind_to_rotations_and_norms():
     _, _, ta, tb = embeddings()
     at_match = affinity.affinity_loss(ta, tb, ta, tb, 10.0, 10.0)
-    sa, sb, _, _ = embeddings(seed=1)
-    sa6, sb6 = torch.cat([sa, sa], 1), torch.cat([sb, sb], 1)
-    assert affinity.affinity_loss(sa6, sb6, ta, tb, 10.0, 10.0) > at_match
+    other_a, other_b, _, _ = embeddings(seed=1)
+    assert affinity.affinity_loss(other_a, other_b, ta, tb, 10.0, 10.0) > at_match
     # at a match, the cross-entropy equals the teacher's own entropy: the KL part is zero
     probs = F.softmax(10.0 * F.normalize(ta, dim=1) @ F.normalize(tb, dim=1).T, dim=1)
     probs_t = F.softmax(10.0 * F.normalize(tb, dim=1) @ F.normalize(ta, dim=1).T, dim=1)
@@ -282,10 +281,9 @@ def test_affinity_pairs_embeddings_with_class_weights_and_trains_student_classif
     distiller = Distiller(tiny(4), tiny(8), [method], example_input=images)
     loss = distiller(images, labels).losses["affinity"]
     ctx = distiller.context(images, labels)
-    student_logits_scale = method.log_scale.exp()
     expected = affinity.affinity_loss(ctx.student["penultimate"], distiller.student.fc.weight,
                                       ctx.teacher["penultimate"], distiller.teacher.fc.weight,
-                                      student_logits_scale, 1 / 0.07)
+                                      method.log_scale.exp(), 1 / 0.07)
     assert_close(loss, expected)
     loss.backward()
     assert distiller.student.fc.weight.grad.abs().sum() > 0 and distiller.student.stem[0].weight.grad.abs().sum() > 0
