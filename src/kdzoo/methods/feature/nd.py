@@ -61,6 +61,7 @@ def teacher_class_means(teacher: nn.Module, tap: str, dataset, num_classes: int,
     """(num_classes, width) mean of the teacher's pooled `tap` feature per class over `dataset`
     (items: image, label, ...), in eval mode.  Streamed: one batch and the running sums in memory.
 
+    The progress bar shows on a terminal only (tqdm's ``disable=None``), so logs stay clean.
     On `device` the teacher runs through `torch.func.functional_call` with copies of its weights there,
     so the teacher module itself is never moved.  A class with no sample keeps a zero mean.
     """
@@ -73,7 +74,7 @@ def teacher_class_means(teacher: nn.Module, tap: str, dataset, num_classes: int,
     teacher.eval()
     try:
         with Taps(teacher, [tap]) as taps:
-            for batch in tqdm(loader, desc="nd: teacher class means", leave=False, disable=not progress):
+            for batch in tqdm(loader, desc="nd: teacher class means", leave=False, disable=None if progress else True):
                 images, labels = batch[0].to(device), torch.as_tensor(batch[1]).to(device)
                 functional_call(teacher, weights, (images,))
                 embedding = pool_embedding(taps.get(tap), "nd").double()
