@@ -44,7 +44,18 @@ METHODS = {
     "rkd": (["rkd"], {}),
     "pkt": (["pkt"], {}),
     "crd": (["crd"], {}),
+    # issue 11 seed methods (part A)
+    "nkd": (["nkd"], {}),
+    "uskd": (["uskd"], {}),  # teacher-free: its recipes have no teacher section
+    "kd_nd": (["nd", {"name": "kd", "weight": 1.0}], {}),  # KD++: ND first, so CE keeps ND's weight 1
+    "affinity": (["affinity"], {}),
+    "residual_feature": (["residual_feature"], {}),
 }
+TEACHER_FREE = {"uskd"}
+# KD++ loss factors (KD, ND) of the authors' CIFAR-100 script (WangYZ1608/Knowledge-Distillation-via-ND,
+# CIFAR/train_cifar.sh); pairs they do not list keep KD 1 and ND's default 1.
+KDPP_WEIGHTS = {("resnet56", "resnet20"): (1.0, 2.0), ("resnet32x4", "resnet8x4"): (3.5, 2.0),
+                ("wrn_40_2", "wrn_40_1"): (1.0, 1.5), ("resnet32x4", "ShuffleV1"): (2.5, 1.5)}
 
 RECIPE = {"epochs": 240, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
           "schedule": "multistep", "milestones": [150, 180, 210], "gamma": 0.1, "save_every": 10}
@@ -59,6 +70,9 @@ def method_entries(name: str, teacher: str, student: str) -> list:
             entry["beta"] = DKD_BETA.get((teacher, student), 8.0)
         if entry["name"] == "reviewkd" and (teacher, student) == ("resnet32x4", "resnet8x4"):
             entry["weight"] = 5.0  # its res32x4 -> res8x4 config
+        if name == "kd_nd" and (teacher, student) in KDPP_WEIGHTS:
+            kd_weight, nd_weight = KDPP_WEIGHTS[(teacher, student)]
+            entry["weight"] = kd_weight if entry["name"] == "kd" else nd_weight
         out.append(entry if len(entry) > 1 else entry["name"])
     return out
 
@@ -84,7 +98,7 @@ def main(root: Path = ROOT) -> None:
             for name in METHODS:
                 config = {"student": {"name": f"cifar:{student}"}}
                 methods = method_entries(name, teacher, student)
-                if methods:
+                if methods and name not in TEACHER_FREE:
                     config["teacher"] = {"name": f"cifar:{teacher}", "weights": f"runs/{dataset}/teachers/{teacher}"}
                 config.update({"methods": methods, "data": data, "train": recipe,
                                "output_dir": f"runs/{dataset}/{pair}", "name": name})

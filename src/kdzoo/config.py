@@ -71,6 +71,9 @@ class ModelConfig:
     name: str = "tiny:cnn"
     weights: Optional[str] = None  # .safetensors file, run directory or kdzoo checkpoint
     options: dict[str, Any] = field(default_factory=dict)
+    # "teacher": a student starts from slices of the teacher's weights (TinyCLIP's weight inheritance,
+    # kdzoo.models.inherit); the student must be the teacher's architecture, narrower or shallower
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -105,6 +108,9 @@ class RunConfig:
         _validate_model(self.student, "student")
         if self.teacher is not None:
             _validate_model(self.teacher, "teacher")
+        _validate_init_from(self.student, "student", self.teacher is not None)
+        if self.teacher is not None and self.teacher.init_from is not None:
+            raise ConfigError("teacher.init_from: only the student can inherit weights (student.init_from: teacher)")
         for i, method in enumerate(self.methods):
             entry = _lookup(METHODS, method.name, f"methods[{i}].name")
             check_options(f"methods[{i}] ({method.name})", method.options, entry.defaults)
@@ -126,6 +132,7 @@ class TeacherConfig:
     def validate(self) -> None:
         self.train.validate()
         _validate_model(self.model, "model")
+        _validate_init_from(self.model, "model", False)
         _validate_data(self.data)
 
 
@@ -136,6 +143,17 @@ def _validate_model(model: ModelConfig, where: str) -> None:
     if not model.name.startswith(EXTERNAL_PREFIXES):
         entry = _lookup(MODELS, model.name, f"{where}.name")
         check_options(f"{where}.options ({model.name})", model.options, entry.defaults)
+
+
+def _validate_init_from(model: ModelConfig, where: str, has_teacher: bool) -> None:
+    if model.init_from is None:
+        return
+    if model.init_from != "teacher":
+        raise ConfigError(f"{where}.init_from: {model.init_from!r} is not understood; the only value is 'teacher'")
+    if not has_teacher:
+        raise ConfigError(f"{where}.init_from: teacher needs a 'teacher:' section to inherit from")
+    if model.weights:
+        raise ConfigError(f"{where}: give weights or init_from, not both")
 
 
 def _validate_data(data: DataConfig) -> None:

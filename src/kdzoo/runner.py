@@ -14,6 +14,7 @@ from .distiller import Distiller
 from .errors import CheckpointError, ConfigError
 from .methods import create_method
 from .models import create_model
+from .models.inherit import inherit_weights
 from .train import FitResult, evaluate, fit, load_checkpoint, read_weights
 from .runtime import resolve_device, seed_everything
 from .train.trainer import CHECKPOINT
@@ -84,6 +85,10 @@ def build_distiller(cfg: RunConfig, data: DataSplits, run_dir: Optional[Path] = 
     teacher = build_model(cfg.teacher, data, "teacher") if cfg.teacher else None
     if cfg.teacher and not cfg.teacher.weights:
         print("warning: the teacher has no weights (teacher.weights); it is randomly initialised")
+    if cfg.student.init_from == "teacher":
+        if teacher is None:
+            raise ConfigError("student.init_from: teacher needs a 'teacher:' section to inherit from")
+        print(f"student initialised from the teacher: {inherit_weights(student, teacher).summary()}")
     methods = [create_method(m.name, **m.options) for m in cfg.methods]
     return Distiller(student, teacher, methods, example_input=input_example(data), ce_weight=cfg.ce_weight,
                      num_samples=len(data.train), train_labels=labels_of(data.train), train_data=data.train,

@@ -5,6 +5,10 @@ from .base import Context, InitStage, Method, Setup
 from .logit import ctkd, dist, dkd, kd  # noqa: F401,E402
 from .feature import ab, at, fitnet, fsp, ft, nst, ofd, reviewkd  # noqa: F401,E402
 from .relation import cc, crd, pkt, rkd, sp, vid  # noqa: F401,E402
+# issue 11, seed papers: NKD/USKD, ND (KD++), FROSTER residual features, TinyCLIP affinity
+from .logit import nkd, uskd  # noqa: F401,E402
+from .feature import nd, residual  # noqa: F401,E402
+from .relation import affinity  # noqa: F401,E402
 
 
 def create_method(name: str, **options) -> Method:
