@@ -1,15 +1,21 @@
 """kdzoo: knowledge distillation on unmodified PyTorch models."""
-from .distiller import DistillOutput, Distiller
+from . import functional
+from .config import RunConfig, TeacherConfig, TrainConfig, load_config
+from .data import DataSplits, build_dataset
+from .distiller import DistillOutput, Distiller, TeacherOutputs
 from .errors import CheckpointError, ConfigError, KdzooError, TrainingDiverged
 from .methods import METHODS, Context, Method, create_method, register_method
 from .models import MODELS, create_model, register_model
 from .taps import Taps, discover_layout
-from .train import evaluate, fit
+from .train import FitResult, evaluate, fit, fit_many
+from .train.trainer import Callback, Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Distiller", "DistillOutput", "Method", "Context", "create_method", "register_method", "METHODS",
-    "create_model", "register_model", "MODELS", "Taps", "discover_layout", "fit", "evaluate",
+    "Distiller", "DistillOutput", "TeacherOutputs", "Method", "Context", "create_method", "register_method", "METHODS",
+    "create_model", "register_model", "MODELS", "Taps", "discover_layout", "fit", "fit_many", "evaluate",
+    "FitResult", "Trainer", "Callback", "TrainConfig", "RunConfig", "TeacherConfig", "load_config",
+    "build_dataset", "DataSplits", "functional",
     "KdzooError", "ConfigError", "CheckpointError", "TrainingDiverged",
 ]

@@ -124,7 +124,7 @@ def evaluate_target(target: str | Path, overrides: list[str] = (), device: str =
     target = Path(target)
     run_config = target / "config.yaml" if target.is_dir() else target.parent / "config.yaml"
     state, meta = read_state(target)
-    if meta:
+    if meta.get("model"):
         model_cfg = ModelConfig(meta["model"], options=meta.get("options", {}))
         data_dict = meta["data"]
     elif run_config.is_file():

@@ -577,7 +577,8 @@ def train_runs(distillers: Sequence[Distillable], data: DataSplits, cfg: TrainCo
                callbacks: Optional[Sequence[Sequence[Callback]]] = None) -> list[FitResult]:
     """Train several distillers on the same batches, each with its own optimizer, run directory and metrics
     (fit() is the case of one).  Those that share a teacher get its outputs from one forward per batch."""
-    export_metas = list(export_metas or [None] * len(distillers))
+    export_metas = [meta if meta is not None else _class_meta(d.student)
+                    for d, meta in zip(distillers, export_metas or [None] * len(distillers))]
     if callbacks is None:
         callbacks = [default_callbacks(Path(r) if r is not None else None, m, verbose)
                      for r, m in zip(run_dirs, export_metas)]
@@ -585,6 +586,11 @@ def train_runs(distillers: Sequence[Distillable], data: DataSplits, cfg: TrainCo
                       labels=labels or [""] * len(distillers), callbacks=callbacks, resume=resume, on_step=on_step,
                       verbose=verbose, teacher_cache=teacher_cache, build_steps=build_steps)
     return trainer.run()
+
+
+def _class_meta(student: nn.Module) -> dict:
+    """Export metadata of a student built outside a config: its class, so a reader knows what to rebuild."""
+    return {"class": f"{type(student).__module__}.{type(student).__qualname__}"}
 
 
 def _write_metrics(path: Path, history: list[dict]) -> None:
