@@ -87,3 +87,52 @@ def test_torchvision_pair_with_automatic_taps():
     out = distiller(x, torch.tensor([1, 2]))
     assert all(torch.isfinite(v) for v in out.losses.values())
     assert distiller.layouts["teacher"].stages[-1] == "layer4"
+
+
+def test_precomputed_teacher_outputs_give_the_same_losses_and_skip_the_teacher():
+    student, teacher = _pair()
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    distiller = Distiller(student, teacher, [create_method("kd"), create_method("fitnet")], example_input=x)
+    distiller.eval()
+    reference = distiller(x, y)
+    outputs = distiller.run_teacher(x)
+    assert set(outputs.features) == set(distiller.teacher_paths.values())
+    calls = []
+    handle = teacher.register_forward_hook(lambda *args: calls.append(1))
+    given = distiller(x, y, teacher_outputs=outputs)
+    handle.remove()
+    assert not calls  # the teacher did not run
+    for key in reference.losses:
+        torch.testing.assert_close(given.losses[key], reference.losses[key])
+
+
+def test_student_logits_refused_when_a_method_reads_student_features():
+    student, teacher = _pair()
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    distiller = Distiller(student, teacher, [create_method("fitnet")], example_input=x)
+    with pytest.raises(ConfigError, match="reads student features"):
+        distiller(x, y, student_logits=student(x))
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_hooks_are_removed_on_close_and_by_fit_and_a_reused_teacher_collects_none():
+    from kdzoo.config import TrainConfig
+    from kdzoo.data import build_dataset
+    from kdzoo.train import fit
+
+    data = build_dataset("synthetic", num_classes=5, image_size=16, train_size=16, test_size=8)
+    torch.manual_seed(0)
+    teacher = create_model("tiny:cnn", num_classes=5, width=8)
+    example = torch.stack([data.train[i][0] for i in range(2)])
+    for _ in range(2):  # one teacher, two distillers, as the demo and the method table do
+        student = create_model("tiny:cnn", num_classes=5, width=4)
+        with Distiller(student, teacher, [create_method("kd"), create_method("at")], example_input=example) as d:
+            d(example, torch.tensor([0, 1]))
+            assert _hook_count(student) > 0 and _hook_count(teacher) > 0
+        assert _hook_count(student) == 0 and _hook_count(teacher) == 0
+        distiller = Distiller(student, teacher, [create_method("fitnet")], example_input=example)
+        fit(distiller, data, TrainConfig(epochs=1, batch_size=8, progress=False, device="cpu"), verbose=False)
+        assert _hook_count(student) == 0 and _hook_count(teacher) == 0
