@@ -83,8 +83,8 @@ class Distiller(nn.Module):
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # BN statistics and dropout of the teacher never change
+        if self.teacher is not None:  # eval (running BN statistics) unless a method's reference runs it in train mode
+            self.teacher.train(mode and any(m.teacher_train_mode for m in self.methods.values()))
         return self
 
     def trainable_parameters(self):
@@ -99,7 +99,11 @@ class Distiller(nn.Module):
         teacher_feats: dict[str, torch.Tensor] = {}
         if self.teacher is not None and any(m.needs_teacher for m in self.methods.values()):
             with torch.no_grad():
-                teacher_logits = self.teacher(images)
+                if self.teacher.training:  # batch-statistics BN (teacher_train_mode); its running statistics stay
+                    buffers = {name: b.clone() for name, b in self.teacher.named_buffers()}
+                    teacher_logits = torch.func.functional_call(self.teacher, buffers, (images,), strict=False)
+                else:
+                    teacher_logits = self.teacher(images)
             teacher_feats = {spec: self._teacher_hooks.get(path) for spec, path in self._teacher_paths.items()}
         student_logits = self.student(images)
         student_feats = {spec: self._student_hooks.get(path) for spec, path in self._student_paths.items()}
