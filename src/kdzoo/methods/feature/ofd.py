@@ -201,7 +201,8 @@ class OFD(Method):
     The teacher runs with batch-statistics BatchNorm (``teacher_train_mode``), as in the authors' code
     (clovaai/overhaul-distillation sets ``t_net.train()``) and mdistiller (its ``OFD.train`` puts every child,
     the teacher included, in train mode): the margins describe a BN output ~ N(beta, gamma^2), which is what
-    a batch-normalised teacher produces.  As there, the teacher's running statistics follow the batches.
+    a batch-normalised teacher produces.  Unlike there, the teacher's running statistics are left as loaded (the
+    Distiller runs it on copies of its buffers); OFD never reads them, so its training is the same.
 
     Taps: the "preact" list the model family publishes; models without one need ``student_layers`` /
     ``teacher_layers``, e.g. the input of each stage's last ReLU.  ``margin``: "last_bn" (default, mdistiller's

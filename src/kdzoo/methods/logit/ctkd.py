@@ -102,5 +102,7 @@ class CTKD(Method):
         strength = curriculum_lambda(ctx.epoch, self.lambda_min, self.lambda_max, self.curriculum_epochs)
         strength = strength.to(self.learned_temperature.theta.device)
         temperature = self.learned_temperature(strength)
-        loss = kd_loss(ctx.student_logits, ctx.teacher_logits, temperature, self.standardize)
+        # float32 with autocast off: a KL of bf16 logits softened by T ~ 15 is mostly rounding.
+        with torch.autocast(ctx.student_logits.device.type, enabled=False):
+            loss = kd_loss(ctx.student_logits.float(), ctx.teacher_logits.float(), temperature, self.standardize)
         return {"ctkd": self.weight * loss}
