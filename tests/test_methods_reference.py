@@ -47,7 +47,8 @@ def pair_distiller(teacher: str, student: str) -> tuple[Distiller, nn.Module, nn
     """One Distiller per standard pair with FitNet and AB (their defaults), built once for the tests below."""
     torch.manual_seed(1)
     fitnet, ab = create_method("fitnet"), create_method("ab")
-    distiller = Distiller(copy.deepcopy(cifar_model(student)), copy.deepcopy(cifar_model(teacher)), [fitnet, ab],
+    distiller = Distiller(create_model(f"cifar:{student}", num_classes=100),
+                          create_model(f"cifar:{teacher}", num_classes=100), [fitnet, ab],
                           example_input=torch.randn(2, 3, 32, 32))
     return distiller, fitnet, ab
 
@@ -174,11 +175,12 @@ def scipy_free_margin(bn: nn.BatchNorm2d) -> torch.Tensor:
                          ids=lambda p: f"{p[0]}-{p[1]}")
 def test_ofd_default_margin_is_mdistillers_closed_form_of_each_stage_last_bn(pair):
     teacher_name, student_name = pair
-    teacher = copy.deepcopy(cifar_model(teacher_name))
+    teacher = create_model(f"cifar:{teacher_name}", num_classes=100)
     randomise_batchnorms(teacher)
     method = create_method("ofd")
     assert method.margin == "last_bn"
-    Distiller(copy.deepcopy(cifar_model(student_name)), teacher, [method], example_input=torch.randn(2, 3, 32, 32))
+    Distiller(create_model(f"cifar:{student_name}", num_classes=100), teacher, [method],
+              example_input=torch.randn(2, 3, 32, 32))
     bns = mdistiller_bn_before_relu(teacher_name, teacher)
     assert len(method.teacher_taps) == len(bns)
     for i, bn in enumerate(bns):
@@ -404,3 +406,21 @@ def test_every_multi_layer_feature_method_takes_the_normalization_option(name):
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
+
+
+# ---------------------------------------------------------------- tolerances
+
+def test_no_test_uses_a_float64_sized_absolute_tolerance_on_float32_values():
+    """float32 carries ~7 digits (eps 1.2e-7): an absolute tolerance of 1e-8 or less on a float32 quantity of
+    order 1 fails on some CPUs (the PKT zero was -1.6e-9 on an AVX-512 Xeon).  Such a tolerance is only for
+    float64 values, and its line says so."""
+    import re
+    from pathlib import Path
+
+    tiny = re.compile(r"\b(abs|atol)\s*=\s*(1e-(?:[89]|[1-9]\d)|0\.0{7,}\d)")
+    offenders = []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if tiny.search(line) and "float64" not in line and "double" not in line and "tiny = re.compile" not in line:
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
