@@ -441,3 +441,44 @@ def test_crd_fit_takes_sample_indices_from_the_loader():
     torch.testing.assert_close(method.memory_student.norm(dim=1), torch.ones(64))
     torch.testing.assert_close(method.memory_teacher.norm(dim=1), torch.ones(64))
     assert (method.normalisers > 0).all()
+
+
+def test_crd_resume_after_kill_draws_the_same_negatives_bit_identically(tmp_path):
+    """The negatives' generator state is in the checkpoint's `methods` state dict: a run killed inside epoch 2 and
+    resumed from its epoch-1 checkpoint ends exactly as the uninterrupted run."""
+    from kdzoo.data import input_example, labels_of
+    from kdzoo.train import fit
+    from tiny_setup import tiny_data, tiny_teacher, train_config
+
+    data = tiny_data()
+
+    def distiller(seed):
+        teacher = tiny_teacher()  # seeds the global RNG itself
+        torch.manual_seed(seed)
+        student = create_model("tiny:cnn", num_classes=4, width=4)
+        return Distiller(student, teacher, [create_method("crd", num_negatives=8)],
+                         example_input=input_example(data), num_samples=len(data.train),
+                         train_labels=labels_of(data.train))
+
+    config = train_config(epochs=2)
+    reference = distiller(0)
+    fit(reference, data, config, tmp_path / "full", verbose=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at(step):
+        if step == 4:  # inside epoch 2 (3 steps per epoch)
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(distiller(0), data, config, tmp_path / "run", on_step=kill_at, verbose=False)
+    resumed = distiller(123)  # another seed: the generator's seed must come from the checkpoint
+    assert resumed.methods["crd"].seed != reference.methods["crd"].seed
+    fit(resumed, data, config, tmp_path / "run", resume=True, verbose=False)
+    assert resumed.methods["crd"].batches_drawn == reference.methods["crd"].batches_drawn
+    for key, value in resumed.methods.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, reference.methods.state_dict()[key]), key
+    for key, value in resumed.student.state_dict().items():
+        assert torch.equal(value, reference.student.state_dict()[key]), key
