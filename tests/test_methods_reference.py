@@ -76,6 +76,17 @@ def test_convreg_picks_the_references_layer_from_the_two_sizes():
         ConvReg((2, 16, 4, 4), (2, 32, 12, 12))
 
 
+def test_regressor_is_convreg_where_the_references_define_it_else_a_resized_1x1_conv():
+    from kdzoo.adapters import ConvAdapter, convreg_fits, regressor
+
+    assert isinstance(regressor((2, 8, 16, 16), (2, 4, 8, 8)), ConvReg)
+    assert isinstance(regressor((2, 8, 4, 4), (2, 4, 8, 8)), ConvReg)
+    assert not convreg_fits((2, 8, 4, 4), (2, 4, 12, 12))  # the references raise NotImplemented here
+    beyond = regressor((2, 8, 4, 4), (2, 4, 12, 12))
+    assert isinstance(beyond, ConvAdapter) and beyond(torch.randn(2, 8, 4, 4)).shape == (2, 4, 12, 12)
+    assert isinstance(regressor((2, 8), (2, 5)), nn.Linear)
+
+
 # ---------------------------------------------------------------- FitNet: hint_layer = 2, ConvReg
 
 # RepDistiller / mdistiller hint_layer=2 of feat lists [f0 (stem), f1, f2, ...]: the (C, H, W) of f2 at 32x32.

@@ -74,6 +74,22 @@ class ConvReg(nn.Module):
         return self.relu(self.bn(self.conv(x)))
 
 
+def convreg_fits(student_shape, teacher_shape) -> bool:
+    """Whether `ConvReg` has a layer for these (B, C, H, W) shapes (the references raise otherwise)."""
+    if len(student_shape) != 4 or len(teacher_shape) != 4:
+        return False
+    (s_h, s_w), (t_h, t_w) = tuple(student_shape[2:]), tuple(teacher_shape[2:])
+    return s_h == 2 * t_h or 2 * s_h == t_h or (s_h >= t_h and s_w >= t_w)
+
+
+def regressor(student_shape, teacher_shape, relu: bool = True) -> nn.Module:
+    """`ConvReg` wherever the references define it; beyond that (a student map smaller than the teacher's by
+    other than exactly half, or vectors) the simplest bridge, `make_adapter` (1x1 conv + BN, resized)."""
+    if convreg_fits(student_shape, teacher_shape):
+        return ConvReg(student_shape, teacher_shape, relu=relu)
+    return make_adapter(student_shape, teacher_shape, relu=relu)
+
+
 def make_adapter(student_shape: torch.Size, teacher_shape: torch.Size, relu: bool = True) -> nn.Module:
     """The simplest learnable map from a student feature shape to a teacher feature shape.
 

@@ -7,10 +7,12 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ...adapters import ConvReg, feature_parameters, make_adapter
+from ...adapters import feature_parameters, regressor
 from ...registry import register_method
 from ...taps import stage_taps
 from ..base import Context, InitStage, Method
+
+__all__ = ["activation_boundary_loss", "ab_loss", "ab_connector", "AB"]
 
 
 def activation_boundary_loss(source: torch.Tensor, target: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
@@ -32,15 +34,15 @@ def ab_loss(sources: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], ma
 
 
 def ab_connector(student_shape, teacher_shape) -> nn.Module:
-    """RepDistiller's choice: identity when channels and height agree, else ConvReg (conv + BN, no ReLU);
-    a (B, D) vector pair gets a linear map unless the widths agree."""
+    """RepDistiller's choice: identity when channels and height agree, else ConvReg (conv + BN, no ReLU; see
+    `adapters.regressor` for shapes it has no layer for); a (B, D) vector pair gets a linear map unless the
+    widths agree."""
     if len(student_shape) == 4 and len(teacher_shape) == 4:
         if student_shape[1] == teacher_shape[1] and student_shape[2] == teacher_shape[2]:
             return nn.Identity()
-        return ConvReg(student_shape, teacher_shape, relu=False)
-    if tuple(student_shape[1:]) == tuple(teacher_shape[1:]):
+    elif tuple(student_shape[1:]) == tuple(teacher_shape[1:]):
         return nn.Identity()
-    return make_adapter(student_shape, teacher_shape, relu=False)
+    return regressor(student_shape, teacher_shape, relu=False)
 
 
 @register_method("ab", family="feature",

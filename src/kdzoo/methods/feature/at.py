@@ -12,6 +12,8 @@ from ...taps import stage_taps
 from ..base import Context, Method
 from .normalize import layer_normalized_loss
 
+__all__ = ["attention_map", "at_loss", "AT"]
+
 
 def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """Spatial attention: channel mean of |f|^p, flattened and L2-normalised per sample."""

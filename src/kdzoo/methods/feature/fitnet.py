@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...adapters import ConvReg, make_adapter
+from ...adapters import regressor
 from ...registry import register_method
 from ..base import Context, Method
 from .normalize import layer_normalized_loss
@@ -23,7 +23,8 @@ class FitNet(Method):
     ``stage:2`` (stages counted from the stem, stage 0) for every CIFAR family -- the second stage after the
     stem.  (``stage:-2`` would agree for the 3-stage ResNets and WRNs only; for the 5-stage VGG and
     MobileNetV2 it picks a deeper, smaller map.)  The regressor is the references' `ConvReg`, its layer chosen
-    from the two map sizes; a pooled (B, D) hint gets a linear regressor.  Weight 100 (mdistiller).
+    from the two map sizes (`adapters.regressor`: where ConvReg has no layer, e.g. a student map a third of the
+    teacher's, which the references refuse, a 1x1 conv + BN resized; a pooled (B, D) hint gets a linear map).  Weight 100 (mdistiller).
     ``normalize_layers``: the hint loss relative to the teacher feature's mean square
     (`layer_normalized_loss`, LAPTOP-Diff).
     """
@@ -39,12 +40,8 @@ class FitNet(Method):
         self.teacher_taps = (teacher_layer,)
 
     def build(self, setup) -> None:
-        student_shape = setup.student_shapes[self.student_taps[0]]
-        teacher_shape = setup.teacher_shapes[self.teacher_taps[0]]
-        if len(student_shape) == 4 and len(teacher_shape) == 4:
-            self.regressor = ConvReg(student_shape, teacher_shape, relu=True)
-        else:
-            self.regressor = make_adapter(student_shape, teacher_shape)
+        self.regressor = regressor(setup.student_shapes[self.student_taps[0]],
+                                   setup.teacher_shapes[self.teacher_taps[0]], relu=True)
 
     def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
         hint = self.regressor(ctx.student[self.student_taps[0]])

@@ -14,6 +14,8 @@ from ...models.cifar_wrn import WideResNet
 from ...registry import register_method
 from ..base import Context, InitStage, Method
 
+__all__ = ["factor_transfer_loss", "ft_init_lr", "FT"]
+
 
 def conv_stack(channels: Sequence[int], batch_norm: bool, transpose: bool = False) -> nn.Sequential:
     """3x3 stride-1 (transposed) convolutions between consecutive widths, each followed by (BN and) LeakyReLU(0.1)."""

@@ -11,6 +11,8 @@ from ...registry import register_method
 from ...taps import stage_taps
 from ..base import Context, Method
 
+__all__ = ["polynomial_kernel", "nst_loss", "NST"]
+
 
 def polynomial_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """k(x, y) = (x . y)^2 between every row of `a` (B, Na, D) and of `b` (B, Nb, D): (B, Na, Nb)."""

@@ -15,6 +15,8 @@ from ...taps import get_module, split_tap, stage_taps
 from ..base import Context, Method
 from .normalize import layer_normalized_loss
 
+__all__ = ["ofd_loss", "teacher_margin", "measured_margin", "batchnorm_margin", "OFD"]
+
 MARGIN_SOURCES = ("auto", "last_bn", "empirical")
 
 

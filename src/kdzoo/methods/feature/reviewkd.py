@@ -13,6 +13,8 @@ from ...taps import stage_taps
 from ..base import Context, Method, warmup_factor
 from .normalize import layer_normalized_loss
 
+__all__ = ["hcl_loss", "hcl_terms", "ReviewKD"]
+
 
 def hcl_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor],
              levels: Sequence[int] = (4, 2, 1)) -> torch.Tensor:

@@ -22,6 +22,8 @@ from ...registry import register_method
 from ..base import Context, Method
 from .kd import kd_loss
 
+__all__ = ["curriculum_lambda", "reverse_gradient", "CTKD"]
+
 
 class _GradientReversal(torch.autograd.Function):
     @staticmethod

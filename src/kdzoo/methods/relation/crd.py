@@ -28,6 +28,8 @@ from ...errors import ConfigError
 from ...registry import register_method
 from ..base import Context, Method, Setup
 
+__all__ = ["nce_loss", "contrast_scores", "sample_negatives", "momentum_update", "CRD"]
+
 
 def contrast_scores(anchor: torch.Tensor, memory: torch.Tensor, sample: torch.Tensor,
                     temperature: float) -> torch.Tensor:

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from ...registry import register_method
 from ..base import Context, Method
 
+__all__ = ["rkd_distance_loss", "rkd_angle_loss", "RKD"]
+
 
 def pairwise_distances(embedding: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Euclidean distances between all rows, zero on the diagonal."""
