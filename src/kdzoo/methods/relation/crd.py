@@ -67,7 +67,7 @@ def momentum_update(memory: torch.Tensor, index: torch.Tensor, embedding: torch.
 
 def sample_negatives(anchor_labels: torch.Tensor, by_class: torch.Tensor, class_start: torch.Tensor,
                      class_count: torch.Tensor, k: int, generator: Optional[torch.Generator] = None,
-                     chunk_elements: int = 1 << 25) -> torch.Tensor:
+                     max_candidates: Optional[int] = None, chunk_elements: int = 1 << 25) -> torch.Tensor:
     """(B, k) sample indices of classes other than each anchor's, uniform, as RepDistiller's ``np.random.choice``:
     without replacement when the anchor has at least k candidates, with replacement otherwise.
 
@@ -75,11 +75,13 @@ def sample_negatives(anchor_labels: torch.Tensor, by_class: torch.Tensor, class_
     [class_start[c], class_start[c] + class_count[c]).  A draw over the positions outside that block is a draw
     over the other classes' samples.  Without replacement: the k largest of uniform keys over the candidate
     positions (a uniformly random k-subset), rows processed in chunks of at most `chunk_elements` keys.
+    `max_candidates` (the most any anchor can have: N less the smallest class) spares reading it back from the
+    device every batch.
     """
     device = by_class.device
     start, count = class_start[anchor_labels, None], class_count[anchor_labels, None]
     available = len(by_class) - count  # (B, 1) candidates per anchor
-    width = int(available.max())
+    width = max_candidates if max_candidates is not None else int(available.max())
     rows = max(1, chunk_elements // max(width, 1))
     chunks = []
     for lo in range(0, len(anchor_labels), rows):
@@ -130,6 +132,7 @@ class CRD(Method):
         if int(class_count.max()) == setup.num_samples:
             raise ConfigError("crd: every training sample has the same class, so there are no negatives to draw")
         self.num_samples = setup.num_samples
+        self.max_candidates = setup.num_samples - int(class_count.min())
         if self.seed is None:  # from the global RNG, so it follows the run's seed
             self.seed = int(torch.randint(0, 2**62, ()).item())
         self.k = min(self.num_negatives, setup.num_samples - 1)  # tiny data sets have fewer samples than 16384
@@ -167,7 +170,7 @@ class CRD(Method):
     def contrast_indices(self, index: torch.Tensor) -> torch.Tensor:
         """(B, K+1) memory rows to score: each anchor's own sample, then K samples of other classes."""
         negatives = sample_negatives(self.train_labels[index], self.by_class, self.class_start, self.class_count,
-                                     self.k, self.negatives_generator())
+                                     self.k, self.negatives_generator(), self.max_candidates)
         return torch.cat([index[:, None], negatives], dim=1)
 
     def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
