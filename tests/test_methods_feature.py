@@ -213,15 +213,18 @@ class ResidualBlock(nn.Module):
 def test_teacher_margin_after_a_residual_sum_is_measured_on_the_feature():
     torch.manual_seed(5)
     block, images = ResidualBlock().eval(), torch.randn(4, 3, 6, 6)
-    with torch.no_grad():
-        feature = block.bn(block.conv(images)) + images
+    with torch.no_grad():  # measured as OFD runs the teacher: batch-statistics BN
+        feature = F.batch_norm(block.conv(images), None, None, block.bn.weight, block.bn.bias, True) + images
     expected = []
     for c in range(3):
         values = [v for v in feature[:, c].flatten().tolist() if v < 0]
         expected.append(sum(values) / len(values))
-    assert_close(ofd.teacher_margin(block, "relu:input", images), torch.tensor(expected))
-    # "last_bn" takes the BN before the sum, as the authors and mdistiller do.
-    assert_close(ofd.teacher_margin(block, "relu:input", images, "last_bn"), ofd.batchnorm_margin(block.bn))
+    running_mean = block.bn.running_mean.clone()
+    assert_close(ofd.teacher_margin(block, "relu:input", images, "auto"), torch.tensor(expected))
+    assert_close(ofd.teacher_margin(block, "relu:input", images, "empirical"), torch.tensor(expected))
+    assert torch.equal(block.bn.running_mean, running_mean) and not block.training  # measured on a copy
+    # "last_bn" (the default) takes the BN before the sum, as the authors and mdistiller do.
+    assert_close(ofd.teacher_margin(block, "relu:input", images), ofd.batchnorm_margin(block.bn))
 
 
 def test_ofd_with_identity_connectors_is_zero_for_a_student_equal_to_its_teacher():
@@ -235,7 +238,7 @@ def test_ofd_with_identity_connectors_is_zero_for_a_student_equal_to_its_teacher
         with torch.no_grad():
             conv.weight.copy_(torch.eye(conv.out_channels)[:, :, None, None])
         bn.eps = 0.0  # with running mean 0 and variance 1, an eval BN is the identity
-    distiller.eval()  # the student's BN uses running statistics, as the teacher's does
+    distiller.eval()  # both models' BNs use running statistics
     ctx = distiller.context(images, labels)
     assert method(ctx)["ofd"].item() == 0.0
     # And with another input to the student: the stage terms weigh 1/2 and 1.

@@ -262,10 +262,26 @@ def test_dist_standardize_option():
 
 # ---- CTKD ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("epoch, expected", [(0.0, 0.0), (2.5, (1 - math.cos(math.pi / 4)) / 2), (5.0, 0.5),
-                                             (10.0, 1.0), (50.0, 1.0)])
-def test_ctkd_curriculum(epoch, expected):
-    assert ctkd.curriculum_lambda(epoch, 0.0, 1.0, 10.0) == pytest.approx(expected)
+def authors_cosine_decay(i, max_value=0.0, min_value=-1.0, num_loops=10):
+    """zhengli97/CTKD train_student.py ``CosineDecay.get_value`` with run_cifar_distill.sh's
+    --decay_max 0 --decay_min -1 --decay_loops 10, called once per epoch i = 1, 2, ... (its sign is the
+    reversal: the gradient reversal layer multiplies by this negative value)."""
+    i = min(max(i, 0), num_loops)
+    return (math.cos(i * math.pi / num_loops) + 1.0) * 0.5 * (max_value - min_value) + min_value
+
+
+@pytest.mark.parametrize("epoch", [0.0, 0.5, 0.99, 1.0, 2.5, 4.0, 9.0, 9.99, 10.0, 50.0])
+def test_ctkd_curriculum_is_the_authors_cosine_decay_per_integer_epoch(epoch):
+    expected = -authors_cosine_decay(math.floor(epoch) + 1)  # our epochs count from 0, the authors' from 1
+    for given in (epoch, torch.tensor(epoch), torch.tensor(epoch, dtype=torch.float64)):  # float or 0-d tensor
+        got = ctkd.curriculum_lambda(given, 0.0, 1.0, 10.0)
+        assert got.dim() == 0 and got.item() == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    assert ctkd.curriculum_lambda(epoch, 0.0, 1.0, 0.0).item() == 1.0  # no curriculum: the full strength
+
+
+def test_ctkd_first_epoch_already_reverses():
+    assert ctkd.curriculum_lambda(0.0, 0.0, 1.0, 10.0).item() == pytest.approx((1 - math.cos(math.pi / 10)) / 2)
+    assert ctkd.curriculum_lambda(0.7, 0.0, 1.0, 10.0) == ctkd.curriculum_lambda(0.0, 0.0, 1.0, 10.0)  # held
 
 
 def test_gradient_reversal():
@@ -303,8 +319,7 @@ def test_ctkd_temperature_gets_reversed_gradient(epoch):
     strength = ctkd.curriculum_lambda(epoch, 0.0, 1.0, 10.0)
     assert_close(method.learned_temperature.theta.grad, -strength * theta.grad)
     assert_close(student_in.grad, student_ref.grad)  # the student itself descends as usual
-    if epoch > 0:
-        assert theta.grad.abs() > 0
+    assert theta.grad.abs() > 0
 
 
 def test_ctkd_temperature_stays_in_range():

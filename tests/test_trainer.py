@@ -124,7 +124,7 @@ def test_multistep_and_cosine_schedules_with_warmup():
     assert learning_rate(10, schedule="cosine", warmup_epochs=1, **kw) == pytest.approx(0.1)
     mid = 10 + 45
     assert learning_rate(mid, schedule="cosine", warmup_epochs=1, **kw) == pytest.approx(0.05)
-    assert learning_rate(100, schedule="cosine", **kw) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(100, schedule="cosine", **kw) == pytest.approx(0.0, abs=1e-12)  # a float64 Python value
     assert learning_rate(30, schedule="constant", **kw) == 0.1
 
 

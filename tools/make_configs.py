@@ -3,7 +3,8 @@
     python tools/make_configs.py      # rewrites configs/cifar100/** and configs/cifar10/**
 
 One file per (dataset, pair, method) so a recipe is found by name in the file tree; the method's
-hyper-parameters come from its registered defaults unless a pair needs another value (listed here).
+hyper-parameters come from its registered defaults unless a pair needs another value (listed here, each
+table with the file it was read from; tests/test_configs.py pins them).
 """
 from __future__ import annotations
 
@@ -13,20 +14,39 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1] / "configs"
 
+# Where every per-pair value below comes from.
+SOURCES = {
+    "recipe": "HobbitLong/RepDistiller train_student.py (240 epochs, batch 64, SGD lr 0.05 momentum 0.9, wd 5e-4, "
+              "decay x0.1 at 150/180/210); mdistiller configs/cifar100/*.yaml agree",
+    "light_students": "HobbitLong/RepDistiller train_student.py: lr 0.01 for MobileNetV2, ShuffleV1, ShuffleV2",
+    "dkd_beta": "megvii-research/mdistiller configs/cifar100/dkd/<pair>.yaml DKD.BETA (absent: cfg.py default 8.0)",
+    "reviewkd_weight": "dvlab-research/ReviewKD CIFAR-100/script/reviewKD.sh --kd-loss-weight (pairs it lists; the "
+                       "VGG pairs are not in it: mdistiller cfg.py default REVIEWKD_WEIGHT 1.0)",
+    "kd_ls": "sunshangquan/logit-standardization-KD logs/KD/kd,<teacher>,<student>,<base T>,<KD weight>.txt "
+             "(resnet32x4 -> ShuffleV1 has no log: the README's command, base T 2, weight 9)",
+}
+
 PAIRS = [  # (teacher, student)
     ("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"),
     ("wrn_40_2", "wrn_40_1"), ("vgg13", "vgg8"), ("resnet32x4", "ShuffleV1"), ("vgg13", "mobile_half"),
 ]
-LIGHT_STUDENTS = {"mobile_half", "ShuffleV1", "ShuffleV2"}  # trained with lr 0.01
+LIGHT_STUDENTS = {"mobile_half", "ShuffleV1", "ShuffleV2"}  # trained with lr 0.01 (SOURCES["light_students"])
 DKD_BETA = {("resnet56", "resnet20"): 2.0, ("resnet110", "resnet32"): 2.0, ("vgg13", "vgg8"): 6.0,
             ("vgg13", "mobile_half"): 6.0, ("wrn_40_2", "wrn_16_2"): 6.0, ("wrn_40_2", "wrn_40_1"): 6.0}
+DKD_BETA_DEFAULT = 8.0
+REVIEWKD_WEIGHT = {("resnet56", "resnet20"): 0.6, ("resnet110", "resnet32"): 1.0, ("resnet32x4", "resnet8x4"): 5.0,
+                   ("wrn_40_2", "wrn_16_2"): 5.0, ("wrn_40_2", "wrn_40_1"): 5.0, ("resnet32x4", "ShuffleV1"): 5.0}
+REVIEWKD_WEIGHT_DEFAULT = 1.0  # the registered default, as mdistiller's
+KD_LS_BASE_TEMPERATURE = {("vgg13", "vgg8"): 3.0, ("vgg13", "mobile_half"): 3.0}  # the logs' "3,9"
+KD_LS_BASE_TEMPERATURE_DEFAULT = 2.0  # every other pair's log: "2,9"
+KD_LS_WEIGHT = 9.0
 
 # method config name -> (methods list, extra top-level keys)
 METHODS = {
     "student": ([], {}),
     "kd": (["kd"], {}),
-    # logit standardization as an option of KD; weight 9 and base temperature 2 as in the authors' configs
-    "kd_ls": ([{"name": "kd", "standardize": True, "temperature": 2.0, "weight": 9.0}], {}),
+    # logit standardization as an option of KD; base temperature and weight per pair (SOURCES["kd_ls"])
+    "kd_ls": ([{"name": "kd", "standardize": True}], {}),
     "dkd": (["dkd"], {}),
     "dist": (["dist"], {}),
     "ctkd": (["ctkd"], {}),
@@ -66,12 +86,16 @@ def method_entries(name: str, teacher: str, student: str) -> list:
     out = []
     for m in methods:
         entry = {"name": m} if isinstance(m, str) else dict(m)
+        pair = (teacher, student)
         if entry["name"] == "dkd":
-            entry["beta"] = DKD_BETA.get((teacher, student), 8.0)
-        if entry["name"] == "reviewkd" and (teacher, student) == ("resnet32x4", "resnet8x4"):
-            entry["weight"] = 5.0  # its res32x4 -> res8x4 config
-        if name == "kd_nd" and (teacher, student) in KDPP_WEIGHTS:
-            kd_weight, nd_weight = KDPP_WEIGHTS[(teacher, student)]
+            entry["beta"] = DKD_BETA.get(pair, DKD_BETA_DEFAULT)
+        if entry["name"] == "reviewkd" and REVIEWKD_WEIGHT.get(pair, REVIEWKD_WEIGHT_DEFAULT) != REVIEWKD_WEIGHT_DEFAULT:
+            entry["weight"] = REVIEWKD_WEIGHT[pair]
+        if entry["name"] == "kd" and entry.get("standardize"):
+            entry["temperature"] = KD_LS_BASE_TEMPERATURE.get(pair, KD_LS_BASE_TEMPERATURE_DEFAULT)
+            entry["weight"] = KD_LS_WEIGHT
+        if name == "kd_nd" and pair in KDPP_WEIGHTS:
+            kd_weight, nd_weight = KDPP_WEIGHTS[pair]
             entry["weight"] = kd_weight if entry["name"] == "kd" else nd_weight
         out.append(entry if len(entry) > 1 else entry["name"])
     return out

@@ -37,6 +37,59 @@ class ConvAdapter(nn.Module):
         return resize_like(self.body(x), self.out_size)
 
 
+class ConvReg(nn.Module):
+    """RepDistiller's / mdistiller's convolutional regressor from a student map (C_s, H_s, W_s) to a teacher
+    map (C_t, H_t, W_t), its layer chosen from the two sizes:
+
+    - H_s == 2 H_t: a 3x3 conv, stride 2, padding 1;
+    - 2 H_s == H_t: a 4x4 transposed conv, stride 2, padding 1;
+    - H_s >= H_t: a (1 + H_s - H_t) x (1 + W_s - W_t) conv, stride 1 (1x1 when the sizes are equal);
+
+    then BatchNorm and, with `relu`, a ReLU (FitNet's hint regressor; AB's connectors have none).  The convs
+    keep their bias, as the references'.  A student map smaller than the teacher's, other than exactly half,
+    has no such layer and is refused.
+    """
+
+    def __init__(self, student_shape, teacher_shape, relu: bool = True):
+        super().__init__()
+        student_shape, teacher_shape = tuple(student_shape), tuple(teacher_shape)
+        if len(student_shape) != 4 or len(teacher_shape) != 4:
+            raise ConfigError(f"ConvReg maps (B, C, H, W) feature maps, got student {list(student_shape)} and "
+                              f"teacher {list(teacher_shape)}")
+        _, s_c, s_h, s_w = student_shape
+        _, t_c, t_h, t_w = teacher_shape
+        if s_h == 2 * t_h:
+            self.conv = nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
+        elif 2 * s_h == t_h:
+            self.conv = nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
+        elif s_h >= t_h and s_w >= t_w:
+            self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
+        else:
+            raise ConfigError(f"ConvReg: no regressor from a student map {list(student_shape[1:])} to a larger "
+                              f"teacher map {list(teacher_shape[1:])} (only exactly twice the size is upsampled)")
+        self.bn = nn.BatchNorm2d(t_c)
+        self.relu = nn.ReLU() if relu else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.conv(x)))
+
+
+def convreg_fits(student_shape, teacher_shape) -> bool:
+    """Whether `ConvReg` has a layer for these (B, C, H, W) shapes (the references raise otherwise)."""
+    if len(student_shape) != 4 or len(teacher_shape) != 4:
+        return False
+    (s_h, s_w), (t_h, t_w) = tuple(student_shape[2:]), tuple(teacher_shape[2:])
+    return s_h == 2 * t_h or 2 * s_h == t_h or (s_h >= t_h and s_w >= t_w)
+
+
+def regressor(student_shape, teacher_shape, relu: bool = True) -> nn.Module:
+    """`ConvReg` wherever the references define it; beyond that (a student map smaller than the teacher's by
+    other than exactly half, or vectors) the simplest bridge, `make_adapter` (1x1 conv + BN, resized)."""
+    if convreg_fits(student_shape, teacher_shape):
+        return ConvReg(student_shape, teacher_shape, relu=relu)
+    return make_adapter(student_shape, teacher_shape, relu=relu)
+
+
 def make_adapter(student_shape: torch.Size, teacher_shape: torch.Size, relu: bool = True) -> nn.Module:
     """The simplest learnable map from a student feature shape to a teacher feature shape.
 

@@ -92,6 +92,11 @@ class Distiller(nn.Module):
         return dict(self._teacher_paths)
 
     @property
+    def teacher_batch_statistics(self) -> bool:
+        """Whether the teacher runs with batch-statistics BatchNorm, as some methods' references do (OFD)."""
+        return any(m.teacher_train_mode for m in self.methods.values())
+
+    @property
     def needs_teacher(self) -> bool:
         """Whether a forward reads the teacher's outputs (a teacher is set and some method uses it)."""
         return self.teacher is not None and any(m.needs_teacher for m in self.methods.values())
@@ -137,7 +142,7 @@ class Distiller(nn.Module):
             raise ConfigError("this distiller has no teacher")
         if self._teacher_taps is None:
             self._teacher_taps = Taps(self.teacher, self._teacher_paths.values())
-        return teacher_forward(self.teacher, images, self._teacher_taps)
+        return teacher_forward(self.teacher, images, self._teacher_taps, self.teacher_batch_statistics)
 
     def context(self, images: torch.Tensor, labels: torch.Tensor, index: Optional[torch.Tensor] = None,
                 epoch: float | torch.Tensor = 0.0, teacher_outputs: Optional[TeacherOutputs] = None,
@@ -197,11 +202,23 @@ class TeacherOutputs:
                               f"{', '.join(self.features) or 'none'})") from None
 
 
-def teacher_forward(teacher: nn.Module, images: torch.Tensor, taps: Optional[Taps] = None) -> TeacherOutputs:
-    """Run a frozen teacher on one batch in eval mode under no_grad; `taps` (hooks on it) give its features."""
-    teacher.eval()
+def teacher_forward(teacher: nn.Module, images: torch.Tensor, taps: Optional[Taps] = None,
+                    batch_statistics: bool = False) -> TeacherOutputs:
+    """Run a frozen teacher on one batch under no_grad; `taps` (hooks on it) give its features.
+
+    In eval mode, or with `batch_statistics` in train mode with BatchNorm normalising by the batch (OFD's
+    references), through cloned buffers so its running statistics never change."""
     with torch.no_grad():
-        logits = teacher(images)
+        if batch_statistics:
+            teacher.train()
+            try:
+                buffers = {name: b.clone() for name, b in teacher.named_buffers()}
+                logits = torch.func.functional_call(teacher, buffers, (images,), strict=False)
+            finally:
+                teacher.eval()
+        else:
+            teacher.eval()
+            logits = teacher(images)
     return TeacherOutputs(logits, taps.collect() if taps is not None else {})
 
 

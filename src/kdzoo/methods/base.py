@@ -74,10 +74,13 @@ class Method(nn.Module, abc.ABC):
     - ``needs_teacher``: False for methods that only use the student (self-distillation).
     - ``student_taps`` / ``teacher_taps``: tap specs read from ``ctx.student`` / ``ctx.teacher``;
       instances may override them from their own hyper-parameters.
+    - ``teacher_train_mode``: True for a method whose reference runs the (frozen) teacher with batch-statistics
+      BatchNorm during training (OFD); the Distiller then puts the teacher in train mode while it trains.
     """
 
     ce_weight: ClassVar[Optional[float]] = None
     needs_teacher: ClassVar[bool] = True
+    teacher_train_mode: ClassVar[bool] = False
     student_taps: tuple[str, ...] = ()
     teacher_taps: tuple[str, ...] = ()
 

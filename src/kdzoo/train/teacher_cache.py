@@ -153,6 +153,15 @@ class TeacherFeed:
             raise ConfigError("distillers trained together must share one teacher module (the same object)")
         self.teacher = self.users[0].teacher if self.users else None
         self.paths = list(dict.fromkeys(p for d in self.users for p in d.teacher_paths.values()))
+        modes = {d.teacher_batch_statistics for d in self.users}
+        if len(modes) > 1:
+            raise ConfigError("distillers trained together must run their teacher the same way (some methods "
+                              "need batch-statistics BatchNorm in the teacher, others not): train them apart")
+        self.batch_statistics = modes.pop() if modes else False
+        if cache is not None and self.batch_statistics:
+            warnings.warn("train.cache_teacher_outputs: disabled, the teacher normalises by batch statistics, so "
+                          "its outputs depend on the batch", stacklevel=2)
+            cache = None
         self.cache = cache if self.teacher is not None else None
         self.compile_mode = compile_mode
         self.taps: Optional[Taps] = None
@@ -169,8 +178,9 @@ class TeacherFeed:
     def __enter__(self) -> "TeacherFeed":
         if self.teacher is not None:
             self.taps = Taps(self.teacher, self.paths)
-            taps, teacher = self.taps, self.teacher
-            self._forward = compile_function(lambda images: teacher_forward(teacher, images, taps), self.compile_mode)
+            taps, teacher, batch_statistics = self.taps, self.teacher, self.batch_statistics
+            self._forward = compile_function(lambda images: teacher_forward(teacher, images, taps, batch_statistics),
+                                             self.compile_mode)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -7,10 +7,12 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ...adapters import feature_parameters, make_adapter
+from ...adapters import feature_parameters, regressor
 from ...registry import register_method
 from ...taps import stage_taps
 from ..base import Context, InitStage, Method
+
+__all__ = ["activation_boundary_loss", "ab_loss", "ab_connector", "AB"]
 
 
 def activation_boundary_loss(source: torch.Tensor, target: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
@@ -31,11 +33,25 @@ def ab_loss(sources: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], ma
                       for i, (s, t) in enumerate(zip(sources, targets)))
 
 
+def ab_connector(student_shape, teacher_shape) -> nn.Module:
+    """RepDistiller's choice: identity when channels and height agree, else ConvReg (conv + BN, no ReLU; see
+    `adapters.regressor` for shapes it has no layer for); a (B, D) vector pair gets a linear map unless the
+    widths agree."""
+    if len(student_shape) == 4 and len(teacher_shape) == 4:
+        if student_shape[1] == teacher_shape[1] and student_shape[2] == teacher_shape[2]:
+            return nn.Identity()
+    elif tuple(student_shape[1:]) == tuple(teacher_shape[1:]):
+        return nn.Identity()
+    return regressor(student_shape, teacher_shape, relu=False)
+
+
 @register_method("ab", family="feature",
                  paper="Heo et al. 2019, Knowledge Transfer via Distillation of Activation Boundaries Formed by "
                        "Hidden Neurons")
 class AB(Method):
-    """Connectors (1x1 conv + BN, as in the paper) map the student's pre-ReLU stage outputs to the teacher's.
+    """Connectors map the student's pre-ReLU stage outputs to the teacher's, as RepDistiller's ``Connector``:
+    none (identity) where the channels and the size already match, else `ConvReg` without ReLU (its conv
+    chosen from the two sizes, then BN).
     The init stage (`init_epochs`, RepDistiller: 30) trains the student's feature layers and the connectors on
     `ab_loss` alone; distillation then adds ``weight`` x `ab_loss` to cross-entropy -- 0 by default, because
     RepDistiller's loop drops the term after the init stage (its ``-b 1`` flag is unused for AB).
@@ -65,7 +81,7 @@ class AB(Method):
 
     def build(self, setup) -> None:
         self.connectors = nn.ModuleList(
-            make_adapter(setup.student_shapes[s], setup.teacher_shapes[t], relu=False)
+            ab_connector(setup.student_shapes[s], setup.teacher_shapes[t])
             for s, t in zip(self.student_taps, self.teacher_taps))
 
     def init_stage(self, student: nn.Module) -> Optional[InitStage]:

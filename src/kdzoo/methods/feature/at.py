@@ -10,6 +10,9 @@ from ...adapters import match_spatial
 from ...registry import register_method
 from ...taps import stage_taps
 from ..base import Context, Method
+from .normalize import layer_normalized_loss
+
+__all__ = ["attention_map", "at_loss", "AT"]
 
 
 def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -25,13 +28,18 @@ def at_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, p: flo
 
 @register_method("at", family="feature", paper="Zagoruyko & Komodakis 2017, Paying More Attention to Attention")
 class AT(Method):
+    """Sum of `at_loss` over every stage after the stem (RepDistiller, mdistiller), weight 1000.
+    ``normalize_layers``: each stage's term divided by the mean square of the teacher's attention map
+    (`layer_normalized_loss`, LAPTOP-Diff), which evens out maps of different sizes."""
+
     ce_weight = 1.0
 
-    def __init__(self, weight: float = 1000.0, p: float = 2.0, student_layers: Optional[Sequence[str]] = None,
-                 teacher_layers: Optional[Sequence[str]] = None):
+    def __init__(self, weight: float = 1000.0, p: float = 2.0, normalize_layers: bool = False,
+                 student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
         super().__init__()
         self.weight = weight
         self.p = p
+        self.normalize_layers = normalize_layers
         self.student_layers = student_layers
         self.teacher_layers = teacher_layers
 
@@ -41,5 +49,7 @@ class AT(Method):
                                                           self.student_layers, self.teacher_layers)
 
     def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
-        total = sum(at_loss(ctx.student[s], ctx.teacher[t], self.p) for s, t in zip(self.student_taps, self.teacher_taps))
-        return {"at": self.weight * total}
+        pairs = [(ctx.student[s], ctx.teacher[t]) for s, t in zip(self.student_taps, self.teacher_taps)]
+        terms = [at_loss(s, t, self.p) for s, t in pairs]
+        targets = [attention_map(match_spatial(s, t)[1], self.p) for s, t in pairs] if self.normalize_layers else terms
+        return {"at": self.weight * layer_normalized_loss(terms, targets, self.normalize_layers)}

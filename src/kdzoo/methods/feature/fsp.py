@@ -13,6 +13,8 @@ from ...registry import register_method
 from ...taps import stage_taps
 from ..base import Context, InitStage, Method
 
+__all__ = ["fsp_matrix", "fsp_loss", "FSP"]
+
 
 def fsp_matrix(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """The "flow of solution procedure" between two feature maps: G[b, i, j] = mean over positions of

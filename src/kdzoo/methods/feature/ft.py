@@ -1,15 +1,20 @@
 """FT: Kim, Park & Kwak, "Paraphrasing Complex Network: Network Compression via Factor Transfer", NeurIPS 2018."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...adapters import match_spatial
+from ...errors import ConfigError
+from ...models.cifar_resnet import CifarResNet
+from ...models.cifar_wrn import WideResNet
 from ...registry import register_method
 from ..base import Context, InitStage, Method
+
+__all__ = ["factor_transfer_loss", "ft_init_lr", "FT"]
 
 
 def conv_stack(channels: Sequence[int], batch_norm: bool, transpose: bool = False) -> nn.Sequential:
@@ -52,24 +57,37 @@ def factor_transfer_loss(student_factor: torch.Tensor, teacher_factor: torch.Ten
     return (factor_vector(s, spatial) - factor_vector(t, spatial)).abs().pow(p).mean()
 
 
+def ft_init_lr(init_lr: Union[float, str, None], student: nn.Module) -> Optional[float]:
+    """The init stage's learning rate (None: the run's); "auto": 0.01 for a CIFAR ResNet / WRN student only."""
+    if init_lr != "auto":
+        return init_lr
+    return 0.01 if isinstance(student, (CifarResNet, WideResNet)) else None
+
+
 @register_method("ft", family="feature",
                  paper="Kim et al. 2018, Paraphrasing Complex Network: Network Compression via Factor Transfer")
 class FT(Method):
     """A paraphraser (teacher side, rate `rate`) is first trained alone as an autoencoder of the teacher's
     feature (`init_epochs`, MSE); then it is frozen and a translator (student side) learns to produce the
-    same normalised factor.  Defaults follow RepDistiller: last stage, 30 init epochs at lr 0.01, weight 200.
+    same normalised factor.  Defaults follow RepDistiller: last stage, 30 init epochs, weight 200.
+
+    ``init_lr``: the init stage's learning rate; "auto" is RepDistiller's rule (``helper/pretrain.py``): 0.01
+    when the student is one of its CIFAR ResNets or WRNs, the run's learning rate for any other student
+    (VGG, MobileNetV2, ShuffleNet); a number fixes it; None is always the run's.
     """
 
     ce_weight = 1.0
 
     def __init__(self, weight: float = 200.0, rate: float = 0.5, p: float = 1.0, spatial: bool = True,
-                 init_epochs: int = 30, init_lr: Optional[float] = 0.01, student_layer: str = "stage:-1",
+                 init_epochs: int = 30, init_lr: Union[float, str, None] = "auto", student_layer: str = "stage:-1",
                  teacher_layer: str = "stage:-1"):
         super().__init__()
         self.weight = weight
         self.rate = rate
         self.p = p
         self.spatial = spatial
+        if isinstance(init_lr, str) and init_lr != "auto":
+            raise ConfigError(f"ft: init_lr must be a number, 'auto' or null, got {init_lr!r}")
         self.init_epochs = init_epochs
         self.init_lr = init_lr
         self.student_taps = (student_layer,)
@@ -84,7 +102,7 @@ class FT(Method):
                                      batch_norm=True)
 
     def init_stage(self, student: nn.Module) -> Optional[InitStage]:
-        return InitStage(self.init_epochs, list(self.paraphraser.parameters()), self.init_lr)
+        return InitStage(self.init_epochs, list(self.paraphraser.parameters()), ft_init_lr(self.init_lr, student))
 
     def init_loss(self, ctx: Context) -> torch.Tensor:
         feature = ctx.teacher[self.teacher_taps[0]]

@@ -11,6 +11,8 @@ from ...registry import register_method
 from ...taps import stage_taps
 from ..base import Context, Method
 
+__all__ = ["polynomial_kernel", "nst_loss", "NST"]
+
 
 def polynomial_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """k(x, y) = (x . y)^2 between every row of `a` (B, Na, D) and of `b` (B, Nb, D): (B, Na, Nb)."""
@@ -23,12 +25,15 @@ def nst_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> to
     Each channel's activation map is one sample of its network's distribution: flattened and L2-normalised
     (the larger map is first pooled to the smaller's size).  Computed per image, averaged over the batch.
     The teacher-teacher term is a constant; it makes the loss zero when the distributions match.
+    The Gram matrices are computed in float32 with autocast off: the loss is a small difference of large
+    kernel means, which bf16 rounding would swamp.
     """
     s, t = match_spatial(student_feature, teacher_feature)
-    s = F.normalize(s.flatten(2), dim=2)
-    t = F.normalize(t.flatten(2), dim=2)
-    return (polynomial_kernel(s, s).mean() + polynomial_kernel(t, t).mean().detach()
-            - 2 * polynomial_kernel(s, t).mean())
+    with torch.autocast(s.device.type, enabled=False):
+        s = F.normalize(s.float().flatten(2), dim=2)
+        t = F.normalize(t.float().flatten(2), dim=2)
+        return (polynomial_kernel(s, s).mean() + polynomial_kernel(t, t).mean().detach()
+                - 2 * polynomial_kernel(s, t).mean())
 
 
 @register_method("nst", family="feature",

@@ -11,17 +11,26 @@ from torch import nn
 from ...registry import register_method
 from ...taps import stage_taps
 from ..base import Context, Method, warmup_factor
+from .normalize import layer_normalized_loss
+
+__all__ = ["hcl_loss", "hcl_terms", "ReviewKD"]
 
 
 def hcl_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor],
              levels: Sequence[int] = (4, 2, 1)) -> torch.Tensor:
-    """Hierarchical context loss, summed over pairs of maps of equal shape.
+    """Hierarchical context loss, summed over pairs of maps of equal shape (see `hcl_terms`)."""
+    return sum(hcl_terms(student_features, teacher_features, levels))
+
+
+def hcl_terms(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor],
+              levels: Sequence[int] = (4, 2, 1)) -> list[torch.Tensor]:
+    """The hierarchical context loss of each pair of maps of equal shape.
 
     Per pair: the MSE of the maps plus the MSEs of both maps average-pooled to each size in `levels` that is
     smaller than the map's (shorter) side, weighted 1/2, 1/4, ... in that order, all divided by the sum of
     the weights (1 included).
     """
-    total = 0.0
+    terms = []
     for s, t in zip(student_features, teacher_features):
         loss, weight, weights = F.mse_loss(s, t), 1.0, 1.0
         for size in levels:
@@ -30,8 +39,8 @@ def hcl_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequenc
             weight /= 2
             loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size))
             weights += weight
-        total = total + loss / weights
-    return total
+        terms.append(loss / weights)
+    return terms
 
 
 class AttentionFusion(nn.Module):
@@ -78,16 +87,19 @@ class ReviewKD(Method):
     matched to the teacher's level by `hcl_loss`.  The teacher's stages are its pre-ReLU outputs (the
     published "preact" list) when the model family has one, else its stage outputs.  The term is ramped in
     over `warmup_epochs`.  ``mid_channels`` None: min(512, the student's penultimate width).
+    ``normalize_layers``: each level's term divided by the mean square of the teacher's feature there
+    (`layer_normalized_loss`, LAPTOP-Diff).
     """
 
     ce_weight = 1.0
 
     def __init__(self, weight: float = 1.0, warmup_epochs: float = 20.0, mid_channels: Optional[int] = None,
-                 student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
+                 normalize_layers: bool = False, student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
         super().__init__()
         self.weight = weight
         self.warmup_epochs = warmup_epochs
         self.mid_channels = mid_channels
+        self.normalize_layers = normalize_layers
         self.student_layers = student_layers
         self.teacher_layers = teacher_layers
 
@@ -113,5 +125,5 @@ class ReviewKD(Method):
             out, fused = fusion(as_map(ctx.student[spec]), fused)
             outputs.append(out)
         teacher = [as_map(ctx.teacher[t]) for t in self.teacher_taps]
-        loss = hcl_loss(outputs[::-1], teacher)
+        loss = layer_normalized_loss(hcl_terms(outputs[::-1], teacher), teacher, self.normalize_layers)
         return {"reviewkd": self.weight * warmup_factor(ctx.epoch, self.warmup_epochs) * loss}

@@ -7,7 +7,8 @@ backward).  lambda follows a curriculum, rising from lambda_min to lambda_max al
 
 As in the authors' code (zhengli97/CTKD, ``models/temp_global.py``, ``scripts/run_cifar_distill.sh``):
 one global temperature T = 1 + 20 * sigmoid(theta) with theta starting at 1 (T about 15.6), lambda from
-0 to 1 over 10 epochs, CE 0.1 and KD 0.9.  The temperature is a parameter of this module, so it trains
+0 to 1 over 10 epochs along the authors' ``CosineDecay(max=0, min=-1, loops=10)`` evaluated at the integer
+epoch 1, 2, ... (``train_student.py``; its negative value is their reversal sign), CE 0.1 and KD 0.9.  The temperature is a parameter of this module, so it trains
 with the student (same optimizer) and is saved in checkpoints.
 """
 from __future__ import annotations
@@ -21,29 +22,40 @@ from ...registry import register_method
 from ..base import Context, Method
 from .kd import kd_loss
 
+__all__ = ["curriculum_lambda", "reverse_gradient", "CTKD"]
+
 
 class _GradientReversal(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, strength: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, strength) -> torch.Tensor:
         ctx.strength = strength
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return -ctx.strength * grad, None
+        return (-ctx.strength * grad).to(grad.dtype), None
 
 
-def reverse_gradient(x: torch.Tensor, strength: float) -> torch.Tensor:
+def reverse_gradient(x: torch.Tensor, strength) -> torch.Tensor:
     """Identity forward; multiplies the gradient by -strength backward."""
     return _GradientReversal.apply(x, strength)
 
 
-def curriculum_lambda(epoch: float, lambda_min: float, lambda_max: float, curriculum_epochs: float) -> float:
-    """Cosine rise from lambda_min at epoch 0 to lambda_max at `curriculum_epochs`, then flat."""
+def curriculum_lambda(epoch, lambda_min: float, lambda_max: float, curriculum_epochs: float) -> torch.Tensor:
+    """The authors' ``CosineDecay``, held for a whole epoch: with i = floor(epoch) + 1 (our fractional epochs
+    count from 0, the authors' loop from 1) clamped to [0, curriculum_epochs],
+    lambda = lambda_min + (lambda_max - lambda_min) (1 - cos(pi i / curriculum_epochs)) / 2.
+
+    So the first epoch already trains at lambda(1) (about 0.024 of the range over 10 epochs) and epoch 10
+    onward at lambda_max.  `epoch` may be a float or a 0-d tensor; the result is a 0-d float32 tensor
+    (computed with tensor ops, so a tensor epoch never leaves its device).
+    """
+    epoch = torch.as_tensor(epoch, dtype=torch.float32)
     if curriculum_epochs <= 0:
-        return lambda_max
-    progress = torch.clamp(torch.as_tensor(epoch) / curriculum_epochs, 0.0, 1.0)
-    return lambda_min + (lambda_max - lambda_min) * (1 - torch.cos(math.pi * progress)) / 2
+        return torch.full_like(epoch, lambda_max)
+    step = torch.clamp(torch.floor(epoch) + 1, 0.0, float(curriculum_epochs))
+    rise = (1 - torch.cos(step * (math.pi / curriculum_epochs))) / 2
+    return lambda_min + (lambda_max - lambda_min) * rise
 
 
 class GlobalTemperature(nn.Module):
@@ -58,7 +70,7 @@ class GlobalTemperature(nn.Module):
         self.temperature_range = temperature_range
         self.theta = nn.Parameter(torch.ones(()))  # the authors' start
 
-    def forward(self, reversal_strength: float) -> torch.Tensor:
+    def forward(self, reversal_strength) -> torch.Tensor:
         theta = reverse_gradient(self.theta, reversal_strength)
         return self.min_temperature + self.temperature_range * torch.sigmoid(theta)
 
@@ -90,6 +102,9 @@ class CTKD(Method):
 
     def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
         strength = curriculum_lambda(ctx.epoch, self.lambda_min, self.lambda_max, self.curriculum_epochs)
+        strength = strength.to(self.learned_temperature.theta.device)
         temperature = self.learned_temperature(strength)
-        loss = kd_loss(ctx.student_logits, ctx.teacher_logits, temperature, self.standardize)
+        # float32 with autocast off: a KL of bf16 logits softened by T ~ 15 is mostly rounding.
+        with torch.autocast(ctx.student_logits.device.type, enabled=False):
+            loss = kd_loss(ctx.student_logits.float(), ctx.teacher_logits.float(), temperature, self.standardize)
         return {"ctkd": self.weight * loss}

@@ -22,6 +22,8 @@ from ...errors import ConfigError
 from ...registry import register_method
 from ..base import Context, Method, Setup
 
+__all__ = ["cc_loss", "cc_rbf_loss", "rbf_correlation", "CC"]
+
 CORRELATIONS = ("repdistiller", "taylor_rbf")
 
 

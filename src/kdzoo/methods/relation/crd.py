@@ -7,14 +7,18 @@ other classes (the negatives); NCE with uniform noise over the training set sepa
 directions (teacher anchor vs student memory and the reverse).  As in RepDistiller, the NCE
 normalisation constant Z of each direction is estimated once, on the first training batch, and kept.
 
-Negatives are drawn per batch from the global torch RNG on the method's device (so they follow the run's
-seed and a resumed run's restored generator state), uniformly *with* replacement among the samples of
-other classes: the i.i.d. noise samples of textbook NCE, where RepDistiller's "exact" loader draws
-without replacement whenever K does not exceed the candidates (on CIFAR-100: 16384 of 49500).
+Negatives are drawn as RepDistiller's "exact" loader draws them: for each anchor, K samples of other classes
+*without* replacement whenever K does not exceed those candidates (CIFAR-100: 16384 of 49500), with
+replacement otherwise (tiny data sets).  They come from a `torch.Generator` the method owns on the memory's
+device, never the global RNG: it is re-seeded for every batch from (seed, batches drawn), two integers kept
+in the method's state dict (``get_extra_state``), so a resumed run draws exactly the negatives the
+uninterrupted run would have.  The seed is drawn from the global RNG when the method is built (so it
+follows the run's seed) unless ``seed`` is given.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +27,8 @@ from torch import nn
 from ...errors import ConfigError
 from ...registry import register_method
 from ..base import Context, Method, Setup
+
+__all__ = ["nce_loss", "contrast_scores", "sample_negatives", "momentum_update", "CRD"]
 
 
 def contrast_scores(anchor: torch.Tensor, memory: torch.Tensor, sample: torch.Tensor,
@@ -60,17 +66,35 @@ def momentum_update(memory: torch.Tensor, index: torch.Tensor, embedding: torch.
 
 
 def sample_negatives(anchor_labels: torch.Tensor, by_class: torch.Tensor, class_start: torch.Tensor,
-                     class_count: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, k) sample indices, uniform with replacement over the samples whose class differs from each anchor's.
+                     class_count: torch.Tensor, k: int, generator: Optional[torch.Generator] = None,
+                     max_candidates: Optional[int] = None, chunk_elements: int = 1 << 25) -> torch.Tensor:
+    """(B, k) sample indices of classes other than each anchor's, uniform, as RepDistiller's ``np.random.choice``:
+    without replacement when the anchor has at least k candidates, with replacement otherwise.
 
     `by_class` lists every sample index sorted by class; class c occupies positions
-    [class_start[c], class_start[c] + class_count[c]).  A uniform draw over the positions outside that
-    block is a uniform draw over the other classes' samples, in O(B k) time and O(N) memory.
+    [class_start[c], class_start[c] + class_count[c]).  A draw over the positions outside that block is a draw
+    over the other classes' samples.  Without replacement: the k largest of uniform keys over the candidate
+    positions (a uniformly random k-subset), rows processed in chunks of at most `chunk_elements` keys.
+    `max_candidates` (the most any anchor can have: N less the smallest class) spares reading it back from the
+    device every batch.
     """
+    device = by_class.device
     start, count = class_start[anchor_labels, None], class_count[anchor_labels, None]
-    available = len(by_class) - count
-    position = (torch.rand(len(anchor_labels), k, device=by_class.device) * available).long()
-    position = torch.minimum(position, available - 1)  # float rounding may reach the upper bound
+    available = len(by_class) - count  # (B, 1) candidates per anchor
+    width = max_candidates if max_candidates is not None else int(available.max())
+    rows = max(1, chunk_elements // max(width, 1))
+    chunks = []
+    for lo in range(0, len(anchor_labels), rows):
+        avail = available[lo:lo + rows]
+        keys = torch.rand(len(avail), width, device=device, generator=generator)
+        keys = keys.masked_fill(torch.arange(width, device=device) >= avail, -1.0)  # not a candidate
+        distinct = keys.topk(min(k, width), dim=1, sorted=False).indices
+        if k > width:  # every anchor has fewer candidates than k
+            distinct = distinct.new_zeros(len(avail), k)
+        repeated = (torch.rand(len(avail), k, device=device, generator=generator) * avail).long()
+        repeated = torch.minimum(repeated, avail - 1)  # float rounding may reach the upper bound
+        chunks.append(torch.where(avail >= k, distinct, repeated))
+    position = torch.cat(chunks)
     position = position + count * (position >= start)  # skip the anchor's own class block
     return by_class[position]
 
@@ -80,9 +104,12 @@ class CRD(Method):
     ce_weight = 1.0
 
     def __init__(self, weight: float = 0.8, embed_dim: int = 128, num_negatives: int = 16384,
-                 temperature: float = 0.07, momentum: float = 0.5, student_layer: str = "penultimate",
-                 teacher_layer: str = "penultimate"):
+                 temperature: float = 0.07, momentum: float = 0.5, seed: Optional[int] = None,
+                 student_layer: str = "penultimate", teacher_layer: str = "penultimate"):
         super().__init__()
+        self.seed = seed
+        self.batches_drawn = 0
+        self._generator: Optional[torch.Generator] = None
         self.weight = weight
         self.embed_dim = embed_dim
         self.num_negatives = num_negatives
@@ -105,6 +132,9 @@ class CRD(Method):
         if int(class_count.max()) == setup.num_samples:
             raise ConfigError("crd: every training sample has the same class, so there are no negatives to draw")
         self.num_samples = setup.num_samples
+        self.max_candidates = setup.num_samples - int(class_count.min())
+        if self.seed is None:  # from the global RNG, so it follows the run's seed
+            self.seed = int(torch.randint(0, 2**62, ()).item())
         self.k = min(self.num_negatives, setup.num_samples - 1)  # tiny data sets have fewer samples than 16384
 
         self.embed_student = nn.Linear(setup.student_shapes[self.student_taps[0]][1:].numel(), self.embed_dim)
@@ -121,10 +151,26 @@ class CRD(Method):
         self.register_buffer("class_start", torch.cumsum(class_count, 0) - class_count, persistent=False)
         self.register_buffer("class_count", class_count, persistent=False)
 
+    def negatives_generator(self) -> torch.Generator:
+        """The method's generator on the memory's device, seeded for the next batch from (seed, batches drawn)."""
+        device = self.by_class.device
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+        self._generator.manual_seed((self.seed * 1_000_003 + self.batches_drawn) % 2**63)
+        self.batches_drawn += 1
+        return self._generator
+
+    def get_extra_state(self) -> dict:
+        return {"seed": self.seed, "batches_drawn": self.batches_drawn}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.seed = None if state["seed"] is None else int(state["seed"])
+        self.batches_drawn = int(state["batches_drawn"])
+
     def contrast_indices(self, index: torch.Tensor) -> torch.Tensor:
         """(B, K+1) memory rows to score: each anchor's own sample, then K samples of other classes."""
         negatives = sample_negatives(self.train_labels[index], self.by_class, self.class_start, self.class_count,
-                                     self.k)
+                                     self.k, self.negatives_generator(), self.max_candidates)
         return torch.cat([index[:, None], negatives], dim=1)
 
     def forward(self, ctx: Context) -> dict[str, torch.Tensor]:

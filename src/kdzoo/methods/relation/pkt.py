@@ -6,6 +6,8 @@ import torch
 from ...registry import register_method
 from ..base import Context, Method
 
+__all__ = ["pkt_loss", "PKT"]
+
 
 def cosine_probabilities(feature: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Conditional probabilities p(j | i) from cosine similarities shifted to [0, 1], rows summing to 1."""

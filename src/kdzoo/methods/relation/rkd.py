@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from ...registry import register_method
 from ..base import Context, Method
 
+__all__ = ["rkd_distance_loss", "rkd_angle_loss", "RKD"]
+
 
 def pairwise_distances(embedding: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Euclidean distances between all rows, zero on the diagonal."""
@@ -18,14 +20,18 @@ def pairwise_distances(embedding: torch.Tensor, eps: float = 1e-12) -> torch.Ten
 
 
 def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Smooth-L1 between pairwise distances, each normalised by its mean off-diagonal distance."""
-    student, teacher = student.flatten(1), teacher.flatten(1)
-    with torch.no_grad():
-        t_d = pairwise_distances(teacher)
-        t_d = t_d / t_d[t_d > 0].mean()
-    s_d = pairwise_distances(student)
-    s_d = s_d / s_d[s_d > 0].mean()
-    return F.smooth_l1_loss(s_d, t_d)
+    """Smooth-L1 between pairwise distances, each normalised by its mean off-diagonal distance.
+
+    In float32 with autocast off, as every RKD term: ||a||^2 + ||b||^2 - 2 a.b cancels catastrophically in bf16.
+    """
+    with torch.autocast(student.device.type, enabled=False):
+        student, teacher = student.flatten(1).float(), teacher.flatten(1).float()
+        with torch.no_grad():
+            t_d = pairwise_distances(teacher)
+            t_d = t_d / t_d[t_d > 0].mean()
+        s_d = pairwise_distances(student)
+        s_d = s_d / s_d[s_d > 0].mean()
+        return F.smooth_l1_loss(s_d, t_d)
 
 
 def triplet_angles(embedding: torch.Tensor) -> torch.Tensor:
@@ -35,11 +41,12 @@ def triplet_angles(embedding: torch.Tensor) -> torch.Tensor:
 
 
 def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Smooth-L1 between the triplet angle structures of the two embeddings."""
-    student, teacher = student.flatten(1), teacher.flatten(1)
-    with torch.no_grad():
-        t_angle = triplet_angles(teacher)
-    return F.smooth_l1_loss(triplet_angles(student), t_angle)
+    """Smooth-L1 between the triplet angle structures of the two embeddings (float32, autocast off)."""
+    with torch.autocast(student.device.type, enabled=False):
+        student, teacher = student.flatten(1).float(), teacher.flatten(1).float()
+        with torch.no_grad():
+            t_angle = triplet_angles(teacher)
+        return F.smooth_l1_loss(triplet_angles(student), t_angle)
 
 
 @register_method("rkd", family="relation", paper="Park et al. 2019, Relational Knowledge Distillation")

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from ...registry import register_method
 from ..base import Context, Method
 
+__all__ = ["sp_loss", "SP"]
+
 
 def similarity_matrix(feature: torch.Tensor) -> torch.Tensor:
     """Batch Gram matrix of the flattened features, each row L2-normalised: (B, ...) -> (B, B)."""

@@ -13,6 +13,8 @@ from ...registry import register_method
 from ...taps import stage_taps
 from ..base import Context, Method, Setup
 
+__all__ = ["gaussian_nll", "VID"]
+
 
 def gaussian_nll(predicted_mean: torch.Tensor, variance: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over all elements of 0.5 * ((target - mean)^2 / variance + log variance).
