@@ -195,11 +195,10 @@ class Condenser(ABC):
         self.image_size = tuple(self.data.image_size)
         self.use_zca = self.default_zca() if self.zca is None else bool(self.zca)
         pixels, labels, own = pixel_tensors(self.data.train)
-        self.space = build_input_space(self.data.name, pixels.to(self.torch_device), own, self.normalize,
-                                       self.use_zca, self.registry_name)
-        self.real = RealImages(self.space.to_input(pixels.to(self.torch_device)), labels, self.num_classes,
-                               self.torch_device)
-        del pixels
+        pixels = pixels.to(self.torch_device)
+        self.space = build_input_space(self.data.name, pixels, own, self.normalize, self.use_zca, self.registry_name)
+        self.real = RealImages(self.space.to_input(pixels), labels, self.num_classes, self.torch_device)
+        del pixels  # the network inputs are what the methods use
         self.dsa = DSA(self.dsa_strategy)
         self.labels = torch.arange(self.num_classes, device=self.torch_device).repeat_interleave(self.ipc)
         self.images = self.initial_images().requires_grad_(True)
