@@ -13,8 +13,8 @@ from kdzoo.condense import evaluate as evaluate_module
 from kdzoo.condense.augment import AugmentDraw, DSAParams, translate
 from kdzoo.condense.datadam import DataDAM, datadam_loss, spatial_attention
 from kdzoo.condense.evaluate import network_gradient
-from kdzoo.condense.ftd import FTD, ema_update
-from kdzoo.condense.mtt import MTT, ExpertBuffer, trajectory_loss
+from kdzoo.condense.ftd import ema_update
+from kdzoo.condense.mtt import ExpertBuffer, trajectory_loss
 from kdzoo.condense.space import ZCA_EPS, InputSpace
 from kdzoo.data.arrays import UInt8Images
 from kdzoo.data.datasets import CIFAR10_MEAN, CIFAR10_STD, DataSplits
