@@ -23,7 +23,14 @@ from kdzoo.data import build_dataset
 from kdzoo.errors import ConfigError
 from kdzoo.models import create_model
 
-TINY = {"model_options": {"width": 8}, "batch_real": 8}
+TINY_NET = {"model_options": {"width": 8}}
+TINY = {**TINY_NET, "batch_real": 8}
+
+
+def tiny(method: str) -> dict:
+    """Tiny settings; trajectory matching draws no real batches and refuses batch_real."""
+    return TINY_NET if method in ("mtt", "ftd") else TINY
+
 EXPERTS = {"num_experts": 2, "expert_train_epochs": 3, "experts_together": 2, "syn_steps": 4, "max_start_epoch": 1}
 # Settings under which a few iterations clearly lower each method's loss on fixed draws.
 DECREASE = {
@@ -31,8 +38,8 @@ DECREASE = {
     "dsa": dict(iterations=20, outer_loop=1, lr_img=0.3, init="noise"),
     "dm": dict(iterations=20, lr_img=3.0, init="noise"),
     "datadam": dict(iterations=10, lr_img=1.0),
-    "mtt": dict(iterations=10, lr_img=100.0, **EXPERTS),
-    "ftd": dict(iterations=10, lr_img=100.0, **EXPERTS),
+    "mtt": dict(iterations=10, lr_img=30.0, **EXPERTS),
+    "ftd": dict(iterations=10, lr_img=30.0, **EXPERTS),
 }
 DATA_OVERRIDES = ["data.num_classes=4", "data.image_size=16", "data.train_size=64", "data.test_size=32"]
 
@@ -86,11 +93,25 @@ def test_real_and_synthetic_batches_share_the_draw_class_by_class(strategy, imag
         assert torch.allclose(real_out[:, :syn_per_class], syn_out, atol=1e-6)
 
 
-def test_independent_draws_differ_per_image(images):
+def test_non_siamese_augment_draws_one_operation_per_batch_and_parameters_per_image(images):
+    """The reference's DiffAugment(seed=-1): one strategy operation for the batch, random values per image."""
+    dsa = DSA()
+    draw = dsa.draw(1, images=16)
+    assert draw.operations.shape == (1,) and all(v.shape == (16,) for v in draw.uniforms.values())
     torch.manual_seed(0)
     copies = images[:1].expand(16, -1, -1, -1).contiguous()
-    out = DSA().augment(copies)
-    assert len({tuple(o.flatten()[:50].tolist()) for o in out}) > 8
+    rotated = DSA("rotate").augment(copies)
+    assert len({tuple(o.flatten()[:50].tolist()) for o in rotated}) == 16  # each image its own angle
+    for seed in range(6):  # whatever operation is drawn, every image of the batch gets that one
+        torch.manual_seed(seed)
+        expected_draw = dsa.draw(2, images=16)
+        torch.manual_seed(seed)
+        out = dsa.augment(copies, groups=2)
+        assert torch.equal(out, dsa.apply(copies, expected_draw))
+        (op,) = set(expected_draw.operations.tolist()) if len(set(expected_draw.operations.tolist())) == 1 else (None,)
+        if op is not None:
+            single = AugmentDraw(torch.tensor([op]), expected_draw.uniforms, per_image=True)
+            assert torch.equal(out, dsa.apply(copies, single))
 
 
 @pytest.mark.parametrize("strategy", OPERATIONS)
@@ -149,7 +170,7 @@ def test_every_method_is_registered_with_defaults():
 
 @pytest.mark.parametrize("method", sorted(DECREASE))
 def test_matching_loss_decreases(method, data):
-    condenser = build_condenser(method, data, 2, **TINY, **DECREASE[method])
+    condenser = build_condenser(method, data, 2, **tiny(method), **DECREASE[method])
     condenser.progress = False
     seeds = range(4)
     before = [condenser.fixed_draw_loss(s) for s in seeds]
@@ -208,7 +229,7 @@ def test_dm_batched_loss_equals_the_per_class_formula(data):
 
 def test_recomputed_student_steps_give_the_plain_unroll_gradients(data):
     """MTT's bounded-memory unroll differentiates exactly like the plain one."""
-    condenser = build_condenser("mtt", data, 2, **TINY, **EXPERTS)
+    condenser = build_condenser("mtt", data, 2, **TINY_NET, **EXPERTS)
     net = condenser.student
     layout = param_layout(net)
     w0 = torch.cat([p.detach().flatten() for p in net.parameters()])
@@ -225,7 +246,7 @@ def test_recomputed_student_steps_give_the_plain_unroll_gradients(data):
 
 
 def test_expert_buffer_roundtrip_and_mismatch(tmp_path, data):
-    condenser = build_condenser("mtt", data, 2, buffer_dir=str(tmp_path / "experts"), **TINY, **EXPERTS)
+    condenser = build_condenser("mtt", data, 2, buffer_dir=str(tmp_path / "experts"), **TINY_NET, **EXPERTS)
     condenser.progress = False
     buffer = condenser.buffer
     assert len(buffer) == 2 and buffer.epochs == 3
@@ -233,7 +254,7 @@ def test_expert_buffer_roundtrip_and_mismatch(tmp_path, data):
     assert start.shape == end.shape and not torch.equal(start, end)
     again = ExpertBuffer.load(tmp_path / "experts")
     assert torch.equal(again.segment(1, 0, 2, torch.device("cpu"))[1], end)
-    other = build_condenser("mtt", data, 2, buffer_dir=str(tmp_path / "experts"), **TINY,
+    other = build_condenser("mtt", data, 2, buffer_dir=str(tmp_path / "experts"), **TINY_NET,
                             **{**EXPERTS, "num_experts": 3})
     with pytest.raises(ConfigError, match="num_experts"):
         other.buffer
@@ -250,13 +271,13 @@ def test_fyi_adds_flipped_copies_class_by_class():
 @pytest.mark.parametrize("method", ["dc", "dsa", "dm", "mtt"])
 def test_fyi_option_runs(method, data):
     extra = EXPERTS if method in ("mtt",) else {"outer_loop": 2, "inner_loop": 1} if method in ("dc", "dsa") else {}
-    synthetic = condense(method, data, 2, iterations=2, fyi=True, progress=False, **TINY, **extra)
+    synthetic = condense(method, data, 2, iterations=2, fyi=True, progress=False, **tiny(method), **extra)
     assert synthetic.images.shape == (8, 3, 16, 16) and torch.isfinite(synthetic.images).all()
     assert synthetic.meta["options"]["fyi"] is True
 
 
-def test_committee_soft_labels(data):
-    synthetic = condense("dm", data, 2, iterations=1, soft_labels=True, committee="convnet:convnet3,tiny:cnn",
+def test_committee_labels(data):
+    synthetic = condense("dm", data, 2, iterations=1, committee_labels=True, committee="convnet:convnet3,tiny:cnn",
                          committee_size=3, committee_epochs=2, progress=False, **TINY)
     assert synthetic.soft and synthetic.labels.shape == (8, 4)
     assert torch.allclose(synthetic.labels.sum(1), torch.ones(8), atol=1e-5)
@@ -378,7 +399,7 @@ def test_evaluation_protocol_end_to_end(data):
                                            ("ftd", {**EXPERTS, "ema_decay": 0.5})])
 def test_resume_gives_the_uninterrupted_result(method, extra, data, tmp_path):
     def build(iterations):
-        condenser = build_condenser(method, data, 2, iterations=iterations, **TINY, **extra)
+        condenser = build_condenser(method, data, 2, iterations=iterations, **tiny(method), **extra)
         condenser.progress = False
         return condenser
 

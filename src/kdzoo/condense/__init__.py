@@ -10,20 +10,29 @@ as the whole training set.
 
 Methods (registered in `CONDENSERS`, defaults beside each class): ``dc``, ``dsa``, ``dm``,
 ``datadam``, ``mtt``, ``ftd``.  Options of every method: ``fyi=True`` (match flipped images too),
-``soft_labels=True`` (committee-voted soft labels), ``init="real" | "noise"``, ``dsa_strategy``.
+``committee_labels=True`` (fixed soft labels voted once by a committee on the final images; not the
+per-batch relabelling of the committee-voting paper, see `soft_labels`), ``init="real" | "noise"``,
+``dsa_strategy``, ``zca`` (kornia ZCA whitening, eps 0.1; on by default for MTT/FTD on CIFAR) and
+``normalize`` (DatasetCondensation's per-channel constants for CIFAR-10/100 and Fashion-MNIST).
+
+The returned `SyntheticSet` holds pixel-space images plus the input space they were distilled in
+(normalisation or the fitted whitening), saved together; `evaluate_synthetic` maps the synthetic
+and the test images through it.
 """
 from .augment import DSA, DSA_STRATEGY, DSAParams
 from .base import (CONDENSERS, Condenser, EvalProtocol, SyntheticSet, build_condenser, condense, register_condenser,
                    run_condenser)
-from .datadam import DataDAM
+from .datadam import DataDAM, datadam_loss
 from .dc import DC, DSAMatching
-from .dm import DM
+from .dm import DM, dm_loss
 from .evaluate import EvalResult, evaluate_synthetic, format_results, train_networks
 from .ftd import FTD
-from .mtt import MTT, ExpertBuffer
+from .mtt import MTT, ExpertBuffer, trajectory_loss
+from .space import InputSpace
 
 __all__ = [
     "CONDENSERS", "Condenser", "register_condenser", "build_condenser", "condense", "run_condenser",
     "SyntheticSet", "EvalProtocol", "EvalResult", "evaluate_synthetic", "format_results", "train_networks",
     "DSA", "DSAParams", "DSA_STRATEGY", "DC", "DSAMatching", "DM", "DataDAM", "MTT", "FTD", "ExpertBuffer",
+    "InputSpace", "dm_loss", "datadam_loss", "trajectory_loss",
 ]

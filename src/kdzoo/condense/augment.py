@@ -9,13 +9,20 @@ synthetic images through it.
 A draw (`DSA.draw`) holds the random choices for ``groups`` equal, consecutive chunks of a batch:
 one operation and one parameter set per chunk.  Applying the same draw to the real and to the
 synthetic batch (both laid out class by class) is the siamese part: image ``i`` of class ``c`` in
-either batch is transformed exactly alike.  `DSA.augment` draws independently for every image, as
-used when a network trains on the synthetic set.
+either batch is transformed exactly alike.  `DSA.augment` is the reference's non-siamese mode
+(``DiffAugment(x, strategy, seed=-1)`` with ``aug_mode='S'``), used when a network trains on the
+synthetic set: ONE operation for the whole batch, its parameters drawn for every image.
+
+Ranges and conventions follow the reference's ``ParamDiffAug`` and ``rand_*`` functions: rotation by
+(u - 0.5) * 2 * 15 degrees, scale factors in [1/1.2, 1.2], integer crop shifts in
+[-int(side * 0.125 + 0.5), +int(side * 0.125 + 0.5)], and ``affine_grid``/``grid_sample`` with
+PyTorch's default ``align_corners=False``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +49,12 @@ class DSAParams:
 
 @dataclass
 class AugmentDraw:
-    """One operation index per group (CPU) and uniform [0, 1) numbers per group (batch device)."""
+    """One operation index per group (CPU) and uniform [0, 1) numbers (batch device), one per group
+    or, with `per_image`, one per image."""
 
     operations: torch.Tensor
     uniforms: dict[str, torch.Tensor]
+    per_image: bool = False
 
     @property
     def groups(self) -> int:
@@ -74,12 +83,13 @@ class DSA:
     def enabled(self) -> bool:
         return bool(self.operations)
 
-    def draw(self, groups: int, device: torch.device | str = "cpu") -> AugmentDraw:
-        """Random choices for `groups` chunks; the operation index is drawn on the CPU (no device sync)."""
+    def draw(self, groups: int, device: torch.device | str = "cpu", images: Optional[int] = None) -> AugmentDraw:
+        """Random choices for `groups` chunks; the operation index is drawn on the CPU (no device sync).
+        With `images` the parameters are drawn for each of that many images instead of per chunk."""
         operations = torch.randint(len(self.operations), (groups,))
         wanted = {u for op in self.operations for u in _UNIFORMS[op]}
-        uniforms = {u: torch.rand(groups, device=device) for u in sorted(wanted)}
-        return AugmentDraw(operations, uniforms)
+        uniforms = {u: torch.rand(images or groups, device=device) for u in sorted(wanted)}
+        return AugmentDraw(operations, uniforms, images is not None)
 
     def apply(self, x: torch.Tensor, draw: AugmentDraw) -> torch.Tensor:
         """Transform `x` (``groups`` equal consecutive chunks) as `draw` says; differentiable in `x`."""
@@ -98,19 +108,22 @@ class DSA:
         for op in present:
             index = (draw.operations == op).nonzero().squeeze(1)
             sub = chunks[index.to(x.device)].flatten(0, 1)
-            uniforms = {k: v[index.to(v.device)] for k, v in draw.uniforms.items()}
+            uniforms = {k: (v.view(groups, per_group) if draw.per_image else v)[index.to(v.device)].flatten()
+                        for k, v in draw.uniforms.items()}
             pieces.append(self._operation(self.operations[op], sub, uniforms, per_group))
             order.append(index)
         inverse = torch.argsort(torch.cat(order)).to(x.device)
         out = torch.cat(pieces).view(groups, per_group, *x.shape[1:])
         return out[inverse].flatten(0, 1)
 
-    def augment(self, x: torch.Tensor) -> torch.Tensor:
-        """Independent operation and parameters for every image."""
-        return self.apply(x, self.draw(len(x), x.device)) if self.enabled else x
+    def augment(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """The reference's non-siamese augmentation: one operation per batch (per each of `groups` equal
+        consecutive batches, e.g. one per network of a stack), independent parameters for every image."""
+        return self.apply(x, self.draw(groups, x.device, images=len(x))) if self.enabled else x
 
     def _operation(self, name: str, x: torch.Tensor, uniforms: dict[str, torch.Tensor], per_group: int) -> torch.Tensor:
-        u = {k: v.repeat_interleave(per_group) for k, v in uniforms.items() if k in _UNIFORMS[name]}
+        u = {k: v if len(v) == len(x) else v.repeat_interleave(per_group)
+             for k, v in uniforms.items() if k in _UNIFORMS[name]}
         p = self.params
         if name == "color":
             x = x + (u["brightness"] - 0.5).view(-1, 1, 1, 1) * p.brightness
@@ -167,6 +180,7 @@ def cutout(x: torch.Tensor, centre_y: torch.Tensor, centre_x: torch.Tensor, rati
 
 
 def affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Resample every image through its 2x3 affine matrix (bilinear, zero padding)."""
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=True)
-    return F.grid_sample(x, grid, align_corners=True)
+    """Resample every image through its 2x3 affine matrix (bilinear, zero padding, align_corners=False
+    as the reference's calls with PyTorch's default)."""
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False)

@@ -30,6 +30,7 @@ from ..runtime import atomic_write
 from ..train.checkpoint import load_checkpoint, read_weights, rng_state, save_checkpoint, set_rng_state
 from ..runtime import resolve_device
 from .augment import DSA, DSA_STRATEGY
+from .space import InputSpace, build_input_space, pixel_tensors, split_tensors  # noqa: F401  (re-exported)
 
 CONDENSERS = Registry("condenser", skip_args=("data", "ipc"))
 register_condenser = CONDENSERS.register
@@ -38,33 +39,48 @@ register_condenser = CONDENSERS.register
 @dataclass(frozen=True)
 class EvalProtocol:
     """How a method's synthetic set is evaluated in its paper: fresh networks trained for `epochs`
-    with SGD (momentum 0.9, weight decay 5e-4, lr x0.1 at half time), batch 256."""
+    with SGD (momentum 0.9, weight decay 5e-4, lr x0.1 at half time) in minibatches of `batch_size`."""
 
     epochs: int = 1000
-    augment: bool = True  # DSA augmentation while the fresh networks train
+    augment: bool = True  # DSA augmentation (the set's own strategy) while the fresh networks train
     lr: float = 0.01
     learned_lr: bool = False  # trajectory matching learns the step size; evaluate with it
+    batch_size: int = 256  # the references' batch_train
 
 
 @dataclass
 class SyntheticSet:
-    """Distilled images (normalised like the real data) with hard (N,) or soft (N, classes) labels."""
+    """Distilled images with hard (N,) or soft (N, classes) labels.
+
+    With a `space` (what `condense` returns) the images are in pixel space and `space` maps them to
+    the network inputs the set was distilled in (per-channel normalisation or ZCA whitening); without
+    one the images are network inputs already."""
 
     images: torch.Tensor
     labels: torch.Tensor
     learned_lr: Optional[float] = None
     meta: dict[str, Any] = field(default_factory=dict)
+    space: Optional[InputSpace] = None
 
     @property
     def soft(self) -> bool:
         return self.labels.is_floating_point()
 
+    def inputs(self) -> torch.Tensor:
+        """The images as the networks see them."""
+        return self.images if self.space is None else self.space.to_input(self.images)
+
     def save(self, path: str | Path) -> None:
-        """images + labels as safetensors; `meta` and the learned step size as JSON metadata."""
+        """images + labels (+ the fitted whitening) as safetensors; `meta`, the input space and the learned
+        step size as JSON metadata."""
         from safetensors.torch import save_file
 
         tensors = {"images": self.images.detach().cpu().contiguous(), "labels": self.labels.detach().cpu().contiguous()}
-        meta = json.dumps({**self.meta, "learned_lr": self.learned_lr})
+        extra = {}
+        if self.space is not None:
+            tensors.update(self.space.tensors())
+            extra["input_space"] = self.space.meta()
+        meta = json.dumps({**self.meta, **extra, "learned_lr": self.learned_lr})
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"kdzoo": meta}))
 
     @classmethod
@@ -73,25 +89,19 @@ class SyntheticSet:
         if not {"images", "labels"} <= set(tensors):
             raise CheckpointError(f"{path}: not a synthetic set (needs tensors 'images' and 'labels')")
         learned_lr = meta.pop("learned_lr", None)
-        return cls(tensors["images"], tensors["labels"], learned_lr, meta)
-
-
-def split_tensors(dataset, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every (image, label, ...) item of a dataset stacked into two tensors (one pass)."""
-    images, labels = [], []
-    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
-        images.append(batch[0])
-        labels.append(torch.as_tensor(batch[1]))
-    if not images:
-        raise ConfigError("the dataset split is empty")
-    return torch.cat(images).float(), torch.cat(labels).long()
+        space_meta = meta.pop("input_space", None)
+        try:
+            space = InputSpace.from_saved(space_meta, tensors) if space_meta is not None else None
+        except ConfigError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+        return cls(tensors["images"], tensors["labels"], learned_lr, meta, space)
 
 
 class RealImages:
-    """A split's images and labels on one device, with per-class random sampling that stays there."""
+    """A split's images (network inputs) and labels on one device, with per-class random sampling that
+    stays there."""
 
-    def __init__(self, dataset, num_classes: int, device: torch.device):
-        images, labels = split_tensors(dataset)
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, device: torch.device):
         self.images, self.labels = images.to(device), labels.to(device)
         self.num_classes, self.device = num_classes, device
         members = [(labels == c).nonzero().squeeze(1) for c in range(num_classes)]
@@ -155,9 +165,11 @@ class Condenser(ABC):
     model: str = "convnet:convnet3"
     model_options: Optional[dict] = None
     dsa_strategy: str = DSA_STRATEGY  # "none" switches augmentation off
-    batch_real: int = 256  # real images per class in one matching draw
+    batch_real: Optional[int] = 256  # real images per class in one matching draw
+    normalize: str = "auto"  # "auto": DatasetCondensation's constants for cifar10/cifar100/fashion_mnist
+    zca: Optional[bool] = None  # ZCA-whiten the pixels (kornia, eps 0.1); None: the method's default
     fyi: bool = False
-    soft_labels: bool = False  # relabel the final images with a committee of teachers
+    committee_labels: bool = False  # fixed soft labels: a committee's vote on the final images (not per batch)
     committee: str = "convnet:convnet3"  # comma-separated architectures of the committee
     committee_size: int = 5
     committee_epochs: int = 30
@@ -175,12 +187,18 @@ class Condenser(ABC):
             raise ConfigError(f"{self.registry_name}: init must be 'real' or 'noise', got {self.init!r}")
         if self.iterations < 0:
             raise ConfigError(f"{self.registry_name}: iterations must be >= 0, got {self.iterations}")
+        self.resolve_options()
         self.torch_device = resolve_device(self.device)
         torch.manual_seed(self.seed)
         self.num_classes = self.data.num_classes
         self.channels = self.data.in_channels
         self.image_size = tuple(self.data.image_size)
-        self.real = RealImages(self.data.train, self.num_classes, self.torch_device)
+        self.use_zca = self.default_zca() if self.zca is None else bool(self.zca)
+        pixels, labels, own = pixel_tensors(self.data.train)
+        pixels = pixels.to(self.torch_device)
+        self.space = build_input_space(self.data.name, pixels, own, self.normalize, self.use_zca, self.registry_name)
+        self.real = RealImages(self.space.to_input(pixels), labels, self.num_classes, self.torch_device)
+        del pixels  # the network inputs are what the methods use
         self.dsa = DSA(self.dsa_strategy)
         self.labels = torch.arange(self.num_classes, device=self.torch_device).repeat_interleave(self.ipc)
         self.images = self.initial_images().requires_grad_(True)
@@ -191,6 +209,13 @@ class Condenser(ABC):
         self.setup()
 
     # -- hooks for the methods ------------------------------------------------------------------
+    def resolve_options(self) -> None:
+        """Fill options left None with the method's per-dataset/IPC defaults; refuse ignored ones."""
+
+    def default_zca(self) -> bool:
+        """Whether the method whitens by default (MTT/FTD: on CIFAR, as the authors' scripts)."""
+        return False
+
     def setup(self) -> None:
         """Method-specific preparation after the images exist (expert trajectories, EMA, ...)."""
 
@@ -287,18 +312,20 @@ class Condenser(ABC):
             optimizer.load_state_dict(saved)
 
     def result(self) -> SyntheticSet:
-        """The synthetic set now (soft labels from the committee when asked for)."""
+        """The synthetic set now, in pixel space with its input space (committee soft labels when asked for)."""
         images = self.final_images().detach().clone()
         labels = self.labels.clone()
-        if self.soft_labels:
+        if self.committee_labels:
             from .soft_labels import committee_soft_labels
 
             labels = committee_soft_labels(self, images)
         meta = {"method": self.registry_name, "dataset": self.data.name, "ipc": self.ipc,
                 "num_classes": self.num_classes, "image_size": list(self.image_size), "model": self.model,
                 "model_options": jsonable(self.model_options), "options": jsonable(self.options()),
+                "dsa_strategy": self.dsa_strategy, "zca": self.use_zca,
                 "eval": dataclasses.asdict(self.EVAL), "iterations_done": len(self.history)}
-        return SyntheticSet(images.cpu(), labels.cpu(), self.learned_lr(), meta)
+        pixels = self.space.to_pixels(images)
+        return SyntheticSet(pixels.cpu(), labels.cpu(), self.learned_lr(), meta, self.space)
 
 
 def build_condenser(method: str, data, ipc: int, **options: Any) -> Condenser:

@@ -18,7 +18,8 @@ from ..runtime import atomic_write
 if TYPE_CHECKING:
     from .base import SyntheticSet
 
-OVERRIDES_HELP = ("method options, e.g. lr_img=1 fyi=true soft_labels=true model_options.width=64; "
+OVERRIDES_HELP = ("method options, e.g. lr_img=1 fyi=true committee_labels=true zca=true normalize=cifar10 "
+                  "model_options.width=64; "
                   "data.OPTION=VALUE for the dataset (data.root=/data/cifar); eval.OPTION=VALUE for the "
                   "evaluation (eval.epochs=300 eval.augment=false eval.models=[convnet:convnet3,cifar:resnet20])")
 EVAL_OPTIONS = ("models", "num_models", "epochs", "lr", "augment", "dsa_strategy", "batch_size", "flip_batch",
@@ -41,7 +42,10 @@ def add_condense_parser(subparsers) -> argparse.ArgumentParser:
 
 DESCRIPTION = ("Learn IPC synthetic images per class with a dataset-distillation method, save them (safetensors + "
                "PNG grid), then train fresh networks on them and report test accuracy beside the published number.")
-EPILOG = "A method's options with their defaults: kdzoo condense METHOD --help-options."
+EPILOG = ("A method's options with their defaults: kdzoo condense METHOD --help-options (None: the authors' "
+          "value for the dataset and IPC).  The set is saved in pixel space with the normalisation or ZCA "
+          "whitening it was distilled in; for the CIFAR-10 JPEG copy (--dataset imagefolder) pass normalize=cifar10 "
+          "for the DatasetCondensation constants.")
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
@@ -129,12 +133,15 @@ def cmd_condense(args) -> int:
 
 
 def save_grid(synthetic: "SyntheticSet", path: Path) -> None:
-    """PNG of the images, one row per class; pixels clipped to mean +- 2.5 std of the set and
-    stretched to [0, 1] (no dataset statistics needed)."""
+    """PNG of the images, one row per class.  Pixel-space sets (whitening undone) are shown as they
+    are, clipped to [0, 1]; others are clipped to mean +- 2.5 std of the set and stretched to [0, 1]."""
     from torchvision.utils import save_image
 
     images = synthetic.images.float()
-    mean, std = images.mean(), images.std().clamp_min(1e-8)
-    shown = ((images - mean) / (5 * std) + 0.5).clamp(0, 1)
+    if synthetic.space is not None and synthetic.space.pixels:
+        shown = images.clamp(0, 1)
+    else:
+        mean, std = images.mean(), images.std().clamp_min(1e-8)
+        shown = ((images - mean) / (5 * std) + 0.5).clamp(0, 1)
     per_row = int(synthetic.meta.get("ipc", len(images)))
     atomic_write(path, lambda tmp: save_image(shown, str(tmp), nrow=per_row, padding=1, format="png"))

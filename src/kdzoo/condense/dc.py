@@ -135,14 +135,13 @@ class DC(Condenser):
             m.eval()
 
     def train_network(self, network: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """`inner_loop` epochs of the network on the (detached) synthetic set."""
+        """`inner_loop` epochs of the network on the (detached) synthetic set, one DSA operation per batch."""
         network.train()
         images, labels = self.images.detach(), self.labels
-        batch = max(1, self.batch_train // 2 if self.fyi else self.batch_train)
         for _ in range(self.inner):
-            for index in torch.randperm(len(images), device=images.device).split(batch):
+            for index in torch.randperm(len(images), device=images.device).split(self.batch_train):
                 x, y = images[index], labels[index]
-                if self.fyi:
+                if self.fyi:  # FYI's BatchAug in the inner loop: the batch plus a full batch of its flips
                     x, y = fyi_expand(x, y, 1)
                 loss = F.cross_entropy(network(self.dsa.augment(x)), y)
                 optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from ..errors import ConfigError
 from ..runtime import resolve_device
 from .augment import DSA, DSA_STRATEGY
-from .base import EvalProtocol, SyntheticSet, build_network, classification_loss, split_tensors
+from .base import EvalProtocol, SyntheticSet, build_network, classification_loss
+from .space import pixel_tensors, split_tensors
 
 # CIFAR-10, ConvNet-3, test accuracy % (../shared/reference/published.md; DC/DSA from the
 # VICO-UoE/DatasetCondensation README, the others secondary quotes).
@@ -48,12 +49,15 @@ def published_accuracy(method: str, dataset: str, ipc: int) -> Optional[float]:
 GradientFn = Callable[[dict, dict, torch.Tensor, torch.Tensor], dict]
 
 
-def network_gradient(base: nn.Module, sam_rho: float = 0.0, sam_alpha: float = 0.0) -> GradientFn:
+def network_gradient(base: nn.Module, sam_rho: float = 0.0, sam_alpha: float = 0.0,
+                     sam_adaptive: bool = False, perturb_eps: float = 1e-12) -> GradientFn:
     """Gradient of one network's loss on one batch, as a pure function of (params, buffers, x, y).
 
-    With `sam_rho` > 0 it is the sharpness-aware gradient (SAM: taken at the parameters moved by
-    rho along the normalised gradient); `sam_alpha` > 0 adds GSAM's correction, removing alpha x
-    the part of the plain gradient orthogonal to the perturbed one.
+    With `sam_rho` > 0 it is the sharpness-aware update direction of FTD's expert buffer (its GSAM
+    optimizer, buffer/gsam/gsam.py): the gradient ``g`` at the parameters, the gradient ``g_s`` at the
+    parameters moved by ``e``, and GSAM's decomposition ``g_s - alpha * (g - cos * |g| * g_s / |g_s|)``
+    (cos the cosine of g and g_s).  ``e = rho * g / |g|`` (SAM) or, with `sam_adaptive` (ASAM, the
+    buffer's default), ``e = rho * w^2 * g / || |w| * g ||``.  `perturb_eps` is GSAM's 1e-12.
     """
 
     def loss(params, buffers, x, y):
@@ -63,16 +67,25 @@ def network_gradient(base: nn.Module, sam_rho: float = 0.0, sam_alpha: float = 0
     if sam_rho <= 0:
         return plain
 
+    def total_norm(tensors) -> torch.Tensor:
+        return torch.sqrt(sum((v * v).sum() for v in tensors))
+
     def sharpness_aware(params, buffers, x, y):
         g = plain(params, buffers, x, y)
-        norm = torch.sqrt(sum((v * v).sum() for v in g.values()))
-        scale = sam_rho / (norm + 1e-12)
-        g_sharp = plain({k: params[k] + scale * g[k] for k in params}, buffers, x, y)
+        if sam_adaptive:
+            scale = sam_rho / (total_norm(params[k].abs() * g[k] for k in g) + perturb_eps)
+            step = {k: scale * g[k] * params[k] ** 2 for k in g}
+        else:
+            scale = sam_rho / (total_norm(g.values()) + perturb_eps)
+            step = {k: scale * g[k] for k in g}
+        g_sharp = plain({k: params[k] + step[k] for k in params}, buffers, x, y)
         if sam_alpha <= 0:
             return g_sharp
-        dot = sum((g[k] * g_sharp[k]).sum() for k in g)
-        sharp_sq = sum((v * v).sum() for v in g_sharp.values())
-        return {k: g_sharp[k] - sam_alpha * (g[k] - dot / (sharp_sq + 1e-12) * g_sharp[k]) for k in g}
+        inner = sum((g[k] * g_sharp[k]).sum() for k in g)
+        norm, sharp_norm = total_norm(g.values()), total_norm(g_sharp.values())
+        cosine = inner / (sharp_norm * norm + perturb_eps)
+        return {k: g_sharp[k] - sam_alpha * (g[k] - cosine * norm * g_sharp[k] / (sharp_norm + perturb_eps))
+                for k in g}
 
     return sharpness_aware
 
@@ -120,13 +133,14 @@ def train_networks(networks: Sequence[nn.Module], images: torch.Tensor, labels: 
                    lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 256,
                    augment: Optional[DSA] = None, decay_epoch: Optional[int] = None, decay_factor: float = 0.1,
                    flip_batch: bool = False, sam_rho: float = 0.0, sam_alpha: float = 0.0,
-                   vectorize: Optional[bool] = None,
+                   sam_adaptive: bool = False, vectorize: Optional[bool] = None,
                    on_epoch: Optional[Callable[[int, dict], None]] = None, progress: bool = False,
                    desc: str = "train") -> StackedNetworks:
     """Train same-architecture `networks` on (images, labels) with SGD (PyTorch semantics: weight decay
     added to the gradient, momentum buffer without dampening).  After `decay_epoch` epochs the lr is
     multiplied by `decay_factor` and the momentum restarts (the reference builds a new optimizer).
-    `flip_batch` (FYI's evaluation) appends the horizontal flip of every batch, halving the batch.
+    `flip_batch` appends the horizontal flip of every batch, halving the batch.  `sam_*`: see
+    `network_gradient` (FTD's experts).
     `on_epoch(epoch, params)` sees the stacked parameters at epoch 0 and after every epoch."""
     if len({type(n) for n in networks}) != 1:
         raise ConfigError("train_networks: all networks must share one architecture")
@@ -135,7 +149,7 @@ def train_networks(networks: Sequence[nn.Module], images: torch.Tensor, labels: 
     buffers = {k: v.detach() for k, v in buffers.items()}
     base = copy.deepcopy(networks[0]).to("meta").train()
     vectorize = images.device.type == "cuda" if vectorize is None else vectorize
-    gradient = network_gradient(base, sam_rho, sam_alpha)
+    gradient = network_gradient(base, sam_rho, sam_alpha, sam_adaptive)
     count, n = len(networks), len(images)
     batch = max(1, batch_size // 2 if flip_batch else batch_size)
     steps = math.ceil(n / batch)
@@ -158,8 +172,8 @@ def train_networks(networks: Sequence[nn.Module], images: torch.Tensor, labels: 
                 x, y = images[index], labels[index]
                 if flip_batch:
                     x, y = torch.cat([x, x.flip(-1)], 1), torch.cat([y, y], 1)
-                if augment is not None and augment.enabled:
-                    x = augment.augment(x.flatten(0, 1)).view_as(x)
+                if augment is not None and augment.enabled:  # one DSA operation per network's batch
+                    x = augment.augment(x.flatten(0, 1), groups=count).view_as(x)
             grads = all_gradients(x, y)
             with torch.no_grad():
                 for k, g in grads.items():
@@ -193,15 +207,18 @@ class EvalResult:
 
 def evaluate_synthetic(synthetic: SyntheticSet, data, *, models: Optional[Sequence[str]] = None,
                        num_models: int = 20, epochs: Optional[int] = None, lr: Optional[float] = None,
-                       augment: Optional[bool] = None, dsa_strategy: str = DSA_STRATEGY, batch_size: int = 256,
+                       augment: Optional[bool] = None, dsa_strategy: Optional[str] = None,
+                       batch_size: Optional[int] = None,
                        flip_batch: bool = False, model_options: Optional[dict] = None,
                        vectorize: Optional[bool] = None,
                        device: str = "auto", progress: bool = True) -> dict[str, EvalResult]:
     """Train `num_models` fresh networks of every architecture in `models` on the synthetic set and
     test them on `data.test`; mean and (population) std of their test accuracy in %.
 
-    Unset settings come from the method's published protocol stored with the set (epochs, DSA
-    augmentation, learned step size).  `models` defaults to the architecture the set was distilled
+    Unset settings come from the method's published protocol stored with the set (epochs, batch size,
+    DSA augmentation with the strategy the set was distilled with, learned step size).  A set with an
+    input space (pixel-space images) is mapped to network inputs, and the test images with it (the
+    same normalisation or the same fitted ZCA whitening).  `models` defaults to the architecture the set was distilled
     with; other zoo names (``cifar:resnet20``, ``cifar:vgg11``, ``tv:...``) test cross-architecture
     generalisation and are built with `model_options` only if given."""
     protocol = EvalProtocol(**synthetic.meta.get("eval", {}))
@@ -209,12 +226,20 @@ def evaluate_synthetic(synthetic: SyntheticSet, data, *, models: Optional[Sequen
     if lr is None:
         lr = synthetic.learned_lr if protocol.learned_lr and synthetic.learned_lr else protocol.lr
     augment = protocol.augment if augment is None else augment
+    batch_size = protocol.batch_size if batch_size is None else batch_size
+    if dsa_strategy is None:
+        stored = synthetic.meta.get("dsa_strategy") or synthetic.meta.get("options", {}).get("dsa_strategy")
+        dsa_strategy = stored or DSA_STRATEGY
     dsa = DSA(dsa_strategy) if augment else None
     own_model = synthetic.meta.get("model", "convnet:convnet3")
     models = list(models or [own_model])
     torch_device = resolve_device(device)
-    test_images, test_labels = (t.to(torch_device) for t in split_tensors(data.test))
-    images, labels = synthetic.images.to(torch_device), synthetic.labels.to(torch_device)
+    if synthetic.space is None:
+        test_images, test_labels = (t.to(torch_device) for t in split_tensors(data.test))
+    else:
+        test_pixels, test_labels, _ = pixel_tensors(data.test)
+        test_images, test_labels = synthetic.space.to_input(test_pixels.to(torch_device)), test_labels.to(torch_device)
+    images, labels = synthetic.inputs().to(torch_device), synthetic.labels.to(torch_device)
     num_classes = synthetic.meta.get("num_classes", data.num_classes)
     results = {}
     for name in models:

@@ -31,9 +31,35 @@ from .evaluate import train_networks
 
 MTT_PAPER = "Cazenavette et al. 2022, Dataset Distillation by Matching Training Trajectories (CVPR)"
 
-# Per images-per-class (CIFAR-10 settings of the MTT paper): synthetic steps, maximum start
-# epoch, learning rate of the step size.  Other IPCs take the nearest listed IPC's values.
-TRAJECTORY_SETTINGS = {1: (50, 2, 1e-7), 10: (30, 20, 1e-5), 50: (30, 40, 1e-5)}
+
+
+@dataclass(frozen=True)
+class TrajectorySettings:
+    """One row of a trajectory-matching hyper-parameter table (None batch_syn: every image per step)."""
+
+    syn_steps: int
+    expert_epochs: int
+    max_start_epoch: int
+    batch_syn: Optional[int]
+    lr_img: float
+    lr_lr: float
+    syn_lr_init: float
+    ema_decay: Optional[float] = None  # FTD only
+
+
+# MTT's published hyper-parameters (Cazenavette et al., supplementary table; also mtt-distillation
+# issue #7), by dataset and IPC.  CIFAR-10 IPC 10's "Learning Rate (Pixels)" of 100000 is a typo the
+# author confirmed (issue #31; 100 and 1000 are stable): 1000, MTT's default lr_img, is used.
+MTT_SETTINGS = {
+    "cifar10": {1: TrajectorySettings(50, 2, 2, None, 1000.0, 1e-7, 0.01),
+                10: TrajectorySettings(30, 2, 20, None, 1000.0, 1e-5, 0.01),
+                50: TrajectorySettings(30, 2, 40, None, 1000.0, 1e-5, 0.01)},
+    "cifar100": {1: TrajectorySettings(20, 3, 20, None, 1000.0, 1e-5, 0.01),
+                 10: TrajectorySettings(20, 2, 20, None, 1000.0, 1e-5, 0.01),
+                 50: TrajectorySettings(80, 2, 40, 125, 1000.0, 1e-5, 0.01)},
+}
+# Other datasets take the CIFAR-10 rows (the nearest listed IPC, see `nearest_ipc`).
+DEFAULT_TABLE = "cifar10"
 
 ParamLayout = list[tuple[str, torch.Size]]
 
@@ -58,6 +84,12 @@ def student_update(network: nn.Module, layout: ParamLayout, w: torch.Tensor, x: 
     loss = F.cross_entropy(functional_call(network, unflatten_params(w, layout), (x,)), y)
     (g,) = torch.autograd.grad(loss, w, create_graph=create_graph)
     return w - lr * g
+
+
+def trajectory_loss(student: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MTT's normalised parameter distance ||student - target||^2 / ||start - target||^2 (the reference
+    divides both sums by the parameter count, which cancels)."""
+    return ((student - target) ** 2).sum() / ((start - target) ** 2).sum()
 
 
 class RecomputedStudentStep(torch.autograd.Function):
@@ -180,34 +212,53 @@ class ExpertBuffer:
 @register_condenser("mtt", paper=MTT_PAPER)
 @dataclass(eq=False)
 class MTT(Condenser):
+    """Trajectory matching.  Options left None take the authors' value for the dataset and IPC
+    (`SETTINGS`); ZCA whitening is on by default for CIFAR-10/100 as in the authors' scripts."""
+
     iterations: int = 5000
-    lr_img: float = 1000.0
-    lr_teacher: float = 0.01  # the experts' SGD lr and the initial student step size
-    lr_lr: Optional[float] = None  # None: by IPC (TRAJECTORY_SETTINGS)
+    lr_img: Optional[float] = None  # None: by dataset and IPC
+    lr_lr: Optional[float] = None
+    syn_lr_init: Optional[float] = None  # initial student step size (the reference's --lr_teacher)
     syn_steps: Optional[int] = None
     max_start_epoch: Optional[int] = None
-    expert_epochs: int = 2  # M: the student matches the expert this many epochs later
-    batch_syn: Optional[int] = None  # None: all synthetic images in every student step
+    expert_epochs: Optional[int] = None  # M: the student matches the expert this many epochs later
+    batch_syn: Optional[int] = None  # None: the table's value (mostly every synthetic image per step)
+    batch_real: Optional[int] = None  # unused: trajectory matching draws no real batches (refused)
     checkpoint_steps: bool = True  # bounded memory: rebuild each unrolled step in backward
     buffer_dir: Optional[str] = None  # where expert trajectories are saved and reused
     num_experts: int = 100
     expert_train_epochs: int = 50
+    expert_lr: float = 0.01  # the experts' SGD lr (buffer.py --lr_teacher)
     expert_batch: int = 256
     experts_together: int = 10  # experts trained in one vectorised group
 
     EVAL: ClassVar[EvalProtocol] = EvalProtocol(epochs=1000, augment=True, learned_lr=True)
+    SETTINGS: ClassVar[dict] = MTT_SETTINGS
+
+    def table_settings(self) -> TrajectorySettings:
+        table = self.SETTINGS.get(self.data.name, self.SETTINGS[DEFAULT_TABLE])
+        return nearest_ipc(table, self.ipc)
+
+    def resolve_options(self) -> None:
+        if self.batch_real is not None:
+            raise ConfigError(f"{self.registry_name}: batch_real is not used by trajectory matching "
+                              "(no real batches are drawn); remove it")
+        table = self.table_settings()
+        for name in ("lr_img", "lr_lr", "syn_lr_init", "syn_steps", "max_start_epoch", "expert_epochs", "batch_syn"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(table, name))
+
+    def default_zca(self) -> bool:
+        return self.data.name in ("cifar10", "cifar100")
 
     def setup(self) -> None:
-        steps, max_start, lr_lr = nearest_ipc(TRAJECTORY_SETTINGS, self.ipc)
-        self.steps = self.syn_steps if self.syn_steps is not None else steps
-        self.max_start = self.max_start_epoch if self.max_start_epoch is not None else max_start
-        self.step_size_lr = self.lr_lr if self.lr_lr is not None else lr_lr
+        self.steps, self.max_start, self.step_size_lr = self.syn_steps, self.max_start_epoch, self.lr_lr
         if self.max_start < 1 or self.max_start - 1 + self.expert_epochs > self.expert_train_epochs:
             raise ConfigError(f"{self.registry_name}: start epochs 0..{self.max_start - 1} plus expert_epochs="
                               f"{self.expert_epochs} must stay within expert_train_epochs={self.expert_train_epochs}")
         self.student = self.new_network()
         self.param_layout = param_layout(self.student)
-        self.syn_lr = torch.tensor(self.lr_teacher, device=self.torch_device).requires_grad_(True)
+        self.syn_lr = torch.tensor(self.syn_lr_init, device=self.torch_device).requires_grad_(True)
         self.lr_optimizer = torch.optim.SGD([self.syn_lr], lr=self.step_size_lr, momentum=0.5)
 
     @cached_property
@@ -222,13 +273,14 @@ class MTT(Condenser):
     def expert_meta(self) -> dict:
         return jsonable({"dataset": self.data.name, "num_classes": self.num_classes, "image_size": self.image_size,
                          "model": self.model, "model_options": self.model_options, "num_experts": self.num_experts,
-                         "epochs": self.expert_train_epochs, "lr": self.lr_teacher, "batch": self.expert_batch,
-                         "dsa_strategy": self.dsa_strategy, "seed": self.seed,
+                         "epochs": self.expert_train_epochs, "lr": self.expert_lr, "batch": self.expert_batch,
+                         "dsa_strategy": self.dsa_strategy, "seed": self.seed, "input_space": self.space.meta(),
                          "num_params": sum(math.prod(s) for _, s in self.param_layout), **self.expert_training()})
 
     def train_experts(self) -> list[torch.Tensor]:
-        """Experts on the real data as in the reference buffer: SGD lr_teacher, no momentum, no
-        weight decay, DSA augmentation, flat parameters recorded after every epoch (CPU)."""
+        """Experts on the real data as in the reference buffer: SGD expert_lr, no momentum, no
+        weight decay, no lr decay, DSA augmentation (one operation per batch), flat parameters
+        recorded after every epoch (CPU)."""
         devices = [self.torch_device] if self.torch_device.type == "cuda" else []
         trajectories: list[torch.Tensor] = []
         with torch.random.fork_rng(devices=devices):  # the buffer depends on `seed` only
@@ -237,7 +289,7 @@ class MTT(Condenser):
                 count = min(self.experts_together, self.num_experts - first)
                 snapshots: list[torch.Tensor] = []
                 train_networks([self.new_network() for _ in range(count)], self.real.images, self.real.labels,
-                               epochs=self.expert_train_epochs, lr=self.lr_teacher, momentum=0.0, weight_decay=0.0,
+                               epochs=self.expert_train_epochs, lr=self.expert_lr, momentum=0.0, weight_decay=0.0,
                                batch_size=self.expert_batch, augment=self.dsa,
                                on_epoch=lambda _, p: snapshots.append(flatten_params(p, self.param_layout, 1).cpu()),
                                progress=self.progress, desc=f"experts {first + 1}-{first + count}/{self.num_experts}",
@@ -245,9 +297,15 @@ class MTT(Condenser):
                 trajectories.extend(torch.stack(snapshots, 1).unbind(0))
         return trajectories
 
-    def student_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Endless augmented minibatches of the synthetic set (each epoch a new order)."""
+    def student_batch_size(self) -> int:
+        """`batch_syn` (all images when unset); FYI's distill.py halves it before adding the flips."""
         size = self.batch_syn or len(self.images)
+        return max(1, size // 2) if self.fyi else size
+
+    def student_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless augmented minibatches of the synthetic set (each epoch a new order), one DSA
+        operation per batch as the reference's non-siamese DiffAugment."""
+        size = self.student_batch_size()
         while True:
             for index in torch.randperm(len(self.images), device=self.torch_device).split(size):
                 x, y = self.images[index], self.labels[index]
@@ -255,13 +313,17 @@ class MTT(Condenser):
                     x, y = fyi_expand(x, y, 1)
                 yield self.dsa.augment(x), y
 
-    def matching_loss(self) -> torch.Tensor:
+    def expert_segment(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random expert's parameters at a start epoch in [0, max_start_epoch) and expert_epochs later."""
         expert = int(torch.randint(len(self.buffer), ()))
         start = int(torch.randint(self.max_start, ()))
-        w0, target = self.buffer.segment(expert, start, start + self.expert_epochs, self.torch_device)
+        return self.buffer.segment(expert, start, start + self.expert_epochs, self.torch_device)
+
+    def matching_loss(self) -> torch.Tensor:
+        w0, target = self.expert_segment()
         w = unroll_student(self.student, self.param_layout, w0, self.student_batches(), self.steps, self.syn_lr,
                            self.checkpoint_steps)
-        return ((w - target) ** 2).sum() / ((w0 - target) ** 2).sum()
+        return trajectory_loss(w, w0, target)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.image_optimizer, self.lr_optimizer]

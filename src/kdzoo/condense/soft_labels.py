@@ -1,11 +1,15 @@
-"""Soft labels from a committee of teachers (after Cui et al. 2025, "Dataset Distillation via
-Committee Voting").
+"""Fixed soft labels from a committee of teachers: the ``committee_labels`` option.
 
-A committee of networks (one or several architectures) is trained on the real training images,
-minus a held-out tenth; every member labels the synthetic images with its softmax (at
-`label_temperature`), and the members vote with weights proportional to their held-out accuracy
-("prior performance guided" voting).  The result replaces the hard labels of any method; the
-evaluation then trains on them with soft-target cross-entropy.
+What this is: a committee of networks (one or several architectures) is trained on the real
+training images, minus a held-out tenth; every member labels the FINAL synthetic images once with
+its softmax (at `label_temperature`), and the members vote with weights proportional to their
+held-out accuracy (the "prior performance guided" voting of Cui et al. 2025, "Dataset Distillation
+via Committee Voting").  The result replaces the hard labels of any method; the evaluation then
+trains on them with soft-target cross-entropy.
+
+What this is not: the paper's committee voting relabels every augmented batch while the evaluation
+network trains (the committee is kept and queried per batch).  That per-batch relabelling is not
+implemented; hence the option is called ``committee_labels`` (fixed labels), not ``soft_labels``.
 """
 from __future__ import annotations
 
