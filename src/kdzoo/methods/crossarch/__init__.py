@@ -1,0 +1,1 @@
+"""Methods that distil across architecture families (CNN <-> ViT <-> MLP): OFA-KD, ScaleKD, ACAM-KD."""
