@@ -5,7 +5,7 @@ from .base import Context, InitStage, Method, Setup
 from .logit import ctkd, dist, dkd, kd  # noqa: F401,E402
 from .feature import ab, at, fitnet, fsp, ft, nst, ofd, reviewkd  # noqa: F401,E402
 from .relation import cc, crd, pkt, rkd, sp, vid  # noqa: F401,E402
-from .crossarch import ofa  # noqa: F401,E402
+from .crossarch import acam, ofa, scalekd  # noqa: F401,E402
 
 
 def create_method(name: str, **options) -> Method:
