@@ -44,6 +44,9 @@ METHODS = {
     "rkd": (["rkd"], {}),
     "pkt": (["pkt"], {}),
     "crd": (["crd"], {}),
+    "ofa": (["ofa"], {}),
+    "scalekd": (["scalekd"], {}),
+    "acam": (["acam"], {}),
 }
 
 RECIPE = {"epochs": 240, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,

@@ -93,7 +93,7 @@ class MaskUnits(nn.Module):
         return spatial, channel
 
 
-@register_method("acam", family="crossarch", cross_arch=False,
+@register_method("acam", family="feature", cross_arch=False,
                  paper="Lan & Tian 2025, ACAM-KD: Adaptive and Cooperative Attention Masking for Knowledge Distillation")
 class ACAMKD(Method):
     """Masked feature distillation at one stage (default the last of each model).  Losses: `weight` x (spatial +
