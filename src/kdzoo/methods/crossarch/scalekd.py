@@ -193,10 +193,17 @@ class ScaleKD(Method):
             names = [t4_module]
         tail = tuple(get_module(setup.teacher, name) for name in names)
         feats, _ = probe(setup.teacher, setup.example_input, [t3_path, t4_path])
-        with torch.no_grad():
-            out = feats[t3_path]
-            for module in tail:
-                out = module(out)
+        was_training = setup.teacher.training
+        setup.teacher.eval()
+        try:
+            with torch.no_grad():
+                out = feats[t3_path]
+                for module in tail:
+                    out = module(out)
+        except RuntimeError:  # T3 does not even fit the modules' input
+            raise ConfigError(hint) from None
+        finally:
+            setup.teacher.train(was_training)
         if out.shape != feats[t4_path].shape or not torch.allclose(out, feats[t4_path], rtol=1e-4, atol=1e-5):
             raise ConfigError(hint)
         return tail
