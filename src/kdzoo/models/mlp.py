@@ -35,7 +35,8 @@ class ResMLPBlock(nn.Module):
         self.norm1 = Affine(dim)
         self.token_mix = nn.Linear(num_tokens, num_tokens)
         self.norm2 = Affine(dim)
-        self.channel_mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+        hidden = int(dim * mlp_ratio)
+        self.channel_mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.scale1 = nn.Parameter(torch.full((dim,), init_scale))
         self.scale2 = nn.Parameter(torch.full((dim,), init_scale))
 

@@ -103,14 +103,16 @@ class VisionTransformer(nn.Module):
 def vit_nano(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, patch_size: int = 4, dim: int = 64,
              depth: int = 4, heads: int = 2, mlp_ratio: float = 2.0, class_token: bool = True) -> VisionTransformer:
     """A ViT small enough for CPU tests and the digits demo (about 0.14M parameters at 32x32)."""
-    return VisionTransformer(num_classes, in_channels, image_size, patch_size, dim, depth, heads, mlp_ratio, class_token)
+    return VisionTransformer(num_classes, in_channels, image_size, patch_size, dim, depth, heads, mlp_ratio,
+                             class_token)
 
 
 @register_model("vit:tiny", family="vit", paper=VIT_PAPER)
 def vit_tiny(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, patch_size: int = 4, dim: int = 192,
              depth: int = 12, heads: int = 3, mlp_ratio: float = 4.0, class_token: bool = True) -> VisionTransformer:
     """DeiT-Ti's shape (192 wide, 12 blocks, 3 heads) on 4x4 patches of a 32x32 image (about 5.4M parameters)."""
-    return VisionTransformer(num_classes, in_channels, image_size, patch_size, dim, depth, heads, mlp_ratio, class_token)
+    return VisionTransformer(num_classes, in_channels, image_size, patch_size, dim, depth, heads, mlp_ratio,
+                             class_token)
 
 
 def import_timm():

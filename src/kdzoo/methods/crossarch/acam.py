@@ -26,7 +26,7 @@ from ...registry import register_method
 from ...taps import Layout, map_to_tokens
 from ..base import Context, Method
 
-__all__ = ["acam_mask_loss", "mask_diversity_loss", "ACAMKD"]
+__all__ = ["acam_mask_loss", "mask_diversity_loss"]
 
 
 def acam_mask_loss(student_map: torch.Tensor, teacher_map: torch.Tensor, spatial_masks: torch.Tensor,
@@ -94,7 +94,8 @@ class MaskUnits(nn.Module):
 
 
 @register_method("acam", family="feature", cross_arch=False,
-                 paper="Lan & Tian 2025, ACAM-KD: Adaptive and Cooperative Attention Masking for Knowledge Distillation")
+                 paper="Lan & Tian 2025, ACAM-KD: Adaptive and Cooperative Attention Masking for Knowledge "
+                       "Distillation")
 class ACAMKD(Method):
     """Masked feature distillation at one stage (default the last of each model).  Losses: `weight` x (spatial +
     channel masked terms) and `diversity_weight` x the Dice diversity of the spatial and the channel masks.
@@ -103,7 +104,8 @@ class ACAMKD(Method):
     ce_weight = 1.0
 
     def __init__(self, weight: float = 1.0, diversity_weight: float = 1.0, num_masks: int = 4,
-                 attention_dim: Optional[int] = None, student_layer: str = "stage:-1", teacher_layer: str = "stage:-1"):
+                 attention_dim: Optional[int] = None, student_layer: str = "stage:-1",
+                 teacher_layer: str = "stage:-1"):
         super().__init__()
         self.weight = weight
         self.diversity_weight = diversity_weight

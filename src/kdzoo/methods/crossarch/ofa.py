@@ -15,7 +15,7 @@ from ...registry import register_method
 from ...taps import Layout, token_grid
 from ..base import Context, Method
 
-__all__ = ["ofa_loss", "OFAKD"]
+__all__ = ["ofa_loss"]
 
 
 def ofa_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,

@@ -12,12 +12,12 @@ from torch import nn
 
 from ...errors import ConfigError
 from ...registry import register_method
-from ...taps import Layout, get_module, map_to_tokens, probe, split_tap, split_tokens, token_grid, tokens_to_map
+from ...taps import Layout, get_module, map_to_tokens, probe, split_tap, split_tokens, tokens_to_map
 from ..base import Context, Method
 from ..logit.kd import kd_loss
 
-__all__ = ["dct_matrix", "remove_direct_component", "spatial_mimic_loss", "frequency_mimic_loss", "scalekd_loss",
-           "ScaleKD"]
+__all__ = ["dct_matrix", "remove_direct_component", "spatial_mimic_loss", "frequency_mimic_loss",
+           "scalekd_loss"]
 
 
 def dct_matrix(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -188,7 +188,8 @@ class ScaleKD(Method):
         if t3_input or t4_input:
             raise ConfigError(hint)
         if t3_module in self.teacher_blocks and t4_module in self.teacher_blocks:
-            names = self.teacher_blocks[self.teacher_blocks.index(t3_module) + 1:self.teacher_blocks.index(t4_module) + 1]
+            start, end = self.teacher_blocks.index(t3_module), self.teacher_blocks.index(t4_module)
+            names = self.teacher_blocks[start + 1:end + 1]
         else:
             names = [t4_module]
         tail = tuple(get_module(setup.teacher, name) for name in names)
