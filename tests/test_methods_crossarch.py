@@ -301,3 +301,13 @@ def test_cnn_teacher_trains_a_vit_student_through_the_cli(name, tmp_path):
     values = dict(zip(rows[0].split(","), rows[1].split(",")))
     losses = {k: float(v) for k, v in values.items() if k.startswith("loss_")}
     assert losses and all(math.isfinite(v) for v in losses.values()), losses
+
+
+def test_methods_table_marks_cross_architecture_methods(capsys):
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "cross-arch" in lines[0]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert rows["ofa"][2] == "yes" and rows["scalekd"][2] == "yes"
+    assert rows["kd"][2] == "logits"  # logit methods work for any pair
+    assert rows["acam"][2] != "yes" and rows["fitnet"][2] != "yes"

@@ -111,3 +111,11 @@ def test_feature_bridge_gives_the_teachers_form(student_shape, student_prefix, t
     assert student.grad.abs().sum() > 0 and all(p.grad is not None for p in bridge.parameters())
     if student_prefix:  # prefix tokens are set aside: they do not reach the output
         assert student.grad[:, :student_prefix].abs().sum() == 0
+
+
+def test_torchvision_vit_gets_its_encoder_layers_as_stages():
+    with torch.device("meta"):
+        layout = discover_layout(create_model("tv:vit_b_16", num_classes=10), torch.empty(2, 3, 224, 224))
+    assert layout.stages == ["conv_proj"] + [f"encoder.layers.encoder_layer_{i}" for i in (2, 5, 8, 11)]
+    assert layout.num_prefix_tokens == 1  # found from 197 = 1 + 14 * 14 tokens: torchvision publishes no count
+    assert layout.penultimate == "heads.head:input"
