@@ -48,6 +48,9 @@ def test_layout_views_any_feature_as_map_or_tokens():
     fmap = torch.randn(3, 8, 4, 4)
     assert_close(layout.patch_tokens(fmap), map_to_tokens(fmap))
     assert layout.map_shape((3, 18, 8)) == (3, 8, 4, 4)
+    assert layout.map_shape((3, 16, 8)) == (3, 8, 4, 4)  # patch embedding output: no prefix tokens yet
+    with pytest.raises(ConfigError, match="17 tokens form no patch grid"):
+        layout.feature_map(torch.randn(3, 17, 8))
 
 
 @pytest.mark.parametrize("name, stages, prefix", [

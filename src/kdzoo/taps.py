@@ -128,15 +128,27 @@ class Layout:
     num_prefix_tokens: int = 0
     image_size: Optional[tuple[int, int]] = None
 
+    def prefix_of(self, num_tokens: int) -> int:
+        """The prefix tokens of a sequence of `num_tokens`: the model's count, or 0 for a sequence the prefix
+        tokens have not joined yet (a ViT's patch embedding output)."""
+        try:
+            return token_grid(num_tokens, self.image_size, self.num_prefix_tokens)[0]
+        except ConfigError:
+            if self.num_prefix_tokens:
+                return token_grid(num_tokens, self.image_size, 0)[0]
+            raise
+
     def feature_map(self, feature: torch.Tensor) -> torch.Tensor:
         """Any tapped feature as a (B, C, H, W) map: maps pass, (B, N, C) tokens lose their prefix tokens and
         are reshaped to the patch grid, (B, C) vectors become (B, C, 1, 1)."""
-        return as_feature_map(feature, self.num_prefix_tokens, self.image_size)
+        if feature.dim() == 3:
+            return as_feature_map(feature, self.prefix_of(feature.shape[1]), self.image_size)
+        return as_feature_map(feature)
 
     def patch_tokens(self, feature: torch.Tensor) -> torch.Tensor:
         """Any tapped feature as (B, N, C) patch tokens: prefix tokens dropped, maps flattened row-major."""
         if feature.dim() == 3:
-            return split_tokens(feature, self.num_prefix_tokens)[1]
+            return split_tokens(feature, self.prefix_of(feature.shape[1]))[1]
         return map_to_tokens(as_feature_map(feature))
 
     def map_shape(self, shape: Sequence[int]) -> tuple[int, ...]:

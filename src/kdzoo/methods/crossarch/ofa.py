@@ -162,8 +162,7 @@ class OFAKD(Method):
             stages = tuple(self.student_layers)
         else:
             stages = tuple(f"stage:{i}" for i in range(1, len(student_layout.stages))) or ("stage:-1",)
-        self.student_prefix = student_layout.num_prefix_tokens
-        self.image_size = student_layout.image_size
+        self.student_layout = student_layout
         self.student_taps = stages + ("penultimate",)
         self.teacher_taps = ("penultimate",)
 
@@ -182,9 +181,10 @@ class OFAKD(Method):
             if len(shape) == 4:
                 branches.append(MapBranch(shape[1], remaining, width, setup.num_classes))
             elif len(shape) == 3:
-                _, grid = token_grid(shape[1], self.image_size, self.student_prefix)
+                prefix = self.student_layout.prefix_of(shape[1])
+                _, grid = token_grid(shape[1], self.student_layout.image_size, prefix)
                 merges = max(int(math.log2(min(grid) / self.final_grid)), 0)
-                branches.append(TokenBranch(shape[2], self.student_prefix, grid, merges, max(remaining, 1), width,
+                branches.append(TokenBranch(shape[2], prefix, grid, merges, max(remaining, 1), width,
                                             setup.num_classes))
             else:
                 raise ConfigError(f"ofa: student stage {spec!r} gives a feature of shape {list(shape)}; "
