@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=40, help="student epochs (default 40, as the demo)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--pairs", nargs="+", choices=["vit", "cnn"], default=["vit", "cnn"],
+                        help="which rows to run: CNN -> ViT, CNN -> CNN (default both)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: these models are "
                         "too small to gain from more)")
     args = parser.parse_args()
@@ -71,6 +73,8 @@ def main() -> None:
     example = input_example(data)
     results = []
     for pair, name, options, method_names in ROWS:
+        if pair.split()[-1].lower() not in args.pairs:
+            continue
         recipe = vit_recipe if name.startswith("vit") else cnn_recipe
         accs, seconds = [], []
         for seed in range(args.seeds):

@@ -254,6 +254,12 @@ def test_acam_uniform_masks_give_the_mse_and_a_match_gives_zero():
     assert_close(channel, F.mse_loss(s, t), rtol=1e-5, atol=1e-6)
     zero = acam.acam_mask_loss(t, t, torch.rand(2, 3, 3, 3), torch.rand(2, 3, 4))
     assert float(zero[0]) == 0.0 and float(zero[1]) == 0.0
+    # masks saturated to zero (sigmoid underflow) stay finite, gradients included
+    masks = torch.zeros(2, 3, 3, 3, requires_grad=True)
+    empty = acam.acam_mask_loss(s, t, masks, torch.zeros(2, 3, 4))
+    sum(empty).backward()
+    assert all(torch.isfinite(v) for v in empty) and torch.isfinite(masks.grad).all()
+    assert torch.isfinite(acam.mask_diversity_loss(torch.zeros(2, 3, 4)))
 
 
 def test_mask_diversity_is_mean_pairwise_dice():

@@ -28,6 +28,8 @@ from ..base import Context, Method
 
 __all__ = ["acam_mask_loss", "mask_diversity_loss"]
 
+MASK_FLOOR = 1e-6
+
 
 def acam_mask_loss(student_map: torch.Tensor, teacher_map: torch.Tensor, spatial_masks: torch.Tensor,
                    channel_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,8 +43,11 @@ def acam_mask_loss(student_map: torch.Tensor, teacher_map: torch.Tensor, spatial
     error = (teacher_map.detach() - student_map).pow(2)  # (B, C, H, W)
     per_position = error.sum(1)  # (B, H, W)
     per_channel = error.sum((2, 3))  # (B, C)
-    spatial = (spatial_masks * per_position[:, None]).sum((2, 3)) / (channels * spatial_masks.sum((2, 3)))
-    channel = (channel_masks * per_channel[:, None]).sum(2) / (height * width * channel_masks.sum(2))
+    # a mask that saturates to ~0 everywhere would divide 0 by 0: its mass is floored at MASK_FLOOR
+    spatial_mass = spatial_masks.sum((2, 3)).clamp_min(MASK_FLOOR)
+    channel_mass = channel_masks.sum(2).clamp_min(MASK_FLOOR)
+    spatial = (spatial_masks * per_position[:, None]).sum((2, 3)) / (channels * spatial_mass)
+    channel = (channel_masks * per_channel[:, None]).sum(2) / (height * width * channel_mass)
     return spatial.mean(), channel.mean()
 
 
@@ -54,7 +59,7 @@ def mask_diversity_loss(masks: torch.Tensor) -> torch.Tensor:
     count = flat.shape[1]
     overlap = flat @ flat.transpose(1, 2)  # (B, M, M)
     energy = overlap.diagonal(dim1=1, dim2=2)
-    dice = 2 * overlap / (energy[:, :, None] + energy[:, None, :]).clamp_min(1e-12)
+    dice = 2 * overlap / (energy[:, :, None] + energy[:, None, :]).clamp_min(MASK_FLOOR)
     off_diagonal = ~torch.eye(count, dtype=torch.bool, device=masks.device)
     return dice[:, off_diagonal].mean()
 
