@@ -70,6 +70,9 @@ METHODS = {
     "kd_nd": (["nd", {"name": "kd", "weight": 1.0}], {}),  # KD++: ND first, so CE keeps ND's weight 1
     "affinity": (["affinity"], {}),
     "residual_feature": (["residual_feature"], {}),
+    "ofa": (["ofa"], {}),
+    "scalekd": (["scalekd"], {}),
+    "acam": (["acam"], {}),
 }
 TEACHER_FREE = {"uskd"}
 # KD++ loss factors (KD, ND) of the authors' CIFAR-100 script (WangYZ1608/Knowledge-Distillation-via-ND,

@@ -115,3 +115,39 @@ def feature_parameters(model: nn.Module, penultimate_tap: str) -> list[nn.Parame
     path, is_input = split_tap(penultimate_tap)
     classifier = {id(p) for p in get_module(model, path).parameters()} if is_input else set()
     return [p for p in model.parameters() if id(p) not in classifier]
+
+
+# Token <-> map bridges (cross-architecture distillation); kept apart from the CNN adapters above.
+from .taps import as_feature_map, map_to_tokens, token_grid  # noqa: E402
+
+
+class FeatureBridge(nn.Module):
+    """A learnable bridge between features of any two architecture families: the student's feature, a map
+    (B, C, H, W) or tokens (B, N, C) whose `student_prefix` leading tokens (class / distillation) are set aside,
+    is viewed as a map, mapped by a `ConvAdapter` to the teacher's width and patch grid, and returned in the
+    teacher's form: a map, or row-major patch tokens (B, h*w, C) when the teacher gives tokens (compare them
+    with the teacher's patch tokens, e.g. `Layout.patch_tokens`).
+
+    Shapes include the batch dimension; `teacher_grid` is the teacher's (h, w) patch grid when it gives tokens,
+    `image_size` the input's (H, W) (fixes a token grid's aspect ratio).
+    """
+
+    def __init__(self, student_shape, teacher_shape, student_prefix: int = 0, teacher_prefix: int = 0,
+                 image_size=None, relu: bool = False):
+        super().__init__()
+        self.student_prefix, self.image_size = student_prefix, image_size
+        student_map = as_feature_map(torch.empty(tuple(student_shape), device="meta"), student_prefix, image_size)
+        teacher_shape = tuple(teacher_shape)
+        self.teacher_tokens = len(teacher_shape) == 3
+        if self.teacher_tokens:
+            _, grid = token_grid(teacher_shape[1], image_size, teacher_prefix)
+            out_channels, out_size = teacher_shape[2], grid
+        elif len(teacher_shape) == 4:
+            out_channels, out_size = teacher_shape[1], teacher_shape[2:]
+        else:
+            raise ConfigError(f"no bridge to a teacher feature of shape {list(teacher_shape[1:])}")
+        self.adapter = ConvAdapter(student_map.shape[1], out_channels, out_size, relu=relu)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        out = self.adapter(as_feature_map(feature, self.student_prefix, self.image_size))
+        return map_to_tokens(out) if self.teacher_tokens else out

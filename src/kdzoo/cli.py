@@ -141,13 +141,23 @@ def cmd_methods(args) -> int:
 
     registry = (MODELS if args.models else DATASETS if args.datasets else CONDENSERS if args.condensers
                 else METHODS)
-    rows = [(e.name, e.meta.get("family", ""), _defaults(e.defaults), e.paper) for e in registry]
-    headers = ("name", "family", "defaults", "paper")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers[:3])]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)) + "  " + headers[3])
+    rows = [(e.name, e.meta.get("family", ""), _cross_arch(e.meta), _defaults(e.defaults), e.paper) for e in registry]
+    headers = ("name", "family", "cross-arch", "defaults", "paper")
+    if registry is not METHODS:
+        rows, headers = [r[:2] + r[3:] for r in rows], headers[:2] + headers[3:]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers[:-1])]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)) + "  " + headers[-1])
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[3])
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
     return 0
+
+
+def _cross_arch(meta: dict) -> str:
+    """"yes": designed for pairs of different families (CNN <-> ViT <-> MLP); "logits": reads only logits, so any
+    pair works; blank: features of one family (same-family pairs)."""
+    if meta.get("cross_arch"):
+        return "yes"
+    return "logits" if meta.get("family") == "logit" else ""
 
 
 def _defaults(defaults: dict) -> str:

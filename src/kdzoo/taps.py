@@ -8,6 +8,12 @@ Symbolic taps are resolved per model against its layout: ``"stage:2"`` (third st
 from the stem), ``"stage:-1"``, ``"penultimate"`` (the feature that enters the classifier) and any
 extra list a model family publishes, e.g. ``"preact:-1"``.  Layouts are discovered automatically
 (see `discover_layout`) unless the model class publishes ``kdzoo_taps``.
+
+Token models (ViT, DeiT, MLP-Mixer/ResMLP) give (B, N, C) features instead of (B, C, H, W) maps.  Their
+layout's stages are transformer/MLP blocks (a stem, then the ends of up to four equal groups of blocks;
+every block is in ``"block:i"``), and it records how many prefix tokens (class, distillation) lead the
+sequence.  `Layout.feature_map` sets those aside and reshapes the patch tokens to a map;
+`Layout.patch_tokens` does the reverse for maps.
 """
 from __future__ import annotations
 
@@ -124,11 +130,44 @@ class Taps:
 
 @dataclass
 class Layout:
-    """Where a model's stage outputs and penultimate feature are.  `extra` holds published lists."""
+    """Where a model's stage outputs and penultimate feature are.  `extra` holds published lists.
+
+    ``num_prefix_tokens``: class/distillation tokens that lead a token model's sequences (0 for CNNs);
+    ``image_size``: the (H, W) of the example input, which fixes the patch grid's aspect ratio.
+    """
 
     stages: list[str]
     penultimate: str
     extra: dict[str, list[str]] = field(default_factory=dict)
+    num_prefix_tokens: int = 0
+    image_size: Optional[tuple[int, int]] = None
+
+    def prefix_of(self, num_tokens: int) -> int:
+        """The prefix tokens of a sequence of `num_tokens`: the model's count, or 0 for a sequence the prefix
+        tokens have not joined yet (a ViT's patch embedding output)."""
+        try:
+            return token_grid(num_tokens, self.image_size, self.num_prefix_tokens)[0]
+        except ConfigError:
+            if self.num_prefix_tokens:
+                return token_grid(num_tokens, self.image_size, 0)[0]
+            raise
+
+    def feature_map(self, feature: torch.Tensor) -> torch.Tensor:
+        """Any tapped feature as a (B, C, H, W) map: maps pass, (B, N, C) tokens lose their prefix tokens and
+        are reshaped to the patch grid, (B, C) vectors become (B, C, 1, 1)."""
+        if feature.dim() == 3:
+            return as_feature_map(feature, self.prefix_of(feature.shape[1]), self.image_size)
+        return as_feature_map(feature)
+
+    def patch_tokens(self, feature: torch.Tensor) -> torch.Tensor:
+        """Any tapped feature as (B, N, C) patch tokens: prefix tokens dropped, maps flattened row-major."""
+        if feature.dim() == 3:
+            return split_tokens(feature, self.prefix_of(feature.shape[1]))[1]
+        return map_to_tokens(as_feature_map(feature))
+
+    def map_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape `feature_map` gives a feature of `shape` (batch dimension included)."""
+        return tuple(self.feature_map(torch.empty(tuple(shape), device="meta")).shape)
 
     def resolve(self, spec: str) -> str:
         """Turn a symbolic tap into a module tap; module taps pass through unchanged."""
@@ -142,6 +181,69 @@ class Layout:
                 raise ConfigError(f"tap {spec!r}: the model has {len(taps)} {kind} taps ({', '.join(taps)})")
             return taps[i]
         return spec
+
+
+def published_prefix_tokens(model: nn.Module) -> Optional[int]:
+    """The class/distillation token count a model publishes (timm's and kdzoo's ``num_prefix_tokens``)."""
+    value = getattr(model, "num_prefix_tokens", None)
+    return int(value) if isinstance(value, int) else None
+
+
+def token_grid(num_tokens: int, image_size: Optional[Sequence[int]] = None,
+               num_prefix: Optional[int] = None) -> tuple[int, tuple[int, int]]:
+    """(prefix token count, (h, w) patch grid) of a sequence of `num_tokens` tokens.
+
+    With `num_prefix` None the fewest leading tokens (0..8) are set aside that leave a grid of the image's
+    aspect ratio (square without `image_size`), the layout DeiT/ViT/Mixer sequences have.
+    """
+    counts = [num_prefix] if num_prefix is not None else range(0, 9)
+    height, width = (tuple(image_size) if image_size is not None else (1, 1))
+    for prefix in counts:
+        patches = num_tokens - prefix
+        if patches <= 0:
+            continue
+        # h / w = H / W and h * w = patches  ->  h = sqrt(patches * H / W)
+        h = round((patches * height / width) ** 0.5)
+        if h > 0 and patches % h == 0 and h * width == (patches // h) * height:
+            return prefix, (h, patches // h)
+    size = f" for a {height}x{width} image" if image_size is not None else ""
+    given = f" after {num_prefix} prefix tokens" if num_prefix is not None else ""
+    raise ConfigError(f"{num_tokens} tokens form no patch grid{given}{size}; name the prefix token count "
+                      "(the model's num_prefix_tokens)")
+
+
+def split_tokens(tokens: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, C) -> (prefix tokens (B, k, C), patch tokens (B, N - k, C))."""
+    if tokens.dim() != 3:
+        raise ConfigError(f"expected (B, N, C) tokens, got a tensor of shape {list(tokens.shape)}")
+    return tokens[:, :num_prefix], tokens[:, num_prefix:]
+
+
+def tokens_to_map(patches: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """(B, h*w, C) row-major patch tokens -> (B, C, h, w)."""
+    batch, count, channels = patches.shape
+    if count != grid[0] * grid[1]:
+        raise ConfigError(f"{count} patch tokens do not fill a {grid[0]}x{grid[1]} grid")
+    return patches.transpose(1, 2).reshape(batch, channels, grid[0], grid[1])
+
+
+def map_to_tokens(feature_map: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h*w, C) row-major tokens (the inverse of `tokens_to_map`)."""
+    return feature_map.flatten(2).transpose(1, 2)
+
+
+def as_feature_map(feature: torch.Tensor, num_prefix: Optional[int] = None,
+                   image_size: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """A (B, C, H, W) view of any feature: maps pass; (B, C) -> (B, C, 1, 1); (B, N, C) tokens drop their
+    prefix tokens (`num_prefix`, found with `token_grid` when None) and fill the patch grid."""
+    if feature.dim() == 4:
+        return feature
+    if feature.dim() == 2:
+        return feature[:, :, None, None]
+    if feature.dim() == 3:
+        prefix, grid = token_grid(feature.shape[1], image_size, num_prefix)
+        return tokens_to_map(split_tokens(feature, prefix)[1], grid)
+    raise ConfigError(f"no feature map for a tensor of shape {list(feature.shape)}")
 
 
 def stage_taps(owner: str, student_layout: Layout, teacher_layout: Layout,
@@ -217,13 +319,19 @@ def discover_layout(model: nn.Module, example: torch.Tensor) -> Layout:
     blocks are kept whole so a bottleneck's inner convs never count as stages.  Parameter-free
     global pools (1x1 outputs) and 2-D outputs are not stages.
     """
+    image_size = tuple(example.shape[-2:]) if example.dim() == 4 else None
     published = getattr(model, "kdzoo_taps", None)
     if published:
-        extra = {k: list(v) for k, v in published.items() if k not in ("stages", "penultimate")}
-        return Layout(list(published["stages"]), published["penultimate"], extra)
+        extra = {k: list(v) for k, v in published.items()
+                 if k not in ("stages", "penultimate", "num_prefix_tokens")}
+        prefix = published.get("num_prefix_tokens", published_prefix_tokens(model) or 0)
+        return Layout(list(published["stages"]), published["penultimate"], extra, int(prefix), image_size)
 
     records, last_linear = _record_calls(model, example)
     modules = dict(model.named_modules())
+    blocks = _token_blocks(records, modules)
+    if blocks:
+        return _token_layout(model, records, modules, blocks, last_linear, image_size)
 
     def is_pool(path: str, shape: tuple[int, ...]) -> bool:
         return len(shape) == 3 and shape[1] * shape[2] == 1 and not _has_params(modules[path])
@@ -263,7 +371,43 @@ def discover_layout(model: nn.Module, example: torch.Tensor) -> Layout:
     if not stages:
         raise ConfigError(f"{type(model).__name__}: found no feature maps to use as stages; name taps explicitly")
     penultimate = f"{last_linear}{INPUT_SUFFIX}" if last_linear else stages[-1]
-    return Layout(stages, penultimate)
+    return Layout(stages, penultimate, image_size=image_size)
+
+
+MAX_TOKEN_STAGES = 4  # groups of blocks a token model's stages close, as the four stages of a CNN or a Swin
+
+
+def _token_blocks(records: dict[str, tuple[int, ...]], modules: dict[str, nn.Module]) -> list[str]:
+    """The paths of a token model's repeated blocks: the largest Sequential/ModuleList whose (two or more)
+    numbered children were all called and all return (B, N, C) tokens of one shape.  [] for other models."""
+    best: list[str] = []
+    for path, module in modules.items():
+        if not isinstance(module, (nn.Sequential, nn.ModuleList)) or len(module) < 2:
+            continue
+        children = [f"{path}.{name}" if path else name for name, _ in module.named_children()]
+        shapes = {records.get(child) for child in children}
+        if len(shapes) == 1 and None not in shapes and len(next(iter(shapes))) == 2 and len(children) > len(best):
+            best = children
+    return best
+
+
+def _token_layout(model: nn.Module, records: dict[str, tuple[int, ...]], modules: dict[str, nn.Module],
+                  blocks: list[str], last_linear: Optional[str], image_size) -> Layout:
+    """Stages of a token model: its stem (the outermost module with parameters that finishes before the first
+    block, e.g. ``patch_embed``), then the last block of each of up to `MAX_TOKEN_STAGES` equal groups."""
+    order = list(records)
+    container = blocks[0].rsplit(".", 1)[0] if "." in blocks[0] else ""
+    before = order[:order.index(blocks[0])]
+    stems = [p for p in before if not (container + ".").startswith(p + ".") and not p.startswith(container + ".")
+             and len(records[p]) >= 2 and _has_params(modules[p])]
+    groups = min(MAX_TOKEN_STAGES, len(blocks))
+    ends = [blocks[-(-len(blocks) * (i + 1) // groups) - 1] for i in range(groups)]  # ceil(depth * (i+1) / groups)
+    stages = stems[-1:] + ends
+    prefix = published_prefix_tokens(model)
+    if prefix is None:
+        prefix = token_grid(records[blocks[0]][0], image_size)[0]
+    penultimate = f"{last_linear}{INPUT_SUFFIX}" if last_linear else blocks[-1]
+    return Layout(stages, penultimate, {"block": list(blocks)}, prefix, image_size)
 
 
 def _has_params(module: nn.Module) -> bool:

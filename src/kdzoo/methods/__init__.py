@@ -9,6 +9,7 @@ from .relation import cc, crd, pkt, rkd, sp, vid  # noqa: F401,E402
 from .logit import nkd, uskd  # noqa: F401,E402
 from .feature import nd, residual  # noqa: F401,E402
 from .relation import affinity  # noqa: F401,E402
+from .crossarch import acam, ofa, scalekd  # noqa: F401,E402
 
 
 def create_method(name: str, **options) -> Method:

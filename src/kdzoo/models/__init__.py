@@ -11,6 +11,7 @@ from ..errors import ConfigError
 from ..registry import MODELS, register_model, unknown_name_message
 from . import convnet, tiny  # noqa: F401  (registers its models)
 from . import cifar_mobilenetv2, cifar_resnet, cifar_shufflenet, cifar_vgg, cifar_wrn  # noqa: F401
+from . import mlp, vit  # noqa: F401  (ViT / MLP students for 32x32 inputs)
 
 EXTERNAL_PREFIXES = ("tv:", "timm:")
 

@@ -1,0 +1,147 @@
+"""Vision transformers for small (32x32) images: a pure-torch ViT of our own, and timm's ViT/DeiT at 32x32.
+
+Our `VisionTransformer` is the plain pre-norm ViT of Dosovitskiy et al. (patch embedding by a strided
+conv, a class token, learned position embeddings, ``depth`` blocks of multi-head self-attention + MLP,
+a final LayerNorm and a linear head on the class token).  It needs nothing beyond torch, so the core
+library and its tests work without timm.  It publishes ``num_prefix_tokens`` (1: the class token) as
+timm's models do, which is how `kdzoo.taps` sets the class token aside from the patch tokens.
+
+The ``timm32:`` entries build timm's own models (the optional extra ``kdzoo[timm]``) at ``img_size=32``
+with 4x4 patches, the usual CIFAR adaptation of a 224px/16 model (64 patch tokens).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..registry import register_model
+
+VIT_PAPER = "Dosovitskiy et al. 2021, An Image is Worth 16x16 Words (ViT)"
+DEIT_PAPER = "Touvron et al. 2021, Training data-efficient image transformers & distillation through attention"
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over (B, N, C) tokens (torch's fused scaled-dot-product kernel)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ConfigError(f"vit: dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens (B, N, C), row-major over the patch grid."""
+
+    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int):
+        super().__init__()
+        if image_size % patch_size:
+            raise ConfigError(f"vit: image_size {image_size} is not a multiple of patch_size {patch_size}")
+        self.grid = image_size // patch_size
+        self.proj = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """Plain ViT; ``class_token=False`` pools the patch tokens instead (no prefix tokens)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, patch_size: int = 4,
+                 dim: int = 192, depth: int = 12, heads: int = 3, mlp_ratio: float = 4.0, class_token: bool = True):
+        super().__init__()
+        self.patch_embed = PatchEmbed(image_size, patch_size, in_channels, dim)
+        self.num_prefix_tokens = int(class_token)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.grid ** 2 + self.num_prefix_tokens, dim))
+        self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)
+        x = self.norm(self.blocks(x + self.pos_embed))
+        pooled = x[:, 0] if self.cls_token is not None else x.mean(1)
+        return self.head(pooled)
+
+
+@register_model("vit:nano", family="vit", paper=VIT_PAPER)
+def vit_nano(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, patch_size: int = 4, dim: int = 64,
+             depth: int = 4, heads: int = 2, mlp_ratio: float = 2.0, class_token: bool = True) -> VisionTransformer:
+    """A ViT small enough for CPU tests and the digits demo (about 0.14M parameters at 32x32)."""
+    return VisionTransformer(num_classes, in_channels, image_size, patch_size, dim, depth, heads, mlp_ratio,
+                             class_token)
+
+
+@register_model("vit:tiny", family="vit", paper=VIT_PAPER)
+def vit_tiny(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, patch_size: int = 4, dim: int = 192,
+             depth: int = 12, heads: int = 3, mlp_ratio: float = 4.0, class_token: bool = True) -> VisionTransformer:
+    """DeiT-Ti's shape (192 wide, 12 blocks, 3 heads) on 4x4 patches of a 32x32 image (about 5.4M parameters)."""
+    return VisionTransformer(num_classes, in_channels, image_size, patch_size, dim, depth, heads, mlp_ratio,
+                             class_token)
+
+
+def import_timm():
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError("timm32: models need the optional extra: pip install 'kdzoo[timm]'") from None
+    return timm
+
+
+def _timm_vit(arch: str, num_classes: int, in_channels: int, image_size: int, patch_size: int) -> nn.Module:
+    return import_timm().create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels,
+                                      img_size=image_size, patch_size=patch_size)
+
+
+@register_model("timm32:vit_tiny", family="vit", paper=VIT_PAPER)
+def timm_vit_tiny(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, patch_size: int = 4) -> nn.Module:
+    """timm's ``vit_tiny_patch16_224`` at 32x32 with 4x4 patches (class token; 5.36M parameters, 10 classes)."""
+    return _timm_vit("vit_tiny_patch16_224", num_classes, in_channels, image_size, patch_size)
+
+
+@register_model("timm32:deit_tiny", family="vit", paper=DEIT_PAPER)
+def timm_deit_tiny(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, patch_size: int = 4) -> nn.Module:
+    """timm's ``deit_tiny_patch16_224`` at 32x32 with 4x4 patches."""
+    return _timm_vit("deit_tiny_patch16_224", num_classes, in_channels, image_size, patch_size)
+
+
+@register_model("timm32:deit_tiny_distilled", family="vit", paper=DEIT_PAPER)
+def timm_deit_tiny_distilled(num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
+                             patch_size: int = 4) -> nn.Module:
+    """timm's ``deit_tiny_distilled_patch16_224`` at 32x32: a class and a distillation token (2 prefix tokens)."""
+    return _timm_vit("deit_tiny_distilled_patch16_224", num_classes, in_channels, image_size, patch_size)
