@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ...adapters import match_spatial
-from ...registry import register_method
+from ...registry import NonNegative, Positive, register_method
 from ...taps import stage_taps
 from ..base import Context, Method
 
@@ -27,7 +27,7 @@ def at_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, p: flo
 class AT(Method):
     ce_weight = 1.0
 
-    def __init__(self, weight: float = 1000.0, p: float = 2.0, student_layers: Optional[Sequence[str]] = None,
+    def __init__(self, weight: NonNegative = 1000.0, p: Positive = 2.0, student_layers: Optional[Sequence[str]] = None,
                  teacher_layers: Optional[Sequence[str]] = None):
         super().__init__()
         self.weight = weight

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ...adapters import make_adapter
-from ...registry import register_method
+from ...registry import NonNegative, register_method
 from ..base import Context, Method
 
 
@@ -18,7 +18,7 @@ def hint_loss(adapted_student: torch.Tensor, teacher_feature: torch.Tensor) -> t
 class FitNet(Method):
     ce_weight = 1.0
 
-    def __init__(self, weight: float = 100.0, student_layer: str = "stage:-2", teacher_layer: str = "stage:-2"):
+    def __init__(self, weight: NonNegative = 100.0, student_layer: str = "stage:-2", teacher_layer: str = "stage:-2"):
         super().__init__()
         self.weight = weight
         self.student_taps = (student_layer,)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...adapters import match_spatial
-from ...registry import register_method
+from ...registry import NonNegative, NonNegativeInt, Positive, register_method
 from ..base import Context, InitStage, Method
 
 
@@ -62,8 +62,8 @@ class FT(Method):
 
     ce_weight = 1.0
 
-    def __init__(self, weight: float = 200.0, rate: float = 0.5, p: float = 1.0, spatial: bool = True,
-                 init_epochs: int = 30, init_lr: Optional[float] = 0.01, student_layer: str = "stage:-1",
+    def __init__(self, weight: NonNegative = 200.0, rate: Positive = 0.5, p: Positive = 1.0, spatial: bool = True,
+                 init_epochs: NonNegativeInt = 30, init_lr: Optional[Positive] = 0.01, student_layer: str = "stage:-1",
                  teacher_layer: str = "stage:-1"):
         super().__init__()
         self.weight = weight

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ...adapters import ConvAdapter, resize_like
 from ...errors import ConfigError
-from ...registry import register_method
+from ...registry import NonNegative, register_method
 from ...taps import get_module, split_tap, stage_taps
 from ..base import Context, Method
 
@@ -128,7 +128,7 @@ class OFD(Method):
 
     ce_weight = 1.0
 
-    def __init__(self, weight: float = 0.001, margin: str = "auto", student_layers: Optional[Sequence[str]] = None,
+    def __init__(self, weight: NonNegative = 0.001, margin: Literal["auto", "last_bn", "empirical"] = "auto", student_layers: Optional[Sequence[str]] = None,
                  teacher_layers: Optional[Sequence[str]] = None):
         super().__init__()
         check_margin_source(margin)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError
-from ...registry import register_method
+from ...registry import NonNegative, Positive, PositiveInt, UnitInterval, register_method
 from ..base import Context, Method, Setup
 
 
@@ -79,8 +79,8 @@ def sample_negatives(anchor_labels: torch.Tensor, by_class: torch.Tensor, class_
 class CRD(Method):
     ce_weight = 1.0
 
-    def __init__(self, weight: float = 0.8, embed_dim: int = 128, num_negatives: int = 16384,
-                 temperature: float = 0.07, momentum: float = 0.5, student_layer: str = "penultimate",
+    def __init__(self, weight: NonNegative = 0.8, embed_dim: PositiveInt = 128, num_negatives: PositiveInt = 16384,
+                 temperature: Positive = 0.07, momentum: UnitInterval = 0.5, student_layer: str = "penultimate",
                  teacher_layer: str = "penultimate"):
         super().__init__()
         self.weight = weight
