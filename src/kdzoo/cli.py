@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err) if isinstance(err, KdzooError) else os_error_message(err)
         print(f"kdzoo {args.command}: error: {_one_line(message)}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        message = peer_failure_message(err)
+        if message is None or debug:
+            raise
+        print(f"kdzoo {args.command}: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"kdzoo {args.command}: interrupted; the last checkpoint (if any) is intact, continue with --resume",
               file=sys.stderr)
@@ -74,6 +80,22 @@ def os_error_message(err: OSError) -> str:
     if path is None:
         return f"{what} ({err})" if err.errno not in hints else what
     return f"{path}: {what}"
+
+
+def peer_failure_message(err: RuntimeError) -> str | None:
+    """One line for a collective that failed because another process of a torchrun job died (gloo/NCCL report
+    it as a RuntimeError from the transport); None for any other RuntimeError."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch.distributed as dist
+
+    text = str(err)
+    if not (isinstance(err, getattr(dist, "DistError", ())) or
+            re.search(r"gloo|nccl|Connection (reset|closed|refused)|Broken pipe|timed out", text, re.IGNORECASE)):
+        return None
+    reason = _one_line(re.sub(r"\[/[^\]]*\]\s*", "", text)).split(". ")[0]
+    return (f"another process of the distributed job stopped ({reason}); the last checkpoint is intact: "
+            "start every process again with --resume")
 
 
 def _one_line(message: str) -> str:

@@ -380,7 +380,9 @@ def load_config(cls: type, path: Optional[str | Path], overrides: list[str] = ()
 
 
 def save_config(config: Any, path: str | Path) -> None:
+    from .errors import naming_path
     from .runtime import atomic_write
 
     text = yaml.safe_dump(to_dict(config), sort_keys=False)
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    with naming_path(path):
+        atomic_write(path, lambda tmp: tmp.write_text(text))

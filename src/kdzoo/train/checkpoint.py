@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, naming_path
 from ..runtime import TEMP_SUFFIX, atomic_write, remove_stale_temporaries
 
 MAGIC = b"KDZOOCK1"
@@ -37,7 +37,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     torch.save(payload, buffer)
     data = buffer.getvalue()
     header = MAGIC + len(data).to_bytes(8, "little") + hashlib.sha256(data).digest()
-    atomic_write(path, lambda tmp: tmp.write_bytes(header + data))
+    with naming_path(path):
+        atomic_write(path, lambda tmp: tmp.write_bytes(header + data))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -108,7 +109,8 @@ def write_weights(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict
     """Tensors as safetensors (atomically) with `meta` (JSON) and the tensors' SHA-256 in the metadata."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = {"kdzoo": json.dumps(meta), HASH_KEY: tensors_digest(tensors)}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    with naming_path(path):
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def export_weights(path: str | Path, module: torch.nn.Module, meta: dict[str, Any]) -> None:
