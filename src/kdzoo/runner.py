@@ -115,7 +115,7 @@ def load_weights(model: nn.Module, path: str | Path, where: str = "") -> None:
     prefix = f"{where}: " if where else ""
     try:
         state, _ = read_state(path)
-        check_state_fits(model, state, str(path), "model")
+        check_state_fits(model, state, str(weights_file(path)), "model")
     except (CheckpointError, ConfigError) as err:
         raise type(err)(f"{prefix}{err}") from None
     model.load_state_dict(state)

@@ -135,6 +135,22 @@ def run_child(target: Callable[[], int], workdir: Path, kill_after: Optional[flo
     return Outcome(process.exitcode, Path(log).read_text(errors="replace"))
 
 
+def run_here(target: Callable[[], int]) -> Outcome:
+    """Run `target` in this process (no fault to isolate), capturing what it prints."""
+    import contextlib
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+        try:
+            code = int(target() or 0)
+        except Exception:  # noqa: BLE001 - a traceback is what the scenarios look for
+            import traceback
+
+            traceback.print_exc()
+            code = 99
+    return Outcome(code, buffer.getvalue())
+
+
 def cli(*argv: str) -> Callable[[], int]:
     return lambda: kdzoo.cli.main(list(argv))
 
@@ -436,14 +452,14 @@ def bad_files(workdir: Path, ref: Reference, limit: Optional[int] = None) -> Row
         (case_dir / name).write_bytes(make())
         before = snapshot(case_dir)
         if use == "eval":
-            outcome = run_child(cli("eval", str(case_dir / name), "--device", "cpu"), workdir)
+            outcome = run_here(cli("eval", str(case_dir / name), "--device", "cpu"))
             must = (name,)
         elif use == "teacher.weights":
-            outcome = run_child(cli("train", ref.config, "--run-dir", str(case_dir / "new"),
-                                    f"teacher.weights={case_dir / name}", "teacher.options.width=4"), workdir)
+            outcome = run_here(cli("train", ref.config, "--run-dir", str(case_dir / "new"),
+                                   f"teacher.weights={case_dir / name}", "teacher.options.width=4"))
             must = ("teacher.weights", name)
         else:
-            outcome = run_child(cli("train", ref.config, "--run-dir", str(case_dir), "--resume"), workdir)
+            outcome = run_here(cli("train", ref.config, "--run-dir", str(case_dir), "--resume"))
             must = (name,)
         ok, detail = one_line_error(outcome, *must)
         after = {k: v for k, v in snapshot(case_dir).items() if not k.startswith("new/")}
@@ -570,8 +586,7 @@ def condense_option_errors(workdir: Path) -> Row:
              (["data.test_size=0"], "data.test_size"), (["fyi=maybe"], "fyi"), (["--device", "tpu"], "tpu"),
              (["batch_real=1.5"], "batch_real")]
     for extra, key in cases:
-        start = time.perf_counter()
-        outcome = run_child(cli(*base, *extra), workdir)
+        outcome = run_here(cli(*base, *extra))
         ok, detail = one_line_error(outcome, key)
         row.record(ok and not (workdir / "condense-bad" / "checkpoint.pt").exists(), " ".join(extra), detail)
     return row
@@ -651,19 +666,19 @@ def changed_resume(workdir: Path, ref: Reference) -> Row:
                ("train.amp=auto", None)]
     for override, key in refused:
         before = snapshot(run_dir)
-        outcome = run_child(cli("train", ref.config, "--run-dir", str(run_dir), "--resume", "train.epochs=1",
-                                override), workdir)
+        outcome = run_here(cli("train", ref.config, "--run-dir", str(run_dir), "--resume", "train.epochs=1",
+                               override))
         if key is None:  # a value equal to the saved one is no change
             row.record(outcome.code == 0 and snapshot(run_dir)["checkpoint.pt"] == before["checkpoint.pt"],
                        f"{override} (unchanged value)", outcome.output[-300:])
             continue
         ok, detail = one_line_error(outcome, key, "--resume")
         row.record(ok and snapshot(run_dir) == before, override, detail)
-    outcome = run_child(cli("train", ref.config, "--run-dir", str(run_dir), "--resume", "train.epochs=2"), workdir)
+    outcome = run_here(cli("train", ref.config, "--run-dir", str(run_dir), "--resume", "train.epochs=2"))
     named = "train.epochs 1 -> 2: the learning-rate schedule is recomputed" in outcome.output
     row.record(outcome.code == 0 and named, "train.epochs=2 (allowed)", outcome.output[-300:])
     before = snapshot(run_dir)
-    outcome = run_child(cli("train", ref.config, "--run-dir", str(run_dir), "--resume", "train.epochs=1"), workdir)
+    outcome = run_here(cli("train", ref.config, "--run-dir", str(run_dir), "--resume", "train.epochs=1"))
     ok, detail = one_line_error(outcome, "train.epochs")
     row.record(ok and snapshot(run_dir) == before, "train.epochs below the checkpoint's epoch", detail)
     return row
