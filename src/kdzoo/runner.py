@@ -128,7 +128,7 @@ def prepare_run_dir(output_dir: str, name: str, resume: bool, run_dir: Optional[
     if resume and not (path / CHECKPOINT).is_file():
         raise ConfigError(f"--resume: no {CHECKPOINT} in {path} (nothing to continue)")
     path.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone writes, and alone cleans
+    if _is_main_process():  # under torchrun rank 0 alone writes, and alone cleans
         remove_stale_files(path)
     return path
 
@@ -200,7 +200,8 @@ def train_run(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: bool
     if resume:
         verify_checkpoint(run_dir, {"student": distiller.student, "methods": distiller.methods}, cfg.train.epochs)
     _report_changes(notes, verbose)
-    save_config(cfg, run_dir / RUN_CONFIG)
+    if _is_main_process():  # under torchrun rank 0 alone writes
+        save_config(cfg, run_dir / RUN_CONFIG)
     return fit(distiller, data, cfg.train, run_dir, resume=resume,
                export_meta=model_meta(cfg.student, data, cfg.data), verbose=verbose)
 
@@ -214,7 +215,8 @@ def teacher_run(cfg: TeacherConfig, run_dir: Path, resume: bool = False, verbose
     if resume:
         verify_checkpoint(run_dir, {"student": model, "methods": distiller.methods}, cfg.train.epochs)
     _report_changes(notes, verbose)
-    save_config(cfg, run_dir / RUN_CONFIG)
+    if _is_main_process():  # under torchrun rank 0 alone writes
+        save_config(cfg, run_dir / RUN_CONFIG)
     result = fit(distiller, data, cfg.train, run_dir, resume=resume,
                  export_meta=model_meta(cfg.model, data, cfg.data), verbose=verbose)
     # A teacher run's weights are the model itself: name them so `teacher.weights: RUN_DIR` reads clearly.
@@ -299,6 +301,10 @@ def verify_resume_config(cfg: Any, run_dir: Path) -> list[str]:
         saved = from_dict(type(cfg), read_yaml(path))
     except ConfigError as err:
         raise ConfigError(f"--resume: the run's {path} cannot be read ({err})") from None
+    try:
+        saved.validate()  # converts option values ("1e-3" -> 0.001) as the new config's were
+    except ConfigError:
+        pass  # a value today's checks refuse: compared as it was written
     before, after = flat_config(saved), flat_config(cfg)
     changed = [k for k in dict.fromkeys([*before, *after]) if before.get(k, _ABSENT) != after.get(k, _ABSENT)]
     refused = [k for k in changed if k not in RESUMABLE]
@@ -322,6 +328,10 @@ def verify_checkpoint(run_dir: Path, modules: dict[str, nn.Module], epochs: int)
     if not isinstance(state["epoch"], int) or state["epoch"] > epochs:
         raise ConfigError(f"--resume: train.epochs={epochs} but {path} is at epoch {state['epoch']}; "
                           f"give train.epochs >= {state['epoch']}")
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _report_changes(notes: list[str], verbose: bool) -> None:

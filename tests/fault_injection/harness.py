@@ -581,7 +581,7 @@ def condense_option_errors(workdir: Path) -> Row:
             "--quiet", "data.train_size=48", "data.image_size=8"]
     cases = [(["--checkpoint-every", "0"], "--checkpoint-every"), (["--num-eval", "0"], "--num-eval"),
              (["--ipc", "0"], "--ipc"), (["lr_img=abc"], "lr_img"), (["lr_img=0"], "lr_img"),
-             (["lr_img=.nan"], "lr_img"), (["iterations=-1"], "iterations"), (["init=zeros"], "init"),
+             (["lr_img=.nan"], "lr_img"), (["iterations=-1"], "iterations"),
              (["eval.epochs=abc"], "eval.epochs"), (["eval.num_models=0"], "eval.num_models"),
              (["data.test_size=0"], "data.test_size"), (["fyi=maybe"], "fyi"), (["--device", "tpu"], "tpu"),
              (["batch_real=1.5"], "batch_real")]

@@ -15,7 +15,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -151,7 +151,7 @@ class Condenser(ABC):
     iterations: NonNegativeInt = 1000
     lr_img: Positive = 0.1
     momentum_img: UnitInterval = 0.5
-    init: Literal["real", "noise"] = "real"  # "real": random real images of each class; "noise": standard normal pixels
+    init: str = "real"  # "real": random real images of each class; "noise": standard normal pixels
     model: str = "convnet:convnet3"
     model_options: Optional[dict] = None
     dsa_strategy: str = DSA_STRATEGY  # "none" switches augmentation off
