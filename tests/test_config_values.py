@@ -68,7 +68,7 @@ def test_values_that_do_not_fit_are_one_line_errors(value, annotation, message):
     ("data.options.train_size=0", "data.options.train_size (synthetic): expected an integer >= 1, got int 0"),
     ("train.lr=.nan", "train.lr: expected a finite number, got nan"),
     ("train.lr=.inf", "train.lr: expected a finite number, got inf"),
-    ("train.lr=0", "train.lr: must be > 0, got 0.0"),
+    ("train.lr=-0.1", "train.lr: must be >= 0, got -0.1"),
     ("train.device=tpu", "train.device: 'tpu' is not one of auto, cpu, cuda, cuda:N"),
     ("train.momentum=1", "train.momentum: must be >= 0 and < 1, got 1.0"),
     ("ce_weight=-1", "ce_weight: must be >= 0, got -1.0"),

@@ -68,8 +68,6 @@ class TrainConfig:
                     "scaling_warmup_epochs", "gamma"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
-        if self.lr == 0:
-            raise ConfigError("train.lr: must be > 0, got 0.0")
         if self.momentum >= 1:
             raise ConfigError(f"train.momentum: must be >= 0 and < 1, got {self.momentum}")
         for i, milestone in enumerate(self.milestones):
