@@ -1,12 +1,17 @@
 """Plain YAML mapped onto dataclasses.  No code is imported or called from a config.
 
 Every unknown key, wrong type or bad value is a one-line `ConfigError` naming it; ``a.b=value``
-overrides (the value parsed as YAML) are applied before validation.
+overrides (the value parsed as YAML) are applied before validation.  Method, model, dataset (and condenser)
+options are checked against the annotations and ranges of their constructors' signatures
+(`kdzoo.registry.Entry.check`) when the config is loaded, not at the first step.  A YAML file with a key
+given twice, a file that is not UTF-8 and a float that is NaN or infinite are refused too.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +21,6 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import ConfigError
-from .registry import check_options
 
 
 @dataclass
@@ -61,9 +65,19 @@ class TrainConfig:
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
         for key in ("lr", "weight_decay", "warmup_epochs", "min_lr", "momentum", "num_workers",
-                    "scaling_warmup_epochs"):
+                    "scaling_warmup_epochs", "gamma"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.momentum >= 1:
+            raise ConfigError(f"train.momentum: must be >= 0 and < 1, got {self.momentum}")
+        for i, milestone in enumerate(self.milestones):
+            if milestone < 0:
+                raise ConfigError(f"train.milestones[{i}]: must be >= 0, got {milestone}")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(f"train.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -111,12 +125,14 @@ class RunConfig:
         _validate_init_from(self.student, "student", self.teacher is not None)
         if self.teacher is not None and self.teacher.init_from is not None:
             raise ConfigError("teacher.init_from: only the student can inherit weights (student.init_from: teacher)")
+        if self.ce_weight is not None and self.ce_weight < 0:
+            raise ConfigError(f"ce_weight: must be >= 0, got {self.ce_weight}")
         for i, method in enumerate(self.methods):
             entry = _lookup(METHODS, method.name, f"methods[{i}].name")
-            check_options(f"methods[{i}] ({method.name})", method.options, entry.defaults)
+            method.options = entry.check(method.options, f"methods[{i}]", method.name)
             if entry.obj.needs_teacher and self.teacher is None:
                 raise ConfigError(f"methods[{i}] ({method.name}) needs a teacher: add a 'teacher:' section")
-        _validate_data(self.data)
+        validate_data(self.data)
 
 
 @dataclass
@@ -133,7 +149,7 @@ class TeacherConfig:
         self.train.validate()
         _validate_model(self.model, "model")
         _validate_init_from(self.model, "model", False)
-        _validate_data(self.data)
+        validate_data(self.data)
 
 
 def _validate_model(model: ModelConfig, where: str) -> None:
@@ -142,7 +158,7 @@ def _validate_model(model: ModelConfig, where: str) -> None:
 
     if not model.name.startswith(EXTERNAL_PREFIXES):
         entry = _lookup(MODELS, model.name, f"{where}.name")
-        check_options(f"{where}.options ({model.name})", model.options, entry.defaults)
+        model.options = entry.check(model.options, f"{where}.options", model.name)
 
 
 def _validate_init_from(model: ModelConfig, where: str, has_teacher: bool) -> None:
@@ -156,11 +172,11 @@ def _validate_init_from(model: ModelConfig, where: str, has_teacher: bool) -> No
         raise ConfigError(f"{where}: give weights or init_from, not both")
 
 
-def _validate_data(data: DataConfig) -> None:
+def validate_data(data: DataConfig) -> None:
     from .data.datasets import DATASETS
 
     entry = _lookup(DATASETS, data.name, "data.name")
-    check_options(f"data.options ({data.name})", data.options, entry.defaults)
+    data.options = entry.check(data.options, "data.options", data.name)
 
 
 def _lookup(registry, name: str, where: str):
@@ -237,6 +253,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -278,12 +296,42 @@ def _join(where: str, key: Any) -> str:
 # ---------------------------------------------------------------- files and overrides
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last
+    silently, so a second ``train:`` section would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: PyYAML reports it below
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml_text(text: str) -> Any:
+    """YAML with PyYAML's safe loader (no code, no objects), refusing duplicate keys."""
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                          "save the config as UTF-8") from None
+    try:
+        data = load_yaml_text(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
@@ -302,7 +350,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=0.1")
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml_text(raw)
         except yaml.YAMLError:
             raise ConfigError(f"override {item!r}: value is not valid YAML") from None
         node: Any = data
@@ -348,7 +396,9 @@ def load_config(cls: type, path: Optional[str | Path], overrides: list[str] = ()
 
 
 def save_config(config: Any, path: str | Path) -> None:
+    from .errors import naming_path
     from .runtime import atomic_write
 
     text = yaml.safe_dump(to_dict(config), sort_keys=False)
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    with naming_path(path):
+        atomic_write(path, lambda tmp: tmp.write_text(text))

@@ -1,4 +1,9 @@
 """Errors a user can act on; the CLI prints them as one line instead of a traceback."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
 
 
 class KdzooError(Exception):
@@ -15,3 +20,15 @@ class CheckpointError(KdzooError):
 
 class TrainingDiverged(KdzooError):
     """A loss became NaN or infinite."""
+
+
+@contextlib.contextmanager
+def naming_path(path) -> Iterator[None]:
+    """Give an `OSError` raised inside (a write that hit a full disk or a file-size limit carries no file
+    name) the path being written, so the CLI can say which file failed."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror, os.fspath(path)) from err
+        raise

@@ -1,14 +1,24 @@
-"""Configs to runs: build data, models and the Distiller, train, export, evaluate."""
+"""Configs to runs: build data, models and the Distiller, train, export, evaluate.
+
+Resuming (`train_run(..., resume=True)`) first compares the config with the one the run directory holds
+(``config.yaml``, written when the run started): any change that alters what is computed is refused with
+the changed keys in one line; only the keys in `RESUMABLE` may change, each with a note of what that means
+(more epochs: the learning-rate schedule is recomputed).  Then the checkpoint is read and checked against
+the models and methods just built (every tensor's name and shape).  Nothing in the run directory is
+written before both checks pass.  Every start deletes the temporary files a killed write left behind.
+"""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .config import DataConfig, ModelConfig, RunConfig, TeacherConfig, read_yaml, from_dict, save_config
+from .config import (DataConfig, ModelConfig, RunConfig, TeacherConfig, from_dict, read_yaml, save_config, to_dict,
+                     validate_data)
 from .data import DataSplits, build_dataset, input_example, labels_of
 from .distiller import Distiller
 from .errors import CheckpointError, ConfigError
@@ -16,10 +26,28 @@ from .methods import create_method
 from .models import create_model
 from .models.inherit import inherit_weights
 from .train import FitResult, evaluate, fit, load_checkpoint, read_weights
+from .train.checkpoint import remove_stale_files
+from .registry import METHODS, check_value
 from .runtime import resolve_device, seed_everything
 from .train.trainer import CHECKPOINT
 
 WEIGHT_FILES = ("model.safetensors", "student.safetensors")
+RUN_CONFIG = "config.yaml"
+
+# Config keys a resumed run may change, and what the change means.  Anything else alters the result.
+RESUMABLE = {
+    "train.epochs": "the learning-rate schedule is recomputed for the new length",
+    "train.save_every": "checkpoints are written at the new interval",
+    "train.eval_every": "the test set is evaluated at the new interval",
+    "train.log_every": "progress is shown at the new interval",
+    "train.progress": "progress bars only",
+    "train.device": "the run continues on another device; results may differ in the last bits",
+    "output_dir": "where the run directory is",
+    "name": "where the run directory is",
+    "data.options.root": "where the data is read from",
+    "data.options.cache_dir": "where decoded data is cached",
+    "data.options.download": "whether missing data is downloaded",
+}
 
 
 def build_data(cfg: DataConfig) -> DataSplits:
@@ -31,8 +59,10 @@ def build_model(cfg: ModelConfig, data: DataSplits, where: str = "model") -> nn.
         model = create_model(cfg.name, num_classes=data.num_classes, in_channels=data.in_channels, **cfg.options)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
+    except TypeError as err:  # a torchvision/timm builder refusing an option: options are not checked ahead
+        raise ConfigError(f"{where}.options ({cfg.name}): {err}") from None
     if cfg.weights:
-        load_weights(model, cfg.weights)
+        load_weights(model, cfg.weights, f"{where}.weights")
     return model
 
 
@@ -54,25 +84,56 @@ def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     path = weights_file(path)
     if path.suffix == ".safetensors":
         return read_weights(path)
-    return load_checkpoint(path)["student"], {}
+    state = load_checkpoint(path)
+    student = state.get("student")
+    if not isinstance(student, dict) or not all(isinstance(v, torch.Tensor) for v in student.values()):
+        raise CheckpointError(f"{path}: a checkpoint without a 'student' state (not written by kdzoo train or "
+                              "kdzoo teacher)")
+    return student, {}
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    state, _ = read_state(path)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        missing, unexpected = result.missing_keys, result.unexpected_keys
+def check_state_fits(module: nn.Module, state: dict[str, Any], source: str, what: str) -> None:
+    """Refuse a state dict whose tensor names or shapes differ from `module`'s, naming the first difference."""
+    expected = module.state_dict()
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source}: holds no {what} state")
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
         raise CheckpointError(
-            f"{path}: weights do not fit {type(model).__name__} ({len(missing)} missing, e.g. "
-            f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+            f"{source}: does not fit the {what} {type(module).__name__} (another architecture?): {len(missing)} "
+            f"tensors missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}")
+    for key, tensor in expected.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise CheckpointError(f"{source}: does not fit the {what} {type(module).__name__} (another architecture "
+                                  f"or width?): {key} is {shape} in the file, {tuple(tensor.shape)} in the model")
+
+
+def load_weights(model: nn.Module, path: str | Path, where: str = "") -> None:
+    """Load weights (run directory, .safetensors or checkpoint) into `model`; `where` names the config key."""
+    prefix = f"{where}: " if where else ""
+    try:
+        state, _ = read_state(path)
+        check_state_fits(model, state, str(weights_file(path)), "model")
+    except (CheckpointError, ConfigError) as err:
+        raise type(err)(f"{prefix}{err}") from None
+    model.load_state_dict(state)
 
 
 def prepare_run_dir(output_dir: str, name: str, resume: bool, run_dir: Optional[str] = None) -> Path:
     path = Path(run_dir) if run_dir else Path(output_dir) / name
     if not resume and (path / CHECKPOINT).exists():
         raise ConfigError(f"{path} already holds a run: pass --resume to continue it, or set name=... for a new one")
+    if resume and not (path / CHECKPOINT).is_file():
+        raise ConfigError(f"--resume: no {CHECKPOINT} in {path} (nothing to continue)")
     path.mkdir(parents=True, exist_ok=True)
+    if _is_main_process():  # under torchrun rank 0 alone writes, and alone cleans
+        remove_stale_files(path)
     return path
+
+
 
 
 def model_meta(cfg: ModelConfig, data: DataSplits, data_cfg: DataConfig) -> dict:
@@ -95,21 +156,73 @@ def build_distiller(cfg: RunConfig, data: DataSplits, run_dir: Optional[Path] = 
                      cache_dir=run_dir)
 
 
+def build_methods(cfg: RunConfig) -> list:
+    methods = []
+    for i, method in enumerate(cfg.methods):
+        try:
+            methods.append(create_method(method.name, **method.options))
+        except ConfigError as err:
+            raise ConfigError(f"methods[{i}] ({method.name}): {err}") from None
+    return methods
+
+
+def name_method_key(err: ConfigError, cfg: RunConfig) -> ConfigError:
+    """A layer error from the Distiller ("no module 'layer9' in TinyCNN") prefixed with the method option that
+    names the layer (``methods[1].student_layer (fitnet): ...``), when one does."""
+    message = str(err)
+    match = re.search(r"(?:no module|tap) '([^']+)'", message)
+    if not match:
+        return err
+    layer = match.group(1)
+    for i, method in enumerate(cfg.methods):
+        options = {**METHODS.get(method.name).defaults, **method.options}
+        for key, value in options.items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, str) and layer in (v, v.rsplit(":", 1)[0]) for v in values):
+                return ConfigError(f"methods[{i}].{key} ({method.name}): {message}")
+    return err
+
+
+def build_distiller(cfg: RunConfig, data: DataSplits, run_dir: Optional[Path] = None) -> Distiller:
+    student = build_model(cfg.student, data, "student")
+    teacher = build_model(cfg.teacher, data, "teacher") if cfg.teacher else None
+    if cfg.teacher and not cfg.teacher.weights:
+        print("warning: the teacher has no weights (teacher.weights); it is randomly initialised")
+    methods = build_methods(cfg)
+    try:
+        return Distiller(student, teacher, methods, example_input=input_example(data), ce_weight=cfg.ce_weight,
+                         num_samples=len(data.train), train_labels=labels_of(data.train), train_data=data.train,
+                         cache_dir=run_dir)
+    except ConfigError as err:
+        raise name_method_key(err, cfg) from None
+
+
 def train_run(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: bool = True) -> FitResult:
+    notes = verify_resume_config(cfg, run_dir) if resume else []
     data = build_data(cfg.data)
     seed_everything(cfg.train.seed)  # initial weights depend on the seed alone
     distiller = build_distiller(cfg, data, run_dir)
-    save_config(cfg, run_dir / "config.yaml")
+    if resume:
+        verify_checkpoint(run_dir, {"student": distiller.student, "methods": distiller.methods}, cfg.train.epochs)
+    _report_changes(notes, verbose)
+    if _is_main_process():  # under torchrun rank 0 alone writes
+        save_config(cfg, run_dir / RUN_CONFIG)
     return fit(distiller, data, cfg.train, run_dir, resume=resume,
                export_meta=model_meta(cfg.student, data, cfg.data), verbose=verbose)
 
 
 def teacher_run(cfg: TeacherConfig, run_dir: Path, resume: bool = False, verbose: bool = True) -> FitResult:
+    notes = verify_resume_config(cfg, run_dir) if resume else []
     data = build_data(cfg.data)
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, data)
-    save_config(cfg, run_dir / "config.yaml")
-    result = fit(Distiller(model), data, cfg.train, run_dir, resume=resume,
+    distiller = Distiller(model)
+    if resume:
+        verify_checkpoint(run_dir, {"student": model, "methods": distiller.methods}, cfg.train.epochs)
+    _report_changes(notes, verbose)
+    if _is_main_process():  # under torchrun rank 0 alone writes
+        save_config(cfg, run_dir / RUN_CONFIG)
+    result = fit(distiller, data, cfg.train, run_dir, resume=resume,
                  export_meta=model_meta(cfg.model, data, cfg.data), verbose=verbose)
     # A teacher run's weights are the model itself: name them so `teacher.weights: RUN_DIR` reads clearly.
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 wrote them
@@ -122,22 +235,124 @@ def evaluate_target(target: str | Path, overrides: list[str] = (), device: str =
     from .config import apply_overrides
 
     target = Path(target)
-    run_config = target / "config.yaml" if target.is_dir() else target.parent / "config.yaml"
+    run_config = target / RUN_CONFIG if target.is_dir() else target.parent / RUN_CONFIG
     state, meta = read_state(target)
-    if meta.get("model"):
-        model_cfg = ModelConfig(meta["model"], options=meta.get("options", {}))
+    if meta and "class" not in meta:  # exported from a config; fit() alone records only the model's class
+        if not isinstance(meta.get("model"), str) or not isinstance(meta.get("data"), dict):
+            raise CheckpointError(f"{target}: its kdzoo metadata names no model and dataset (not an exported model; "
+                                  "a synthetic set is evaluated by kdzoo condense)")
+        model_cfg = from_dict(ModelConfig, {"name": meta["model"], "options": meta.get("options", {})}, "model")
         data_dict = meta["data"]
     elif run_config.is_file():
         raw = read_yaml(run_config)
         section = raw.get("student") or raw.get("model")
-        model_cfg = from_dict(ModelConfig, section, "student")
+        model_cfg = from_dict(ModelConfig, section, f"{run_config}: student")
         data_dict = raw.get("data", {})
     else:
         raise ConfigError(f"{target}: cannot tell which model this is (no kdzoo metadata, no config.yaml beside it)")
     data_cfg = from_dict(DataConfig, apply_overrides({"data": dict(data_dict)}, list(overrides))["data"], "data")
+    validate_data(data_cfg)
     data = build_data(data_cfg)
     model = build_model(ModelConfig(model_cfg.name, None, model_cfg.options), data)
+    check_state_fits(model, state, str(weights_file(target)), "model")
     model.load_state_dict(state)
     model.to(resolve_device(device))
     metrics = evaluate(model, data.test)
     return {"target": str(target), "model": model_cfg.name, "dataset": data_cfg.name, **metrics}
+
+
+# ---------------------------------------------------------------- resume: verify before writing anything
+
+
+def flat_config(config: Any) -> dict[str, Any]:
+    """A config as ``{"train.lr": 0.05, "methods[0].temperature": 4.0, ...}`` with every registered option's
+    default filled in, so writing a default out or leaving it implicit compares equal."""
+    from .data.datasets import DATASETS
+    from .models import EXTERNAL_PREFIXES, MODELS
+
+    data = to_dict(config)
+    for key in ("student", "teacher", "model"):
+        section = data.get(key)
+        if isinstance(section, dict) and not section["name"].startswith(EXTERNAL_PREFIXES) and section["name"] in MODELS:
+            section["options"] = {**MODELS.get(section["name"]).defaults, **section["options"]}
+    if data["data"]["name"] in DATASETS:
+        data["data"]["options"] = {**DATASETS.get(data["data"]["name"]).defaults, **data["data"]["options"]}
+    for method in data.get("methods", []):
+        if method["name"] in METHODS:
+            method.update({**METHODS.get(method["name"]).defaults, **method})
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, v in enumerate(value):
+                walk(f"{prefix}[{i}]", v)
+        else:
+            flat[prefix] = value
+
+    walk("", data)
+    return flat
+
+
+def verify_resume_config(cfg: Any, run_dir: Path) -> list[str]:
+    """Compare `cfg` with the run directory's config.yaml; refuse changes that alter the result (one line
+    listing them), return notes on the allowed ones.  Reads only."""
+    path = run_dir / RUN_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"--resume: {path} is missing, so the run's config cannot be compared; start a new run")
+    try:
+        saved = from_dict(type(cfg), read_yaml(path))
+    except ConfigError as err:
+        raise ConfigError(f"--resume: the run's {path} cannot be read ({err})") from None
+    try:
+        saved.validate()  # converts option values ("1e-3" -> 0.001) as the new config's were
+    except ConfigError:
+        pass  # a value today's checks refuse: compared as it was written
+    before, after = flat_config(saved), flat_config(cfg)
+    changed = [k for k in dict.fromkeys([*before, *after]) if before.get(k, _ABSENT) != after.get(k, _ABSENT)]
+    refused = [k for k in changed if k not in RESUMABLE]
+    if refused:
+        diff = ", ".join(f"{k} {_show(before.get(k, _ABSENT))} -> {_show(after.get(k, _ABSENT))}" for k in refused)
+        raise ConfigError(f"--resume: the config differs from the run's {path} in what it computes ({diff}); "
+                          "undo the change, or start a new run with name=... or --run-dir")
+    return [f"{k} {_show(before.get(k, _ABSENT))} -> {_show(after.get(k, _ABSENT))}: {RESUMABLE[k]}" for k in changed]
+
+
+def verify_checkpoint(run_dir: Path, modules: dict[str, nn.Module], epochs: int) -> None:
+    """The run's checkpoint can be read and every saved state fits the module built for it.  Reads only."""
+    path = run_dir / CHECKPOINT
+    state = load_checkpoint(path)
+    for key in ("student", "methods", "optimizer", "epoch", "step", "rng"):
+        if key not in state:
+            raise CheckpointError(f"{path}: not a training checkpoint (no {key!r} entry; written by another "
+                                  "kdzoo command?)")
+    for key, module in modules.items():
+        check_state_fits(module, state[key], str(path), "student" if key == "student" else "methods' adapters")
+    if not isinstance(state["epoch"], int) or state["epoch"] > epochs:
+        raise ConfigError(f"--resume: train.epochs={epochs} but {path} is at epoch {state['epoch']}; "
+                          f"give train.epochs >= {state['epoch']}")
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _report_changes(notes: list[str], verbose: bool) -> None:
+    if verbose:
+        for note in notes:
+            print(f"resume: {note}")
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "(unset)"
+
+
+_ABSENT = _Absent()
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."

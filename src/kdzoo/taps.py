@@ -44,13 +44,15 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
     if path in modules:
         return modules[path]
     names = [n for n in modules if n]
+    if not names:
+        raise ConfigError(f"no module {path!r} in {type(model).__name__} (the model has no submodules)")
     close = difflib.get_close_matches(path, names, n=5, cutoff=0.4)
-    if not close:  # fall back to siblings of the deepest existing prefix
+    if not close:  # fall back to the children of the deepest existing prefix ("" is the model itself)
         parent = path.rsplit(".", 1)[0] if "." in path else ""
-        close = [n for n in names if n.rsplit(".", 1)[0] == parent][:5] if parent in modules else names[:5]
-    raise ConfigError(
-        f"no module {path!r} in {type(model).__name__}; closest: {', '.join(close) or '(model has no submodules)'}"
-    )
+        while parent not in modules:
+            parent = parent.rsplit(".", 1)[0] if "." in parent else ""
+        close = [n for n in names if (n.rsplit(".", 1)[0] if "." in n else "") == parent][:5] or names[:5]
+    raise ConfigError(f"no module {path!r} in {type(model).__name__}; closest: {', '.join(close)}")
 
 
 class Taps:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..models import MODELS, convnet, create_model  # noqa: F401  (convnet registers ConvNet-3, the default)
-from ..registry import Registry
+from ..registry import NonNegativeInt, Positive, PositiveInt, Registry, UnitInterval
 from ..taps import Layout, Taps, discover_layout
 from ..runtime import atomic_write
 from ..train.checkpoint import load_checkpoint, read_weights, rng_state, save_checkpoint, set_rng_state
@@ -158,22 +158,22 @@ class Condenser(ABC):
 
     data: Any = field(repr=False)  # kdzoo.data.DataSplits
     ipc: int
-    iterations: int = 1000
-    lr_img: float = 0.1
-    momentum_img: float = 0.5
+    iterations: NonNegativeInt = 1000
+    lr_img: Positive = 0.1
+    momentum_img: UnitInterval = 0.5
     init: str = "real"  # "real": random real images of each class; "noise": standard normal pixels
     model: str = "convnet:convnet3"
     model_options: Optional[dict] = None
     dsa_strategy: str = DSA_STRATEGY  # "none" switches augmentation off
-    batch_real: Optional[int] = 256  # real images per class in one matching draw
+    batch_real: Optional[PositiveInt] = 256  # real images per class in one matching draw
     normalize: str = "auto"  # "auto": DatasetCondensation's constants for cifar10/cifar100/fashion_mnist
     zca: Optional[bool] = None  # ZCA-whiten the pixels (kornia, eps 0.1); None: the method's default
     fyi: bool = False
     committee_labels: bool = False  # fixed soft labels: a committee's vote on the final images (not per batch)
     committee: str = "convnet:convnet3"  # comma-separated architectures of the committee
-    committee_size: int = 5
-    committee_epochs: int = 30
-    label_temperature: float = 1.0
+    committee_size: PositiveInt = 5
+    committee_epochs: NonNegativeInt = 30
+    label_temperature: Positive = 1.0
     seed: int = 0
     device: str = "auto"
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from ..errors import ConfigError
-from ..runtime import atomic_write
+from ..registry import Positive, PositiveInt, check_value, option_hints
+from ..runtime import atomic_write, resolve_device
+from ..train.checkpoint import remove_stale_files
 
 if TYPE_CHECKING:
     from .base import SyntheticSet
@@ -24,6 +26,9 @@ OVERRIDES_HELP = ("method options, e.g. lr_img=1 fyi=true committee_labels=true 
                   "evaluation (eval.epochs=300 eval.augment=false eval.models=[convnet:convnet3,cifar:resnet20])")
 EVAL_OPTIONS = ("models", "num_models", "epochs", "lr", "augment", "dsa_strategy", "batch_size", "flip_batch",
                 "model_options", "vectorize")
+# Bounds of the evaluation options beyond their types in `evaluate_synthetic`'s signature.
+EVAL_BOUNDS = {"num_models": PositiveInt, "epochs": Optional[PositiveInt], "batch_size": PositiveInt,
+               "lr": Optional[Positive]}
 
 
 def add_condense_parser(subparsers) -> argparse.ArgumentParser:
@@ -102,12 +107,24 @@ def cmd_condense(args) -> int:
         return 0
     options, data_options, eval_options = parse_overrides(args.overrides)
     check_options("evaluation", eval_options, {k: None for k in EVAL_OPTIONS})
+    # Every option is checked before any data is read or any iteration runs.
+    for flag, value in (("--ipc", args.ipc), ("--checkpoint-every", args.checkpoint_every), ("--num-eval", args.num_eval)):
+        if value < 1:
+            raise ConfigError(f"{flag}: must be >= 1, got {value}" + (" (--no-eval skips the evaluation)"
+                                                                         if flag == "--num-eval" else ""))
+    resolve_device(args.device)
+    options = entry.check(options, "", args.method)
+    data_options = DATASETS.get(args.dataset).check(data_options, "data", args.dataset)
+    eval_options = _check_eval_options(eval_options)
     if "augment" in DATASETS.get(args.dataset).defaults:
         data_options.setdefault("augment", False)  # distil from the images as they are
     out = Path(args.out or f"runs/condense/{args.method}-{args.dataset}-ipc{args.ipc}")
     checkpoint = out / "checkpoint.pt"
     if checkpoint.exists() and not args.resume:
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if args.resume and not checkpoint.is_file():
+        raise ConfigError(f"--resume: no checkpoint.pt in {out} (nothing to continue)")
+    remove_stale_files(out)  # temporaries of writes a killed run left behind
     options.setdefault("device", args.device)
     if "buffer_dir" in entry.defaults:
         options.setdefault("buffer_dir", str(out / "experts"))
@@ -130,6 +147,14 @@ def cmd_condense(args) -> int:
     atomic_write(out / "evaluation.json", lambda tmp: tmp.write_text(text))
     print(format_results(results, args.method, args.dataset, args.ipc))
     return 0
+
+
+def _check_eval_options(options: dict) -> dict:
+    """Evaluation options against `evaluate_synthetic`'s annotations and `EVAL_BOUNDS`."""
+    from .evaluate import evaluate_synthetic
+
+    hints = {**option_hints(evaluate_synthetic, list(EVAL_OPTIONS)), **EVAL_BOUNDS}
+    return {key: check_value(f"eval.{key}", value, hints[key]) for key, value in options.items()}
 
 
 def save_grid(synthetic: "SyntheticSet", path: Path) -> None:

@@ -15,7 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..runtime import atomic_write
-from ..registry import DATASETS, register_dataset
+from ..registry import DATASETS, Fraction, NonNegative, PositiveInt, register_dataset
 from .arrays import CIFAR_AUGMENT, UInt8Images, parse_resident
 from .cache import DecodedSplit, cached_decode
 from .loaders import TensorData
@@ -65,7 +65,7 @@ def labels_of(dataset: Dataset) -> torch.Tensor:
 
 
 @register_dataset("digits", paper="scikit-learn's copy of the UCI optical digits (1797 8x8 images)")
-def digits(test_fraction: float = 0.25, split_seed: int = 0, image_size: int = 8) -> DataSplits:
+def digits(test_fraction: Fraction = 0.25, split_seed: int = 0, image_size: PositiveInt = 8) -> DataSplits:
     """Real 8x8 grey-scale digits shipped inside scikit-learn: no download."""
     from sklearn.datasets import load_digits
 
@@ -84,8 +84,9 @@ def digits(test_fraction: float = 0.25, split_seed: int = 0, image_size: int = 8
 
 
 @register_dataset("synthetic", paper="generated class prototypes plus noise, for tests")
-def synthetic(num_classes: int = 10, image_size: int = 32, channels: int = 3, train_size: int = 512,
-              test_size: int = 256, noise: float = 0.5, seed: int = 0) -> DataSplits:
+def synthetic(num_classes: PositiveInt = 10, image_size: PositiveInt = 32, channels: PositiveInt = 3,
+              train_size: PositiveInt = 512, test_size: PositiveInt = 256, noise: NonNegative = 0.5,
+              seed: int = 0) -> DataSplits:
     """Each class is a smooth random prototype image; samples add Gaussian noise.  Learnable, tiny."""
     g = torch.Generator().manual_seed(seed)
     coarse = torch.randn(num_classes, channels, 4, 4, generator=g)
@@ -152,7 +153,7 @@ def _torchvision_cifar(cls_name: str, name: str, root: str, download: bool, augm
 
 @register_dataset("cifar10", paper="Krizhevsky 2009, Learning Multiple Layers of Features from Tiny Images")
 def cifar10(root: str = "data", download: bool = False, augment: bool = True, cache_dir: Optional[str] = None,
-            resident: str = "auto") -> DataSplits:
+            resident: Union[Literal["auto", "true", "false"], bool] = "auto") -> DataSplits:
     """torchvision's CIFAR-10 (python pickles under ROOT/cifar-10-batches-py), decoded once into the cache."""
     return _torchvision_cifar("CIFAR10", "cifar10", root, download, augment, CIFAR10_MEAN, CIFAR10_STD, cache_dir,
                               resident, hint="; offline, the JPEG copy in shared/data loads with data.name=imagefolder")
@@ -160,7 +161,7 @@ def cifar10(root: str = "data", download: bool = False, augment: bool = True, ca
 
 @register_dataset("cifar100", paper="Krizhevsky 2009, Learning Multiple Layers of Features from Tiny Images")
 def cifar100(root: str = "data", download: bool = False, augment: bool = True, cache_dir: Optional[str] = None,
-             resident: str = "auto") -> DataSplits:
+             resident: Union[Literal["auto", "true", "false"], bool] = "auto") -> DataSplits:
     """torchvision's CIFAR-100 (python pickles under ROOT/cifar-100-python), 100 fine labels."""
     return _torchvision_cifar("CIFAR100", "cifar100", root, download, augment, CIFAR100_MEAN, CIFAR100_STD,
                               cache_dir, resident)
@@ -205,9 +206,9 @@ def _decode_image_folder(folder, size: tuple[int, int], desc: str) -> DecodedSpl
 
 
 @register_dataset("imagefolder", paper="torchvision ImageFolder layout: ROOT/{train,test}/<class>/*.jpg")
-def imagefolder(root: str = "data/imagefolder", image_size: int = 32, augment: bool = True,
+def imagefolder(root: str = "data/imagefolder", image_size: PositiveInt = 32, augment: bool = True,
                 mean: tuple = CIFAR10_MEAN, std: tuple = CIFAR10_STD, test_split: str = "test",
-                cache_dir: Optional[str] = None, resident: str = "auto") -> DataSplits:
+                cache_dir: Optional[str] = None, resident: Union[Literal["auto", "true", "false"], bool] = "auto") -> DataSplits:
     """Class-per-folder images (any size, any PIL format) decoded once to RGB uint8 image_size x image_size."""
     import torchvision
 
@@ -277,7 +278,7 @@ def _decode_fashion_mnist(root: str, train: bool) -> DecodedSplit:
 
 @register_dataset("fashion_mnist", paper="Xiao et al. 2017, Fashion-MNIST (28x28 grey-scale clothing, 10 classes)")
 def fashion_mnist(root: str = "data", download: bool = False, augment: bool = False,
-                  cache_dir: Optional[str] = None, resident: str = "auto",
+                  cache_dir: Optional[str] = None, resident: Union[Literal["auto", "true", "false"], bool] = "auto",
                   debian_dir: str = DEBIAN_FASHION_MNIST) -> DataSplits:
     """torchvision's FashionMNIST; the idx files come from ROOT/FashionMNIST/raw or the Debian package.
     `augment` is off by default (the dataset-condensation recipes train without it); on, it is crop + flip."""

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..registry import register_model
+from ..registry import PositiveInt, register_model
 
 CONVNET_PAPER = "Zhao, Mopuri & Bilen 2021, Dataset Condensation with Gradient Matching (ConvNet-3)"
 NORMS = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
@@ -44,7 +44,7 @@ class ConvBlock(nn.Sequential):
 class ConvNet(nn.Module):
     """ConvNet-D with width W: the default (3, 128, instance norm, ReLU, avg-pool) is ConvNet-3."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 128, depth: int = 3,
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: PositiveInt = 128, depth: PositiveInt = 3,
                  norm: str = "instancenorm", act: str = "relu", pooling: str = "avgpooling",
                  image_size: int | tuple[int, int] = 32):
         super().__init__()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..registry import register_model
+from ..registry import PositiveInt, register_model
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -15,7 +15,7 @@ def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 class TinyCNN(nn.Module):
     """Three conv stages (width w, 2w, 4w; the last two stride 2), global pool, linear classifier."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 16):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: PositiveInt = 16):
         super().__init__()
         self.stem = conv_bn_relu(in_channels, width)
         self.stage1 = conv_bn_relu(width, width)

@@ -3,6 +3,11 @@
 File format: an 8-byte magic, the payload length (8 bytes, little endian), the payload's SHA-256, then
 the payload (``torch.save`` of plain containers and tensors, read back with ``weights_only=True``).
 A truncated or corrupted file is reported in one line instead of a traceback from deep inside torch.
+
+Exported weights are safetensors whose metadata carries ``kdzoo_sha256``, a SHA-256 over every tensor (name,
+dtype, shape and bytes, in name order); `read_weights` recomputes it, so a flipped byte in a tensor is an
+error instead of a model that silently evaluates to chance.  Files without it (written elsewhere) load as
+they are.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import io
 import json
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from ..errors import CheckpointError
-from ..runtime import atomic_write
+from ..errors import CheckpointError, naming_path
+from ..runtime import TEMP_SUFFIX, atomic_write, remove_stale_temporaries
 
 MAGIC = b"KDZOOCK1"
 _HEADER = len(MAGIC) + 8 + 32
@@ -31,7 +37,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     torch.save(payload, buffer)
     data = buffer.getvalue()
     header = MAGIC + len(data).to_bytes(8, "little") + hashlib.sha256(data).digest()
-    atomic_write(path, lambda tmp: tmp.write_bytes(header + data))
+    with naming_path(path):
+        atomic_write(path, lambda tmp: tmp.write_bytes(header + data))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -50,9 +57,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if hashlib.sha256(data).digest() != digest:
         raise CheckpointError(f"{path}: checkpoint is corrupted (SHA-256 mismatch)")
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # a valid hash over an unreadable payload: written by something else
-        raise CheckpointError(f"{path}: checkpoint payload cannot be read ({type(err).__name__})") from None
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # a valid hash over an unreadable payload (pickled code, say): written by something else
+        raise CheckpointError(f"{path}: checkpoint payload cannot be read without running code "
+                              f"({type(err).__name__}); only tensors and plain containers are loaded") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: checkpoint payload is a {type(state).__name__}, not a kdzoo state")
+    return state
 
 
 def rng_state() -> dict[str, Any]:
@@ -81,20 +92,62 @@ def _as_tuples(value: Any) -> Any:
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+HASH_KEY = "kdzoo_sha256"
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) over name, dtype, shape and bytes of every tensor, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def write_weights(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Tensors as safetensors (atomically) with `meta` (JSON) and the tensors' SHA-256 in the metadata."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {"kdzoo": json.dumps(meta), HASH_KEY: tensors_digest(tensors)}
+    with naming_path(path):
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
 def export_weights(path: str | Path, module: torch.nn.Module, meta: dict[str, Any]) -> None:
     """Save a model's state dict as safetensors, with `meta` (JSON) so it can be rebuilt by name."""
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"kdzoo": json.dumps(meta)}))
+    write_weights(path, {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}, meta)
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and kdzoo metadata of a safetensors file (no pickle involved)."""
+    """Tensors and kdzoo metadata of a safetensors file (no pickle involved), checked against the tensors'
+    SHA-256 when the file records one."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("kdzoo", "{}"))
-        return load_file(str(path)), meta
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: weights file is truncated or corrupted ({err})") from None
+            metadata = f.metadata() or {}
+        meta = json.loads(metadata.get("kdzoo", "{}"))
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: weights file is truncated or corrupted ({' '.join(str(err).split())})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: weights file has malformed kdzoo metadata")
+    recorded = metadata.get(HASH_KEY)
+    if recorded is not None and recorded != tensors_digest(tensors):
+        raise CheckpointError(f"{path}: weights file is corrupted (its tensors do not match the SHA-256 recorded "
+                              "when it was written)")
+    return tensors, meta
+
+
+_STALE = re.compile(rf"^\.(?P<name>.+)\.[^.]+{re.escape(TEMP_SUFFIX)}$")
+
+
+def remove_stale_files(directory: str | Path) -> list[Path]:
+    """Delete the temporary files of atomic writes (``.NAME.XXXX.tmp``) a killed process left in `directory`.
+    Call it only where no other process is writing into `directory`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    names = {m["name"] for p in directory.iterdir() if (m := _STALE.match(p.name))}
+    return [p for name in sorted(names) for p in remove_stale_temporaries(directory / name)]

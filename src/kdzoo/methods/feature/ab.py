@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ...adapters import feature_parameters, regressor
-from ...registry import register_method
+from ...registry import NonNegative, NonNegativeInt, Positive, register_method
 from ...taps import stage_taps
 from ..base import Context, InitStage, Method
 
@@ -62,8 +62,8 @@ class AB(Method):
 
     ce_weight = 1.0
 
-    def __init__(self, weight: float = 0.0, margin: float = 1.0, init_epochs: int = 30,
-                 init_lr: Optional[float] = None, student_layers: Optional[Sequence[str]] = None,
+    def __init__(self, weight: NonNegative = 0.0, margin: NonNegative = 1.0, init_epochs: NonNegativeInt = 30,
+                 init_lr: Optional[Positive] = None, student_layers: Optional[Sequence[str]] = None,
                  teacher_layers: Optional[Sequence[str]] = None):
         super().__init__()
         self.weight = weight

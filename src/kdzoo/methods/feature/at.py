@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ...adapters import match_spatial
-from ...registry import register_method
+from ...registry import NonNegative, Positive, register_method
 from ...taps import stage_taps
 from ..base import Context, Method
 from .normalize import layer_normalized_loss
@@ -34,7 +34,7 @@ class AT(Method):
 
     ce_weight = 1.0
 
-    def __init__(self, weight: float = 1000.0, p: float = 2.0, normalize_layers: bool = False,
+    def __init__(self, weight: NonNegative = 1000.0, p: Positive = 2.0, normalize_layers: bool = False,
                  student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
         super().__init__()
         self.weight = weight

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ...adapters import regressor
-from ...registry import register_method
+from ...registry import NonNegative, register_method
 from ..base import Context, Method
 from .normalize import layer_normalized_loss
 
@@ -31,7 +31,7 @@ class FitNet(Method):
 
     ce_weight = 1.0
 
-    def __init__(self, weight: float = 100.0, student_layer: str = "stage:2", teacher_layer: str = "stage:2",
+    def __init__(self, weight: NonNegative = 100.0, student_layer: str = "stage:2", teacher_layer: str = "stage:2",
                  normalize_layers: bool = False):
         super().__init__()
         self.weight = weight

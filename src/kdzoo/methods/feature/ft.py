@@ -1,7 +1,7 @@
 """FT: Kim, Park & Kwak, "Paraphrasing Complex Network: Network Compression via Factor Transfer", NeurIPS 2018."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,7 @@ from ...adapters import match_spatial
 from ...errors import ConfigError
 from ...models.cifar_resnet import CifarResNet
 from ...models.cifar_wrn import WideResNet
-from ...registry import register_method
+from ...registry import NonNegative, NonNegativeInt, Positive, register_method
 from ..base import Context, InitStage, Method
 
 __all__ = ["factor_transfer_loss", "ft_init_lr", "FT"]
@@ -78,8 +78,9 @@ class FT(Method):
 
     ce_weight = 1.0
 
-    def __init__(self, weight: float = 200.0, rate: float = 0.5, p: float = 1.0, spatial: bool = True,
-                 init_epochs: int = 30, init_lr: Union[float, str, None] = "auto", student_layer: str = "stage:-1",
+    def __init__(self, weight: NonNegative = 200.0, rate: Positive = 0.5, p: Positive = 1.0, spatial: bool = True,
+                 init_epochs: NonNegativeInt = 30, init_lr: Union[Positive, Literal["auto"], None] = "auto",
+                 student_layer: str = "stage:-1",
                  teacher_layer: str = "stage:-1"):
         super().__init__()
         self.weight = weight

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ...adapters import match_spatial
-from ...registry import register_method
+from ...registry import NonNegative, register_method
 from ...taps import stage_taps
 from ..base import Context, Method
 
@@ -43,7 +43,7 @@ class NST(Method):
 
     ce_weight = 1.0
 
-    def __init__(self, weight: float = 50.0, student_layers: Optional[Sequence[str]] = None,
+    def __init__(self, weight: NonNegative = 50.0, student_layers: Optional[Sequence[str]] = None,
                  teacher_layers: Optional[Sequence[str]] = None):
         super().__init__()
         self.weight = weight

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ...adapters import ConvAdapter, resize_like
 from ...errors import ConfigError
-from ...registry import register_method
+from ...registry import NonNegative, PositiveInt, register_method
 from ...taps import get_module, split_tap, stage_taps
 from ..base import Context, Method
 from .normalize import layer_normalized_loss
@@ -216,8 +216,9 @@ class OFD(Method):
     ce_weight = 1.0
     teacher_train_mode = True
 
-    def __init__(self, weight: float = 0.001, margin: str = "last_bn", margin_samples: int = 4096,
-                 normalize_layers: bool = False, student_layers: Optional[Sequence[str]] = None,
+    def __init__(self, weight: NonNegative = 0.001, margin: Literal["auto", "last_bn", "empirical"] = "last_bn",
+                 margin_samples: PositiveInt = 4096, normalize_layers: bool = False,
+                 student_layers: Optional[Sequence[str]] = None,
                  teacher_layers: Optional[Sequence[str]] = None):
         super().__init__()
         check_margin_source(margin)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...registry import register_method
+from ...registry import NonNegative, PositiveInt, register_method
 from ...taps import stage_taps
 from ..base import Context, Method, warmup_factor
 from .normalize import layer_normalized_loss
@@ -93,8 +93,9 @@ class ReviewKD(Method):
 
     ce_weight = 1.0
 
-    def __init__(self, weight: float = 1.0, warmup_epochs: float = 20.0, mid_channels: Optional[int] = None,
-                 normalize_layers: bool = False, student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
+    def __init__(self, weight: NonNegative = 1.0, warmup_epochs: NonNegative = 20.0, mid_channels: Optional[PositiveInt] = None,
+                 normalize_layers: bool = False, student_layers: Optional[Sequence[str]] = None,
+                 teacher_layers: Optional[Sequence[str]] = None):
         super().__init__()
         self.weight = weight
         self.warmup_epochs = warmup_epochs

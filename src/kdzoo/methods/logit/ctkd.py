@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from ...registry import register_method
+from ...registry import NonNegative, Positive, register_method
 from ..base import Context, Method
 from .kd import kd_loss
 
@@ -84,8 +84,8 @@ class CTKD(Method):
 
     ce_weight = 0.1
 
-    def __init__(self, weight: float = 0.9, min_temperature: float = 1.0, temperature_range: float = 20.0,
-                 lambda_min: float = 0.0, lambda_max: float = 1.0, curriculum_epochs: float = 10.0,
+    def __init__(self, weight: NonNegative = 0.9, min_temperature: Positive = 1.0, temperature_range: NonNegative = 20.0,
+                 lambda_min: NonNegative = 0.0, lambda_max: NonNegative = 1.0, curriculum_epochs: NonNegative = 10.0,
                  standardize: bool = False):
         super().__init__()
         self.weight = weight

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ...registry import register_method
+from ...registry import NonNegative, Positive, register_method
 from ..base import Context, Method
 from .standardize import prepare_logits
 
@@ -52,7 +52,7 @@ class DIST(Method):
 
     ce_weight = 1.0
 
-    def __init__(self, beta: float = 2.0, gamma: float = 2.0, temperature: float = 4.0, standardize: bool = False):
+    def __init__(self, beta: NonNegative = 2.0, gamma: NonNegative = 2.0, temperature: Positive = 4.0, standardize: bool = False):
         super().__init__()
         self.beta = beta
         self.gamma = gamma

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...registry import register_method
+from ...registry import NonNegative, Positive, register_method
 from ..base import Context, Method, warmup_factor
 from .standardize import prepare_logits
 
@@ -64,8 +64,8 @@ class DKD(Method):
 
     ce_weight = 1.0
 
-    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
-                 warmup_epochs: float = 20.0, standardize: bool = False):
+    def __init__(self, alpha: NonNegative = 1.0, beta: NonNegative = 8.0, temperature: Positive = 4.0,
+                 warmup_epochs: NonNegative = 20.0, standardize: bool = False):
         super().__init__()
         self.alpha = alpha
         self.beta = beta

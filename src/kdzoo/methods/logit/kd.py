@@ -6,7 +6,7 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
-from ...registry import register_method
+from ...registry import NonNegative, Positive, register_method
 from ..base import Context, Method
 from .standardize import prepare_logits
 
@@ -34,7 +34,7 @@ class KD(Method):
 
     ce_weight = 0.1
 
-    def __init__(self, weight: float = 0.9, temperature: float = 4.0, standardize: bool = False):
+    def __init__(self, weight: NonNegative = 0.9, temperature: Positive = 4.0, standardize: bool = False):
         super().__init__()
         self.weight = weight
         self.temperature = temperature

@@ -13,13 +13,14 @@ Two forms of the correlation term:
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError
-from ...registry import register_method
+from ...registry import NonNegative, Positive, PositiveInt, register_method
 from ..base import Context, Method, Setup
 
 __all__ = ["cc_loss", "cc_rbf_loss", "rbf_correlation", "CC"]
@@ -58,8 +59,8 @@ def cc_rbf_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, ga
 class CC(Method):
     ce_weight = 1.0
 
-    def __init__(self, weight: float = 0.02, correlation: str = "repdistiller", embed_dim: int = 128,
-                 gamma: float = 0.4, order: int = 2, student_layer: str = "penultimate",
+    def __init__(self, weight: NonNegative = 0.02, correlation: Literal["repdistiller", "taylor_rbf"] = "repdistiller", embed_dim: PositiveInt = 128,
+                 gamma: Positive = 0.4, order: PositiveInt = 2, student_layer: str = "penultimate",
                  teacher_layer: str = "penultimate"):
         super().__init__()
         if correlation not in CORRELATIONS:

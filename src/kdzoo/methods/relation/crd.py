@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError
-from ...registry import register_method
+from ...registry import NonNegative, NonNegativeInt, Positive, PositiveInt, UnitInterval, register_method
 from ..base import Context, Method, Setup
 
 __all__ = ["nce_loss", "contrast_scores", "sample_negatives", "momentum_update", "CRD"]
@@ -103,8 +103,8 @@ def sample_negatives(anchor_labels: torch.Tensor, by_class: torch.Tensor, class_
 class CRD(Method):
     ce_weight = 1.0
 
-    def __init__(self, weight: float = 0.8, embed_dim: int = 128, num_negatives: int = 16384,
-                 temperature: float = 0.07, momentum: float = 0.5, seed: Optional[int] = None,
+    def __init__(self, weight: NonNegative = 0.8, embed_dim: PositiveInt = 128, num_negatives: PositiveInt = 16384,
+                 temperature: Positive = 0.07, momentum: UnitInterval = 0.5, seed: Optional[NonNegativeInt] = None,
                  student_layer: str = "penultimate", teacher_layer: str = "penultimate"):
         super().__init__()
         self.seed = seed

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ...registry import register_method
+from ...registry import NonNegative, register_method
 from ..base import Context, Method
 
 __all__ = ["pkt_loss", "PKT"]
@@ -34,7 +34,7 @@ def pkt_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, eps: 
 class PKT(Method):
     ce_weight = 1.0
 
-    def __init__(self, weight: float = 30000.0, student_layer: str = "penultimate",
+    def __init__(self, weight: NonNegative = 30000.0, student_layer: str = "penultimate",
                  teacher_layer: str = "penultimate"):
         super().__init__()
         self.weight = weight

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...registry import register_method
+from ...registry import NonNegative, register_method
 from ..base import Context, Method
 
 __all__ = ["rkd_distance_loss", "rkd_angle_loss", "RKD"]
@@ -53,7 +53,7 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 class RKD(Method):
     ce_weight = 1.0
 
-    def __init__(self, weight: float = 1.0, distance_weight: float = 25.0, angle_weight: float = 50.0,
+    def __init__(self, weight: NonNegative = 1.0, distance_weight: NonNegative = 25.0, angle_weight: NonNegative = 50.0,
                  student_layer: str = "penultimate", teacher_layer: str = "penultimate"):
         super().__init__()
         self.weight = weight

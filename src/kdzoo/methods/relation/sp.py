@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...registry import register_method
+from ...registry import NonNegative, register_method
 from ..base import Context, Method
 
 __all__ = ["sp_loss", "SP"]
@@ -32,7 +32,7 @@ def sp_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> tor
 class SP(Method):
     ce_weight = 1.0
 
-    def __init__(self, weight: float = 3000.0, student_layer: str = "stage:-1", teacher_layer: str = "stage:-1"):
+    def __init__(self, weight: NonNegative = 3000.0, student_layer: str = "stage:-1", teacher_layer: str = "stage:-1"):
         super().__init__()
         self.weight = weight
         self.student_taps = (student_layer,)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...adapters import resize_like
-from ...registry import register_method
+from ...registry import NonNegative, Positive, register_method
 from ...taps import stage_taps
 from ..base import Context, Method, Setup
 
@@ -60,7 +60,7 @@ class VariationalRegressor(nn.Module):
 class VID(Method):
     ce_weight = 1.0
 
-    def __init__(self, weight: float = 1.0, init_variance: float = 5.0, eps: float = 1e-5,
+    def __init__(self, weight: NonNegative = 1.0, init_variance: Positive = 5.0, eps: Positive = 1e-5,
                  student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
         super().__init__()
         self.weight = weight
