@@ -98,7 +98,10 @@ def _teacher_and_data(args):
     data_cfg = from_dict(DataConfig, data_raw, "data")
     TeacherConfig(model_cfg, data_cfg).validate()
     data = build_data(data_cfg)
-    return build_model(model_cfg, data, "teacher"), data, model_cfg.name.split(":")[-1]
+    from ..bench.spec import model_label
+
+    return build_model(model_cfg, data, "teacher"), data, model_label({"name": model_cfg.name,
+                                                                       "options": model_cfg.options})
 
 
 def cmd_search(args) -> int:

@@ -1,20 +1,23 @@
 """Training-free student search for a given teacher (DisWOT; Dong et al., CVPR 2023).
 
-Each candidate student is scored *at initialisation*, on a few batches, by how similar its representations
-already are to the trained teacher's -- DisWOT's observation is that this similarity predicts which student
-gains most from distillation.  Two distances, both on the last stage's feature map (``stage:-1``):
+Each candidate student is scored *at initialisation*, on a few labelled batches, by how similar its
+representations already are to the trained teacher's -- DisWOT's observation is that this similarity
+predicts which student gains most from distillation.  Two distances, as in the authors' code
+(lliai/DisWOT-CVPR2023, ``exps/parse_nb201_distill.py``):
 
-* semantic: per-class Grad-CAM maps.  For class c, each image's Grad-CAM map (channel weights = spatial
-  mean of the gradient of the class-c logit, ReLU of the weighted sum of channels), concatenated over the
-  batch, gives a row A_c; G = A A' (classes x classes) says which
-  classes a network localises alike.  Distance = || G_s/||G_s|| - G_t/||G_t|| ||_F.
-* relation: sample relations, as in similarity-preserving KD: G = F F' over the batch's flattened features,
-  rows L2-normalised; distance = || G_s - G_t ||_F / batch.
+* semantic: Grad-CAM's class-discriminative channel weights, i.e. the gradient of the cross-entropy w.r.t.
+  the classifier weights, dW = (softmax(z) - onehot(y))' F / B (classes x features, F the feature entering
+  the classifier).  Its rows say which channels each class is recognised by; their class-by-class Gram
+  matrix, rows L2-normalised, is compared: ||G_s - G_t||_F^2 / classes.  (The authors compare the two
+  gradient matrices through ICKD's channel Gram, which needs equal widths; the class-by-class Gram
+  compares students of any width.)
+* relation: similarity-preserving relations (Tung & Mori) of the last stage's feature maps:
+  G = F F' over the batch, rows L2-normalised, ||G_s - G_t||_F^2 / batch^2.
 
-Both Gram matrices have a size fixed by the classes or the batch, so networks of any width, depth and
-resolution compare directly.  Score = -(semantic + relation) (higher is better), averaged over batches.
-Choices: the teacher runs in eval mode (its trained statistics), candidates in train mode (BatchNorm
-normalises a random network's activations with batch statistics, as at the start of training); every
+Score = -(semantic + relation), averaged over the batches (higher is better).  The gradient is written in
+closed form, so scoring is one no-grad forward per batch.  Choices: the teacher runs in eval mode (its
+trained statistics), candidates in train mode (BatchNorm normalises a random network's activations with
+batch statistics, as at the start of training; the candidates are thrown away afterwards), and every
 candidate is built under a fixed seed so scores are reproducible.
 
 `evolutionary_search` explores a width/depth space of one family (aging evolution, Real et al. 2019) under
@@ -39,35 +42,28 @@ from ..taps import Taps, discover_layout
 # ---------------------------------------------------------------- the two distances (pure functions)
 
 
-def grad_cam_maps(features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Per-class Grad-CAM maps: (classes, batch * H * W) from a feature map (B, C, H, W) that `logits`
-    (B, classes) depend on through the autograd graph."""
-    if features.dim() != 4:
-        raise ConfigError(f"Grad-CAM needs a (batch, channels, H, W) feature map, got shape {tuple(features.shape)}")
-    maps = []
-    for c in range(logits.shape[1]):
-        (gradient,) = torch.autograd.grad(logits[:, c].sum(), features, retain_graph=True)
-        weights = gradient.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
-        maps.append(F.relu((weights * features).sum(1)).flatten())
-    return torch.stack(maps).detach()
+def class_gradient(logits: torch.Tensor, labels: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """d(mean cross-entropy)/d(classifier weight) = (softmax(logits) - onehot(labels))' features / batch,
+    for a linear classifier fed `features` (batch, dim): (classes, dim)."""
+    residual = logits.double().softmax(dim=1) - F.one_hot(labels, logits.shape[1]).double()
+    return residual.T @ features.reshape(features.shape[0], -1).double() / logits.shape[0]
 
 
-def semantic_distance(student_cams: torch.Tensor, teacher_cams: torch.Tensor) -> torch.Tensor:
-    """|| G_s/||G_s|| - G_t/||G_t|| ||_F for class-by-class Gram matrices of Grad-CAM maps."""
-    def normalised_gram(maps: torch.Tensor) -> torch.Tensor:
-        g = maps.double() @ maps.double().T
-        return g / g.norm().clamp_min(1e-12)
+def _normalised_gram(rows: torch.Tensor) -> torch.Tensor:
+    flat = rows.reshape(rows.shape[0], -1).double()
+    return F.normalize(flat @ flat.T, dim=1)
 
-    return (normalised_gram(student_cams) - normalised_gram(teacher_cams)).norm()
+
+def semantic_distance(student_gradient: torch.Tensor, teacher_gradient: torch.Tensor) -> torch.Tensor:
+    """||G_s - G_t||_F^2 / classes for the row-normalised class-by-class Gram matrices of `class_gradient`s."""
+    difference = _normalised_gram(student_gradient) - _normalised_gram(teacher_gradient)
+    return difference.square().sum() / student_gradient.shape[0]
 
 
 def relation_distance(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
-    """|| norm_rows(F_s F_s') - norm_rows(F_t F_t') ||_F / batch (similarity-preserving relations)."""
-    def relations(features: torch.Tensor) -> torch.Tensor:
-        flat = features.reshape(features.shape[0], -1).double()
-        return F.normalize(flat @ flat.T, dim=1)
-
-    return (relations(student_features) - relations(teacher_features)).norm() / student_features.shape[0]
+    """Similarity-preserving distance: ||G_s - G_t||_F^2 / batch^2, G = F F' rows L2-normalised."""
+    difference = _normalised_gram(student_features) - _normalised_gram(teacher_features)
+    return difference.square().sum() / student_features.shape[0] ** 2
 
 
 # ---------------------------------------------------------------- scoring a candidate
@@ -103,32 +99,37 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
 
 
 class TeacherSignals:
-    """The teacher's Grad-CAM maps and relation features on the scoring batches, computed once."""
+    """The teacher's class gradients and relation features on the scoring batches, computed once."""
 
     def __init__(self, teacher: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                 tap: str = "stage:-1"):
+                 relation_tap: str = "stage:-1"):
         self.batches = list(batches)
         if not self.batches:
             raise ConfigError("student search: no batches to score on")
-        self.tap = tap
+        self.relation_tap = relation_tap
         was_training = teacher.training
         teacher.eval()
         try:
-            path = discover_layout(teacher, self.batches[0][0][:2]).resolve(tap)
-            self.signals = [_signals(teacher, path, images) for images, _ in self.batches]
+            taps = _signal_taps(teacher, self.batches[0][0][:2], relation_tap)
+            self.signals = [_signals(teacher, taps, images, labels) for images, labels in self.batches]
         finally:
             teacher.train(was_training)
 
 
-def _signals(model: nn.Module, path: str, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Grad-CAM maps, detached features) of `model` at the module tap `path` on `images`."""
-    with torch.enable_grad(), Taps(model, [path]) as hooks:
-        # the input requires grad so the features are in the graph even for a frozen teacher; only the
-        # gradient w.r.t. the features is ever computed
-        logits = model(images.detach().requires_grad_(True))
-        features = hooks.get(path)
-        cams = grad_cam_maps(features, logits)
-    return cams, features.detach()
+def _signal_taps(model: nn.Module, example: torch.Tensor, relation_tap: str) -> tuple[str, str]:
+    """(classifier-input tap, relation tap) of a model."""
+    layout = discover_layout(model, example)
+    return layout.penultimate, layout.resolve(relation_tap)
+
+
+@torch.no_grad()
+def _signals(model: nn.Module, taps: tuple[str, str], images: torch.Tensor,
+             labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class gradient, relation features) of `model` on one batch."""
+    penultimate, relation = taps
+    with Taps(model, [penultimate, relation]) as hooks:
+        logits = model(images)
+        return class_gradient(logits, labels, hooks.get(penultimate)), hooks.get(relation).detach().clone()
 
 
 def score_candidate(candidate: Candidate, teacher: TeacherSignals, seed: int = 0) -> Candidate:
@@ -138,11 +139,11 @@ def score_candidate(candidate: Candidate, teacher: TeacherSignals, seed: int = 0
     model.train()
     candidate.params = sum(p.numel() for p in model.parameters())
     candidate.flops = count_flops(model, teacher.batches[0][0][:1])
+    taps = _signal_taps(model, teacher.batches[0][0][:2], teacher.relation_tap)
     semantic, relation = [], []
-    path = discover_layout(model, teacher.batches[0][0][:2]).resolve(teacher.tap)
-    for (images, _), (teacher_cams, teacher_features) in zip(teacher.batches, teacher.signals):
-        cams, features = _signals(model, path, images)
-        semantic.append(float(semantic_distance(cams, teacher_cams)))
+    for (images, labels), (teacher_gradient, teacher_features) in zip(teacher.batches, teacher.signals):
+        gradient, features = _signals(model, taps, images, labels)
+        semantic.append(float(semantic_distance(gradient, teacher_gradient)))
         relation.append(float(relation_distance(features, teacher_features)))
     candidate.semantic = sum(semantic) / len(semantic)
     candidate.relation = sum(relation) / len(relation)
@@ -286,6 +287,6 @@ def rank_correlation(scores: Sequence[float], accuracies: Sequence[float]) -> di
     return {"spearman": float(spearmanr(scores, accuracies)[0]), "kendall": float(kendalltau(scores, accuracies)[0])}
 
 
-__all__ = ["grad_cam_maps", "semantic_distance", "relation_distance", "Candidate", "TeacherSignals",
+__all__ = ["class_gradient", "semantic_distance", "relation_distance", "Candidate", "TeacherSignals",
            "score_candidate", "rank_candidates", "zoo_candidate", "SearchSpace", "search_space", "SPACES",
            "evolutionary_search", "rank_correlation", "count_flops"]

@@ -57,9 +57,9 @@ def cmd_bench(args) -> int:
                 print(f"cell {cell.key}: {cell.run_dir} ({'done' if read_result(cell.run_dir) else 'to run'})")
             print(f"{len(teachers)} teachers, {len(cells)} cells")
             return 0
-        report = GridReport(out, results=[dict(r, pair=c.pair, method=c.method, seed=c.seed) for c in cells
-                                          if (r := read_result(c.run_dir)) is not None],
-                            teachers=teacher_results(cells, teachers))
+        results = [dict(r, pair=c.pair, method=c.method, seed=c.seed, teacher=c.teacher_name, student=c.student_name)
+                   for c in cells if (r := read_result(c.run_dir)) is not None]
+        report = GridReport(out, results=results, teachers=teacher_results(cells, teachers))
     else:
         from .harness import run_grid
 

@@ -140,8 +140,8 @@ def run_grid(spec: BenchSpec, out_dir: str | Path, *, parallel: int | str = "aut
         for group in _groups(pending, parallel):
             _run_group(group, spec, teachers, report, say, on_step)
 
-    report.results = [dict(r, pair=c.pair, method=c.method, seed=c.seed) for c in cells
-                      if (r := read_result(c.run_dir)) is not None]
+    report.results = [dict(r, pair=c.pair, method=c.method, seed=c.seed, teacher=c.teacher_name,
+                           student=c.student_name) for c in cells if (r := read_result(c.run_dir)) is not None]
     report.teachers = teacher_results(cells, teachers)
     return report
 

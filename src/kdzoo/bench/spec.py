@@ -116,7 +116,7 @@ class Cell:
     run_dir: Path
     config: Optional[RunConfig] = None  # distillation
     teacher: Optional[str] = None  # TeacherJob label
-    teacher_name: Optional[str] = None
+    teacher_name: Optional[str] = None  # model labels: "resnet56", "cnn_width8" (see `model_label`)
     student_name: Optional[str] = None
     condense: Optional[dict] = None  # condensation: method, ipc, options, evaluation
 
@@ -192,7 +192,7 @@ def expand(spec: BenchSpec, out_dir: Path) -> tuple[list[TeacherJob], list[Cell]
                 except ConfigError as err:
                     raise ConfigError(f"{cfg_where}: {err}") from None
                 cells.append(Cell(pair_label, label, seed, out_dir / pair_label / label / f"seed{seed}", config,
-                                  job.label if job else None, teacher_model.get("name"), raw["student"]["name"]))
+                                  job.label if job else None, model_label(teacher_model), model_label(raw["student"])))
     keys = [c.key for c in cells]
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
     if duplicates:
