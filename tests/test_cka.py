@@ -127,3 +127,24 @@ def test_teacher_and_student_of_different_widths():
 def test_accumulator_refuses_empty():
     with pytest.raises(ConfigError, match="no batch"):
         MinibatchCKA().value()
+
+
+def test_cli_writes_csv_and_heatmap(tmp_path, capsys):
+    import csv
+
+    from kdzoo.cli import main
+
+    config = tmp_path / "kd.yaml"
+    config.write_text("student: {name: 'tiny:cnn', options: {width: 4}}\n"
+                      "teacher: {name: 'tiny:cnn', options: {width: 8}}\n"
+                      "methods: [kd]\ndata: {name: digits}\n")
+    out = tmp_path / "cka"
+    assert main(["cka", str(config), "--batches", "2", "--batch-size", "16", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "cka.csv").open()))
+    kernels = {r["kernel"] for r in rows}
+    assert kernels == {"linear", "rbf"}
+    assert len(rows) == 2 * 4 * 4  # per kernel: 3 stages + the classifier input of each model
+    assert all(-0.2 < float(r["cka"]) <= 1.0 + 1e-6 for r in rows)
+    assert (out / "cka.png").read_bytes()[:4] == b"\x89PNG"
+    assert "linear CKA" in capsys.readouterr().out
+    assert main(["cka", str(config), "--kernels", "cosine"]) == 2
