@@ -222,3 +222,19 @@ def test_cli_runs_a_grid_and_writes_tables_and_chart(tmp_path, capsys):
     assert main(["bench", "--config", str(spec_file), "--out", str(out), "--dry-run"]) == 0
     assert "(done)" in capsys.readouterr().out
     assert main(["bench"]) == 2  # neither --preset nor --config: a one-line error
+
+
+def test_condensation_grid_on_digits(tmp_path):
+    spec = load_spec({"name": "c", "kind": "condensation", "dataset": "cifar10", "seeds": [0],
+                      "methods": {"dm": {"iterations": 3, "device": "cpu"}}, "ipc": [1],
+                      "data": {"name": "digits"}, "evaluation": {"num_models": 2, "epochs": 3, "device": "cpu"},
+                      "checkpoint_every": 2})
+    report = run_grid(spec, tmp_path, verbose=False)
+    assert report.trained == ["ipc1/dm/seed0"]
+    result = read_result(tmp_path / "ipc1" / "dm" / "seed0")
+    assert len(result["networks"]) == 2 and result["last_top1"] == pytest.approx(sum(result["networks"]) / 2)
+    assert (tmp_path / "ipc1" / "dm" / "seed0" / "synthetic.safetensors").is_file()
+    rows = table_rows(spec, report)
+    assert rows[0]["published"] == 26.0 and rows[0]["ipc"] == 1  # the cifar10 IPC table, as `dataset` says
+    assert "| ipc1 | dm | 1 |" in markdown(spec, rows)
+    assert run_grid(spec, tmp_path, verbose=False).skipped == ["ipc1/dm/seed0"]
