@@ -39,8 +39,7 @@ from typing import Any, Optional
 import yaml
 
 from ..config import RunConfig, TeacherConfig, from_dict, read_yaml, to_dict
-from ..errors import ConfigError
-from ..runner import weights_file
+from ..errors import CheckpointError, ConfigError
 
 KINDS = ("distillation", "condensation")
 
@@ -254,13 +253,15 @@ def _with_sections(raw: dict, data_update: dict, train_update: dict, teacher_raw
 def _teacher_job(teacher: dict, teacher_raw: Optional[dict], out_dir: Path, jobs: dict[str, TeacherJob],
                  where: str) -> TeacherJob:
     """The teacher's weights if they exist (a trained recipe teacher), else a run under OUT/teachers/."""
+    from ..runner import weights_file
+
     weights = teacher.get("weights")
     if weights:
         try:
             weights_file(weights)
             label = f"{model_label(teacher)}@{weights}"
             return jobs.setdefault(label, TeacherJob(label, None, Path(weights), trained=True))
-        except Exception:  # not trained yet: the bench trains it
+        except CheckpointError:  # no weights there yet: the bench trains the teacher
             pass
     if teacher_raw is None:
         raise ConfigError(f"{where}: the teacher has no weights and no recipe to train it")
