@@ -259,7 +259,7 @@ def cmd_cka(args) -> int:
     text = lines.getvalue()
     atomic_write(out / "cka.csv", lambda tmp: tmp.write_text(text))
     plot_cka({k: np.asarray(v) for k, v in result.maps.items()}, result.teacher_taps, result.student_taps,
-             out / "cka.png", title=f"CKA: teacher {cfg.teacher.name} vs student {cfg.student.name} "
+             out / "cka.png", title=f"CKA: teacher {_label(cfg.teacher)} vs student {_label(cfg.student)} "
                                     f"({result.samples} {args.split} images)")
     for kernel, values in result.maps.items():
         print(f"{kernel} CKA (rows: teacher taps, columns: student taps)")
@@ -268,6 +268,12 @@ def cmd_cka(args) -> int:
         _print_rows_plain(rows)
     print(f"{result.samples} images; {out / 'cka.csv'}, {out / 'cka.png'}")
     return 0
+
+
+def _label(model_cfg) -> str:
+    from ..bench.spec import model_label
+
+    return model_label({"name": model_cfg.name, "options": model_cfg.options})
 
 
 def _split_taps(text: Optional[str]) -> Optional[list[str]]:
