@@ -21,11 +21,11 @@ from dataclasses import replace
 
 import torch
 
+from kdzoo.bench.published import lookup
 from kdzoo.config import TrainConfig
 from kdzoo.data import TensorData, build_dataset, input_example, labels_of
 from kdzoo.distiller import Distiller
 from kdzoo.methods import METHODS, create_method
-from kdzoo.bench.published import lookup
 from kdzoo.models import create_model
 from kdzoo.runner import load_weights
 from kdzoo.train import fit
