@@ -238,3 +238,18 @@ def test_condensation_grid_on_digits(tmp_path):
     assert rows[0]["published"] == 26.0 and rows[0]["ipc"] == 1  # the cifar10 IPC table, as `dataset` says
     assert "| ipc1 | dm | 1 |" in markdown(spec, rows)
     assert run_grid(spec, tmp_path, verbose=False).skipped == ["ipc1/dm/seed0"]
+
+
+def test_saved_config_may_differ_in_runtime_settings_only(tmp_path):
+    from kdzoo.bench.harness import check_saved_config
+    from kdzoo.config import save_config
+
+    spec = load_spec(tiny_spec(seeds=[0], methods={"kd": ["kd"]}))
+    (cell,) = expand(spec, tmp_path)[1]
+    cell.run_dir.mkdir(parents=True)
+    save_config(cell.config, cell.run_dir / "config.yaml")
+    cell.config.train.progress, cell.config.train.device = True, "auto"
+    check_saved_config(cell)  # no error
+    cell.config.train.epochs = 7
+    with pytest.raises(ConfigError, match="another config"):
+        check_saved_config(cell)

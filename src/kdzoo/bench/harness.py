@@ -33,6 +33,7 @@ from .spec import BenchSpec, Cell, TeacherJob, expand
 
 RESULT = "result.json"
 CHECKPOINT = "checkpoint.pt"
+RUNTIME_KEYS = ("device", "progress", "log_every", "num_workers")
 
 
 @dataclass
@@ -74,16 +75,20 @@ def _checkpoint_position(run_dir: Path) -> Optional[tuple[int, int]]:
     return int(state.get("epoch", 0)), int(state.get("step", 0))
 
 
-def _check_saved_config(cell: Cell) -> None:
+def check_saved_config(cell: Cell) -> None:
     """A half-done cell must continue with the config it started with."""
     saved = cell.run_dir / "config.yaml"
     if not saved.is_file() or cell.config is None:
         return
     from ..config import RunConfig
 
-    before = yaml.safe_dump(to_dict(load_config(RunConfig, saved)), sort_keys=True)
-    now = yaml.safe_dump(to_dict(cell.config), sort_keys=True)
-    if before != now:
+    def comparable(config) -> str:
+        data = to_dict(config)
+        for key in RUNTIME_KEYS:  # where and how visibly it runs may change between invocations
+            data["train"].pop(key, None)
+        return yaml.safe_dump(data, sort_keys=True)
+
+    if comparable(load_config(RunConfig, saved)) != comparable(cell.config):
         raise ConfigError(f"{cell.run_dir}: this cell was started with another config; restore the spec, or "
                           f"remove that directory (or choose another --out) to start it again")
 
@@ -123,7 +128,7 @@ def run_grid(spec: BenchSpec, out_dir: str | Path, *, parallel: int | str = "aut
         if read_result(cell.run_dir) is not None:
             report.skipped.append(cell.key)
         else:
-            _check_saved_config(cell)
+            check_saved_config(cell)
             pending.append(cell)
     say(f"bench {spec.name}: {len(cells)} cells, {len(report.skipped)} already finished, {len(pending)} to run "
         f"-> {out_dir}")
