@@ -45,7 +45,7 @@ def plot_bench(rows: list[dict], path: str | Path, title: str = "") -> None:
         ax.set_xticks(x, [r["method"] for r in methods], rotation=45, ha="right")
         ax.set(title=pair, ylabel="test top-1 (%)")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
