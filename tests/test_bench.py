@@ -253,3 +253,17 @@ def test_saved_config_may_differ_in_runtime_settings_only(tmp_path):
     cell.config.train.epochs = 7
     with pytest.raises(ConfigError, match="another config"):
         check_saved_config(cell)
+
+
+def test_select_pairs_and_methods():
+    from kdzoo.bench.spec import select
+
+    spec = select(load_spec(preset("cifar10", REPO / "configs")), ["resnet56-resnet20", "resnet32x4-resnet8x4"],
+                  ["kd", "dkd", "fitnet", "crd"])
+    _, cells = expand(spec, Path("/tmp/unused"))
+    assert len(cells) == 2 * 4 * 3  # the GPU check grid
+    assert {c.pair for c in cells} == {"resnet56-resnet20", "resnet32x4-resnet8x4"}
+    with pytest.raises(ConfigError, match="no pair 'resnet9-resnet1'"):
+        select(load_spec(preset("quick")), ["resnet9-resnet1"])
+    with pytest.raises(ConfigError, match="no method 'ab'"):
+        select(load_spec(preset("quick")), None, ["ab"])

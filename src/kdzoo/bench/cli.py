@@ -22,6 +22,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     source.add_argument("--preset", choices=sorted(PRESETS), help="a named grid")
     source.add_argument("--config", help="a bench spec YAML (see kdzoo.bench.spec)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="spec overrides")
+    p.add_argument("--pairs", default=None, help="only these pairs (comma-separated labels, e.g. resnet56-resnet20; "
+                                                 "ipc10 for a condensation grid)")
+    p.add_argument("--methods", default=None, help="only these methods (comma-separated labels, e.g. student,kd,dkd)")
     p.add_argument("--out", default=None, help="output directory (default: the spec's output_dir)")
     p.add_argument("--parallel", default="auto",
                    help="cells trained together by fit_many (students of one teacher); auto: 8 on CUDA, 1 on CPU")
@@ -40,12 +43,13 @@ def cmd_bench(args) -> int:
     from .harness import GridReport, read_result, teacher_results
     from .presets import preset
     from .report import write_tables
-    from .spec import expand, load_spec
+    from .spec import expand, load_spec, select
 
     if not args.preset and not args.config:
         raise ConfigError("give --preset NAME or --config FILE (kdzoo bench --help lists the presets)")
     raw = preset(args.preset, args.configs) if args.preset else read_yaml(args.config)
     spec = load_spec(raw, args.overrides, f"preset {args.preset}" if args.preset else args.config)
+    spec = select(spec, _names(args.pairs), _names(args.methods))
     out = Path(args.out or spec.output_dir or f"runs/bench/{spec.name}")
     if args.dry_run or args.report_only:
         teachers, cells = expand(spec, out)
@@ -69,3 +73,7 @@ def cmd_bench(args) -> int:
     print(text)
     print(f"tables: {out / 'results.md'}, {out / 'results.csv'}; chart: {out / 'results.png'}")
     return 0
+
+
+def _names(text):
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None

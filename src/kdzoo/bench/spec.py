@@ -153,6 +153,39 @@ def model_label(model: dict) -> str:
     return label
 
 
+def pair_name(pair: dict) -> str:
+    """A pair's label: its `name`, its recipe folder's name, or teacher-student model labels."""
+    if pair.get("name"):
+        return str(pair["name"])
+    if "recipes" in pair:
+        return Path(pair["recipes"]).name
+    if isinstance(pair.get("teacher"), dict) and isinstance(pair.get("student"), dict):
+        return f"{model_label(pair['teacher'])}-{model_label(pair['student'])}"
+    return ""
+
+
+def select(spec: BenchSpec, pairs: Optional[list[str]] = None, methods: Optional[list[str]] = None) -> BenchSpec:
+    """The spec restricted to some pairs (labels) and methods (labels); unknown ones are a `ConfigError`."""
+    if pairs:
+        known = [pair_name(p) for p in spec.pairs] if spec.kind == "distillation" else [f"ipc{i}" for i in spec.ipc]
+        unknown = [p for p in pairs if p not in known]
+        if unknown:
+            raise ConfigError(f"--pairs: no pair {unknown[0]!r} in {spec.name} (pairs: {', '.join(known)})")
+        if spec.kind == "distillation":
+            spec.pairs = [p for p in spec.pairs if pair_name(p) in pairs]
+        else:
+            spec.ipc = [i for i in spec.ipc if f"ipc{i}" in pairs]
+    if methods:
+        known = list(spec.methods)
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise ConfigError(f"--methods: no method {unknown[0]!r} in {spec.name} (methods: {', '.join(known)})")
+        spec.methods = ([m for m in spec.methods if m in methods] if isinstance(spec.methods, list)
+                        else {k: v for k, v in spec.methods.items() if k in methods})
+    spec.validate()
+    return spec
+
+
 def _method_entries(spec: BenchSpec) -> dict[str, Any]:
     if isinstance(spec.methods, dict):
         return dict(spec.methods)
@@ -171,8 +204,7 @@ def expand(spec: BenchSpec, out_dir: Path) -> tuple[list[TeacherJob], list[Cell]
         teacher_model = next((r["teacher"] for r, _ in recipes.values() if r.get("teacher")),
                              next((t["model"] for _, t in recipes.values() if t), {}))
         student_model = next(iter(recipes.values()))[0]["student"]
-        pair_label = pair.get("name") or (Path(pair["recipes"]).name if "recipes" in pair
-                                          else f"{model_label(teacher_model)}-{model_label(student_model)}")
+        pair_label = pair_name(pair) or f"{model_label(teacher_model)}-{model_label(student_model)}"
         for label, (raw, teacher_raw) in recipes.items():
             cfg_where = f"{where} ({label})"
             raw = copy.deepcopy(raw)
@@ -298,4 +330,4 @@ def _condensation_cells(spec: BenchSpec, out_dir: Path) -> list[Cell]:
     return cells
 
 
-__all__ = ["BenchSpec", "Cell", "TeacherJob", "load_spec", "expand", "model_label"]
+__all__ = ["BenchSpec", "Cell", "TeacherJob", "load_spec", "expand", "select", "model_label", "pair_name"]
