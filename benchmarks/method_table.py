@@ -21,6 +21,7 @@ from dataclasses import replace
 
 import torch
 
+from kdzoo.bench.published import lookup
 from kdzoo.config import TrainConfig
 from kdzoo.data import TensorData, build_dataset, input_example, labels_of
 from kdzoo.distiller import Distiller
@@ -29,18 +30,6 @@ from kdzoo.models import create_model
 from kdzoo.runner import load_weights
 from kdzoo.train import fit
 
-# CIFAR-100 top-1 from ../shared/reference/published.md (RepDistiller, mdistiller, ITRD READMEs).
-PUBLISHED = {
-    ("resnet56", "resnet20"): {"student": 69.06, "kd": 70.66, "fitnet": 69.21, "at": 70.55, "sp": 69.67, "cc": 69.63,
-                               "vid": 70.38, "rkd": 69.61, "pkt": 70.34, "crd": 71.16, "reviewkd": 71.89,
-                               "dkd": 71.97, "dist": 71.75, "ctkd": 71.19},
-    ("resnet32x4", "resnet8x4"): {"student": 72.50, "kd": 73.33, "fitnet": 73.50, "at": 73.44, "sp": 72.94,
-                                  "cc": 72.97, "vid": 73.09, "rkd": 71.90, "pkt": 73.64, "crd": 75.51,
-                                  "reviewkd": 75.63, "dkd": 76.32, "dist": 76.31},
-    ("vgg13", "vgg8"): {"student": 70.36, "kd": 72.98, "fitnet": 71.02, "at": 71.43, "sp": 72.68, "cc": 70.71,
-                        "vid": 71.23, "rkd": 71.48, "pkt": 72.88, "crd": 73.94, "reviewkd": 74.85, "dkd": 74.68,
-                        "ctkd": 73.52},
-}
 LIGHT_STUDENTS = ("mobile_half", "ShuffleV1", "ShuffleV2")
 
 
@@ -98,8 +87,6 @@ def main() -> None:
     print(f"teacher {args.teacher}: {teacher_top1:.2f}% ({time.perf_counter() - started:.0f}s)", flush=True)
 
     names = METHODS.names() if args.methods == "all" else args.methods.split(",")
-    pair = (args.teacher.split(":")[-1], args.student.split(":")[-1])
-    published = PUBLISHED.get(pair, {})
     rows = []
     for name in ["student"] + names:
         torch.manual_seed(args.seed)
@@ -114,7 +101,7 @@ def main() -> None:
         finite = all(math.isfinite(v) for v in terms.values())
         rows.append({"method": name, "last_top1": result.last_top1, "best_top1": result.best_top1,
                      "seconds": result.seconds, "terms": terms, "finite": finite,
-                     "published_cifar100": published.get(name)})
+                     "published_cifar100": lookup(name, "cifar100", teacher=args.teacher, student=args.student)})
         print(f"{name:10s} last {result.last_top1:6.2f}  best {result.best_top1:6.2f}  "
               f"{result.seconds:6.0f}s  {'ok' if finite else 'NON-FINITE'}  "
               + "  ".join(f"{k} {v:.3g}" for k, v in terms.items()), flush=True)

@@ -164,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_condense_parser(sub)
 
+    from .bench.cli import add_bench_parser
+    from .analysis.cli import add_cka_parser, add_search_parser
+
+    add_bench_parser(sub)
+    add_search_parser(sub)
+    add_cka_parser(sub)
+
     p = sub.add_parser("methods", help="list the registered distillation methods",
                        description="Every registered method with its family, defaults and paper.")
     p.add_argument("--models", action="store_true", help="list registered models instead")

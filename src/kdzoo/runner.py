@@ -141,9 +141,15 @@ def model_meta(cfg: ModelConfig, data: DataSplits, data_cfg: DataConfig) -> dict
             "in_channels": data.in_channels, "data": {"name": data_cfg.name, "options": data_cfg.options}}
 
 
-def build_distiller(cfg: RunConfig, data: DataSplits, run_dir: Optional[Path] = None) -> Distiller:
+def build_distiller(cfg: RunConfig, data: DataSplits, run_dir: Optional[Path] = None,
+                    teacher: Optional[nn.Module] = None) -> Distiller:
+    """`teacher`: an already built teacher to use instead of building cfg.teacher (students trained together
+    by `fit_many` must share one teacher module)."""
     student = build_model(cfg.student, data, "student")
-    teacher = build_model(cfg.teacher, data, "teacher") if cfg.teacher else None
+    if cfg.teacher is None:
+        teacher = None
+    elif teacher is None:
+        teacher = build_model(cfg.teacher, data, "teacher")
     if cfg.teacher and not cfg.teacher.weights:
         print("warning: the teacher has no weights (teacher.weights); it is randomly initialised")
     if cfg.student.init_from == "teacher":

@@ -1,0 +1,1 @@
+"""Analysis tools: CKA layer similarity, training-free student search (DisWOT), their plots."""

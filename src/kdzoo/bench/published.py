@@ -1,0 +1,124 @@
+"""The published numbers every kdzoo tool prints beside its own: one data file, ``published.yaml``.
+
+    from kdzoo.bench.published import lookup, reference
+    lookup("dkd", "cifar100", teacher="cifar:resnet32x4", student="cifar:resnet8x4")   # 76.32
+    lookup("dm", "cifar10", ipc=10)                                                     # 48.9
+    reference("dkd", "cifar100", teacher="resnet32x4", student="resnet8x4").source     # mdistiller README
+
+Model names may carry the zoo prefix (``cifar:``); a dataset, pair, method or IPC the tables do not hold
+gives None (the benchmark prints "-"), never an error.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import resources
+from typing import Optional
+
+import yaml
+
+from ..errors import ConfigError
+
+DATA_FILE = "published.yaml"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One published figure: its value (%), where it comes from and which epoch it reports."""
+
+    value: float
+    source: str  # the README or paper, as the data file names it
+    reports: str  # "last" or "best" epoch (distillation), "final" (dataset distillation)
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> dict:
+    """The parsed data file (read once)."""
+    text = resources.files(__package__).joinpath(DATA_FILE).read_text()
+    data = yaml.safe_load(text)
+    _check(data)
+    return data
+
+
+def _check(data: dict) -> None:
+    """Every row names a known source and has one value per column (a broken edit fails loudly)."""
+    sources = data["sources"]
+    for section, columns_key in (("distillation", "pairs"), ("condensation", "ipc")):
+        for dataset, table in data[section].items():
+            width = len(table[columns_key])
+            for method, row in table["rows"].items():
+                where = f"{DATA_FILE}: {section}.{dataset}.rows.{method}"
+                if row["source"] not in sources:
+                    raise ConfigError(f"{where}: unknown source {row['source']!r}")
+                if len(row["values"]) != width:
+                    raise ConfigError(f"{where}: {len(row['values'])} values for {width} {columns_key}")
+
+
+def _bare(name: Optional[str]) -> str:
+    return (name or "").split(":")[-1]
+
+
+def _reference(row: dict, index: int) -> Optional[Reference]:
+    value = row["values"][index]
+    if value is None:
+        return None
+    source = load()["sources"][row["source"]]
+    return Reference(float(value), source["name"], source["reports"])
+
+
+def distillation_reference(method: str, dataset: str, teacher: str, student: str) -> Optional[Reference]:
+    """Top-1 of `method` ("teacher", "student", "kd", ...) for a teacher/student pair on `dataset`."""
+    table = load()["distillation"].get(dataset.lower())
+    if table is None:
+        return None
+    pair = f"{_bare(teacher)}-{_bare(student)}"
+    row = table["rows"].get(method)
+    if row is None or pair not in table["pairs"]:
+        return None
+    return _reference(row, table["pairs"].index(pair))
+
+
+def condensation_reference(method: str, dataset: str, ipc: int) -> Optional[Reference]:
+    """ConvNet-3 test accuracy of a dataset-distillation `method` at `ipc` images per class."""
+    table = load()["condensation"].get(dataset.lower())
+    if table is None or ipc not in table["ipc"]:
+        return None
+    row = table["rows"].get(method)
+    return _reference(row, table["ipc"].index(ipc)) if row is not None else None
+
+
+def reference(method: str, dataset: str, *, teacher: Optional[str] = None, student: Optional[str] = None,
+              ipc: Optional[int] = None) -> Optional[Reference]:
+    """A distillation figure (give `teacher` and `student`) or a dataset-distillation one (give `ipc`)."""
+    if ipc is not None:
+        return condensation_reference(method, dataset, ipc)
+    if teacher is None or student is None:
+        raise ConfigError("published reference: give teacher and student (distillation) or ipc (condensation)")
+    return distillation_reference(method, dataset, teacher, student)
+
+
+def lookup(method: str, dataset: str, *, teacher: Optional[str] = None, student: Optional[str] = None,
+           ipc: Optional[int] = None) -> Optional[float]:
+    """The published value alone (see `reference`)."""
+    found = reference(method, dataset, teacher=teacher, student=student, ipc=ipc)
+    return found.value if found is not None else None
+
+
+def published_accuracy(method: str, dataset: str, ipc: int) -> Optional[float]:
+    """Dataset distillation's published accuracy, the signature ``kdzoo.condense.evaluate`` uses."""
+    return lookup(method, dataset, ipc=ipc)
+
+
+def distillation_pairs(dataset: str) -> list[tuple[str, str]]:
+    """The (teacher, student) pairs of a dataset's published table, in its column order."""
+    table = load()["distillation"].get(dataset.lower())
+    return [tuple(p.split("-", 1)) for p in table["pairs"]] if table else []
+
+
+def distillation_methods(dataset: str) -> list[str]:
+    table = load()["distillation"].get(dataset.lower())
+    return list(table["rows"]) if table else []
+
+
+__all__ = ["Reference", "load", "reference", "lookup", "distillation_reference", "condensation_reference",
+           "published_accuracy", "distillation_pairs", "distillation_methods"]
