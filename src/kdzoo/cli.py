@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .condense.cli import add_condense_parser
 
     add_condense_parser(sub)
+    from .lm.cli import add_lm_parser
+
+    add_lm_parser(sub)
 
     p = sub.add_parser("methods", help="list the registered distillation methods",
                        description="Every registered method with its family, defaults and paper.")
