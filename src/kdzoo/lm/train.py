@@ -362,6 +362,8 @@ def _parallelize(step_module: StudentStep, teacher: Optional[nn.Module], dist: D
 
         for layer in decoder_layers(step_module.student):
             fully_shard(layer)
+        # the student is its own unit (evaluation and generation call it alone); the root adds the loss modules
+        fully_shard(step_module.student)
         fully_shard(step_module)
         if teacher is not None:
             for layer in decoder_layers(teacher):
