@@ -50,8 +50,9 @@ def _write(path, data):
 
 
 def _student_cfg(root, teacher_dir, **extra):
-    data = {"model": {"arch": "gpt2", "options": GPT2}, "teacher": {"name": str(teacher_dir)}, "data": DATA,
-            "train": dict(TRAIN), "output_dir": str(root / "runs"), **extra}
+    data = {"model": {"arch": "gpt2", "options": GPT2}, "teacher": {"name": str(teacher_dir)}, "data": dict(DATA),
+            "train": dict(TRAIN), "output_dir": str(root / "runs")}
+    data.update(extra)
     return data
 
 
@@ -143,9 +144,11 @@ def test_offline_cache_bytes_resume_and_loss_against_dense(tmp_path, tokenizer):
 
 
 def test_distill_online_offline_and_generated_end_to_end(tmp_path, teacher_dir, capsys):
+    # one document per row (padding masked) with a 2-token prompt mask, bf16 autocast on the CPU
     cfg = _write(tmp_path / "kd.yaml", _student_cfg(tmp_path, teacher_dir, losses=[
         "forward_kl", {"name": "hidden", "loss": "cosine", "layer_map": "last"},
-        {"name": "minilm", "attention_weight": 0.0, "relation_heads": 2}]))
+        {"name": "minilm", "attention_weight": 0.0, "relation_heads": 2}],
+        data={**DATA, "packing": False, "prompt_len": 2}, train={**TRAIN, "amp": "bf16"}))
     assert main(["lm", "distill", cfg]) == 0
     run = tmp_path / "runs" / "kd"
     summary = json.loads((run / "summary.json").read_text())
@@ -157,6 +160,9 @@ def test_distill_online_offline_and_generated_end_to_end(tmp_path, teacher_dir, 
     # offline top-k (the cache goes under OUTPUT_DIR/lm_cache) and sequence-level KD on teacher generations
     off = _write(tmp_path / "off.yaml", _student_cfg(tmp_path, teacher_dir, losses=["reverse_kl"],
                                                      offline={"enabled": True, "top_k": 8}))
+    capsys.readouterr()
+    assert main(["lm", "cache", off]) == 0  # capture alone first; distill then finds the cache complete
+    assert "32 bytes/token" in capsys.readouterr().out  # top-8 x (uint16 index + float16 value)
     assert main(["lm", "distill", off]) == 0
     assert list((tmp_path / "runs" / "lm_cache").glob("*/logprobs_00000.npy"))
     seq = _write(tmp_path / "seq.yaml", _student_cfg(tmp_path, teacher_dir, losses=[], ce_weight=1.0,
