@@ -157,6 +157,10 @@ def test_distill_online_offline_and_generated_end_to_end(tmp_path, teacher_dir, 
     assert (run / "model" / "config.json").is_file() and (run / "tokenizer").is_dir()
     assert main(["lm", "eval", str(run)]) == 0
     assert "held-out perplexity" in capsys.readouterr().out
+    assert main(["lm", "speculate", str(teacher_dir), str(teacher_dir), str(run), "--prompts", "1", "--prompt-len", "4",
+                 "--new-tokens", "4", "--draft-tokens", "2", "--repeats", "1"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[-2].split()[1:2] == ["1.000"] and table[-2].split()[-1] == "1.00"  # the target as its own draft
     # offline top-k (the cache goes under OUTPUT_DIR/lm_cache) and sequence-level KD on teacher generations
     off = _write(tmp_path / "off.yaml", _student_cfg(tmp_path, teacher_dir, losses=["reverse_kl"],
                                                      offline={"enabled": True, "top_k": 8}))
