@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .condense.cli import add_condense_parser
 
     add_condense_parser(sub)
+    from .lm.cli import add_lm_parser
+
+    add_lm_parser(sub)
 
     from .bench.cli import add_bench_parser
     from .analysis.cli import add_cka_parser, add_search_parser
