@@ -49,7 +49,7 @@ def features(n=24, d=6, seed=0):
 def test_matches_plain_full_batch_formula(kernel):
     x, y = features()
     ours = cka(x, y, kernel)  # one batch holding every sample: the full-batch estimate
-    assert ours == pytest.approx(plain_cka(x.numpy(), y.numpy(), kernel), rel=1e-9, abs=1e-12)
+    assert ours == pytest.approx(plain_cka(x.numpy(), y.numpy(), kernel), rel=1e-9, abs=1e-12)  # float64 features
 
 
 def test_hsic_matches_plain_formula():
@@ -61,7 +61,7 @@ def test_hsic_matches_plain_formula():
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
 def test_self_similarity_is_one(kernel):
     x, _ = features()
-    assert cka(x, x, kernel) == pytest.approx(1.0, abs=1e-12)
+    assert cka(x, x, kernel) == pytest.approx(1.0, abs=1e-12)  # float64
     assert cka(x.float(), x.float(), kernel, batch_size=8) == pytest.approx(1.0, abs=1e-6)
 
 

@@ -25,12 +25,7 @@ NET = {"model_options": {"width": 8}}
 EXPERTS = {"num_experts": 2, "expert_train_epochs": 3, "experts_together": 2, "syn_steps": 2, "max_start_epoch": 1}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fake_dataset(name: str = "cifar10", classes: int = 4, size: int = 8, per_class: int = 12) -> DataSplits:
@@ -89,10 +84,10 @@ def test_zca_set_is_saved_in_pixel_space_with_its_whitening(cifar, tmp_path, mon
 
     def fake_train(networks, images, labels, **options):
         seen.update(images=images, options=options)
-        return evaluate_module.StackedNetworks(copy.deepcopy(networks[0]).to("meta"), {}, {}, False)
+        return networks
 
     monkeypatch.setattr(evaluate_module, "train_networks", fake_train)
-    monkeypatch.setattr(evaluate_module.StackedNetworks, "accuracy", lambda self, x, y: seen.setdefault("test", x)[:1, 0, 0, 0])
+    monkeypatch.setattr(evaluate_module, "accuracy", lambda stack, x, y: seen.setdefault("test", x)[:1, 0, 0, 0])
     evaluate_synthetic(loaded, cifar, num_models=1, progress=False, device="cpu")
     assert torch.allclose(seen["images"], condenser.images.detach(), atol=1e-4)  # trains on whitened inputs
     test_pixels = cifar.test.images.float() / 255

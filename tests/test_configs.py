@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from kdzoo.config import RunConfig, TeacherConfig, load_config, read_yaml
+from kdzoo.lm.config import LMRunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -12,7 +13,10 @@ CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_every_config_is_valid(path):
-    cls = TeacherConfig if "model" in read_yaml(path) else RunConfig
+    if path.parent.name == "lm":  # `kdzoo lm` recipes: language-model runs, their own dataclass
+        cls = LMRunConfig
+    else:
+        cls = TeacherConfig if "model" in read_yaml(path) else RunConfig
     load_config(cls, path)
 
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdzoo.cli import main
 from kdzoo.config import RunConfig, load_config
 from kdzoo.methods import METHODS
+from tiny_setup import cli_train_first_epoch_losses
 
 TESTS = Path(__file__).parent
 CONFIGS = TESTS.parent / "configs"
@@ -54,12 +54,6 @@ def test_every_method_trains_two_steps_through_the_cli(name, tmp_path):
         "methods": [method],
         "data": {"name": "synthetic", "options": {"train_size": 32, "test_size": 16, "num_classes": 10}},
         "train": {"epochs": 1, "batch_size": 16, "lr": 0.01, "progress": False, "device": "cpu"},
-        "output_dir": str(tmp_path),
     }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert main(["train", str(path)]) == 0
-    rows = (tmp_path / name / "metrics.csv").read_text().splitlines()
-    header, values = rows[0].split(","), rows[1].split(",")
-    losses = {k: float(v) for k, v in zip(header, values) if k.startswith("loss_")}
+    losses = cli_train_first_epoch_losses(tmp_path, name, config)
     assert losses and all(v == v and abs(v) < float("inf") for v in losses.values()), losses

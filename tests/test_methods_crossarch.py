@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from torch.testing import assert_close
 
 from kdzoo.cli import main
@@ -17,6 +16,7 @@ from kdzoo.methods import create_method
 from kdzoo.methods.crossarch import acam, ofa, scalekd
 from kdzoo.methods.logit.kd import kd_loss
 from kdzoo.models import create_model
+from tiny_setup import cli_train_first_epoch_losses
 
 SIZE = 16  # image side for the wiring tests
 VIT = {"image_size": SIZE, "patch_size": 4, "dim": 32, "depth": 2, "heads": 2}  # 4x4 patch grid + class token
@@ -298,14 +298,8 @@ def test_cnn_teacher_trains_a_vit_student_through_the_cli(name, tmp_path):
         "data": {"name": "synthetic", "options": {"train_size": 32, "test_size": 16, "num_classes": 4,
                                                   "image_size": 8}},
         "train": {"epochs": 1, "batch_size": 16, "lr": 0.01, "progress": False, "device": "cpu"},
-        "output_dir": str(tmp_path),
     }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert main(["train", str(path)]) == 0
-    rows = (tmp_path / name / "metrics.csv").read_text().splitlines()
-    values = dict(zip(rows[0].split(","), rows[1].split(",")))
-    losses = {k: float(v) for k, v in values.items() if k.startswith("loss_")}
+    losses = cli_train_first_epoch_losses(tmp_path, name, config)
     assert losses and all(math.isfinite(v) for v in losses.values()), losses
 
 

@@ -44,9 +44,9 @@ def test_relation_distance_is_the_similarity_preserving_formula():
 def test_distances_vanish_for_identical_networks_and_ignore_scale():
     torch.manual_seed(2)
     features, gradient = torch.randn(8, 16), torch.randn(10, 16)
-    assert float(relation_distance(features, features)) == pytest.approx(0.0, abs=1e-12)
-    assert float(semantic_distance(gradient, gradient)) == pytest.approx(0.0, abs=1e-12)
-    assert float(relation_distance(3.0 * features, features)) == pytest.approx(0.0, abs=1e-12)
+    assert float(relation_distance(features, features)) == pytest.approx(0.0, abs=1e-6)  # float32
+    assert float(semantic_distance(gradient, gradient)) == pytest.approx(0.0, abs=1e-6)  # float32
+    assert float(relation_distance(3.0 * features, features)) == pytest.approx(0.0, abs=1e-6)  # float32
     assert float(semantic_distance(gradient, torch.randn(10, 7))) > 0.01  # any widths compare
 
 

@@ -1,6 +1,8 @@
 """Tiny models, data and recipes shared by the trainer tests (seconds on a CPU)."""
 import torch
+import yaml
 
+from kdzoo.cli import main
 from kdzoo.config import TrainConfig
 from kdzoo.data import build_dataset, input_example
 from kdzoo.distiller import Distiller
@@ -32,3 +34,14 @@ def train_config(**overrides) -> TrainConfig:
 
 def max_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in b)
+
+
+def cli_train_first_epoch_losses(tmp_path, name: str, config: dict) -> dict[str, float]:
+    """`kdzoo train` on a config written to tmp_path/name.yaml (output under tmp_path); its first epoch's
+    logged losses (metrics.csv columns loss_*)."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**config, "output_dir": str(tmp_path)}))
+    assert main(["train", str(path)]) == 0
+    rows = (tmp_path / name / "metrics.csv").read_text().splitlines()
+    values = dict(zip(rows[0].split(","), rows[1].split(",")))
+    return {k: float(v) for k, v in values.items() if k.startswith("loss_")}

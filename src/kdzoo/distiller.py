@@ -142,7 +142,8 @@ class Distiller(nn.Module):
             raise ConfigError("this distiller has no teacher")
         if self._teacher_taps is None:
             self._teacher_taps = Taps(self.teacher, self._teacher_paths.values())
-        return teacher_forward(self.teacher, images, self._teacher_taps, self.teacher_batch_statistics)
+        # the references switch the teacher's BatchNorm to batch statistics in training alone; evaluation is eval
+        return teacher_forward(self.teacher, images, self._teacher_taps, self.training and self.teacher_batch_statistics)
 
     def context(self, images: torch.Tensor, labels: torch.Tensor, index: Optional[torch.Tensor] = None,
                 epoch: float | torch.Tensor = 0.0, teacher_outputs: Optional[TeacherOutputs] = None,

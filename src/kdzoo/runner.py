@@ -141,27 +141,6 @@ def model_meta(cfg: ModelConfig, data: DataSplits, data_cfg: DataConfig) -> dict
             "in_channels": data.in_channels, "data": {"name": data_cfg.name, "options": data_cfg.options}}
 
 
-def build_distiller(cfg: RunConfig, data: DataSplits, run_dir: Optional[Path] = None,
-                    teacher: Optional[nn.Module] = None) -> Distiller:
-    """`teacher`: an already built teacher to use instead of building cfg.teacher (students trained together
-    by `fit_many` must share one teacher module)."""
-    student = build_model(cfg.student, data, "student")
-    if cfg.teacher is None:
-        teacher = None
-    elif teacher is None:
-        teacher = build_model(cfg.teacher, data, "teacher")
-    if cfg.teacher and not cfg.teacher.weights:
-        print("warning: the teacher has no weights (teacher.weights); it is randomly initialised")
-    if cfg.student.init_from == "teacher":
-        if teacher is None:
-            raise ConfigError("student.init_from: teacher needs a 'teacher:' section to inherit from")
-        print(f"student initialised from the teacher: {inherit_weights(student, teacher).summary()}")
-    methods = [create_method(m.name, **m.options) for m in cfg.methods]
-    return Distiller(student, teacher, methods, example_input=input_example(data), ce_weight=cfg.ce_weight,
-                     num_samples=len(data.train), train_labels=labels_of(data.train), train_data=data.train,
-                     cache_dir=run_dir)
-
-
 def build_methods(cfg: RunConfig) -> list:
     methods = []
     for i, method in enumerate(cfg.methods):
@@ -189,11 +168,21 @@ def name_method_key(err: ConfigError, cfg: RunConfig) -> ConfigError:
     return err
 
 
-def build_distiller(cfg: RunConfig, data: DataSplits, run_dir: Optional[Path] = None) -> Distiller:
+def build_distiller(cfg: RunConfig, data: DataSplits, run_dir: Optional[Path] = None,
+                    teacher: Optional[nn.Module] = None) -> Distiller:
+    """`teacher`: an already built teacher to use instead of building cfg.teacher (students trained together
+    by `fit_many` must share one teacher module)."""
     student = build_model(cfg.student, data, "student")
-    teacher = build_model(cfg.teacher, data, "teacher") if cfg.teacher else None
+    if cfg.teacher is None:
+        teacher = None
+    elif teacher is None:
+        teacher = build_model(cfg.teacher, data, "teacher")
     if cfg.teacher and not cfg.teacher.weights:
         print("warning: the teacher has no weights (teacher.weights); it is randomly initialised")
+    if cfg.student.init_from == "teacher":
+        if teacher is None:
+            raise ConfigError("student.init_from: teacher needs a 'teacher:' section to inherit from")
+        print(f"student initialised from the teacher: {inherit_weights(student, teacher).summary()}")
     methods = build_methods(cfg)
     try:
         return Distiller(student, teacher, methods, example_input=input_example(data), ce_weight=cfg.ce_weight,

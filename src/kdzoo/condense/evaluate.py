@@ -1,8 +1,8 @@
 """Evaluation protocol of dataset distillation, with the N networks trained together.
 
-`train_networks` trains N same-architecture networks at once: their parameters are stacked
-(`torch.func.stack_module_state`) and one step is `vmap(grad(loss))` over the stack, followed by
-one SGD update of the stacked tensors.  Every network draws its own batch order and its own DSA
+`train_networks` trains N same-architecture networks at once on the stacked-models engine
+(`kdzoo.train.stacked.StackedModels`): one step is the per-network gradients of the stack (`vmap(grad(loss))`,
+or a loop) followed by one `torch.optim.SGD` update of the stacked tensors.  Every network draws its own batch order and its own DSA
 augmentation, so the N runs are as independent as if trained one by one (``vectorize=False``
 does exactly that with the same per-network step, which the tests compare against).  By default
 the stack is vectorised on CUDA and looped on a CPU, where vmap's batched convolutions are slower
@@ -11,7 +11,6 @@ trainer trains MTT/FTD experts (momentum 0, sharpness-aware for FTD) and the sof
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -19,11 +18,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, stack_module_state, vmap
+from torch.func import functional_call, grad
 from tqdm import tqdm
 
 from ..errors import ConfigError
 from ..runtime import resolve_device
+from ..train.stacked import StackedModels, set_gradients
 from .augment import DSA, DSA_STRATEGY
 from .base import EvalProtocol, SyntheticSet, build_network, classification_loss
 from .space import pixel_tensors, split_tensors
@@ -90,43 +90,9 @@ def network_gradient(base: nn.Module, sam_rho: float = 0.0, sam_alpha: float = 0
     return sharpness_aware
 
 
-def member(stacked: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
-    """Network `i`'s tensors of a stack (views: in-place updates reach the stack)."""
-    return {k: v[i] for k, v in stacked.items()}
-
-
-@dataclass
-class StackedNetworks:
-    """N trained networks of one architecture: a parameter-free template plus stacked tensors."""
-
-    base: nn.Module
-    params: dict[str, torch.Tensor]
-    buffers: dict[str, torch.Tensor]
-    vectorize: bool = True
-
-    def __len__(self) -> int:
-        return next(iter(self.params.values())).shape[0]
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, chunk: int = 0) -> torch.Tensor:
-        """Logits of every network for every image: (networks, images, classes), in eval mode."""
-        chunk = chunk or max(16, 2048 // len(self))  # images x networks per forward bounds the activations
-        forward = vmap(self._forward, in_dims=(0, 0, None)) if self.vectorize else self._forward_each
-        self.base.eval()
-        try:
-            return torch.cat([forward(self.params, self.buffers, x) for x in images.split(chunk)], 1)
-        finally:
-            self.base.train()
-
-    def _forward(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.base, (params, buffers), (x,))
-
-    def _forward_each(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self._forward(member(params, i), member(buffers, i), x) for i in range(len(self))])
-
-    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Top-1 accuracy in [0, 1] of every network."""
-        return (self.predict(images).argmax(-1) == labels).float().mean(1)
+def accuracy(networks: StackedModels, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy in [0, 1] of every network (eval mode)."""
+    return (networks.predict(images).argmax(-1) == labels).float().mean(1)
 
 
 def train_networks(networks: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor, *, epochs: int,
@@ -135,60 +101,48 @@ def train_networks(networks: Sequence[nn.Module], images: torch.Tensor, labels: 
                    flip_batch: bool = False, sam_rho: float = 0.0, sam_alpha: float = 0.0,
                    sam_adaptive: bool = False, vectorize: Optional[bool] = None,
                    on_epoch: Optional[Callable[[int, dict], None]] = None, progress: bool = False,
-                   desc: str = "train") -> StackedNetworks:
-    """Train same-architecture `networks` on (images, labels) with SGD (PyTorch semantics: weight decay
-    added to the gradient, momentum buffer without dampening).  After `decay_epoch` epochs the lr is
+                   desc: str = "train") -> StackedModels:
+    """Train same-architecture `networks` on (images, labels) with SGD, stacked (`kdzoo.train.StackedModels`,
+    the engine `fit_many` uses too) and updated by one `torch.optim.SGD` over the stacks (element-wise, so the
+    same update as one optimizer per network).  Each network draws its own batch order and its own DSA
+    operation, so the runs are as independent as if trained one by one.  After `decay_epoch` epochs the lr is
     multiplied by `decay_factor` and the momentum restarts (the reference builds a new optimizer).
     `flip_batch` appends the horizontal flip of every batch, halving the batch.  `sam_*`: see
-    `network_gradient` (FTD's experts).
+    `network_gradient` (FTD's experts).  `vectorize` (default: on CUDA) runs the stack as one vmapped forward;
+    on a CPU one network at a time is faster.
     `on_epoch(epoch, params)` sees the stacked parameters at epoch 0 and after every epoch."""
     if len({type(n) for n in networks}) != 1:
         raise ConfigError("train_networks: all networks must share one architecture")
-    params, buffers = stack_module_state(list(networks))
-    params = {k: v.detach() for k, v in params.items()}
-    buffers = {k: v.detach() for k, v in buffers.items()}
-    base = copy.deepcopy(networks[0]).to("meta").train()
-    vectorize = images.device.type == "cuda" if vectorize is None else vectorize
-    gradient = network_gradient(base, sam_rho, sam_alpha, sam_adaptive)
-    count, n = len(networks), len(images)
+    stack = StackedModels(networks, vectorize=images.device.type == "cuda" if vectorize is None else vectorize)
+    optimizer = torch.optim.SGD(stack.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    gradient = network_gradient(stack.template, sam_rho, sam_alpha, sam_adaptive)
+    count, n = len(stack), len(images)
     batch = max(1, batch_size // 2 if flip_batch else batch_size)
     steps = math.ceil(n / batch)
 
-    def all_gradients(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        if vectorize:
-            return vmap(gradient)(params, buffers, x, y)
-        # One network at a time through the same function; buffer views write into the stack.
-        each = [gradient(member(params, i), member(buffers, i), x[i], y[i]) for i in range(count)]
-        return {k: torch.stack([g[k] for g in each]) for k in params}
+    def report(epoch: int) -> None:
+        if on_epoch:
+            on_epoch(epoch, {k: v.detach() for k, v in stack.params.items()})
 
-    velocity: dict[str, torch.Tensor] = {}
-    if on_epoch:
-        on_epoch(0, params)
+    report(0)
     for epoch in tqdm(range(epochs), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         order = torch.rand(count, n, device=images.device).argsort(1)  # each network its own shuffle
         for s in range(steps):
-            with torch.no_grad():
+            with torch.no_grad():  # torch.func.grad still differentiates inside; nothing else is recorded
                 index = order[:, s * batch:(s + 1) * batch]
                 x, y = images[index], labels[index]
                 if flip_batch:
                     x, y = torch.cat([x, x.flip(-1)], 1), torch.cat([y, y], 1)
                 if augment is not None and augment.enabled:  # one DSA operation per network's batch
                     x = augment.augment(x.flatten(0, 1), groups=count).view_as(x)
-            grads = all_gradients(x, y)
-            with torch.no_grad():
-                for k, g in grads.items():
-                    if weight_decay:
-                        g = g + weight_decay * params[k]
-                    if momentum:
-                        velocity[k] = g if k not in velocity else momentum * velocity[k] + g
-                        g = velocity[k]
-                    params[k] = params[k] - lr * g
+                set_gradients(stack, stack.gradients(gradient, x, y))
+            optimizer.step()
         if decay_epoch is not None and epoch + 1 == decay_epoch:
-            lr *= decay_factor
-            velocity.clear()
-        if on_epoch:
-            on_epoch(epoch + 1, params)
-    return StackedNetworks(base, params, buffers, vectorize)
+            for group in optimizer.param_groups:
+                group["lr"] *= decay_factor
+            optimizer.state.clear()
+        report(epoch + 1)
+    return stack
 
 
 @dataclass
@@ -251,7 +205,7 @@ def evaluate_synthetic(synthetic: SyntheticSet, data, *, models: Optional[Sequen
         trained = train_networks(networks, images, labels, epochs=epochs, lr=lr, batch_size=batch_size, augment=dsa,
                                  decay_epoch=epochs // 2, flip_batch=flip_batch, vectorize=vectorize,
                                  progress=progress, desc=f"evaluate {name}")
-        accuracies = (trained.accuracy(test_images, test_labels) * 100).tolist()
+        accuracies = (accuracy(trained, test_images, test_labels) * 100).tolist()
         if torch_device.type == "cuda":
             torch.cuda.synchronize(torch_device)
         mean = sum(accuracies) / len(accuracies)

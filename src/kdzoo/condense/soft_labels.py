@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import ConfigError
-from .evaluate import train_networks
+from .evaluate import accuracy, train_networks
 
 if TYPE_CHECKING:
     from .base import Condenser
@@ -56,6 +56,6 @@ def committee_soft_labels(condenser: "Condenser", images: torch.Tensor) -> torch
                                  real.images[train], real.labels[train], epochs=condenser.committee_epochs,
                                  augment=condenser.dsa, decay_epoch=condenser.committee_epochs // 2,
                                  progress=condenser.progress, desc=f"committee {name}")
-        accuracies.append(members.accuracy(real.images[held_out], real.labels[held_out]))
+        accuracies.append(accuracy(members, real.images[held_out], real.labels[held_out]))
         probabilities.append(torch.softmax(members.predict(images) / condenser.label_temperature, -1))
     return vote(torch.cat(probabilities), torch.cat(accuracies))

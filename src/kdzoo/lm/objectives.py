@@ -69,7 +69,7 @@ def _num_layers(config: Any) -> int:
 class _Divergence(LMObjective):
     kind: ClassVar[str] = ""
 
-    def __init__(self, weight: float = 1.0, temperature: float = 1.0):
+    def __init__(self, weight: float = 1.0, temperature: float = 1.0, student_config=None, teacher_config=None):
         super().__init__()
         if temperature <= 0:
             raise ConfigError(f"{self.kind}: temperature must be > 0, got {temperature}")
@@ -103,16 +103,10 @@ class _Divergence(LMObjective):
 class ForwardKL(_Divergence):
     kind = "forward_kl"
 
-    def __init__(self, weight: float = 1.0, temperature: float = 1.0, student_config=None, teacher_config=None):
-        super().__init__(weight, temperature)
-
 
 @register_lm_loss("reverse_kl", family="logit", paper="Gu et al. 2024, MiniLLM: Knowledge Distillation of LLMs")
 class ReverseKL(_Divergence):
     kind = "reverse_kl"
-
-    def __init__(self, weight: float = 1.0, temperature: float = 1.0, student_config=None, teacher_config=None):
-        super().__init__(weight, temperature)
 
 
 @register_lm_loss("jsd", family="logit", paper="Agarwal et al. 2024, On-Policy Distillation of LMs (GKD)")
@@ -133,9 +127,6 @@ class GeneralizedJSD(_Divergence):
 @register_lm_loss("tvd", family="logit", paper="Wen et al. 2023, f-Divergence Minimization for Sequence-Level KD")
 class TotalVariation(_Divergence):
     kind = "tvd"
-
-    def __init__(self, weight: float = 1.0, temperature: float = 1.0, student_config=None, teacher_config=None):
-        super().__init__(weight, temperature)
 
 
 @register_lm_loss("hidden", family="feature", paper="Sanh et al. 2019 (DistilBERT), Jiao et al. 2020 (TinyBERT)")

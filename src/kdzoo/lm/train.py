@@ -15,7 +15,6 @@ passes under bf16 autocast.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -33,6 +32,7 @@ from ..runtime import resolve_device, seed_everything
 from ..taps import Taps
 from ..train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..train.distributed import Distributed
+from ..train.trainer import write_metrics_csv
 from .config import LMModelConfig, LMRunConfig
 from .data import LMData, build_lm_data, corpus_texts, loss_mask, batch_rows
 from .metrics import evaluate_lm, next_token_ce
@@ -332,7 +332,7 @@ def _run(cfg: LMRunConfig, run_dir: Path, resume: bool, verbose: bool, dist: Dis
                     if key != "step":
                         writer.add_scalar(key, value, done)
             if main:
-                _write_metrics(run_dir / METRICS, history)
+                write_metrics_csv(run_dir / METRICS, history)
         if done % tc.save_every == 0 or done == tc.steps:
             _save(run_dir / CHECKPOINT, step_module, optimizer, scheduler, done, history, dist,
                   tc.parallel == "fsdp" and dist.active)
@@ -428,17 +428,3 @@ def _export(step_module: StudentStep, cfg: LMRunConfig, tokenizer, run_dir: Path
     elif dist.is_main:
         save_pretrained(step_module.student, tokenizer, run_dir)
     dist.barrier()
-
-
-def _write_metrics(path: Path, history: list[dict]) -> None:
-    from ..runtime import atomic_write
-
-    keys = list(dict.fromkeys(k for row in history for k in row))
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(history)
-
-    atomic_write(path, write)

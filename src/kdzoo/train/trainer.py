@@ -251,14 +251,14 @@ class MetricsLog(Callback):
 
     def on_train_start(self, trainer, run):
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        _write_metrics(run.run_dir / METRICS, run.history)  # a resumed run drops rows after its checkpoint
+        write_metrics_csv(run.run_dir / METRICS, run.history)  # a resumed run drops rows after its checkpoint
         from torch.utils.tensorboard import SummaryWriter
 
         self.writers[id(run)] = SummaryWriter(str(run.run_dir / "tensorboard"),
                                               purge_step=trainer.start_epoch + 1 if trainer.resumed else None)
 
     def on_epoch_end(self, trainer, run, row, improved):
-        _write_metrics(run.run_dir / METRICS, run.history)
+        write_metrics_csv(run.run_dir / METRICS, run.history)
         writer = self.writers[id(run)]
         for key, value in row.items():
             if key != "epoch":
@@ -593,7 +593,8 @@ def _class_meta(student: nn.Module) -> dict:
     return {"class": f"{type(student).__module__}.{type(student).__qualname__}"}
 
 
-def _write_metrics(path: Path, history: list[dict]) -> None:
+def write_metrics_csv(path: Path, history: list[dict]) -> None:
+    """One row per epoch (or evaluation), columns in first-seen order, written atomically."""
     keys = list(dict.fromkeys(k for row in history for k in row))
 
     def write(tmp: Path) -> None:

@@ -31,8 +31,10 @@ def standardize_logits(logits: torch.Tensor) -> torch.Tensor:
 def prepare_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                    standardize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The pair every logit loss starts from: the teacher's logits as a constant target (detached, so no
-    gradient ever reaches the teacher), and both z-scored when `standardize` is set."""
-    teacher_logits = teacher_logits.detach()
+    gradient ever reaches the teacher), in at least float32 (a softmax/KL of bf16 logits loses a fifth of the loss under
+    CPU autocast), and both z-scored when `standardize` is set."""
+    student_logits = student_logits.to(torch.promote_types(student_logits.dtype, torch.float32))
+    teacher_logits = teacher_logits.detach().to(torch.promote_types(teacher_logits.dtype, torch.float32))
     if standardize:
         return standardize_logits(student_logits), standardize_logits(teacher_logits)
     return student_logits, teacher_logits
