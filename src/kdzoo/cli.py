@@ -154,9 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a run directory, exported weights or a checkpoint",
                        description="Top-1/top-5 of a trained model on its dataset's test split.",
-                       epilog="Overrides apply to the data section, e.g. data.options.root=/data/cifar.")
-    p.add_argument("target", help="run directory, .safetensors file or checkpoint.pt")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data overrides (data.name=..., data.options.X=...)")
+                       epilog="Overrides apply to the data section, e.g. data.options.root=/data/cifar; a plain "
+                              ".pth state dict names its model and data: model.name=tv:resnet18 data.name=imagefolder.")
+    p.add_argument("target", help="run directory, .safetensors, checkpoint.pt or a .pth/.pt/.bin state dict")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="data overrides (data.name=..., data.options.X=...), model.name=..., model.options.X=...")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.set_defaults(func=cmd_eval)
 

@@ -83,8 +83,11 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 @dataclass
 class ModelConfig:
     name: str = "tiny:cnn"
-    weights: Optional[str] = None  # .safetensors file, run directory or kdzoo checkpoint
+    weights: Optional[str] = None  # .pth/.pt/.bin state dict, .safetensors, run directory or kdzoo checkpoint
     options: dict[str, Any] = field(default_factory=dict)
+    # tv:/timm: models: true for the library's default pretrained weights (downloaded on first use), or a
+    # weights name (torchvision: IMAGENET1K_V2; timm: a tag such as a1_in1k); a new head when classes differ
+    pretrained: Any = False
     # "teacher": a student starts from slices of the teacher's weights (TinyCLIP's weight inheritance,
     # kdzoo.models.inherit); the student must be the teacher's architecture, narrower or shallower
     init_from: Optional[str] = None
@@ -154,11 +157,17 @@ class TeacherConfig:
 
 def _validate_model(model: ModelConfig, where: str) -> None:
     """Registered models are checked here; torchvision and timm names when the model is built."""
-    from .models import EXTERNAL_PREFIXES, MODELS
+    from .models import EXTERNAL_PREFIXES, MODELS, check_pretrained
 
     if not model.name.startswith(EXTERNAL_PREFIXES):
         entry = _lookup(MODELS, model.name, f"{where}.name")
         model.options = entry.check(model.options, f"{where}.options", model.name)
+    try:
+        check_pretrained(model.name, model.pretrained)
+    except ConfigError as err:
+        raise ConfigError(f"{where}.{err}") from None
+    if model.pretrained and model.weights:
+        raise ConfigError(f"{where}: give pretrained or weights, not both (weights replace every pretrained tensor)")
 
 
 def _validate_init_from(model: ModelConfig, where: str, has_teacher: bool) -> None:
@@ -168,8 +177,8 @@ def _validate_init_from(model: ModelConfig, where: str, has_teacher: bool) -> No
         raise ConfigError(f"{where}.init_from: {model.init_from!r} is not understood; the only value is 'teacher'")
     if not has_teacher:
         raise ConfigError(f"{where}.init_from: teacher needs a 'teacher:' section to inherit from")
-    if model.weights:
-        raise ConfigError(f"{where}: give weights or init_from, not both")
+    if model.weights or model.pretrained:
+        raise ConfigError(f"{where}: give weights, pretrained or init_from, not two of them")
 
 
 def validate_data(data: DataConfig) -> None:

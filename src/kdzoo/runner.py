@@ -25,7 +25,9 @@ from .errors import CheckpointError, ConfigError
 from .methods import create_method
 from .models import create_model
 from .models.inherit import inherit_weights
-from .train import FitResult, evaluate, fit, load_checkpoint, read_weights
+from .models.weights import LoadReport, fit_state_dict, read_state_dict, resolve_weights_path
+from .models.weights import load_weights as load_model_weights
+from .train import FitResult, evaluate, fit, load_checkpoint
 from .train.checkpoint import remove_stale_files
 from .registry import METHODS, check_value
 from .runtime import resolve_device, seed_everything
@@ -56,7 +58,8 @@ def build_data(cfg: DataConfig) -> DataSplits:
 
 def build_model(cfg: ModelConfig, data: DataSplits, where: str = "model") -> nn.Module:
     try:
-        model = create_model(cfg.name, num_classes=data.num_classes, in_channels=data.in_channels, **cfg.options)
+        model = create_model(cfg.name, num_classes=data.num_classes, in_channels=data.in_channels,
+                             pretrained=cfg.pretrained, **cfg.options)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
     except TypeError as err:  # a torchvision/timm builder refusing an option: options are not checked ahead
@@ -68,28 +71,13 @@ def build_model(cfg: ModelConfig, data: DataSplits, where: str = "model") -> nn.
 
 def weights_file(path: str | Path) -> Path:
     """A run directory resolves to its exported weights (or its checkpoint)."""
-    path = Path(path)
-    if path.is_dir():
-        for name in WEIGHT_FILES + (CHECKPOINT,):
-            if (path / name).is_file():
-                return path / name
-        raise CheckpointError(f"{path}: no {', '.join(WEIGHT_FILES)} or {CHECKPOINT} in this directory")
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or run directory")
-    return path
+    return resolve_weights_path(path)
 
 
 def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """A model state dict from safetensors (with its metadata) or from a kdzoo checkpoint's student."""
-    path = weights_file(path)
-    if path.suffix == ".safetensors":
-        return read_weights(path)
-    state = load_checkpoint(path)
-    student = state.get("student")
-    if not isinstance(student, dict) or not all(isinstance(v, torch.Tensor) for v in student.values()):
-        raise CheckpointError(f"{path}: a checkpoint without a 'student' state (not written by kdzoo train or "
-                              "kdzoo teacher)")
-    return student, {}
+    """A model state dict (and its kdzoo metadata) from any weights file or run directory
+    (`kdzoo.models.weights.read_state_dict`)."""
+    return read_state_dict(path)
 
 
 def check_state_fits(module: nn.Module, state: dict[str, Any], source: str, what: str) -> None:
@@ -111,15 +99,18 @@ def check_state_fits(module: nn.Module, state: dict[str, Any], source: str, what
                                   f"or width?): {key} is {shape} in the file, {tuple(tensor.shape)} in the model")
 
 
-def load_weights(model: nn.Module, path: str | Path, where: str = "") -> None:
-    """Load weights (run directory, .safetensors or checkpoint) into `model`; `where` names the config key."""
+def load_weights(model: nn.Module, path: str | Path, where: str = "") -> LoadReport:
+    """Load any weights file or run directory into `model` (`kdzoo.models.weights.load_weights`: prefixes
+    matched, a shape that differs refused); `where` names the config key in errors and in the one-line report
+    printed when names had to be matched or some were found on one side only."""
     prefix = f"{where}: " if where else ""
     try:
-        state, _ = read_state(path)
-        check_state_fits(model, state, str(weights_file(path)), "model")
+        report = load_model_weights(model, path)
     except (CheckpointError, ConfigError) as err:
         raise type(err)(f"{prefix}{err}") from None
-    model.load_state_dict(state)
+    if not report.exact:
+        print(f"{prefix}{report.summary()}")
+    return report
 
 
 def prepare_run_dir(output_dir: str, name: str, resume: bool, run_dir: Optional[str] = None) -> Path:
@@ -177,7 +168,7 @@ def build_distiller(cfg: RunConfig, data: DataSplits, run_dir: Optional[Path] = 
         teacher = None
     elif teacher is None:
         teacher = build_model(cfg.teacher, data, "teacher")
-    if cfg.teacher and not cfg.teacher.weights:
+    if cfg.teacher and not cfg.teacher.weights and not cfg.teacher.pretrained:
         print("warning: the teacher has no weights (teacher.weights); it is randomly initialised")
     if cfg.student.init_from == "teacher":
         if teacher is None:
@@ -226,31 +217,40 @@ def teacher_run(cfg: TeacherConfig, run_dir: Path, resume: bool = False, verbose
 
 
 def evaluate_target(target: str | Path, overrides: list[str] = (), device: str = "auto") -> dict:
-    """Evaluate a run directory, an exported .safetensors or a checkpoint on its dataset's test split."""
+    """Evaluate a run directory, an exported .safetensors, a checkpoint or any state-dict file on its dataset's
+    test split.  ``model.*`` overrides name or change the model (a plain .pth records none), the others the
+    data section."""
     from .config import apply_overrides
 
     target = Path(target)
+    model_overrides = [item for item in overrides if item.startswith("model.")]
+    data_overrides = [item for item in overrides if not item.startswith("model.")]
     run_config = target / RUN_CONFIG if target.is_dir() else target.parent / RUN_CONFIG
     state, meta = read_state(target)
     if meta and "class" not in meta:  # exported from a config; fit() alone records only the model's class
         if not isinstance(meta.get("model"), str) or not isinstance(meta.get("data"), dict):
             raise CheckpointError(f"{target}: its kdzoo metadata names no model and dataset (not an exported model; "
                                   "a synthetic set is evaluated by kdzoo condense)")
-        model_cfg = from_dict(ModelConfig, {"name": meta["model"], "options": meta.get("options", {})}, "model")
-        data_dict = meta["data"]
+        model_dict, data_dict = {"name": meta["model"], "options": meta.get("options", {})}, meta["data"]
     elif run_config.is_file():
         raw = read_yaml(run_config)
-        section = raw.get("student") or raw.get("model")
-        model_cfg = from_dict(ModelConfig, section, f"{run_config}: student")
-        data_dict = raw.get("data", {})
+        model_dict, data_dict = raw.get("student") or raw.get("model"), raw.get("data", {})
+        if not isinstance(model_dict, dict):
+            raise ConfigError(f"{run_config}: names no student or model")
+    elif model_overrides and any(item.startswith("data.name=") for item in data_overrides):
+        model_dict, data_dict = {}, {}
     else:
-        raise ConfigError(f"{target}: cannot tell which model this is (no kdzoo metadata, no config.yaml beside it)")
-    data_cfg = from_dict(DataConfig, apply_overrides({"data": dict(data_dict)}, list(overrides))["data"], "data")
+        raise ConfigError(f"{target}: cannot tell which model this is (no kdzoo metadata, no config.yaml beside it); "
+                          f"name it: kdzoo eval {target} model.name=tv:resnet18 data.name=imagefolder ...")
+    model_dict = apply_overrides({"model": dict(model_dict)}, model_overrides)["model"]
+    model_cfg = from_dict(ModelConfig, model_dict, "model")
+    data_cfg = from_dict(DataConfig, apply_overrides({"data": dict(data_dict)}, data_overrides)["data"], "data")
     validate_data(data_cfg)
     data = build_data(data_cfg)
     model = build_model(ModelConfig(model_cfg.name, None, model_cfg.options), data)
-    check_state_fits(model, state, str(weights_file(target)), "model")
-    model.load_state_dict(state)
+    report = fit_state_dict(model, state, str(weights_file(target)))
+    if not report.exact:
+        print(report.summary())
     model.to(resolve_device(device))
     metrics = evaluate(model, data.test)
     return {"target": str(target), "model": model_cfg.name, "dataset": data_cfg.name, **metrics}

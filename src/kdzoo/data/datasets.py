@@ -32,6 +32,11 @@ from .loaders import TensorData
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's and timm's pretrained models
+# Named normalisations the imagefolder dataset accepts for `mean` / `std`.
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+                  "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}
+NormalizationName = Literal["imagenet", "cifar10", "cifar100"]
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
 DECODE_CHUNK = 1024  # images per task when decoding in worker processes
 
@@ -205,13 +210,44 @@ def _decode_image_folder(folder, size: tuple[int, int], desc: str) -> DecodedSpl
     return DecodedSplit(images, np.asarray(folder.targets, dtype=np.int64), {"classes": list(folder.classes)})
 
 
+def channel_constants(mean: Union[str, Sequence[float]], std: Union[str, Sequence[float]],
+                      channels: int = 3) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) from names in `NORMALIZATIONS` or numbers (one value is used for every channel);
+    a wrong count, a std <= 0 or an unknown name is a one-line ConfigError naming data.options.mean / std."""
+    values = []
+    for key, value, index in (("mean", mean, 0), ("std", std, 1)):
+        if isinstance(value, str):
+            if value not in NORMALIZATIONS:
+                raise ConfigError(f"data.options.{key}: {value!r} is not one of {', '.join(NORMALIZATIONS)} "
+                                  f"or a list of {channels} numbers")
+            value = NORMALIZATIONS[value][index]
+        value = tuple(float(v) for v in value)
+        if len(value) == 1:
+            value = value * channels
+        if len(value) != channels:
+            raise ConfigError(f"data.options.{key}: expected 1 or {channels} numbers (one per channel), got "
+                              f"{len(value)}: {list(value)}")
+        low_ok = (lambda v: v > 0) if key == "std" else (lambda v: v >= 0)
+        if not all(low_ok(v) and v <= 1 for v in value):  # pixels are scaled to [0, 1] before normalising
+            bounds = "> 0 and <= 1" if key == "std" else ">= 0 and <= 1"
+            raise ConfigError(f"data.options.{key}: every value must be {bounds} (pixels in [0, 1], not 0-255; "
+                              f"ImageNet's is {list(NORMALIZATIONS['imagenet'][index])}), got {list(value)}")
+        values.append(value)
+    return values[0], values[1]
+
+
 @register_dataset("imagefolder", paper="torchvision ImageFolder layout: ROOT/{train,test}/<class>/*.jpg")
 def imagefolder(root: str = "data/imagefolder", image_size: PositiveInt = 32, augment: bool = True,
-                mean: tuple = CIFAR10_MEAN, std: tuple = CIFAR10_STD, test_split: str = "test",
+                mean: Union[NormalizationName, list[float]] = "imagenet",
+                std: Union[NormalizationName, list[float]] = "imagenet", test_split: str = "test",
                 cache_dir: Optional[str] = None, resident: Union[Literal["auto", "true", "false"], bool] = "auto") -> DataSplits:
-    """Class-per-folder images (any size, any PIL format) decoded once to RGB uint8 image_size x image_size."""
+    """Class-per-folder images (any size, any PIL format) decoded once to RGB uint8 image_size x image_size.
+    `mean` / `std` normalise pixels in [0, 1]: ImageNet's by default, as torchvision's and timm's pretrained
+    models expect; ``cifar10`` / ``cifar100`` or a list of 3 numbers otherwise.  Pretrained ImageNet models
+    usually want ``image_size: 224``; the default 32 suits CIFAR-sized images and models."""
     import torchvision
 
+    mean, std = channel_constants(mean, std)
     size = (image_size, image_size)
     decoded = {}
     for split in ("train", test_split):

@@ -1,9 +1,12 @@
 """Model factory: ``create_model("tiny:cnn")``, ``"tv:resnet18"`` (torchvision), ``"timm:deit_tiny_patch16_224"``.
 
 Registered families live in files of their own (``tiny.py``, ...); torchvision and timm models are
-built by name with random weights (pretrained weights are loaded from a file, never downloaded here).
+built by name with random weights, or with their library's pretrained weights (``pretrained=True``, downloaded
+by torchvision or timm on first use; see ``pretrained.py``, whose `replace_head` fits them to another class count).
 """
 from __future__ import annotations
+
+from typing import Union
 
 from torch import nn
 
@@ -12,20 +15,36 @@ from ..registry import MODELS, register_model, unknown_name_message
 from . import convnet, tiny  # noqa: F401  (registers its models)
 from . import cifar_mobilenetv2, cifar_resnet, cifar_shufflenet, cifar_vgg, cifar_wrn  # noqa: F401
 from . import mlp, vit  # noqa: F401  (ViT / MLP students for 32x32 inputs)
+from .pretrained import replace_head, timm_pretrained, torchvision_pretrained
 
 EXTERNAL_PREFIXES = ("tv:", "timm:")
 
 
-def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **options) -> nn.Module:
-    """Build a model by factory name with `num_classes` outputs."""
+def create_model(name: str, num_classes: int = 10, in_channels: int = 3, pretrained: Union[bool, str] = False,
+                 **options) -> nn.Module:
+    """Build a model by factory name with `num_classes` outputs.  `pretrained` (``tv:`` and ``timm:`` models):
+    True for the library's default weights, or a weights name (torchvision enum member, timm tag)."""
+    check_pretrained(name, pretrained)
     if name.startswith("tv:"):
-        return _torchvision_model(name[3:], num_classes, in_channels, options)
+        return _torchvision_model(name[3:], num_classes, in_channels, options, pretrained)
     if name.startswith("timm:"):
-        return _timm_model(name[5:], num_classes, in_channels, options)
+        return _timm_model(name[5:], num_classes, in_channels, options, pretrained)
     return MODELS.build(name, num_classes=num_classes, in_channels=in_channels, **options)
 
 
-def _torchvision_model(arch: str, num_classes: int, in_channels: int, options: dict) -> nn.Module:
+def check_pretrained(name: str, pretrained: Union[bool, str]) -> None:
+    """`pretrained` is false, true or a non-empty weights name, and only for models a library publishes weights of."""
+    if pretrained is False or pretrained is None:
+        return
+    if not (pretrained is True or (isinstance(pretrained, str) and pretrained.strip())):
+        raise ConfigError(f"pretrained: expected true, false or a weights name, got {pretrained!r}")
+    if not name.startswith(EXTERNAL_PREFIXES):
+        raise ConfigError(f"pretrained: {name!r} has no published weights (pretrained is for tv: and timm: models); "
+                          "give a weights file instead (weights: PATH)")
+
+
+def _torchvision_model(arch: str, num_classes: int, in_channels: int, options: dict,
+                       pretrained: Union[bool, str] = False) -> nn.Module:
     import torchvision
 
     names = torchvision.models.list_models()
@@ -33,16 +52,21 @@ def _torchvision_model(arch: str, num_classes: int, in_channels: int, options: d
         raise ConfigError(unknown_name_message("torchvision model", arch, names))
     if in_channels != 3:
         raise ConfigError(f"torchvision model {arch!r} expects 3 input channels, the data has {in_channels}")
+    if pretrained:
+        return torchvision_pretrained(arch, pretrained, num_classes, options)
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)
 
 
-def _timm_model(arch: str, num_classes: int, in_channels: int, options: dict) -> nn.Module:
+def _timm_model(arch: str, num_classes: int, in_channels: int, options: dict,
+                pretrained: Union[bool, str] = False) -> nn.Module:
     try:
         import timm
     except ImportError:
         raise ConfigError("timm models need the optional extra: pip install 'kdzoo[timm]'") from None
     if not timm.is_model(arch):
         raise ConfigError(unknown_name_message("timm model", arch, timm.list_models()))
+    if pretrained:
+        return timm_pretrained(arch, pretrained, num_classes, in_channels, options)
     return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels, **options)
 
 
@@ -50,4 +74,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["create_model", "count_parameters", "register_model", "MODELS"]
+__all__ = ["create_model", "check_pretrained", "replace_head", "count_parameters", "register_model", "MODELS"]
