@@ -230,6 +230,28 @@ def test_torchvision_pretrained_keeps_the_weights_and_replaces_the_head(torchvis
     assert same.classifier[3].out_features == 1000 and "new" not in capsys.readouterr().out
 
 
+def test_torchvision_pretrained_through_the_real_weights_api(monkeypatch):
+    """torchvision's own get_model and weights enum run; only the download is replaced by a seeded state dict."""
+    import torchvision
+    import torchvision.models._api as torchvision_api
+    from torchvision.models import MobileNet_V3_Small_Weights
+
+    torch.manual_seed(5)
+    published = torchvision.models.mobilenet_v3_small().state_dict()
+    urls = []
+
+    def download(url, *args, **kwargs):
+        urls.append(url)
+        return {k: v.clone() for k, v in published.items()}
+
+    monkeypatch.setattr(torchvision_api, "load_state_dict_from_url", download)
+    model = create_model("tv:mobilenet_v3_small", num_classes=2, pretrained=True)
+    assert urls == [MobileNet_V3_Small_Weights.DEFAULT.url]
+    ours = model.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in published.items() if not k.startswith("classifier.3."))
+    assert ours["classifier.3.weight"].shape == (2, 1024)
+
+
 def test_pretrained_errors_are_one_line(torchvision_calls, tmp_path, capsys):
     with pytest.raises(ConfigError, match="pretrained: torchvision model 'resnet18' has no weights 'IMAGENET9'; "
                                           "known: IMAGENET1K_V1, DEFAULT"):
@@ -240,9 +262,12 @@ def test_pretrained_errors_are_one_line(torchvision_calls, tmp_path, capsys):
     assert _error(capsys) == ("kdzoo teacher: error: model.pretrained: 'tiny:cnn' has no published weights (pretrained "
                               "is for tv: and timm: models); give a weights file instead (weights: PATH)")
     for change, message in (("model.pretrained=3", "model.pretrained: expected true, false or a weights name, got 3"),
+                            ("model.pretrained=IMAGENET9", "kdzoo teacher: error: model.pretrained: torchvision model "
+                             "'resnet18' has no weights 'IMAGENET9'; known: IMAGENET1K_V1, DEFAULT"),
                             ("model.weights=w.pth", "model: give pretrained or weights, not both")):
         assert main(["teacher", config, "model.name=tv:resnet18", change]) == 2
         assert message in _error(capsys)
+    assert torchvision_calls == [] and not (tmp_path / "runs").exists()  # refused as the config is read
 
 
 @pytest.mark.parametrize("arch, head", [("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3"),

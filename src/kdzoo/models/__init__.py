@@ -15,7 +15,7 @@ from ..registry import MODELS, register_model, unknown_name_message
 from . import convnet, tiny  # noqa: F401  (registers its models)
 from . import cifar_mobilenetv2, cifar_resnet, cifar_shufflenet, cifar_vgg, cifar_wrn  # noqa: F401
 from . import mlp, vit  # noqa: F401  (ViT / MLP students for 32x32 inputs)
-from .pretrained import replace_head, timm_pretrained, torchvision_pretrained
+from .pretrained import check_weights_name, replace_head, timm_pretrained, torchvision_pretrained
 
 EXTERNAL_PREFIXES = ("tv:", "timm:")
 
@@ -41,6 +41,7 @@ def check_pretrained(name: str, pretrained: Union[bool, str]) -> None:
     if not name.startswith(EXTERNAL_PREFIXES):
         raise ConfigError(f"pretrained: {name!r} has no published weights (pretrained is for tv: and timm: models); "
                           "give a weights file instead (weights: PATH)")
+    check_weights_name(name, pretrained)
 
 
 def _torchvision_model(arch: str, num_classes: int, in_channels: int, options: dict,

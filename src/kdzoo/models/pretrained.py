@@ -69,15 +69,43 @@ def timm_pretrained(arch: str, pretrained: Union[bool, str], num_classes: int, i
     import timm
 
     if isinstance(pretrained, str):
-        arch = f"{arch.split('.')[0]}.{pretrained}"
-        if not timm.is_model(arch) or arch not in timm.list_pretrained(arch):
-            tags = [name.split(".", 1)[1] for name in timm.list_pretrained(arch.split(".")[0] + ".*")]
-            raise ConfigError(f"pretrained: timm has no weights {arch!r}; known tags: {', '.join(tags) or 'none'}")
+        arch = timm_tagged_name(arch, pretrained)
     model = timm.create_model(arch, pretrained=True, num_classes=num_classes, in_chans=in_channels, **options)
     classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
     if isinstance(classes, int) and classes != num_classes:
         print(new_head_note(f"timm:{arch}", classes, num_classes))
     return model
+
+
+def timm_tagged_name(arch: str, tag: str) -> str:
+    """``arch.tag``, checked against timm's list of pretrained weights (no download)."""
+    import timm
+
+    name = f"{arch.split('.')[0]}.{tag}"
+    if not timm.is_model(name) or name not in timm.list_pretrained(name):
+        tags = [known.split(".", 1)[1] for known in timm.list_pretrained(arch.split(".")[0] + ".*")]
+        raise ConfigError(f"pretrained: timm has no weights {name!r}; known tags: {', '.join(tags) or 'none'}")
+    return name
+
+
+def check_weights_name(name: str, pretrained: Union[bool, str]) -> None:
+    """A weights name (`pretrained: IMAGENET1K_V2`, a timm tag) exists for the factory name `name`; checked
+    when a config is loaded, without building or downloading anything.  Unknown architectures are left to
+    the model builder's own message."""
+    if not isinstance(pretrained, str):
+        return
+    if name.startswith("tv:"):
+        import torchvision
+
+        if name[3:] in torchvision.models.list_models():
+            torchvision_weights(name[3:], pretrained)
+    elif name.startswith("timm:"):
+        try:
+            import timm
+        except ImportError:
+            return  # the builder says which extra to install
+        if timm.is_model(name[5:]):
+            timm_tagged_name(name[5:], pretrained)
 
 
 def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
@@ -133,4 +161,4 @@ def _new_layer(old: nn.Module, num_classes: int) -> nn.Module:
                      bias=old.bias is not None, device=device, dtype=dtype)
 
 
-__all__ = ["replace_head", "new_head_note", "torchvision_weights", "torchvision_pretrained", "timm_pretrained", "HEAD_PATHS"]
+__all__ = ["replace_head", "new_head_note", "check_weights_name", "timm_tagged_name", "torchvision_weights", "torchvision_pretrained", "timm_pretrained", "HEAD_PATHS"]
