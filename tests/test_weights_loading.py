@@ -14,7 +14,7 @@ from torch import nn
 from kdzoo.cli import main
 from kdzoo.config import RunConfig, TeacherConfig, load_config
 from kdzoo.data import build_dataset
-from kdzoo.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from kdzoo.data.datasets import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from kdzoo.errors import CheckpointError, ConfigError
 from kdzoo.models import create_model, replace_head
 from kdzoo.models.weights import fit_state_dict, load_weights, match_names, read_state_dict
@@ -358,8 +358,14 @@ def test_imagefolder_normalises_with_imagenet_constants_by_default(tmp_path):
     own = build_dataset("imagefolder", **options, mean=[0.5], std=[0.25, 0.5, 0.125])
     expected = (pixels - 0.5) / torch.tensor([0.25, 0.5, 0.125]).view(3, 1, 1)
     assert torch.allclose(own.train[0][0], expected, atol=1e-5)
-    cifar = build_dataset("imagefolder", **options, mean="cifar10", std="cifar10")
-    assert cifar.train.mean == (0.4914, 0.4822, 0.4465)
+    # names given on the command line, as the README's CIFAR-10 JPEG line does
+    config = _write(tmp_path, "t", {"model": {"name": "tiny:cnn"}, "data": {"name": "imagefolder", "options": options},
+                                    "train": FAST})
+    cfg = load_config(TeacherConfig, config, ["data.options.mean=cifar10", "data.options.std=cifar10"])
+    cifar = build_data(cfg.data)
+    assert cifar.train.mean == CIFAR10_MEAN and cifar.train.std == CIFAR10_STD
+    assert torch.allclose(cifar.train[0][0], (pixels - torch.tensor(CIFAR10_MEAN).view(3, 1, 1))
+                          / torch.tensor(CIFAR10_STD).view(3, 1, 1), atol=1e-5)
 
 
 @pytest.mark.parametrize("option, value, message", [

@@ -178,7 +178,7 @@ def _validate_init_from(model: ModelConfig, where: str, has_teacher: bool) -> No
     if not has_teacher:
         raise ConfigError(f"{where}.init_from: teacher needs a 'teacher:' section to inherit from")
     if model.weights or model.pretrained:
-        raise ConfigError(f"{where}: give weights, pretrained or init_from, not two of them")
+        raise ConfigError(f"{where}: give {'weights' if model.weights else 'pretrained'} or init_from, not both")
 
 
 def validate_data(data: DataConfig) -> None:

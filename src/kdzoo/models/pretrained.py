@@ -161,4 +161,5 @@ def _new_layer(old: nn.Module, num_classes: int) -> nn.Module:
                      bias=old.bias is not None, device=device, dtype=dtype)
 
 
-__all__ = ["replace_head", "new_head_note", "check_weights_name", "timm_tagged_name", "torchvision_weights", "torchvision_pretrained", "timm_pretrained", "HEAD_PATHS"]
+__all__ = ["replace_head", "new_head_note", "check_weights_name", "timm_tagged_name", "torchvision_weights",
+           "torchvision_pretrained", "timm_pretrained", "HEAD_PATHS"]

@@ -7,9 +7,9 @@ kdzoo checkpoint (its student); a kdzoo run directory (its exported weights, els
 
 Tensor names are matched to the model's before anything is loaded: the ``module.`` of DistributedDataParallel,
 the ``_orig_mod.`` of torch.compile, the ``model.`` of Lightning-style wrappers, or any other prefix, is removed
-(or the model's own prefix added, or one replaced by the other) when that makes more names match.  A tensor whose shape
-differs is refused, naming it and both shapes; names present on one side only are loaded around and reported in
-one line; a file that shares no parameter name with the model is refused (another architecture).
+(or the model's own prefix added, or one replaced by the other) when that makes more names match.  A tensor whose
+shape differs is refused, naming it and both shapes; names present on one side only are loaded around and
+reported in one line; a file that shares no parameter name with the model is refused (another architecture).
 """
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..train.checkpoint import MAGIC, load_checkpoint, read_weights
+from ..train.trainer import CHECKPOINT
 
-RUN_WEIGHT_FILES = ("model.safetensors", "student.safetensors", "checkpoint.pt")  # looked for in a run directory
+RUN_WEIGHT_FILES = ("model.safetensors", "student.safetensors", CHECKPOINT)  # looked for in a run directory
 # Where training scripts nest the state dict inside a saved dict, in the order they are looked for.
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "student", "module", "net")
 # Prefixes wrappers add to every name: DistributedDataParallel, torch.compile, Lightning-style modules.
