@@ -26,6 +26,7 @@ from .methods import create_method
 from .models import create_model
 from .models.inherit import inherit_weights
 from .models.weights import LoadReport, fit_state_dict, read_state_dict, resolve_weights_path
+from .models.weights import WEIGHT_FILES  # noqa: F401  (kdzoo.analysis imports it from here)
 from .models.weights import load_weights as load_model_weights
 from .train import FitResult, evaluate, fit, load_checkpoint
 from .train.checkpoint import remove_stale_files
@@ -33,7 +34,6 @@ from .registry import METHODS, check_value
 from .runtime import resolve_device, seed_everything
 from .train.trainer import CHECKPOINT
 
-WEIGHT_FILES = ("model.safetensors", "student.safetensors")
 RUN_CONFIG = "config.yaml"
 
 # Config keys a resumed run may change, and what the change means.  Anything else alters the result.

@@ -26,7 +26,8 @@ from ..errors import CheckpointError
 from ..train.checkpoint import MAGIC, load_checkpoint, read_weights
 from ..train.trainer import CHECKPOINT
 
-RUN_WEIGHT_FILES = ("model.safetensors", "student.safetensors", CHECKPOINT)  # looked for in a run directory
+WEIGHT_FILES = ("model.safetensors", "student.safetensors")  # exported by kdzoo teacher / kdzoo train
+RUN_WEIGHT_FILES = WEIGHT_FILES + (CHECKPOINT,)  # looked for in a run directory, in this order
 # Where training scripts nest the state dict inside a saved dict, in the order they are looked for.
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "student", "module", "net")
 # Prefixes wrappers add to every name: DistributedDataParallel, torch.compile, Lightning-style modules.
@@ -211,4 +212,4 @@ def _first_line(err: Exception) -> str:
 
 
 __all__ = ["LoadReport", "load_weights", "read_state_dict", "fit_state_dict", "match_names", "extract_state_dict",
-           "resolve_weights_path", "RUN_WEIGHT_FILES"]
+           "resolve_weights_path", "WEIGHT_FILES", "RUN_WEIGHT_FILES"]
