@@ -76,12 +76,15 @@ def test_state_dict_nested_as_training_scripts_save_it(tmp_path, layout):
     payload = {"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 7} if layout == "state_dict" else \
         {"model": state, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3} if layout == "model" else \
         {"model_state_dict": state, "best_acc": 91.5}
+    if layout == "model":  # torchvision's reference scripts also save their arguments
+        payload["args"] = argparse.Namespace(lr=0.1, model="resnet18")
     path = tmp_path / "weights.bin"
     torch.save(payload, path)
     model = create_model("tiny:cnn", num_classes=4, width=8)
     report = load_weights(model, path)
     assert _equal_states(model, state) and report.loaded == report.total == len(state)
     assert report.renames == (["removed prefix 'model.'"] if layout == "state_dict" else [])
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()  # allowed for that load only
 
 
 def test_safetensors_from_elsewhere_and_a_kdzoo_run(tmp_path):
@@ -160,12 +163,12 @@ def test_wrong_shape_refusal_names_the_key_and_both_shapes(tmp_path, capsys):
 
 
 def test_files_that_would_run_code_or_hold_no_tensors_are_refused(tmp_path, capsys):
-    path = tmp_path / "script.pth"
-    torch.save({"model": _teacher_state(), "args": argparse.Namespace(lr=0.1)}, path)  # torchvision's references
+    path = tmp_path / "whole_model.pth"
+    torch.save(create_model("tiny:cnn", num_classes=4, width=8), path)  # the model object, not its state dict
     config = _kd_config(tmp_path, {"name": "tiny:cnn", "options": {"width": 8}, "weights": str(path)})
     assert main(["train", config]) == 2
     err = _error(capsys)
-    assert "holds Python objects besides tensors (argparse.Namespace)" in err
+    assert "holds Python objects besides tensors (kdzoo.models.tiny.TinyCNN)" in err
     assert "torch.save(model.state_dict(), 'weights.pth')" in err
     torch.save({"epoch": 3, "note": "no tensors"}, path)
     with pytest.raises(CheckpointError, match=r"holds no tensors \(keys: epoch, note;"):

@@ -13,6 +13,7 @@ reported in one line; a file that shares no parameter name with the model is ref
 """
 from __future__ import annotations
 
+import argparse
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ RUN_WEIGHT_FILES = WEIGHT_FILES + (CHECKPOINT,)  # looked for in a run directory
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "student", "module", "net")
 # Prefixes wrappers add to every name: DistributedDataParallel, torch.compile, Lightning-style modules.
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
+# Classes besides tensors and containers a weights file may hold (torch.load's weights_only refuses others).
+SAFE_CLASSES = [argparse.Namespace]
 
 
 @dataclass
@@ -92,7 +95,10 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 def _torch_file_state(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # torchvision's reference scripts save their argparse.Namespace beside the model: a bag of attributes
+        # that runs no code, allowed for this load only
+        with torch.serialization.safe_globals(SAFE_CLASSES):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         if found is None:  # not a pickle of tensors at all (a text file, another format)
