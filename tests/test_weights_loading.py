@@ -255,6 +255,28 @@ def test_torchvision_pretrained_through_the_real_weights_api(monkeypatch):
     assert ours["classifier.3.weight"].shape == (2, 1024)
 
 
+def test_a_failed_download_is_one_line_saying_where_the_file_goes(monkeypatch, tmp_path, capsys):
+    import urllib.error
+
+    import torchvision.models._api as torchvision_api
+    from torchvision.models import ResNet18_Weights
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(torchvision_api, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    config = _write(tmp_path, "t", {"model": {"name": "tv:resnet18", "pretrained": True}, "data": SYNTH,
+                                    "train": FAST})
+    assert main(["teacher", config]) == 2
+    url = ResNet18_Weights.DEFAULT.url
+    assert _error(capsys) == (
+        "kdzoo teacher: error: model: tv:resnet18: downloading its pretrained weights failed (URLError: <urlopen "
+        "error [Errno -3] Temporary failure in name resolution>); connect once, put "
+        f"{url.rsplit('/', 1)[-1]} from {url} into {tmp_path / 'torch' / 'hub'}/checkpoints, or give weights: PATH "
+        "instead of pretrained")
+
+
 def test_pretrained_errors_are_one_line(torchvision_calls, tmp_path, capsys):
     with pytest.raises(ConfigError, match="pretrained: torchvision model 'resnet18' has no weights 'IMAGENET9'; "
                                           "known: IMAGENET1K_V1, DEFAULT"):
@@ -315,6 +337,14 @@ def test_timm_pretrained_passes_pretrained_and_the_class_count(monkeypatch, caps
     assert calls[-1][0] == "resnet18.a1_in1k"
     with pytest.raises(ConfigError, match=r"timm has no weights 'resnet18.nope'; known tags: a1_in1k, a2_in1k"):
         create_model("timm:resnet18", num_classes=5, pretrained="nope")
+
+    def offline(name, pretrained=False, **kwargs):  # huggingface_hub's offline errors are OSErrors
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(CheckpointError, match=r"^timm:resnet18: downloading its pretrained weights failed \(OSError: "
+                                              r"We couldn't connect .*HF_HOME"):
+        create_model("timm:resnet18", num_classes=5, pretrained=True)
 
 
 def test_kdzoo_teacher_fine_tunes_a_pretrained_model_then_eval(torchvision_calls, tmp_path, capsys):

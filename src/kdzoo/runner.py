@@ -60,8 +60,8 @@ def build_model(cfg: ModelConfig, data: DataSplits, where: str = "model") -> nn.
     try:
         model = create_model(cfg.name, num_classes=data.num_classes, in_channels=data.in_channels,
                              pretrained=cfg.pretrained, **cfg.options)
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
+    except (ConfigError, CheckpointError) as err:  # CheckpointError: pretrained weights that did not download
+        raise type(err)(f"{where}: {err}") from None
     except TypeError as err:  # a torchvision/timm builder refusing an option: options are not checked ahead
         raise ConfigError(f"{where}.options ({cfg.name}): {err}") from None
     if cfg.weights:

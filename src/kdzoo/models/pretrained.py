@@ -14,7 +14,7 @@ from typing import Any, Union
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 
 # Where torchvision's classification families keep their classifier, tried in this order.
 HEAD_PATHS = ("fc", "classifier", "heads.head", "head")
@@ -49,12 +49,26 @@ def torchvision_pretrained(arch: str, pretrained: Union[bool, str], num_classes:
     import torchvision
 
     weights = torchvision_weights(arch, pretrained)
-    model = torchvision.models.get_model(arch, weights=weights, **options)
+    try:
+        model = torchvision.models.get_model(arch, weights=weights, **options)
+    except OSError as err:  # offline, proxy, full disk: urllib's errors are OSErrors
+        raise download_error(f"tv:{arch}", err, weights.url) from None
     classes = len(weights.meta.get("categories") or ())
     if classes != num_classes:
         replace_head(model, num_classes)
         print(new_head_note(f"tv:{arch}", classes, num_classes))
     return model
+
+
+def download_error(name: str, err: OSError, url: str = "") -> CheckpointError:
+    """One line for a pretrained download that failed: what, why, and how to do without it."""
+    import torch
+
+    reason = " ".join(str(err).split())[:160] or type(err).__name__
+    where = (f"put {url.rsplit('/', 1)[-1]} from {url} into {torch.hub.get_dir()}/checkpoints" if url else
+             "fill timm's Hugging Face cache on a connected machine (HF_HOME)")
+    return CheckpointError(f"{name}: downloading its pretrained weights failed ({type(err).__name__}: {reason}); "
+                           f"connect once, {where}, or give weights: PATH instead of pretrained")
 
 
 def new_head_note(name: str, pretrained_classes: int, num_classes: int) -> str:
@@ -70,7 +84,10 @@ def timm_pretrained(arch: str, pretrained: Union[bool, str], num_classes: int, i
 
     if isinstance(pretrained, str):
         arch = timm_tagged_name(arch, pretrained)
-    model = timm.create_model(arch, pretrained=True, num_classes=num_classes, in_chans=in_channels, **options)
+    try:
+        model = timm.create_model(arch, pretrained=True, num_classes=num_classes, in_chans=in_channels, **options)
+    except OSError as err:  # offline: huggingface_hub's and requests' errors are OSErrors
+        raise download_error(f"timm:{arch}", err) from None
     classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
     if isinstance(classes, int) and classes != num_classes:
         print(new_head_note(f"timm:{arch}", classes, num_classes))
@@ -161,5 +178,5 @@ def _new_layer(old: nn.Module, num_classes: int) -> nn.Module:
                      bias=old.bias is not None, device=device, dtype=dtype)
 
 
-__all__ = ["replace_head", "new_head_note", "check_weights_name", "timm_tagged_name", "torchvision_weights",
+__all__ = ["replace_head", "new_head_note", "download_error", "check_weights_name", "timm_tagged_name", "torchvision_weights",
            "torchvision_pretrained", "timm_pretrained", "HEAD_PATHS"]
