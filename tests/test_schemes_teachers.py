@@ -16,7 +16,7 @@ from kdzoo.errors import ConfigError
 from kdzoo.methods import create_method
 from kdzoo.methods.relation.rkd import rkd_angle_loss, rkd_distance_loss
 from kdzoo.methods.schemes.dho import DualHeadModel, choose_head_weights, combine_heads, dho_kd_loss
-from kdzoo.methods.schemes.meal_v2 import (OutputDiscriminator, discriminator_loss, ensemble_probabilities,
+from kdzoo.methods.schemes.meal_v2 import (OutputDiscriminator, output_discriminator_loss, ensemble_probabilities,
                                            soft_target_loss)
 from kdzoo.methods.schemes.ssld import ssld_loss
 from kdzoo.models import create_model
@@ -74,15 +74,15 @@ def test_meal_v2_discriminator_loss_written_out_and_adversarial_gradient_reverse
     # BCE with logits, targets [1, 0] for student rows and [0, 1] for teacher rows, mean over all entries
     bce = lambda z, y: -(y * F.logsigmoid(z) + (1 - y) * F.logsigmoid(-z))  # noqa: E731
     expected = torch.cat([bce(out_s, torch.tensor([1.0, 0.0])), bce(out_t, torch.tensor([0.0, 1.0]))]).mean()
-    joint = discriminator_loss(disc, s, t, adversarial=False)
+    joint = output_discriminator_loss(disc, s, t, adversarial=False)
     torch.testing.assert_close(joint, expected)
     (g_joint,) = torch.autograd.grad(joint, s)
-    disc_grads_joint = torch.autograd.grad(discriminator_loss(disc, s, t, adversarial=False), list(disc.parameters()))
-    adversarial = discriminator_loss(disc, s, t, adversarial=True)
+    disc_grads_joint = torch.autograd.grad(output_discriminator_loss(disc, s, t, adversarial=False), list(disc.parameters()))
+    adversarial = output_discriminator_loss(disc, s, t, adversarial=True)
     torch.testing.assert_close(adversarial, expected)  # the same value
     (g_adv,) = torch.autograd.grad(adversarial, s)
     torch.testing.assert_close(g_adv, -g_joint)  # the student is pushed to fool the discriminator
-    disc_grads_adv = torch.autograd.grad(discriminator_loss(disc, s, t, adversarial=True), list(disc.parameters()))
+    disc_grads_adv = torch.autograd.grad(output_discriminator_loss(disc, s, t, adversarial=True), list(disc.parameters()))
     for a, b in zip(disc_grads_adv, disc_grads_joint):  # the discriminator learns the same either way
         torch.testing.assert_close(a, b)
 

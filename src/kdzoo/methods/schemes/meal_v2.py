@@ -27,7 +27,7 @@ from torch import nn
 from ...registry import NonNegative, PositiveInt, register_method
 from ..base import Context, Method, Setup
 
-__all__ = ["ensemble_probabilities", "soft_target_loss", "discriminator_loss", "OutputDiscriminator", "MEALV2"]
+__all__ = ["ensemble_probabilities", "soft_target_loss", "output_discriminator_loss", "OutputDiscriminator", "MEALV2"]
 
 
 def ensemble_probabilities(teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -40,7 +40,7 @@ def soft_target_loss(student_logits: torch.Tensor, target_probs: torch.Tensor) -
     return -(target_probs.detach() * F.log_softmax(student_logits.float(), dim=1)).sum(1).mean()
 
 
-def discriminator_loss(discriminator: nn.Module, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+def output_discriminator_loss(discriminator: nn.Module, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                        adversarial: bool = True) -> torch.Tensor:
     """BCE-with-logits of `discriminator` labelling student logits [1, 0] and teacher logits [0, 1].
 
@@ -92,6 +92,6 @@ class MEALV2(Method):
         losses = {"meal_v2": self.weight * soft_target_loss(ctx.student_logits, ensemble_probabilities(teacher_logits))}
         if self.discriminator_weight:
             mean_logits = torch.stack([t.float() for t in teacher_logits]).mean(0)
-            losses["meal_v2_disc"] = self.discriminator_weight * discriminator_loss(
+            losses["meal_v2_disc"] = self.discriminator_weight * output_discriminator_loss(
                 self.discriminator, ctx.student_logits, mean_logits, self.adversarial)
         return losses
