@@ -16,7 +16,7 @@ from kdzoo.errors import ConfigError
 from kdzoo.methods import create_method
 from kdzoo.methods.relation.rkd import rkd_angle_loss, rkd_distance_loss
 from kdzoo.methods.schemes.dho import DualHeadModel, choose_head_weights, combine_heads, dho_kd_loss
-from kdzoo.methods.schemes.meal_v2 import (OutputDiscriminator, output_discriminator_loss, ensemble_probabilities,
+from kdzoo.methods.schemes.meal_v2 import (OutputDiscriminator, ensemble_probabilities, output_discriminator_loss,
                                            soft_target_loss)
 from kdzoo.methods.schemes.ssld import ssld_loss
 from kdzoo.models import create_model
@@ -77,12 +77,13 @@ def test_meal_v2_discriminator_loss_written_out_and_adversarial_gradient_reverse
     joint = output_discriminator_loss(disc, s, t, adversarial=False)
     torch.testing.assert_close(joint, expected)
     (g_joint,) = torch.autograd.grad(joint, s)
-    disc_grads_joint = torch.autograd.grad(output_discriminator_loss(disc, s, t, adversarial=False), list(disc.parameters()))
+    params = list(disc.parameters())
+    disc_grads_joint = torch.autograd.grad(output_discriminator_loss(disc, s, t, adversarial=False), params)
     adversarial = output_discriminator_loss(disc, s, t, adversarial=True)
     torch.testing.assert_close(adversarial, expected)  # the same value
     (g_adv,) = torch.autograd.grad(adversarial, s)
     torch.testing.assert_close(g_adv, -g_joint)  # the student is pushed to fool the discriminator
-    disc_grads_adv = torch.autograd.grad(output_discriminator_loss(disc, s, t, adversarial=True), list(disc.parameters()))
+    disc_grads_adv = torch.autograd.grad(output_discriminator_loss(disc, s, t, adversarial=True), params)
     for a, b in zip(disc_grads_adv, disc_grads_joint):  # the discriminator learns the same either way
         torch.testing.assert_close(a, b)
 
@@ -198,6 +199,21 @@ def test_two_teachers_through_the_trainer_run_once_per_step():
     fit(distiller, data, cfg, verbose=False)
     steps = 48 // 16
     assert {n: c.count for n, c in counters.items()} == {"cnn": steps, "vit": steps}
+
+
+def test_teacher_cache_serves_the_first_teacher_and_the_others_run_live():
+    """train.cache_teacher_outputs with two teachers: the TeacherFeed caches the first (read from the cache after
+    one epoch), the distiller runs the second itself once per step."""
+    data = build_dataset("synthetic", num_classes=4, image_size=16, train_size=32, test_size=16)
+    teachers = two_teachers()
+    kd_cnn, kd_vit = create_method("kd"), create_method("kd")
+    kd_cnn.teacher_name, kd_vit.teacher_name = "cnn", "vit"
+    distiller = Distiller(model(), methods=[kd_cnn, kd_vit], example_input=input_example(data), teachers=teachers)
+    counters = {name: ForwardCounter(t) for name, t in teachers.items()}
+    result = fit(distiller, data, train_config(epochs=2, cache_teacher_outputs=True), verbose=False)
+    steps = 32 // 16
+    assert {n: c.count for n, c in counters.items()} == {"cnn": steps, "vit": 2 * steps}
+    assert math.isfinite(result.history[-1]["train_loss"])
 
 
 def test_teacher_names_are_checked():
@@ -324,10 +340,11 @@ def test_dho_evaluates_the_combined_heads_and_exports_them_apart(tmp_path):
 
 SYNTHETIC = {"name": "synthetic", "options": {"num_classes": 4, "image_size": 16, "train_size": 48, "test_size": 16}}
 TRAIN = {"epochs": 1, "batch_size": 16, "lr": 0.05, "device": "cpu", "progress": False}
+TWO_TEACHERS = {"cnn": {"name": "tiny:cnn", "options": {"width": 8}},
+                "vit": {"name": "vit:nano", "options": {"image_size": 16}}}
 SCHEMES = {
-    "meal_v2": {"teachers": {"cnn": {"name": "tiny:cnn", "options": {"width": 8}}, "vit": {"name": "vit:nano", "options": {"image_size": 16}}},
-                "methods": ["meal_v2"]},
-    "hybrid": {"teachers": {"cnn": {"name": "tiny:cnn", "options": {"width": 8}}, "vit": {"name": "vit:nano", "options": {"image_size": 16}}},
+    "meal_v2": {"teachers": TWO_TEACHERS, "methods": ["meal_v2"]},
+    "hybrid": {"teachers": TWO_TEACHERS,
                "methods": [{"name": "rkd", "teacher": "cnn"}, {"name": "kd", "teacher": "vit"}]},
     "dho": {"teacher": {"name": "tiny:cnn", "options": {"width": 8}}, "methods": ["dho"],
             "data": {**SYNTHETIC, "labelled_fraction": 0.25, "held_out_fraction": 0.25}},

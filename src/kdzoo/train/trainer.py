@@ -457,8 +457,9 @@ class Trainer:
         row.update({f"loss_{key}": value for key, value in reading.terms.items()})
         improved = False
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            run.last = evaluate(evaluation_model(run.distiller), self.data.test, batch_size=max(cfg.batch_size, 256), device=self.device,
-                                amp=cfg.amp, num_workers=cfg.num_workers, channels_last=cfg.channels_last)
+            run.last = evaluate(evaluation_model(run.distiller), self.data.test, batch_size=max(cfg.batch_size, 256),
+                                device=self.device, amp=cfg.amp, num_workers=cfg.num_workers,
+                                channels_last=cfg.channels_last)
             if run.last["top1"] > run.best:
                 run.best, run.best_epoch, improved = run.last["top1"], epoch + 1, True
             row.update({"test_top1": run.last["top1"], "test_top5": run.last["top5"], "test_loss": run.last["loss"]})

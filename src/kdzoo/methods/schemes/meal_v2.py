@@ -27,7 +27,8 @@ from torch import nn
 from ...registry import NonNegative, PositiveInt, register_method
 from ..base import Context, Method, Setup
 
-__all__ = ["ensemble_probabilities", "soft_target_loss", "output_discriminator_loss", "OutputDiscriminator", "MEALV2"]
+__all__ = ["ensemble_probabilities", "soft_target_loss", "output_discriminator_loss", "OutputDiscriminator",
+           "MEALV2"]
 
 
 def ensemble_probabilities(teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -41,7 +42,7 @@ def soft_target_loss(student_logits: torch.Tensor, target_probs: torch.Tensor) -
 
 
 def output_discriminator_loss(discriminator: nn.Module, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                       adversarial: bool = True) -> torch.Tensor:
+                              adversarial: bool = True) -> torch.Tensor:
     """BCE-with-logits of `discriminator` labelling student logits [1, 0] and teacher logits [0, 1].
 
     With `adversarial`, the student receives the reversed gradient (its input is 2*s.detach() - s: the same
