@@ -1,6 +1,6 @@
 """The issue-12 schemes beyond one teacher and one labelled set, beside KD and the plain student, on digits.
 
-    PYTHONPATH=src python benchmarks/schemes_teachers.py --threads 1          # 3 seeds: a few minutes on a CPU
+    PYTHONPATH=src python benchmarks/schemes_teachers.py --threads 1          # 3 seeds: about 11 min on one CPU thread
     PYTHONPATH=src python benchmarks/schemes_teachers.py --seeds 5 --epochs 40 --json out.json
 
 scikit-learn's digits (8x8 real images).  Two teachers learn from the whole labelled training split (seed 100):

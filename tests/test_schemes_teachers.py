@@ -247,6 +247,17 @@ def test_withhold_labels_fractions_and_held_out_disjoint():
     assert not any(tuple(img.flatten().tolist()) in train_rows for img in semi.held_out.images)
 
 
+@pytest.mark.parametrize("key,value", [("labelled_fraction", 0.0), ("labelled_fraction", 1.5),
+                                       ("held_out_fraction", 1.0), ("held_out_fraction", -0.1)])
+def test_label_fractions_out_of_range_name_the_key(key, value):
+    raw = {"student": {"name": "tiny:cnn"}, "data": {"name": "synthetic", key: value}}
+    with pytest.raises(ConfigError, match=rf"^data\.{key}: must be"):
+        from_dict(RunConfig, raw).validate()
+    data = build_dataset("synthetic", num_classes=4, image_size=8, train_size=8, test_size=4)
+    with pytest.raises(ConfigError, match=rf"^data\.{key}: must be"):
+        withhold_labels(data, **{"labelled_fraction": 0.5, "held_out_fraction": 0.0, key: value})
+
+
 def test_labels_of_unlabelled_samples_reach_no_loss():
     """Change the true labels of the samples that end up unlabelled: the training data, and so every loss and
     the trained weights, stay identical (DHO: CE on labelled, KD head on all)."""

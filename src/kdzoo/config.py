@@ -200,13 +200,11 @@ def _validate_init_from(model: ModelConfig, where: str, has_teacher: bool) -> No
 
 def validate_data(data: DataConfig) -> None:
     from .data.datasets import DATASETS
+    from .data.semi import check_label_fractions
 
     entry = _lookup(DATASETS, data.name, "data.name")
     data.options = entry.check(data.options, "data.options", data.name)
-    if not 0 < data.labelled_fraction <= 1:
-        raise ConfigError(f"data.labelled_fraction: must be > 0 and <= 1, got {data.labelled_fraction}")
-    if not 0 <= data.held_out_fraction < 1:
-        raise ConfigError(f"data.held_out_fraction: must be >= 0 and < 1, got {data.held_out_fraction}")
+    check_label_fractions(data.labelled_fraction, data.held_out_fraction)
 
 
 def _lookup(registry, name: str, where: str):

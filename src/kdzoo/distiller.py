@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data.semi import UNLABELLED
 from .errors import ConfigError
 from .methods.base import Context, Method, Setup
 from .taps import Layout, Taps, discover_layout, probe
@@ -270,9 +271,6 @@ class Distiller(nn.Module):
             for key, value in method(self._view(ctx, method)).items():
                 losses[key if key not in losses else f"{name}.{key}"] = value
         return DistillOutput(ctx.student_logits, losses)
-
-
-UNLABELLED = -1  # the label of a sample whose label is withheld (semi-supervised and label-free training)
 
 
 def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -25,10 +25,7 @@ def withhold_labels(splits: DataSplits, labelled_fraction: float, held_out_fract
     """`splits` whose training set keeps the labels of `labelled_fraction` of its samples (at least one) and
     marks the others -1; `held_out_fraction` of the labelled samples (rounded, at least one left to train on)
     leave the training set for `DataSplits.held_out`."""
-    if not 0 < labelled_fraction <= 1:
-        raise ConfigError(f"data.labelled_fraction: must be > 0 and <= 1, got {labelled_fraction}")
-    if not 0 <= held_out_fraction < 1:
-        raise ConfigError(f"data.held_out_fraction: must be >= 0 and < 1, got {held_out_fraction}")
+    check_label_fractions(labelled_fraction, held_out_fraction)
     train = splits.train
     if not isinstance(train, (TensorData, UInt8Images)):
         raise ConfigError(f"data.labelled_fraction: {splits.name}'s training set ({type(train).__name__}) is not held "
@@ -48,6 +45,14 @@ def withhold_labels(splits: DataSplits, labelled_fraction: float, held_out_fract
     return replace(splits, train=train_part, held_out=held)
 
 
+def check_label_fractions(labelled_fraction: float, held_out_fraction: float) -> None:
+    """A one-line error naming the config key of a fraction out of range."""
+    if not 0 < labelled_fraction <= 1:
+        raise ConfigError(f"data.labelled_fraction: must be > 0 and <= 1, got {labelled_fraction}")
+    if not 0 <= held_out_fraction < 1:
+        raise ConfigError(f"data.held_out_fraction: must be >= 0 and < 1, got {held_out_fraction}")
+
+
 def labelled_count(dataset: Dataset) -> int:
     """How many samples of an in-memory dataset carry a label."""
     return int((torch.as_tensor(dataset.labels) != UNLABELLED).sum())
@@ -60,4 +65,4 @@ def _subset(dataset, index: torch.Tensor, labels: torch.Tensor):
                        dataset.resident)
 
 
-__all__ = ["withhold_labels", "labelled_count", "UNLABELLED"]
+__all__ = ["withhold_labels", "labelled_count", "check_label_fractions", "UNLABELLED"]

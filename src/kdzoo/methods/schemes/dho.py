@@ -30,7 +30,7 @@ from ...taps import Taps
 from ..base import Context, Method, Setup
 from ..logit.kd import kd_loss
 
-__all__ = ["dho_kd_loss", "combine_heads", "choose_head_weights", "DualHeadModel", "DHO"]
+__all__ = ["dho_kd_loss", "combined_probabilities", "combine_heads", "choose_head_weights", "DualHeadModel", "DHO"]
 
 ALPHAS = tuple(round(0.05 * i, 2) for i in range(21))
 BETAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0)
@@ -41,10 +41,15 @@ def dho_kd_loss(kd_head_logits: torch.Tensor, teacher_logits: torch.Tensor, temp
     return kd_loss(kd_head_logits, teacher_logits, temperature)
 
 
+def combined_probabilities(ce_logits: torch.Tensor, kd_logits: torch.Tensor, alpha, beta) -> torch.Tensor:
+    """(1 - alpha) softmax(ce) + alpha softmax(kd / beta)."""
+    return (1 - alpha) * F.softmax(ce_logits.float(), dim=1) + alpha * F.softmax(kd_logits.float() / beta, dim=1)
+
+
 def combine_heads(ce_logits: torch.Tensor, kd_logits: torch.Tensor, alpha, beta) -> torch.Tensor:
-    """Log of the combined probabilities (1 - alpha) softmax(ce) + alpha softmax(kd / beta) (log so that it
-    reads as logits: arg-max and cross-entropy as the probabilities)."""
-    probs = (1 - alpha) * F.softmax(ce_logits.float(), dim=1) + alpha * F.softmax(kd_logits.float() / beta, dim=1)
+    """Log of the combined probabilities (log so that it reads as logits: arg-max and cross-entropy as the
+    probabilities)."""
+    probs = combined_probabilities(ce_logits, kd_logits, alpha, beta)
     return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
 
@@ -55,8 +60,8 @@ def choose_head_weights(ce_logits: torch.Tensor, kd_logits: torch.Tensor, labels
     best = (0.0, 1.0, -1.0)
     for beta in betas:
         for alpha in alphas:
-            combined = (1 - alpha) * F.softmax(ce_logits.float(), 1) + alpha * F.softmax(kd_logits.float() / beta, 1)
-            accuracy = 100.0 * (combined.argmax(1) == labels).float().mean().item()
+            predicted = combined_probabilities(ce_logits, kd_logits, alpha, beta).argmax(1)
+            accuracy = 100.0 * (predicted == labels).float().mean().item()
             if accuracy > best[2]:
                 best = (alpha, beta, accuracy)
     return best
