@@ -97,12 +97,19 @@ class ModelConfig:
 class DataConfig:
     name: str = "digits"
     options: dict[str, Any] = field(default_factory=dict)
+    # semi-supervised and label-free training (any dataset): a fraction of the training samples keeps its
+    # label, the rest is marked unlabelled (label -1); `held_out_fraction` of the labelled ones leaves training
+    # as held-out data for choosing evaluation-time weights.  Drawn with `label_seed`.
+    labelled_fraction: float = 1.0
+    held_out_fraction: float = 0.0
+    label_seed: int = 0
 
 
 @dataclass
 class MethodConfig:
     name: str
     options: dict[str, Any] = field(default_factory=dict)
+    teacher: Optional[str] = None  # which named teacher the method reads (RunConfig.teachers); None: the first
 
 
 @dataclass
@@ -111,6 +118,9 @@ class RunConfig:
 
     student: ModelConfig
     teacher: Optional[ModelConfig] = None
+    # more teachers by name, each read by the methods whose `teacher:` key names it (`teacher:` above is named
+    # "teacher"); the first of all is the default
+    teachers: dict[str, ModelConfig] = field(default_factory=dict)
     methods: list[MethodConfig] = field(default_factory=list)
     ce_weight: Optional[float] = None  # None: the first method's published weight
     data: DataConfig = field(default_factory=DataConfig)
@@ -128,14 +138,30 @@ class RunConfig:
         _validate_init_from(self.student, "student", self.teacher is not None)
         if self.teacher is not None and self.teacher.init_from is not None:
             raise ConfigError("teacher.init_from: only the student can inherit weights (student.init_from: teacher)")
+        names = self.teacher_names()
+        for name, teacher in self.teachers.items():
+            if not isinstance(name, str) or not name or "." in name or name == "teacher":
+                raise ConfigError(f"teachers.{name}: a teacher's name is a non-empty string without '.', other "
+                                  "than 'teacher' (the name of the 'teacher:' section)")
+            _validate_model(teacher, f"teachers.{name}")
+            if teacher.init_from is not None:
+                raise ConfigError(f"teachers.{name}.init_from: only the student can inherit weights")
         if self.ce_weight is not None and self.ce_weight < 0:
             raise ConfigError(f"ce_weight: must be >= 0, got {self.ce_weight}")
         for i, method in enumerate(self.methods):
             entry = _lookup(METHODS, method.name, f"methods[{i}].name")
             method.options = entry.check(method.options, f"methods[{i}]", method.name)
-            if entry.obj.needs_teacher and self.teacher is None:
+            if entry.obj.needs_teacher and not names:
                 raise ConfigError(f"methods[{i}] ({method.name}) needs a teacher: add a 'teacher:' section")
+            if method.teacher is not None and method.teacher not in names:
+                raise ConfigError(f"methods[{i}].teacher ({method.name}): {method.teacher!r} is not one of the "
+                                  f"teachers ({', '.join(names) or 'none'})")
         validate_data(self.data)
+
+    def teacher_names(self) -> list[str]:
+        """Every teacher's name, the default first: 'teacher' for the 'teacher:' section, then `teachers`."""
+        return (["teacher"] if self.teacher is not None else []) + list(self.teachers)
+
 
 
 @dataclass
@@ -183,9 +209,11 @@ def _validate_init_from(model: ModelConfig, where: str, has_teacher: bool) -> No
 
 def validate_data(data: DataConfig) -> None:
     from .data.datasets import DATASETS
+    from .data.semi import check_label_fractions
 
     entry = _lookup(DATASETS, data.name, "data.name")
     data.options = entry.check(data.options, "data.options", data.name)
+    check_label_fractions(data.labelled_fraction, data.held_out_fraction)
 
 
 def _lookup(registry, name: str, where: str):
@@ -243,6 +271,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             return {}
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {_describe(value)}")
+        if len(args) == 2 and dataclasses.is_dataclass(args[1]):  # e.g. teachers by name
+            return {k: _convert(args[1], v, _join(where, k)) for k, v in value.items()}
         return dict(value)
     if tp is Any:
         return value
@@ -278,13 +308,16 @@ def _method(value: Any, where: str) -> MethodConfig:
         return MethodConfig(value)
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         raise ConfigError(f"{where}: expected a method name or a mapping with 'name', got {_describe(value)}")
-    options = {k: v for k, v in value.items() if k != "name"}
-    return MethodConfig(value["name"], options)
+    teacher = value.get("teacher")
+    if teacher is not None and not isinstance(teacher, str):
+        raise ConfigError(f"{where}.teacher: expected a teacher's name, got {_describe(teacher)}")
+    options = {k: v for k, v in value.items() if k not in ("name", "teacher")}
+    return MethodConfig(value["name"], options, teacher)
 
 
 def to_dict(obj: Any) -> Any:
     if isinstance(obj, MethodConfig):
-        return {"name": obj.name, **obj.options}
+        return {"name": obj.name, **({"teacher": obj.teacher} if obj.teacher is not None else {}), **obj.options}
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):

@@ -1,13 +1,15 @@
 """Distiller: a frozen teacher teaches a student through any list of methods, on unmodified models."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data.semi import UNLABELLED
 from .errors import ConfigError
 from .methods.base import Context, Method, Setup
 from .taps import Layout, Taps, discover_layout, probe
@@ -29,56 +31,98 @@ class Distiller(nn.Module):
 
     It knows no method by name.  `example_input` (one batch or a single sample) is used once to
     discover layouts and feature shapes so methods can build their adapters before training.
+
+    Several teachers: `teachers={"vit": m1, "cnn": m2}` (or `teacher` as such a mapping).  Each method reads the
+    teacher its `teacher_name` names (default: the first, which is `self.teacher`); methods with
+    `reads_all_teachers` get every teacher's logits in `Context.teacher_logits_by_name`.  Each teacher that some
+    method reads runs once per batch, however many methods read it.
+
+    Labels of -1 mark unlabelled samples: the cross-entropy term ignores them (zero for a batch with none).
     """
 
-    def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None, methods: Sequence[Method] = (),
-                 example_input: Optional[torch.Tensor] = None, ce_weight: Optional[float] = None,
-                 num_samples: Optional[int] = None, train_labels: Optional[torch.Tensor] = None,
-                 train_data=None, cache_dir=None):
+    def __init__(self, student: nn.Module, teacher: Union[nn.Module, Mapping[str, nn.Module], None] = None,
+                 methods: Sequence[Method] = (), example_input: Optional[torch.Tensor] = None,
+                 ce_weight: Optional[float] = None, num_samples: Optional[int] = None,
+                 train_labels: Optional[torch.Tensor] = None, train_data=None, cache_dir=None,
+                 teachers: Optional[Mapping[str, nn.Module]] = None, held_out_data=None):
         super().__init__()
+        named = _named_teachers(teacher, teachers)
+        names = list(named)
         self.student = student
-        self.teacher = teacher
+        self.teacher = named[names[0]] if names else None  # the first teacher: read by default, fed by TeacherFeed
+        self.teacher_name = names[0] if names else None
+        self.other_teachers = nn.ModuleDict({n: named[n] for n in names[1:]})
         self.methods = nn.ModuleDict(_unique_names(methods))
-        if teacher is not None:
-            teacher.requires_grad_(False)
-            teacher.eval()
-        elif any(m.needs_teacher for m in self.methods.values()):
+        for module in named.values():
+            module.requires_grad_(False)
+            module.eval()
+        if not named and any(m.needs_teacher for m in self.methods.values()):
             raise ConfigError("a method needs a teacher, but none was given")
+        for key, method in self.methods.items():
+            if method.teacher_name is not None and method.teacher_name not in named:
+                raise ConfigError(f"method {key}: teacher {method.teacher_name!r} is not one of the teachers "
+                                  f"({', '.join(names) or 'none'})")
+            if method.reads_all_teachers and method.teacher_taps:
+                raise ConfigError(f"method {key} reads every teacher's logits, so it cannot tap teacher features")
         self.ce_weight = ce_weight if ce_weight is not None else _default_ce_weight(methods)
 
         self._student_paths: dict[str, str] = {}  # tap spec -> module tap
-        self._teacher_paths: dict[str, str] = {}
+        self._teacher_paths_by_name: dict[str, dict[str, str]] = {n: {} for n in names}
+        self._teacher_paths: dict[str, str] = self._teacher_paths_by_name.get(self.teacher_name, {})
         needs_layout = any(m.student_taps or m.teacher_taps or type(m).choose_taps is not Method.choose_taps
                            for m in self.methods.values())
         if needs_layout or (len(self.methods) and example_input is not None):  # every method gets its build()
             if example_input is None:
                 raise ConfigError("feature methods need example_input to find layers and shapes")
-            self._wire_taps(example_input, num_samples, train_labels, train_data, cache_dir)
+            self._wire_taps(example_input, num_samples, train_labels, train_data, cache_dir, held_out_data)
         self._student_taps: Optional[Taps] = None  # hooks, registered by the first forward, removed by close()
         self._teacher_taps: Optional[Taps] = None
+        self._other_teacher_taps: dict[str, Taps] = {}
+
+    @property
+    def teachers(self) -> dict[str, nn.Module]:
+        """Every teacher by name, the first (`self.teacher`) first."""
+        first = {self.teacher_name: self.teacher} if self.teacher is not None else {}
+        return {**first, **dict(self.other_teachers.items())}
+
+    def method_teacher(self, method: Method) -> Optional[str]:
+        """The name of the teacher `method` reads (None without teachers)."""
+        return method.teacher_name if method.teacher_name is not None else self.teacher_name
+
+    def _reads(self, name: str) -> bool:
+        return any(m.needs_teacher and (m.reads_all_teachers or self.method_teacher(m) == name)
+                   for m in self.methods.values())
 
     def _wire_taps(self, example: torch.Tensor, num_samples: Optional[int],
-                   train_labels: Optional[torch.Tensor], train_data, cache_dir) -> None:
+                   train_labels: Optional[torch.Tensor], train_data, cache_dir, held_out_data) -> None:
         example = example[:2] if example.dim() == 4 else example.unsqueeze(0)
         example = torch.cat([example, example]) if len(example) == 1 else example  # BN needs 2 in train
         s_layout = discover_layout(self.student, example)
-        t_layout = discover_layout(self.teacher, example) if self.teacher is not None else Layout([], "")
-        self.layouts = {"student": s_layout, "teacher": t_layout}
+        teachers = self.teachers
+        t_layouts = {n: discover_layout(t, example) for n, t in teachers.items() if self._reads(n)}
+        t_layout = t_layouts.get(self.teacher_name, Layout([], ""))
+        self.layouts = {"student": s_layout, "teacher": t_layout,
+                        **{f"teacher:{n}": layout for n, layout in t_layouts.items()}}
         for method in self.methods.values():
-            method.choose_taps(s_layout, t_layout)
+            name = self.method_teacher(method)
+            layout = t_layouts.get(name, Layout([], "")) if name is not None else Layout([], "")
+            method.choose_taps(s_layout, layout)
             for spec in method.student_taps:
                 self._student_paths[spec] = s_layout.resolve(spec)
             for spec in method.teacher_taps:
-                self._teacher_paths[spec] = t_layout.resolve(spec)
+                self._teacher_paths_by_name.setdefault(name, {})[spec] = layout.resolve(spec)
         s_feats, logits = probe(self.student, example, self._student_paths.values())
-        t_feats = probe(self.teacher, example, self._teacher_paths.values())[0] if self._teacher_paths else {}
-        setup = Setup({spec: s_feats[path].shape for spec, path in self._student_paths.items()},
-                      {spec: t_feats[path].shape for spec, path in self._teacher_paths.items()},
-                      num_classes=logits.shape[1], num_samples=num_samples, train_labels=train_labels,
-                      student=self.student, teacher=self.teacher, student_paths=dict(self._student_paths),
-                      teacher_paths=dict(self._teacher_paths), example_input=example,
-                      train_data=train_data, cache_dir=cache_dir)
+        t_feats = {n: probe(teachers[n], example, paths.values())[0] if paths else {}
+                   for n, paths in self._teacher_paths_by_name.items()}
         for method in self.methods.values():
+            name = self.method_teacher(method)
+            paths = self._teacher_paths_by_name.get(name, {})
+            setup = Setup({spec: s_feats[path].shape for spec, path in self._student_paths.items()},
+                          {spec: t_feats[name][path].shape for spec, path in paths.items()},
+                          num_classes=logits.shape[1], num_samples=num_samples, train_labels=train_labels,
+                          student=self.student, teacher=teachers.get(name), student_paths=dict(self._student_paths),
+                          teacher_paths=dict(paths), example_input=example,
+                          train_data=train_data, cache_dir=cache_dir, held_out_data=held_out_data)
             method.build(setup)
 
     @property
@@ -94,12 +138,25 @@ class Distiller(nn.Module):
     @property
     def teacher_batch_statistics(self) -> bool:
         """Whether the teacher runs with batch-statistics BatchNorm, as some methods' references do (OFD)."""
-        return any(m.teacher_train_mode for m in self.methods.values())
+        return self._batch_statistics(self.teacher_name)
+
+    def _batch_statistics(self, name: Optional[str]) -> bool:
+        return any(m.teacher_train_mode for m in self.methods.values()
+                   if m.reads_all_teachers or self.method_teacher(m) == name)
 
     @property
     def needs_teacher(self) -> bool:
-        """Whether a forward reads the teacher's outputs (a teacher is set and some method uses it)."""
-        return self.teacher is not None and any(m.needs_teacher for m in self.methods.values())
+        """Whether a forward reads the (first) teacher's outputs (a teacher is set and some method uses it)."""
+        return self.teacher is not None and self._reads(self.teacher_name)
+
+    def evaluation_model(self) -> nn.Module:
+        """The model evaluation scores: a method's `evaluation_model` (the student with a head it trained),
+        else the student itself."""
+        for method in self.methods.values():
+            model = method.evaluation_model(self.student)
+            if model is not None:
+                return model
+        return self.student
 
     # ------------------------------------------------------------------ hooks
 
@@ -112,10 +169,11 @@ class Distiller(nn.Module):
     def close(self) -> None:
         """Remove every forward hook this distiller put on the student and the teacher.  The distiller stays
         usable: the next forward registers them again."""
-        for taps in (self._student_taps, self._teacher_taps):
+        for taps in (self._student_taps, self._teacher_taps, *self._other_teacher_taps.values()):
             if taps is not None:
                 taps.remove()
         self._student_taps = self._teacher_taps = None
+        self._other_teacher_taps = {}
 
     def __enter__(self) -> "Distiller":
         return self.open()
@@ -127,8 +185,8 @@ class Distiller(nn.Module):
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # BN statistics and dropout of the teacher never change
+        for teacher in self.teachers.values():
+            teacher.eval()  # BN statistics and dropout of the teachers never change
         return self
 
     def trainable_parameters(self):
@@ -136,32 +194,48 @@ class Distiller(nn.Module):
         yield from self.student.parameters()
         yield from self.methods.parameters()
 
-    def run_teacher(self, images: torch.Tensor) -> TeacherOutputs:
-        """The teacher's logits and every tapped teacher feature for one batch (eval mode, no_grad)."""
+    def run_teacher(self, images: torch.Tensor, name: Optional[str] = None) -> TeacherOutputs:
+        """A teacher's (default: the first's) logits and every tapped feature of it for one batch (eval mode,
+        no_grad)."""
         if self.teacher is None:
             raise ConfigError("this distiller has no teacher")
-        if self._teacher_taps is None:
-            self._teacher_taps = Taps(self.teacher, self._teacher_paths.values())
+        name = self.teacher_name if name is None else name
+        if name == self.teacher_name:
+            if self._teacher_taps is None:
+                self._teacher_taps = Taps(self.teacher, self._teacher_paths.values())
+            taps, teacher = self._teacher_taps, self.teacher
+        else:
+            teacher = self.other_teachers[name]
+            if name not in self._other_teacher_taps:
+                self._other_teacher_taps[name] = Taps(teacher, self._teacher_paths_by_name[name].values())
+            taps = self._other_teacher_taps[name]
         # the references switch the teacher's BatchNorm to batch statistics in training alone; evaluation is eval
-        return teacher_forward(self.teacher, images, self._teacher_taps, self.training and self.teacher_batch_statistics)
+        return teacher_forward(teacher, images, taps, self.training and self._batch_statistics(name))
 
     def context(self, images: torch.Tensor, labels: torch.Tensor, index: Optional[torch.Tensor] = None,
-                epoch: float | torch.Tensor = 0.0, teacher_outputs: Optional[TeacherOutputs] = None,
-                student_logits: Optional[torch.Tensor] = None) -> Context:
-        """Run the teacher (no_grad) and the student on one batch and collect every tap.
+                epoch: float | torch.Tensor = 0.0,
+                teacher_outputs: Union[TeacherOutputs, Mapping[str, TeacherOutputs], None] = None,
+                student_logits: Optional[torch.Tensor] = None, method: Optional[Method] = None) -> Context:
+        """Run the teachers (no_grad) and the student on one batch and collect every tap.
 
         `teacher_outputs` (logits and features by module tap, e.g. from a shared forward or a cache) stand in
-        for the teacher's forward; `student_logits` (from a forward run elsewhere, e.g. several students
-        stacked) for the student's, which only methods that read no student feature allow.  `epoch` is the
-        fractional epoch; it reaches methods as a 0-d tensor so a compiled step never specialises on it."""
+        for the first teacher's forward (a mapping by name: for those teachers'); `student_logits` (from a
+        forward run elsewhere, e.g. several students stacked) for the student's, which only methods that read no
+        student feature allow.  `epoch` is the fractional epoch; it reaches methods as a 0-d tensor so a
+        compiled step never specialises on it.  `method`: the view that method reads (its own teacher's
+        logits and features); default the first teacher's."""
         epoch = torch.as_tensor(epoch, dtype=torch.float32, device=images.device)
-        teacher_logits = None
-        teacher_feats: dict[str, torch.Tensor] = {}
-        if self.needs_teacher:
-            if teacher_outputs is None:
-                teacher_outputs = self.run_teacher(images)
-            teacher_logits = teacher_outputs.logits
-            teacher_feats = {spec: teacher_outputs.feature(path) for spec, path in self._teacher_paths.items()}
+        given = dict(teacher_outputs) if isinstance(teacher_outputs, Mapping) else (
+            {self.teacher_name: teacher_outputs} if teacher_outputs is not None else {})
+        outputs: dict[str, TeacherOutputs] = {}
+        for name in self.teachers:
+            if self._reads(name):  # each teacher read by any method runs once for the batch
+                outputs[name] = given[name] if given.get(name) is not None else self.run_teacher(images, name)
+        logits_by_name = {name: out.logits for name, out in outputs.items()}
+        feats_by_name = {name: {spec: out.feature(path) for spec, path in self._teacher_paths_by_name[name].items()}
+                         for name, out in outputs.items()}
+        teacher_logits = logits_by_name.get(self.teacher_name)
+        teacher_feats = feats_by_name.get(self.teacher_name, {})
         if student_logits is None:
             self.open()
             student_logits = self.student(images)
@@ -172,20 +246,39 @@ class Distiller(nn.Module):
                               f"({', '.join(self._student_paths)}): run the student through the distiller")
         else:
             student_feats = {}
-        return Context(student_logits, teacher_logits, labels, student_feats, teacher_feats, index, epoch)
+        ctx = Context(student_logits, teacher_logits, labels, student_feats, teacher_feats, index, epoch,
+                      logits_by_name, feats_by_name)
+        return self._view(ctx, method) if method is not None else ctx
+
+    def _view(self, ctx: Context, method: Method) -> Context:
+        """`ctx` as `method` reads it: its own teacher's logits and features."""
+        name = self.method_teacher(method)
+        if name == self.teacher_name or name not in ctx.teacher_logits_by_name:
+            return ctx
+        return dataclasses.replace(ctx, teacher_logits=ctx.teacher_logits_by_name[name],
+                                   teacher=ctx.teacher_features_by_name.get(name, {}))
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, index: Optional[torch.Tensor] = None,
-                epoch: float | torch.Tensor = 0.0, teacher_outputs: Optional[TeacherOutputs] = None,
+                epoch: float | torch.Tensor = 0.0,
+                teacher_outputs: Union[TeacherOutputs, Mapping[str, TeacherOutputs], None] = None,
                 student_logits: Optional[torch.Tensor] = None) -> DistillOutput:
         """The student's logits and the named, weighted losses of one batch (see `context`)."""
         ctx = self.context(images, labels, index, epoch, teacher_outputs, student_logits)
         losses = {}
         if self.ce_weight:
-            losses["ce"] = self.ce_weight * F.cross_entropy(ctx.student_logits, labels)
+            losses["ce"] = self.ce_weight * labelled_cross_entropy(ctx.student_logits, labels)
         for name, method in self.methods.items():
-            for key, value in method(ctx).items():
+            for key, value in method(self._view(ctx, method)).items():
                 losses[key if key not in losses else f"{name}.{key}"] = value
         return DistillOutput(ctx.student_logits, losses)
+
+
+def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the labelled samples alone (labels of -1 are skipped); 0 for a batch
+    without any.  Equals `F.cross_entropy` when every sample is labelled."""
+    labelled = (labels != UNLABELLED).sum()
+    total = F.cross_entropy(logits, labels, ignore_index=UNLABELLED, reduction="sum")
+    return total / labelled.clamp(min=1)
 
 
 @dataclass
@@ -232,6 +325,24 @@ def _unique_names(methods: Sequence[Method]) -> dict[str, Method]:
             k += 1
             name = f"{base}{k}"
         named[name] = method
+    return named
+
+
+def _named_teachers(teacher, teachers: Optional[Mapping[str, nn.Module]]) -> dict[str, nn.Module]:
+    """One name -> module mapping from `teacher` (a module or a mapping) and `teachers`."""
+    if isinstance(teacher, Mapping):
+        if teachers:
+            raise ConfigError("give the teachers either as `teacher` (a mapping) or as `teachers`, not both")
+        teacher, teachers = None, teacher
+    named = {"teacher": teacher} if teacher is not None else {}
+    for name, module in (teachers or {}).items():
+        if not isinstance(name, str) or not name or "." in name:
+            raise ConfigError(f"teachers: {name!r} is not a usable teacher name (a non-empty string without '.')")
+        if name in named:
+            raise ConfigError(f"teachers: the name {name!r} is given twice")
+        if not isinstance(module, nn.Module):
+            raise ConfigError(f"teachers.{name}: expected a model (nn.Module), got {type(module).__name__}")
+        named[name] = module
     return named
 
 

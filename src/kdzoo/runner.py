@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import (DataConfig, ModelConfig, RunConfig, TeacherConfig, from_dict, read_yaml, save_config, to_dict,
                      validate_data)
-from .data import DataSplits, build_dataset, input_example, labels_of
+from .data import DataSplits, build_dataset, input_example, labels_of, withhold_labels
 from .distiller import Distiller
 from .errors import CheckpointError, ConfigError
 from .methods import create_method
@@ -53,7 +53,10 @@ RESUMABLE = {
 
 
 def build_data(cfg: DataConfig) -> DataSplits:
-    return build_dataset(cfg.name, **cfg.options)
+    data = build_dataset(cfg.name, **cfg.options)
+    if cfg.labelled_fraction < 1 or cfg.held_out_fraction > 0:
+        data = withhold_labels(data, cfg.labelled_fraction, cfg.held_out_fraction, cfg.label_seed)
+    return data
 
 
 def build_model(cfg: ModelConfig, data: DataSplits, where: str = "model") -> nn.Module:
@@ -139,6 +142,7 @@ def build_methods(cfg: RunConfig) -> list:
             methods.append(create_method(method.name, **method.options))
         except ConfigError as err:
             raise ConfigError(f"methods[{i}] ({method.name}): {err}") from None
+        methods[-1].teacher_name = method.teacher  # which named teacher it reads (None: the first)
     return methods
 
 
@@ -174,11 +178,16 @@ def build_distiller(cfg: RunConfig, data: DataSplits, run_dir: Optional[Path] = 
         if teacher is None:
             raise ConfigError("student.init_from: teacher needs a 'teacher:' section to inherit from")
         print(f"student initialised from the teacher: {inherit_weights(student, teacher).summary()}")
+    teachers = {}
+    for name, section in cfg.teachers.items():
+        if not section.weights:
+            print(f"warning: teachers.{name} has no weights; it is randomly initialised")
+        teachers[name] = build_model(section, data, f"teachers.{name}")
     methods = build_methods(cfg)
     try:
         return Distiller(student, teacher, methods, example_input=input_example(data), ce_weight=cfg.ce_weight,
                          num_samples=len(data.train), train_labels=labels_of(data.train), train_data=data.train,
-                         cache_dir=run_dir)
+                         cache_dir=run_dir, teachers=teachers, held_out_data=data.held_out)
     except ConfigError as err:
         raise name_method_key(err, cfg) from None
 

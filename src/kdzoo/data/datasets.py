@@ -49,6 +49,7 @@ class DataSplits:
     num_classes: int
     in_channels: int
     image_size: tuple[int, int]
+    held_out: Optional[Dataset] = None  # labelled samples kept out of training (data.held_out_fraction)
 
 
 def build_dataset(name: str, **options) -> DataSplits:

@@ -26,6 +26,10 @@ class Context:
     teacher: dict[str, torch.Tensor] = field(default_factory=dict)
     index: Optional[torch.Tensor] = None  # dataset sample indices, for memory-bank methods
     epoch: torch.Tensor | float = 0.0  # fractional epoch as a 0-d tensor (a float when built by hand)
+    # every teacher's logits by name, for methods that read all teachers (a distiller with several); the
+    # fields above hold the teacher the method reads.  Labels of unlabelled samples are -1.
+    teacher_logits_by_name: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_features_by_name: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def warmup_factor(epoch: torch.Tensor | float, warmup_epochs: float) -> torch.Tensor | float:
@@ -53,6 +57,7 @@ class Setup:
     example_input: Optional[torch.Tensor] = None  # a small batch of real inputs
     train_data: Optional[Any] = None  # the training dataset (items: image, label, index), for statistics over it
     cache_dir: Optional[Path] = None  # where a method may keep what it computed once (the run directory)
+    held_out_data: Optional[Any] = None  # labelled samples kept out of training, to choose evaluation-time weights
 
 
 @dataclass
@@ -76,11 +81,17 @@ class Method(nn.Module, abc.ABC):
       instances may override them from their own hyper-parameters.
     - ``teacher_train_mode``: True for a method whose reference runs the (frozen) teacher with batch-statistics
       BatchNorm during training (OFD); the Distiller then puts the teacher in train mode while it trains.
+    - ``reads_all_teachers``: True for a method that reads every teacher's logits (`Context.teacher_logits_by_name`,
+      e.g. an ensemble target); such a method reads no teacher feature.
+    - ``teacher_name``: which of a distiller's named teachers this instance reads (None: the first one); set
+      from a method's ``teacher:`` config key.
     """
 
     ce_weight: ClassVar[Optional[float]] = None
     needs_teacher: ClassVar[bool] = True
     teacher_train_mode: ClassVar[bool] = False
+    reads_all_teachers: ClassVar[bool] = False
+    teacher_name: Optional[str] = None
     student_taps: tuple[str, ...] = ()
     teacher_taps: tuple[str, ...] = ()
 
@@ -97,6 +108,12 @@ class Method(nn.Module, abc.ABC):
     def init_loss(self, ctx: Context) -> torch.Tensor:
         """The loss of the init stage (only called when `init_stage` returns one)."""
         raise TypeError(f"{type(self).__name__} has no init stage")
+
+    def evaluation_model(self, student: nn.Module) -> Optional[nn.Module]:
+        """The model that evaluation scores and the run exports beside the bare student, when this method
+        changes how predictions are made (an extra head it trained, combined with weights it may choose here on
+        `Setup.held_out_data`).  Called before each evaluation, in no_grad.  Default: None (the student alone)."""
+        return None
 
     @abc.abstractmethod
     def forward(self, ctx: Context) -> dict[str, torch.Tensor]:

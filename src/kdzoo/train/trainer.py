@@ -39,6 +39,7 @@ from .schedule import learning_rate
 from .teacher_cache import TeacherCache, TeacherFeed
 
 CHECKPOINT = "checkpoint.pt"
+EVALUATION_MODEL = "student_with_heads.safetensors"  # exported when a method changes how predictions are made
 METRICS = "metrics.csv"
 
 
@@ -102,6 +103,16 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: Optional[
     model.train(was_training)
     correct1, correct5, loss_sum = torch.stack([correct1, correct5, loss_sum]).tolist()
     return {"top1": 100 * correct1 / count, "top5": 100 * correct5 / count, "loss": loss_sum / count}
+
+
+def evaluation_model(distiller) -> nn.Module:
+    """What evaluation scores for a run: the distiller's `evaluation_model()` (a method's extra heads combined
+    with the student), else the student."""
+    chooser = getattr(distiller, "evaluation_model", None)
+    if chooser is None:
+        return distiller.student
+    with torch.no_grad():
+        return chooser()
 
 
 class Distillable(Protocol):
@@ -302,6 +313,10 @@ class ExportWeights(Callback):
     def on_train_end(self, trainer, run):
         if run.history:
             export_weights(run.run_dir / "student.safetensors", run.student, run.export_meta)
+            model = evaluation_model(run.distiller)
+            if model is not run.student:  # the student with the heads a method trained, as evaluation scored it
+                export_weights(run.run_dir / EVALUATION_MODEL, model,
+                               {**(run.export_meta or {}), "evaluation_model": type(model).__name__})
             _write_summary(run.run_dir, run.history, run.best, run.best_epoch)
 
 
@@ -442,8 +457,9 @@ class Trainer:
         row.update({f"loss_{key}": value for key, value in reading.terms.items()})
         improved = False
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            run.last = evaluate(run.student, self.data.test, batch_size=max(cfg.batch_size, 256), device=self.device,
-                                amp=cfg.amp, num_workers=cfg.num_workers, channels_last=cfg.channels_last)
+            run.last = evaluate(evaluation_model(run.distiller), self.data.test, batch_size=max(cfg.batch_size, 256),
+                                device=self.device, amp=cfg.amp, num_workers=cfg.num_workers,
+                                channels_last=cfg.channels_last)
             if run.last["top1"] > run.best:
                 run.best, run.best_epoch, improved = run.last["top1"], epoch + 1, True
             row.update({"test_top1": run.last["top1"], "test_top5": run.last["top5"], "test_loss": run.last["loss"]})
@@ -510,7 +526,7 @@ class Trainer:
             optimizer = build_optimizer(stage.parameters, stage_cfg, self.device, self.compile_mode)
 
             def forward(images, labels, index, epoch, teacher_outputs, name=name, method=method):
-                ctx = distiller.context(images, labels, index, epoch)
+                ctx = distiller.context(images, labels, index, epoch, method=method)
                 return [(None, {f"{name}_init": method.init_loss(ctx)})]
 
             step = TrainStep(forward, optimizer, self.device, cfg.amp, self.compile_mode)
