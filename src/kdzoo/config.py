@@ -114,11 +114,16 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs"
     name: Optional[str] = None
+    # students trained jointly with `student:` (mutual learning, kdzoo.train.peers); each reads the others' outputs
+    peers: list[ModelConfig] = field(default_factory=list)
+    # train the student this many times, round r+1 taught by round r's student (kdzoo.rounds)
+    rounds: int = 1
 
     def validate(self) -> None:
         from .methods import METHODS
 
         self.train.validate()
+        _validate_peers_and_rounds(self)
         _validate_model(self.student, "student")
         if self.teacher is not None:
             _validate_model(self.teacher, "teacher")
@@ -130,7 +135,7 @@ class RunConfig:
         for i, method in enumerate(self.methods):
             entry = _lookup(METHODS, method.name, f"methods[{i}].name")
             method.options = entry.check(method.options, f"methods[{i}]", method.name)
-            if entry.obj.needs_teacher and self.teacher is None:
+            if entry.obj.needs_teacher and self.teacher is None and self.rounds < 2:
                 raise ConfigError(f"methods[{i}] ({method.name}) needs a teacher: add a 'teacher:' section")
         validate_data(self.data)
 
@@ -150,6 +155,28 @@ class TeacherConfig:
         _validate_model(self.model, "model")
         _validate_init_from(self.model, "model", False)
         validate_data(self.data)
+
+
+def _validate_peers_and_rounds(cfg: RunConfig) -> None:
+    """Peers train without a frozen teacher; methods that read peers need them; rounds and peers do not mix."""
+    from .methods import METHODS
+
+    for i, peer in enumerate(cfg.peers):
+        _validate_model(peer, f"peers[{i}]")
+        if peer.init_from is not None:
+            raise ConfigError(f"peers[{i}].init_from: peers have no teacher to inherit from")
+    if cfg.peers and cfg.teacher is not None:
+        raise ConfigError("peers: students trained as peers teach each other; remove the 'teacher:' section")
+    if cfg.peers and cfg.student.init_from is not None:
+        raise ConfigError("student.init_from: peers have no teacher to inherit from")
+    for i, method in enumerate(cfg.methods):
+        entry = _lookup(METHODS, method.name, f"methods[{i}].name")
+        if getattr(entry.obj, "needs_peers", False) and not cfg.peers:
+            raise ConfigError(f"methods[{i}] ({method.name}) reads other students: add a 'peers:' section")
+    if cfg.rounds < 1:
+        raise ConfigError(f"rounds: must be >= 1, got {cfg.rounds}")
+    if cfg.rounds > 1 and cfg.peers:
+        raise ConfigError("rounds: not with 'peers:' (a round's teacher is the previous round's one student)")
 
 
 def _validate_model(model: ModelConfig, where: str) -> None:

@@ -193,6 +193,11 @@ def build_distiller(cfg: RunConfig, data: DataSplits, run_dir: Optional[Path] = 
 
 
 def train_run(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: bool = True) -> FitResult:
+    if cfg.peers or cfg.rounds > 1:  # students teaching each other, or a student retrained in rounds
+        from .peer_runs import train_peers
+        from .rounds import train_rounds
+
+        return (train_peers if cfg.peers else train_rounds)(cfg, run_dir, resume=resume, verbose=verbose)
     notes = verify_resume_config(cfg, run_dir) if resume else []
     data = build_data(cfg.data)
     seed_everything(cfg.train.seed)  # initial weights depend on the seed alone

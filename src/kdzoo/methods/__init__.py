@@ -10,6 +10,8 @@ from .logit import nkd, uskd  # noqa: F401,E402
 from .feature import nd, residual  # noqa: F401,E402
 from .relation import affinity  # noqa: F401,E402
 from .crossarch import acam, ofa, scalekd  # noqa: F401,E402
+# issue 12, training schemes: mutual learning (peers), iterative self-distillation (rounds)
+from .schemes import dml, isd  # noqa: F401,E402
 
 
 def create_method(name: str, **options) -> Method:

@@ -26,6 +26,8 @@ class Context:
     teacher: dict[str, torch.Tensor] = field(default_factory=dict)
     index: Optional[torch.Tensor] = None  # dataset sample indices, for memory-bank methods
     epoch: torch.Tensor | float = 0.0  # fractional epoch as a 0-d tensor (a float when built by hand)
+    # the other students' logits (detached, in peer order) when students are trained together as peers
+    peer_logits: tuple[torch.Tensor, ...] = ()
 
 
 def warmup_factor(epoch: torch.Tensor | float, warmup_epochs: float) -> torch.Tensor | float:
@@ -74,6 +76,8 @@ class Method(nn.Module, abc.ABC):
     - ``needs_teacher``: False for methods that only use the student (self-distillation).
     - ``student_taps`` / ``teacher_taps``: tap specs read from ``ctx.student`` / ``ctx.teacher``;
       instances may override them from their own hyper-parameters.
+    - ``needs_peers``: True for a method that reads the other students' outputs (``ctx.peer_logits``, mutual
+      learning); a run then needs a ``peers:`` section.
     - ``teacher_train_mode``: True for a method whose reference runs the (frozen) teacher with batch-statistics
       BatchNorm during training (OFD); the Distiller then puts the teacher in train mode while it trains.
     """
@@ -81,6 +85,7 @@ class Method(nn.Module, abc.ABC):
     ce_weight: ClassVar[Optional[float]] = None
     needs_teacher: ClassVar[bool] = True
     teacher_train_mode: ClassVar[bool] = False
+    needs_peers: ClassVar[bool] = False
     student_taps: tuple[str, ...] = ()
     teacher_taps: tuple[str, ...] = ()
 
