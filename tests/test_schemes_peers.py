@@ -40,7 +40,6 @@ def peer_pair(data, methods=("dml",)):
                           for s in students])
 
 
-@pytest.mark.slow
 def test_two_identical_peers_get_the_written_out_dml_loss():
     data = build_dataset("synthetic", num_classes=4, image_size=8, train_size=16, test_size=8)
     peers = peer_pair(data)
@@ -202,3 +201,37 @@ def test_example_configs_load(name):
 
     cfg = load_config(RunConfig, Path(__file__).parents[1] / "configs" / "examples" / f"{name}.yaml")
     assert cfg.peers or cfg.rounds > 1
+
+
+@pytest.mark.slow
+def test_estimated_ground_truth_weight_is_the_closed_form_on_held_out_samples(tmp_path):
+    from kdzoo.rounds import HOLDOUT, softmax_outputs, split_holdout
+    from kdzoo.runner import load_weights
+
+    config = {"student": CNN, "methods": ["isd"], "rounds": 2, "data": DATA,
+              "train": {**TRAIN, "epochs": 1, "optimizer": "adamw", "lr": 0.01}}
+    assert main(["train", str(write_config(tmp_path, "est", config))]) == 0
+    run = tmp_path / "est"
+    weight = json.loads((run / "rounds.json").read_text())["weights"]["2"]
+    cfg = from_dict(RunConfig, config)
+    cfg.validate()
+    data, holdout = split_holdout(build_data(cfg.data), cfg.train.seed)
+    assert len(holdout) == round(HOLDOUT * 48) and len(data.train) == 48 - len(holdout)
+    fits = []
+    for path in (run / "round_1", run / "round_2" / "teacher_fit"):
+        model = create_model("tiny:cnn", num_classes=4, in_channels=3, width=4)
+        load_weights(model, path)
+        fits.append(softmax_outputs(model, holdout).double())
+    y = F.one_hot(torch.as_tensor([holdout[i][1] for i in range(len(holdout))]), 4).double()
+    d = fits[0] - fits[1]
+    by_hand = min(max(((d * (y - fits[1])).sum() / (d * d).sum()).item(), 0.0), 1.0)
+    assert weight == pytest.approx(by_hand, abs=1e-6)
+    saved = yaml.safe_load((run / "round_2" / "config.yaml").read_text())
+    assert saved["methods"][0]["alpha"] == pytest.approx(weight)
+    fit_cfg = yaml.safe_load((run / "round_2" / "teacher_fit" / "config.yaml").read_text())
+    assert fit_cfg["methods"][0]["alpha"] == 0.0
+
+
+def test_estimate_needs_rounds():
+    with pytest.raises(ConfigError, match="estimate"):
+        from_dict(RunConfig, {"student": CNN, "teacher": CNN, "methods": ["isd"], "data": DATA}).validate()

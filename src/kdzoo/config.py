@@ -173,6 +173,10 @@ def _validate_peers_and_rounds(cfg: RunConfig) -> None:
         entry = _lookup(METHODS, method.name, f"methods[{i}].name")
         if getattr(entry.obj, "needs_peers", False) and not cfg.peers:
             raise ConfigError(f"methods[{i}] ({method.name}) reads other students: add a 'peers:' section")
+        for key, value in {**entry.defaults, **method.options}.items():
+            if value == "estimate" and cfg.rounds < 2:  # a ground-truth weight set in each round (kdzoo.rounds)
+                raise ConfigError(f"methods[{i}].{key} ({method.name}): 'estimate' is set in each round of "
+                                  "'rounds: N' (N >= 2); give a number for a single run")
     if cfg.rounds < 1:
         raise ConfigError(f"rounds: must be >= 1, got {cfg.rounds}")
     if cfg.rounds > 1 and cfg.peers:

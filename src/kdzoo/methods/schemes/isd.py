@@ -17,9 +17,12 @@ and f_t(0) the fit to the teacher alone, which replaces a grid over alpha by one
 """
 from __future__ import annotations
 
+from typing import Literal, Union
+
 import torch
 import torch.nn.functional as F
 
+from ...errors import ConfigError
 from ...registry import NonNegative, UnitInterval, register_method
 from ..base import Context, Method
 
@@ -50,14 +53,16 @@ def optimal_ground_truth_weight(labels_fit: torch.Tensor, teacher_fit: torch.Ten
 @register_method("isd", family="scheme",
                  paper="Borup & Andersen 2021, Even your Teacher Needs Guidance (iterative self-distillation)")
 class ISD(Method):
-    """`alpha`: the weight of the ground truth (the authors' README command uses 0.6); `kdzoo.rounds` sets it
-    per round from `optimal_ground_truth_weight` when the run's ``rounds_alpha`` is ``estimate``."""
+    """`alpha`: the weight of the ground truth, or ``estimate`` (the default): `kdzoo.rounds` sets it in each round
+    from `optimal_ground_truth_weight` (the authors' README command fixes 0.6)."""
 
     ce_weight = 0.0  # the labels are inside the loss
 
-    def __init__(self, alpha: UnitInterval = 0.6, weight: NonNegative = 1.0):
+    def __init__(self, alpha: Union[UnitInterval, Literal["estimate"]] = "estimate", weight: NonNegative = 1.0):
         super().__init__()
         self.alpha, self.weight = alpha, weight
 
     def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
+        if isinstance(self.alpha, str):
+            raise ConfigError("isd: alpha 'estimate' is set in each round by 'rounds:' (>= 2); give a number otherwise")
         return {"isd": self.weight * isd_loss(ctx.student_logits, ctx.teacher_logits, ctx.labels, self.alpha)}
