@@ -24,15 +24,24 @@ def test_registry_holds_the_cifar_tables_methods():
 def test_every_method_has_its_own_reference_tests(name):
     """A method without tests fails here: its family's test file must build it by name."""
     family = METHODS.get(name).meta["family"]
-    sources = [p.read_text() for p in TESTS.glob("test_methods_*.py")]
+    sources = [p.read_text() for pattern in ("test_methods_*.py", "test_schemes_*.py") for p in TESTS.glob(pattern)]
     pattern = re.compile(rf"""["']{re.escape(name)}["']""")
-    assert any(pattern.search(text) for text in sources), f"no tests/test_methods_*.py names method {name!r}"
+    assert any(pattern.search(text) for text in sources), \
+        f"no tests/test_methods_*.py or test_schemes_*.py names method {name!r}"
     assert family in {"logit", "feature", "relation"} or family, name
     assert METHODS.get(name).paper, f"method {name!r} registers no paper"
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_every_method_has_a_valid_recipe_for_each_standard_pair(name):
+    if METHODS.get(name).meta.get("family") == "scheme":  # a scheme shapes teachers and data: its recipe is
+        examples = [p for p in (CONFIGS / "examples").glob("*.yaml")  # an example of its own
+                    if any((m if isinstance(m, str) else m["name"]) == name
+                           for m in (yaml.safe_load(p.read_text()).get("methods") or []))]
+        assert examples, f"scheme {name}: no configs/examples/*.yaml uses it"
+        for path in examples:
+            load_config(RunConfig, path)
+        return
     recipes = [p for p in CONFIGS.glob("cifar100/*/*.yaml")
                if "teachers" not in p.parts and any(
                    (m if isinstance(m, str) else m["name"]) == name for m in yaml.safe_load(p.read_text())["methods"])]
@@ -55,5 +64,11 @@ def test_every_method_trains_two_steps_through_the_cli(name, tmp_path):
         "data": {"name": "synthetic", "options": {"train_size": 32, "test_size": 16, "num_classes": 10}},
         "train": {"epochs": 1, "batch_size": 16, "lr": 0.01, "progress": False, "device": "cpu"},
     }
+    entry = METHODS.get(name)
+    if entry.obj.needs_peers:  # students that teach each other, no teacher
+        config["peers"] = [config.pop("teacher") and config["student"]]
+    if entry.defaults.get(entry.obj.ground_truth_weight) == "estimate":  # set by rounds, from a labels-only round 1
+        config.pop("teacher")
+        config["rounds"] = 2
     losses = cli_train_first_epoch_losses(tmp_path, name, config)
     assert losses and all(v == v and abs(v) < float("inf") for v in losses.values()), losses

@@ -175,7 +175,9 @@ def test_two_rounds_end_to_end_the_student_becomes_the_next_teacher(tmp_path, mo
     assert main(["train", str(path), "--resume"]) == 0
     run = tmp_path / "isd"
     cfg = load_config(RunConfig, path)
-    assert round_config(cfg, 1, run).methods == [] and round_config(cfg, 1, run).teacher is None
+    first = round_config(cfg, 1, run)  # the labels alone, with the rounds' own loss (the authors' step 0)
+    assert first.methods[0].options == {"alpha": 1.0} and first.teacher is None
+    assert "loss_isd" in (run / "round_1" / "metrics.csv").read_text().splitlines()[0]
     second = round_config(cfg, 2, run)
     distiller = build_distiller(second, build_data(cfg.data))
     first_student, _ = read_state(run / "round_1" / "student.safetensors")
@@ -232,6 +234,36 @@ def test_estimated_ground_truth_weight_is_the_closed_form_on_held_out_samples(tm
     assert fit_cfg["methods"][0]["alpha"] == 0.0
 
 
-def test_estimate_needs_rounds():
+def test_estimate_needs_rounds_and_a_ground_truth_weight():
     with pytest.raises(ConfigError, match="estimate"):
         from_dict(RunConfig, {"student": CNN, "teacher": CNN, "methods": ["isd"], "data": DATA}).validate()
+    with pytest.raises(ConfigError, match=r"methods\[0\]\.temperature \(kd\): only a ground-truth weight"):
+        from_dict(RunConfig, {"student": CNN, "methods": [{"name": "kd", "temperature": "estimate"}], "rounds": 2,
+                              "data": DATA}).validate()
+
+
+def test_isd_at_alpha_one_reads_no_teacher():
+    s, labels = torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.0]]), torch.tensor([2, 1])
+    p = F.softmax(s, 1)
+    onehot = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    assert isd_loss(s, None, labels, 1.0).item() == pytest.approx(((p - onehot) ** 2).mean().item(), abs=EPS)
+    with pytest.raises(ConfigError, match="alpha 0.5"):
+        isd_loss(s, None, labels, 0.5)
+    assert not create_method("isd", alpha=1.0).needs_teacher and create_method("isd", alpha=0.6).needs_teacher
+
+
+def test_first_round_keeps_only_methods_with_a_ground_truth_weight(tmp_path):
+    cfg = from_dict(RunConfig, {"student": CNN, "methods": ["kd", {"name": "isd", "alpha": 0.6}], "rounds": 2,
+                                "data": DATA})
+    cfg.validate()
+    first = round_config(cfg, 1, tmp_path)
+    assert [(m.name, m.options) for m in first.methods] == [("isd", {"alpha": 1.0})]
+    second = round_config(cfg, 2, tmp_path)
+    assert [m.name for m in second.methods] == ["kd", "isd"] and second.rounds == 1
+    # round 2's teacher is round 1's student: its architecture, its weights; a fresh student with its own seed
+    assert (second.teacher.name, second.teacher.options) == (CNN["name"], CNN["options"])
+    assert second.teacher.weights == str(tmp_path / "round_1") and second.student.weights is None
+    assert second.train.seed == cfg.train.seed + 1
+    plain = from_dict(RunConfig, {"student": CNN, "methods": ["kd"], "rounds": 2, "data": DATA})
+    plain.validate()
+    assert round_config(plain, 1, tmp_path).methods == [] and round_config(plain, 1, tmp_path).ce_weight == 1.0

@@ -174,7 +174,13 @@ def _validate_peers_and_rounds(cfg: RunConfig) -> None:
         if getattr(entry.obj, "needs_peers", False) and not cfg.peers:
             raise ConfigError(f"methods[{i}] ({method.name}) reads other students: add a 'peers:' section")
         for key, value in {**entry.defaults, **method.options}.items():
-            if value == "estimate" and cfg.rounds < 2:  # a ground-truth weight set in each round (kdzoo.rounds)
+            if value != "estimate":  # a ground-truth weight set in each round (kdzoo.rounds)
+                continue
+            if key != entry.obj.ground_truth_weight:
+                which = entry.obj.ground_truth_weight or "none here"
+                raise ConfigError(f"methods[{i}].{key} ({method.name}): only a ground-truth weight ({which}) can "
+                                  "be 'estimate'")
+            if cfg.rounds < 2:
                 raise ConfigError(f"methods[{i}].{key} ({method.name}): 'estimate' is set in each round of "
                                   "'rounds: N' (N >= 2); give a number for a single run")
     if cfg.rounds < 1:

@@ -1,13 +1,15 @@
 """``rounds: N`` in a run config: the student is trained N times, round r+1 taught by round r's student.
 
 Round r lives in RUN_DIR/round_r (a complete run directory: config, metrics, checkpoints, student.safetensors).
-Round 1 uses the config's teacher if it has one; without one it trains the student on the labels alone
-(cross-entropy, no method), the "initial fit" of iterative self-distillation.  Round r >= 2 builds a fresh student
+Round 1 uses the config's teacher if it has one; without one it trains the student on the labels alone, the
+"initial fit" of iterative self-distillation: the methods that declare a ground-truth weight
+(`Method.ground_truth_weight`) run with it at 1, so round 1 trains with the rounds' own loss; the others, which need
+a teacher, sit round 1 out; with none left it is plain cross-entropy.  Round r >= 2 builds a fresh student
 (seed train.seed + r - 1) and a teacher of the student's architecture loaded from RUN_DIR/round_{r-1}.  The last
 round's student is copied to RUN_DIR/student.safetensors (with its summary.json and metrics.csv).
 
-A method option written as ``estimate`` is a ground-truth weight (1: the labels alone, 0: the teacher alone, as
-isd's ``alpha``) that the loop sets in every round r >= 2 by Borup & Andersen's estimate instead of a grid search:
+A method's ground-truth weight written as ``estimate`` (1: the labels alone, 0: the teacher alone, as isd's
+``alpha``) is a weight that the loop sets in every round r >= 2 by Borup & Andersen's estimate instead of a grid search:
 the fit is taken as affine in the weight, so with f(1) the labels-only fit (round 1's student) and f(0) a fit to the
 teacher alone (trained in RUN_DIR/round_r/teacher_fit with the option at 0), the weight is the least-squares
 `optimal_ground_truth_weight` of their softmax outputs against the one-hot labels of held-out samples.  Those are a
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -34,10 +35,10 @@ from .config import MethodConfig, ModelConfig, RunConfig, save_config
 from .data import DataSplits, TensorData, labels_of
 from .errors import ConfigError
 from .methods.schemes.isd import optimal_ground_truth_weight
-from .runner import (RUN_CONFIG, build_data, build_distiller, load_weights, build_model, model_meta,
-                     verify_checkpoint, verify_resume_config)
-from .runtime import atomic_write, seed_everything
-from .train import FitResult, fit
+from .runner import (RUN_CONFIG, build_data, build_distiller, build_model, is_main_process, load_weights,
+                     run_distiller, verify_resume_config)
+from .runtime import atomic_write
+from .train import FitResult
 from .train.checkpoint import load_checkpoint, save_checkpoint
 from .train.trainer import CHECKPOINT, METRICS
 
@@ -49,12 +50,19 @@ def round_dir(run_dir: Path, r: int) -> Path:
     return Path(run_dir) / f"round_{r}"
 
 
-def estimated_options(cfg: RunConfig) -> list[tuple[int, str]]:
-    """(method index, option name) of every option written as ``estimate``."""
+def ground_truth_options(cfg: RunConfig) -> list[tuple[int, str]]:
+    """(method index, option name) of every method's ground-truth weight (`Method.ground_truth_weight`)."""
     from .methods import METHODS
 
-    return [(i, key) for i, m in enumerate(cfg.methods)
-            for key, value in {**METHODS.get(m.name).defaults, **m.options}.items() if value == ESTIMATE]
+    return [(i, key) for i, m in enumerate(cfg.methods) if (key := METHODS.get(m.name).obj.ground_truth_weight)]
+
+
+def estimated_options(cfg: RunConfig) -> list[tuple[int, str]]:
+    """(method index, option name) of every ground-truth weight written as ``estimate``."""
+    from .methods import METHODS
+
+    return [(i, key) for i, key in ground_truth_options(cfg)
+            if {**METHODS.get(cfg.methods[i].name).defaults, **cfg.methods[i].options}.get(key) == ESTIMATE]
 
 
 def with_options(cfg: RunConfig, values: dict[tuple[int, str], float]) -> RunConfig:
@@ -69,7 +77,11 @@ def round_config(cfg: RunConfig, r: int, run_dir: Path) -> RunConfig:
     if r == 1:
         if cfg.teacher is not None:
             return base
-        return dataclasses.replace(base, methods=[], ce_weight=cfg.ce_weight if cfg.ce_weight is not None else 1.0)
+        options = ground_truth_options(cfg)
+        if not options:
+            return dataclasses.replace(base, methods=[], ce_weight=cfg.ce_weight if cfg.ce_weight is not None else 1.0)
+        labels_only = with_options(base, {option: 1.0 for option in options})
+        return dataclasses.replace(base, methods=[labels_only.methods[i] for i, _ in options])
     teacher = ModelConfig(cfg.student.name, str(round_dir(run_dir, r - 1)), dict(cfg.student.options))
     train = dataclasses.replace(cfg.train, seed=cfg.train.seed + r - 1)
     return dataclasses.replace(base, teacher=teacher, train=train,
@@ -117,19 +129,8 @@ def softmax_outputs(model: torch.nn.Module, dataset: Dataset, batch_size: int = 
 
 def train_round(cfg: RunConfig, path: Path, data: DataSplits, verbose: bool) -> FitResult:
     """One round as `train_run` does it, on `data` (which may hold samples out); resumes its own checkpoint."""
-    resume = (path / CHECKPOINT).is_file()
-    notes = verify_resume_config(cfg, path) if resume else []
-    seed_everything(cfg.train.seed)
-    distiller = build_distiller(cfg, data, path)
-    if resume:
-        verify_checkpoint(path, {"student": distiller.student, "methods": distiller.methods}, cfg.train.epochs)
-    if verbose:
-        for note in notes:
-            print(f"resume: {note}")
-    if _main_process():
-        save_config(cfg, path / RUN_CONFIG)
-    return fit(distiller, data, cfg.train, path, resume=resume, export_meta=model_meta(cfg.student, data, cfg.data),
-               verbose=verbose)
+    return run_distiller(cfg, path, build_distiller, resume=(path / CHECKPOINT).is_file(), verbose=verbose,
+                         data=data)
 
 
 def estimate_weight(cfg: RunConfig, r: int, run_dir: Path, data: DataSplits, holdout: Dataset, verbose: bool) -> float:
@@ -163,7 +164,7 @@ def train_rounds(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: b
         progress = load_checkpoint(run_dir / CHECKPOINT)
         if not isinstance(progress.get("rounds_finished"), int):
             raise ConfigError(f"--resume: {run_dir / CHECKPOINT} is not the checkpoint of a run with rounds")
-    elif _main_process():
+    elif is_main_process():
         save_config(cfg, run_dir / RUN_CONFIG)
         save_checkpoint(run_dir / CHECKPOINT, progress)
     data = build_data(cfg.data)
@@ -184,17 +185,17 @@ def train_rounds(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: b
             if weight is None:
                 weight = estimate_weight(cfg, r, run_dir, data, holdout, verbose)
                 progress["weights"][str(r)] = weight
-                if _main_process():
+                if is_main_process():
                     save_checkpoint(run_dir / CHECKPOINT, progress)
             if verbose:
                 print(f"round {r}: ground-truth weight {weight:.4f} (estimated on {len(holdout)} held-out samples)")
             round_cfg = with_options(round_cfg, {o: weight for o in options})
         result = train_round(round_cfg, path, data, verbose)
         progress["rounds_finished"] = r
-        if _main_process():
+        if is_main_process():
             save_checkpoint(run_dir / CHECKPOINT, progress)
     last = round_dir(run_dir, cfg.rounds)
-    if _main_process():
+    if is_main_process():
         for name in ("student.safetensors", "summary.json", METRICS):
             shutil.copyfile(last / name, run_dir / name)
         text = json.dumps({"weights": progress["weights"], "holdout": len(holdout) if holdout else 0}, indent=2)
@@ -204,10 +205,6 @@ def train_rounds(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: b
         result = FitResult(summary["last_top1"], summary["best_top1"], summary["best_epoch"], summary["last_top5"],
                            [], summary["seconds"], last)
     return result
-
-
-def _main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 __all__ = ["train_rounds", "round_config", "round_dir", "estimated_options", "ESTIMATE", "HOLDOUT"]

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..distiller import Distiller, DistillOutput, TeacherOutputs
@@ -44,18 +43,6 @@ class PeerModels(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.peers[0](images)
-
-
-def peer_losses(distiller: Distiller, ctx) -> dict[str, torch.Tensor]:
-    """One student's weighted losses on its context: its cross-entropy and every method's terms (as
-    `Distiller.forward` names them)."""
-    losses = {}
-    if distiller.ce_weight:
-        losses["ce"] = distiller.ce_weight * F.cross_entropy(ctx.student_logits, ctx.labels)
-    for name, method in distiller.methods.items():
-        for key, value in method(ctx).items():
-            losses[key if key not in losses else f"{name}.{key}"] = value
-    return losses
 
 
 class PeerDistiller(nn.Module):
@@ -103,7 +90,7 @@ class PeerDistiller(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         for k, (d, ctx) in enumerate(zip(self.distillers, contexts)):
             ctx = dataclasses.replace(ctx, peer_logits=tuple(detached[:k] + detached[k + 1:]))
-            losses.update({f"{key}_{k}": value for key, value in peer_losses(d, ctx).items()})
+            losses.update({f"{key}_{k}": value for key, value in d.losses(ctx).items()})
         return DistillOutput(contexts[0].student_logits, losses)
 
     def close(self) -> None:
@@ -154,4 +141,4 @@ def write_peer_summary(run_dir: Path, history: list[dict], count: int) -> None:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
-__all__ = ["PeerDistiller", "PeerModels", "PeerCallback", "peer_losses"]
+__all__ = ["PeerDistiller", "PeerModels", "PeerCallback"]

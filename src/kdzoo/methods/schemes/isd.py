@@ -8,7 +8,8 @@ f_{t-1} the previous round's student (the teacher), as the authors' ``self_disti
 (1-alpha) times ``F.mse_loss`` against the teacher's softmax; alpha weights the ground truth; 0.6 in their README's
 command).  Up to a constant the loss is the squared error to the mixed target alpha*y + (1-alpha)*softmax(f_{t-1}),
 so it trains toward the mix the paper analyses.  Rounds come from ``rounds:`` in a run config
-(``kdzoo.rounds``); round 1 has no teacher and trains on the labels (alpha = 1).
+(``kdzoo.rounds``); round 1 has no teacher and trains on the labels with this loss at alpha = 1, as the
+authors' step 0.
 
 The paper's weight: in its kernel setting the round-t fit is affine in alpha, f_t(alpha) = f_t(0) +
 alpha * (f_t(1) - f_t(0)), so the alpha that brings it closest (squared error) to the targets is the 1-D least
@@ -17,7 +18,7 @@ and f_t(0) the fit to the teacher alone, which replaces a grid over alpha by one
 """
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +28,17 @@ from ...registry import NonNegative, UnitInterval, register_method
 from ..base import Context, Method
 
 
-def isd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+def isd_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], labels: torch.Tensor,
              alpha: float | torch.Tensor) -> torch.Tensor:
     """alpha * MSE(softmax(s), onehot(y)) + (1 - alpha) * MSE(softmax(s), softmax(t)), each MSE a mean over
-    samples and classes (``F.mse_loss``); the teacher is a constant target."""
+    samples and classes (``F.mse_loss``); the teacher is a constant target.  Without a teacher (None) only
+    alpha = 1, the labels alone, is defined: the authors' first step, trained before any teacher exists."""
     p = F.softmax(student_logits, dim=1)
     onehot = F.one_hot(labels, student_logits.shape[1]).to(p.dtype)
+    if teacher_logits is None:
+        if alpha != 1:
+            raise ConfigError(f"isd: alpha {alpha} weighs a teacher, but there is none (only alpha 1 trains alone)")
+        return F.mse_loss(p, onehot)
     return alpha * F.mse_loss(p, onehot) + (1 - alpha) * F.mse_loss(p, F.softmax(teacher_logits.detach(), dim=1))
 
 
@@ -54,13 +60,16 @@ def optimal_ground_truth_weight(labels_fit: torch.Tensor, teacher_fit: torch.Ten
                  paper="Borup & Andersen 2021, Even your Teacher Needs Guidance (iterative self-distillation)")
 class ISD(Method):
     """`alpha`: the weight of the ground truth, or ``estimate`` (the default): `kdzoo.rounds` sets it in each round
-    from `optimal_ground_truth_weight` (the authors' README command fixes 0.6)."""
+    from `optimal_ground_truth_weight` (the authors' README command fixes 0.6).  At alpha 1 no teacher is read,
+    so a teacher-less first round trains on the labels with this same loss, as the authors' step 0."""
 
     ce_weight = 0.0  # the labels are inside the loss
+    ground_truth_weight = "alpha"
 
     def __init__(self, alpha: Union[UnitInterval, Literal["estimate"]] = "estimate", weight: NonNegative = 1.0):
         super().__init__()
         self.alpha, self.weight = alpha, weight
+        self.needs_teacher = alpha != 1
 
     def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
         if isinstance(self.alpha, str):
