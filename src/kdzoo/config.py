@@ -127,11 +127,16 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs"
     name: Optional[str] = None
+    # students trained jointly with `student:` (mutual learning, kdzoo.train.peers); each reads the others' outputs
+    peers: list[ModelConfig] = field(default_factory=list)
+    # train the student this many times, round r+1 taught by round r's student (kdzoo.rounds)
+    rounds: int = 1
 
     def validate(self) -> None:
         from .methods import METHODS
 
         self.train.validate()
+        _validate_peers_and_rounds(self)
         _validate_model(self.student, "student")
         if self.teacher is not None:
             _validate_model(self.teacher, "teacher")
@@ -151,7 +156,7 @@ class RunConfig:
         for i, method in enumerate(self.methods):
             entry = _lookup(METHODS, method.name, f"methods[{i}].name")
             method.options = entry.check(method.options, f"methods[{i}]", method.name)
-            if entry.obj.needs_teacher and not names:
+            if entry.obj.needs_teacher and not names and self.rounds < 2:
                 raise ConfigError(f"methods[{i}] ({method.name}) needs a teacher: add a 'teacher:' section")
             if method.teacher is not None and method.teacher not in names:
                 raise ConfigError(f"methods[{i}].teacher ({method.name}): {method.teacher!r} is not one of the "
@@ -179,6 +184,38 @@ class TeacherConfig:
         _validate_model(self.model, "model")
         _validate_init_from(self.model, "model", False)
         validate_data(self.data)
+
+
+def _validate_peers_and_rounds(cfg: RunConfig) -> None:
+    """Peers train without a frozen teacher; methods that read peers need them; rounds and peers do not mix."""
+    from .methods import METHODS
+
+    for i, peer in enumerate(cfg.peers):
+        _validate_model(peer, f"peers[{i}]")
+        if peer.init_from is not None:
+            raise ConfigError(f"peers[{i}].init_from: peers have no teacher to inherit from")
+    if cfg.peers and cfg.teacher is not None:
+        raise ConfigError("peers: students trained as peers teach each other; remove the 'teacher:' section")
+    if cfg.peers and cfg.student.init_from is not None:
+        raise ConfigError("student.init_from: peers have no teacher to inherit from")
+    for i, method in enumerate(cfg.methods):
+        entry = _lookup(METHODS, method.name, f"methods[{i}].name")
+        if getattr(entry.obj, "needs_peers", False) and not cfg.peers:
+            raise ConfigError(f"methods[{i}] ({method.name}) reads other students: add a 'peers:' section")
+        for key, value in {**entry.defaults, **method.options}.items():
+            if value != "estimate":  # a ground-truth weight set in each round (kdzoo.rounds)
+                continue
+            if key != entry.obj.ground_truth_weight:
+                which = entry.obj.ground_truth_weight or "none here"
+                raise ConfigError(f"methods[{i}].{key} ({method.name}): only a ground-truth weight ({which}) can "
+                                  "be 'estimate'")
+            if cfg.rounds < 2:
+                raise ConfigError(f"methods[{i}].{key} ({method.name}): 'estimate' is set in each round of "
+                                  "'rounds: N' (N >= 2); give a number for a single run")
+    if cfg.rounds < 1:
+        raise ConfigError(f"rounds: must be >= 1, got {cfg.rounds}")
+    if cfg.rounds > 1 and cfg.peers:
+        raise ConfigError("rounds: not with 'peers:' (a round's teacher is the previous round's one student)")
 
 
 def _validate_model(model: ModelConfig, where: str) -> None:

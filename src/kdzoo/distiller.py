@@ -264,13 +264,18 @@ class Distiller(nn.Module):
                 student_logits: Optional[torch.Tensor] = None) -> DistillOutput:
         """The student's logits and the named, weighted losses of one batch (see `context`)."""
         ctx = self.context(images, labels, index, epoch, teacher_outputs, student_logits)
+        return DistillOutput(ctx.student_logits, self.losses(ctx))
+
+    def losses(self, ctx: Context) -> dict[str, torch.Tensor]:
+        """The named, weighted losses on one context: the cross-entropy and every method's terms (a term named
+        twice is prefixed with its method's name)."""
         losses = {}
         if self.ce_weight:
-            losses["ce"] = self.ce_weight * labelled_cross_entropy(ctx.student_logits, labels)
+            losses["ce"] = self.ce_weight * labelled_cross_entropy(ctx.student_logits, ctx.labels)
         for name, method in self.methods.items():
             for key, value in method(self._view(ctx, method)).items():
                 losses[key if key not in losses else f"{name}.{key}"] = value
-        return DistillOutput(ctx.student_logits, losses)
+        return losses
 
 
 def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

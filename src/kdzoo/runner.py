@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ from .train import FitResult, evaluate, fit, load_checkpoint
 from .train.checkpoint import remove_stale_files
 from .registry import METHODS, check_value
 from .runtime import resolve_device, seed_everything
-from .train.trainer import CHECKPOINT
+from .train.trainer import CHECKPOINT, Callback, Distillable
 
 RUN_CONFIG = "config.yaml"
 
@@ -123,7 +123,7 @@ def prepare_run_dir(output_dir: str, name: str, resume: bool, run_dir: Optional[
     if resume and not (path / CHECKPOINT).is_file():
         raise ConfigError(f"--resume: no {CHECKPOINT} in {path} (nothing to continue)")
     path.mkdir(parents=True, exist_ok=True)
-    if _is_main_process():  # under torchrun rank 0 alone writes, and alone cleans
+    if is_main_process():  # under torchrun rank 0 alone writes, and alone cleans
         remove_stale_files(path)
     return path
 
@@ -193,17 +193,31 @@ def build_distiller(cfg: RunConfig, data: DataSplits, run_dir: Optional[Path] = 
 
 
 def train_run(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: bool = True) -> FitResult:
+    if cfg.peers or cfg.rounds > 1:  # students teaching each other, or a student retrained in rounds
+        from .peer_runs import train_peers
+        from .rounds import train_rounds
+
+        return (train_peers if cfg.peers else train_rounds)(cfg, run_dir, resume=resume, verbose=verbose)
+    return run_distiller(cfg, run_dir, build_distiller, resume=resume, verbose=verbose)
+
+
+def run_distiller(cfg: RunConfig, run_dir: Path, build: Callable[[RunConfig, DataSplits, Path], Distillable],
+                  resume: bool = False, verbose: bool = True, data: Optional[DataSplits] = None,
+                  callbacks: Optional[Sequence[Callback]] = None) -> FitResult:
+    """One run of what `build(cfg, data, run_dir)` returns: the checks before resuming, initial weights from the
+    seed alone, the config saved, `fit`.  `data`: splits the caller built (a round holding samples out);
+    `callbacks`: in place of `fit`'s default ones."""
     notes = verify_resume_config(cfg, run_dir) if resume else []
-    data = build_data(cfg.data)
+    data = data if data is not None else build_data(cfg.data)
     seed_everything(cfg.train.seed)  # initial weights depend on the seed alone
-    distiller = build_distiller(cfg, data, run_dir)
+    distiller = build(cfg, data, run_dir)
     if resume:
         verify_checkpoint(run_dir, {"student": distiller.student, "methods": distiller.methods}, cfg.train.epochs)
     _report_changes(notes, verbose)
-    if _is_main_process():  # under torchrun rank 0 alone writes
+    if is_main_process():  # under torchrun rank 0 alone writes
         save_config(cfg, run_dir / RUN_CONFIG)
     return fit(distiller, data, cfg.train, run_dir, resume=resume,
-               export_meta=model_meta(cfg.student, data, cfg.data), verbose=verbose)
+               export_meta=model_meta(cfg.student, data, cfg.data), verbose=verbose, callbacks=callbacks)
 
 
 def teacher_run(cfg: TeacherConfig, run_dir: Path, resume: bool = False, verbose: bool = True) -> FitResult:
@@ -215,7 +229,7 @@ def teacher_run(cfg: TeacherConfig, run_dir: Path, resume: bool = False, verbose
     if resume:
         verify_checkpoint(run_dir, {"student": model, "methods": distiller.methods}, cfg.train.epochs)
     _report_changes(notes, verbose)
-    if _is_main_process():  # under torchrun rank 0 alone writes
+    if is_main_process():  # under torchrun rank 0 alone writes
         save_config(cfg, run_dir / RUN_CONFIG)
     result = fit(distiller, data, cfg.train, run_dir, resume=resume,
                  export_meta=model_meta(cfg.model, data, cfg.data), verbose=verbose)
@@ -339,7 +353,7 @@ def verify_checkpoint(run_dir: Path, modules: dict[str, nn.Module], epochs: int)
                           f"give train.epochs >= {state['epoch']}")
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 

@@ -30,6 +30,8 @@ class Context:
     # fields above hold the teacher the method reads.  Labels of unlabelled samples are -1.
     teacher_logits_by_name: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_features_by_name: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # the other students' logits (detached, in peer order) when students are trained together as peers
+    peer_logits: tuple[torch.Tensor, ...] = ()
 
 
 def warmup_factor(epoch: torch.Tensor | float, warmup_epochs: float) -> torch.Tensor | float:
@@ -79,6 +81,11 @@ class Method(nn.Module, abc.ABC):
     - ``needs_teacher``: False for methods that only use the student (self-distillation).
     - ``student_taps`` / ``teacher_taps``: tap specs read from ``ctx.student`` / ``ctx.teacher``;
       instances may override them from their own hyper-parameters.
+    - ``needs_peers``: True for a method that reads the other students' outputs (``ctx.peer_logits``, mutual
+      learning); a run then needs a ``peers:`` section.
+    - ``ground_truth_weight``: the name of the option that weighs the labels (1) against the teacher (0), for a
+      method whose loss mixes the two; ``rounds:`` (kdzoo.rounds) trains a teacher-less first round with it at 1,
+      and may estimate it each later round when written as ``estimate``.  An instance at 1 reads no teacher.
     - ``teacher_train_mode``: True for a method whose reference runs the (frozen) teacher with batch-statistics
       BatchNorm during training (OFD); the Distiller then puts the teacher in train mode while it trains.
     - ``reads_all_teachers``: True for a method that reads every teacher's logits (`Context.teacher_logits_by_name`,
@@ -92,6 +99,8 @@ class Method(nn.Module, abc.ABC):
     teacher_train_mode: ClassVar[bool] = False
     reads_all_teachers: ClassVar[bool] = False
     teacher_name: Optional[str] = None
+    needs_peers: ClassVar[bool] = False
+    ground_truth_weight: ClassVar[Optional[str]] = None
     student_taps: tuple[str, ...] = ()
     teacher_taps: tuple[str, ...] = ()
 

@@ -1,2 +1,3 @@
-"""Training schemes from the seed papers built on the Distiller's general mechanisms: several named teachers
-(MEAL V2), unlabelled samples (SSLD, DHO) and a method-owned head scored at evaluation (DHO)."""
+"""Training schemes from the seed papers built on general mechanisms: several named teachers (MEAL V2),
+unlabelled samples (SSLD, DHO), a method-owned head scored at evaluation (DHO), students trained together as
+peers (DML) and rounds where the last student teaches the next (ISD)."""
