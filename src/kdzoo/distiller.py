@@ -143,7 +143,13 @@ class Distiller(nn.Module):
         if self._teacher_taps is None:
             self._teacher_taps = Taps(self.teacher, self._teacher_paths.values())
         # the references switch the teacher's BatchNorm to batch statistics in training alone; evaluation is eval
-        return teacher_forward(self.teacher, images, self._teacher_taps, self.training and self.teacher_batch_statistics)
+        return teacher_forward(self.teacher, images, self._teacher_taps, self.training and self.teacher_batch_statistics,
+                               stop_after_taps=not self.reads_teacher_logits and bool(self._teacher_paths))
+
+    @property
+    def reads_teacher_logits(self) -> bool:
+        """Whether some method reads the teacher's logits; if none does, its forward ends at its last tap."""
+        return any(m.needs_teacher and m.reads_teacher_logits for m in self.methods.values())
 
     def context(self, images: torch.Tensor, labels: torch.Tensor, index: Optional[torch.Tensor] = None,
                 epoch: float | torch.Tensor = 0.0, teacher_outputs: Optional[TeacherOutputs] = None,
@@ -164,7 +170,10 @@ class Distiller(nn.Module):
             teacher_feats = {spec: teacher_outputs.feature(path) for spec, path in self._teacher_paths.items()}
         if student_logits is None:
             self.open()
-            student_logits = self.student(images)
+            student_images = images
+            for method in self.methods.values():  # e.g. masked patches; the teacher saw the clean batch
+                student_images = method.student_input(student_images)
+            student_logits = self.student(student_images)
             student_feats = self._student_taps.collect()
             student_feats = {spec: student_feats[path] for spec, path in self._student_paths.items()}
         elif self._student_paths:
@@ -192,7 +201,7 @@ class Distiller(nn.Module):
 class TeacherOutputs:
     """A teacher's logits and tapped features (by module tap) for one batch."""
 
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]  # None when the forward stopped at the last tapped layer
     features: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def feature(self, path: str) -> torch.Tensor:
@@ -203,12 +212,44 @@ class TeacherOutputs:
                               f"{', '.join(self.features) or 'none'})") from None
 
 
+class _StopForward(Exception):
+    """Raised by a hook once every tapped teacher feature is captured, to skip the layers after them."""
+
+
+def _stop_when_captured(teacher: nn.Module, taps: Taps) -> list:
+    """Hooks (after the taps' own) that end the forward once every tap has its feature."""
+    from .taps import get_module, split_tap
+
+    def check(*_):
+        if all(tap in taps.features for tap in taps.taps):
+            raise _StopForward
+
+    handles = []
+    for tap in taps.taps:
+        path, want_input = split_tap(tap)
+        module = get_module(teacher, path)
+        handles.append(module.register_forward_pre_hook(check) if want_input else module.register_forward_hook(check))
+    return handles
+
+
 def teacher_forward(teacher: nn.Module, images: torch.Tensor, taps: Optional[Taps] = None,
-                    batch_statistics: bool = False) -> TeacherOutputs:
+                    batch_statistics: bool = False, stop_after_taps: bool = False) -> TeacherOutputs:
     """Run a frozen teacher on one batch under no_grad; `taps` (hooks on it) give its features.
 
     In eval mode, or with `batch_statistics` in train mode with BatchNorm normalising by the batch (OFD's
-    references), through cloned buffers so its running statistics never change."""
+    references), through cloned buffers so its running statistics never change.  `stop_after_taps` ends the
+    forward as soon as every tap is captured (nobody reads the logits, which are then None): a method reading
+    an intermediate layer pays only for the layers up to it."""
+    if stop_after_taps and taps is not None and taps.taps:
+        handles = _stop_when_captured(teacher, taps)
+        try:
+            teacher_forward(teacher, images, None, batch_statistics)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return TeacherOutputs(None, taps.collect())
     with torch.no_grad():
         if batch_statistics:
             teacher.train()

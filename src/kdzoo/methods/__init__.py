@@ -10,6 +10,7 @@ from .logit import nkd, uskd  # noqa: F401,E402
 from .feature import nd, residual  # noqa: F401,E402
 from .relation import affinity  # noqa: F401,E402
 from .crossarch import acam, ofa, scalekd  # noqa: F401,E402
+from .vision_schemes import byot, deit, dmae  # noqa: F401,E402  (issue 12: ViT schemes, self-distillation)
 
 
 def create_method(name: str, **options) -> Method:

@@ -76,11 +76,14 @@ class Method(nn.Module, abc.ABC):
       instances may override them from their own hyper-parameters.
     - ``teacher_train_mode``: True for a method whose reference runs the (frozen) teacher with batch-statistics
       BatchNorm during training (OFD); the Distiller then puts the teacher in train mode while it trains.
+    - ``reads_teacher_logits``: False for a method that reads only teacher features; when no method reads the
+      teacher's logits the Distiller stops the teacher's forward after its deepest tapped layer.
     """
 
     ce_weight: ClassVar[Optional[float]] = None
     needs_teacher: ClassVar[bool] = True
     teacher_train_mode: ClassVar[bool] = False
+    reads_teacher_logits: ClassVar[bool] = True
     student_taps: tuple[str, ...] = ()
     teacher_taps: tuple[str, ...] = ()
 
@@ -97,6 +100,11 @@ class Method(nn.Module, abc.ABC):
     def init_loss(self, ctx: Context) -> torch.Tensor:
         """The loss of the init stage (only called when `init_stage` returns one)."""
         raise TypeError(f"{type(self).__name__} has no init stage")
+
+    def student_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The batch the student sees (the teacher always sees `images`): a method that corrupts the student's
+        input (masked patches) returns its own; the default passes the images through."""
+        return images
 
     @abc.abstractmethod
     def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
