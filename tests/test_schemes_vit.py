@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import yaml
 
 from kdzoo.cli import main
-from kdzoo.config import DataConfig, RunConfig, from_dict, validate_data
+from kdzoo.config import DataConfig, RunConfig, TrainConfig, from_dict, validate_data
 from kdzoo.data import build_dataset, input_example, labels_of
 from kdzoo.data.longtail import long_tail_counts
 from kdzoo.distiller import Distiller
@@ -19,7 +19,7 @@ from kdzoo.methods.vision_schemes.byot import masked_feature_loss, soft_target_l
 from kdzoo.methods.vision_schemes.deit import deit_hard_loss, deit_soft_loss, effective_number_weights
 from kdzoo.methods.vision_schemes.dmae import mask_patches, masked_feature_l1, random_patch_mask
 from kdzoo.models import create_model
-from kdzoo.train import load_checkpoint, read_weights
+from kdzoo.train import fit, load_checkpoint, read_weights
 
 EPS = 1.2e-7 * 64  # float32, a few dozen operations deep
 
@@ -201,7 +201,7 @@ def test_teacher_forward_stops_after_its_deepest_tap():
     teacher = create_model("vit:nano", num_classes=4, in_channels=1, **{**TINY_VIT, "dim": 24})
     calls = {name: 0 for name in ("blocks.2", "blocks.3", "norm", "head")}
     for name in calls:
-        teacher.get_submodule(name).register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
+        teacher.get_submodule(name).register_forward_hook(lambda *a, n=name: calls.__setitem__(n, calls[n] + 1))
     images, labels = next(iter(torch.utils.data.DataLoader(data.train, batch_size=4)))[:2]
 
     distiller = Distiller(student, teacher, [create_method("dmae")], example_input=input_example(data))
@@ -211,6 +211,12 @@ def test_teacher_forward_stops_after_its_deepest_tap():
     assert calls == {"blocks.2": 1, "blocks.3": 0, "norm": 0, "head": 0}  # the layers after the tap never ran
     assert torch.isfinite(out.losses["dmae"]) and "ce" not in out.losses
     distiller.close()
+
+    # the trainer's teacher feed (one forward per batch for all students) stops there too
+    trained = Distiller(student, teacher, [create_method("dmae")], example_input=input_example(data))
+    calls.update({k: 0 for k in calls})
+    fit(trained, data, TrainConfig(epochs=1, batch_size=4, progress=False, device="cpu"), verbose=False)
+    assert calls["blocks.2"] == 2 and calls["blocks.3"] == calls["head"] == 0  # 8 samples, 2 batches
 
     # a method reading the teacher's logits keeps the whole forward
     both = Distiller(student, teacher, [create_method("dmae"), create_method("kd")], example_input=input_example(data))

@@ -162,9 +162,9 @@ def cifar10(root: str = "data", download: bool = False, augment: bool = True, ca
             imbalance_factor: ImbalanceFactor = 1.0) -> DataSplits:
     """torchvision's CIFAR-10 (python pickles under ROOT/cifar-10-batches-py), decoded once into the cache;
     ``imbalance_factor: 100`` is CIFAR-10-LT."""
-    return long_tailed(_torchvision_cifar("CIFAR10", "cifar10", root, download, augment, CIFAR10_MEAN, CIFAR10_STD, cache_dir,
-                              resident, hint="; offline, the JPEG copy in shared/data loads with data.name=imagefolder"),
-                       imbalance_factor)
+    splits = _torchvision_cifar("CIFAR10", "cifar10", root, download, augment, CIFAR10_MEAN, CIFAR10_STD, cache_dir,
+                                resident, hint="; offline, the JPEG copy in shared/data loads with data.name=imagefolder")
+    return long_tailed(splits, imbalance_factor)
 
 
 @register_dataset("cifar100", paper="Krizhevsky 2009, Learning Multiple Layers of Features from Tiny Images")

@@ -9,7 +9,6 @@ set such as CIFAR-10: 5000), so each class can supply its share.  Which samples 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Annotated
 
@@ -24,10 +23,11 @@ ImbalanceFactor = Annotated[float, Range(ge=1)]  # 1: the split as it is; 100: t
 
 
 def long_tail_counts(n_max: int, num_classes: int, factor: float) -> list[int]:
-    """Samples kept per class: floor(n_max * factor^(-i / (C - 1))) for class i (n_max for a single class)."""
+    """Samples kept per class: floor(n_max * factor^(-i / (C - 1))) for class i (n_max for a single class),
+    written as LDAM's ``int(img_max * imb_factor ** (i / (C - 1)))`` so the counts are its counts bit for bit."""
     if num_classes == 1:
         return [n_max]
-    return [int(math.floor(n_max * factor ** (-i / (num_classes - 1)) + 1e-9)) for i in range(num_classes)]
+    return [int(n_max * (1.0 / factor) ** (i / (num_classes - 1))) for i in range(num_classes)]
 
 
 def long_tailed(splits, factor: float, seed: int = 0):

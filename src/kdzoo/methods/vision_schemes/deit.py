@@ -59,7 +59,7 @@ def effective_number_weights(labels: torch.Tensor, num_classes: int, beta: float
 
 
 @register_method("deit", family="scheme", paper="Touvron et al. 2021, DeiT; tail re-weighting: Rangwani et al. 2024, "
-                 "DeiT-LT", student={"name": "vit:nano", "options": {"distillation_token": True}})  # the student it needs
+                 "DeiT-LT", student={"name": "vit:nano", "options": {"distillation_token": True}})  # its student
 class DeiT(Method):
     """``distillation``: hard (the paper's best) or soft; ``weight``: alpha (the class head's cross-entropy gets
     1 - alpha through ``ce_weight``, 0.5 by default); ``student_layer``: the distillation head's tap.
