@@ -1,12 +1,12 @@
 """The issue-12 ViT / self-distillation schemes beside KD and the plain student, on scikit-learn's digits.
 
     PYTHONPATH=src python benchmarks/schemes_vit.py --threads 1       # 3 seeds, 12 epochs: ~5 CPU-minutes
-    PYTHONPATH=src python benchmarks/schemes_vit.py --variants "KD,LT: KD,LT: DeiT-LT" --seeds 5 --json out.json
+    PYTHONPATH=src python benchmarks/schemes_vit.py --threads 1 --imbalance 10 --variants "LT: KD,LT: DeiT-LT"
 
 Every run goes through `kdzoo.runner.train_run` (the code path of `kdzoo train`), each into its own temporary run
 directory.  A tiny:cnn teacher of width 32 learns the digits training split it teaches on (12 epochs, seed 100;
 the long-tailed rows get a teacher trained on the long-tailed split, as DeiT-LT's teacher is); a ViT student
-(vit:nano on 8x8 images, 2x2 patches, width 32, 4 blocks; AdamW 2e-3, cosine) learns for `--epochs`:
+(vit:nano on 8x8 images, 2x2 patches, width 32, 4 blocks; AdamW 2e-3, cosine, batch 32) learns for `--epochs`:
 
     balanced digits:  student alone, KD, DeiT hard / soft (distillation token), BYOT (no teacher),
                       DMAE (masked-input feature stage, then fine-tuning) and G2SD (generic stage, then KD),
@@ -39,7 +39,7 @@ from kdzoo.runner import build_data, build_model, load_weights, teacher_run, tra
 TEACHER = {"name": "tiny:cnn", "options": {"width": 32}}
 VIT = {"name": "vit:nano", "options": {"image_size": 8, "patch_size": 2, "dim": 32}}
 DEIT_VIT = {"name": "vit:nano", "options": {**VIT["options"], "distillation_token": True}}
-TRAIN = {"batch_size": 64, "lr": 0.002, "optimizer": "adamw", "weight_decay": 0.05, "schedule": "cosine",
+TRAIN = {"batch_size": 32, "lr": 0.002, "optimizer": "adamw", "weight_decay": 0.05, "schedule": "cosine",
          "progress": False, "device": "cpu", "save_every": 1000, "eval_every": 1000}
 TAIL_CLASSES = (7, 8, 9)  # the rarest classes of the long-tailed split
 LT_EPOCH_SCALE = 4  # the long-tailed split is 299 of 1347 samples: 4x the epochs for about as many steps
@@ -75,6 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=TRAIN["batch_size"])
     parser.add_argument("--imbalance", type=float, default=100.0, help="imbalance factor of the LT rows")
     parser.add_argument("--variants", default="all", help="comma-separated labels from the table, or all")
     parser.add_argument("--threads", type=int, default=1)
@@ -98,7 +99,8 @@ def main() -> None:
             for seed in range(args.seeds):
                 raw = {"student": spec["student"], "methods": spec["methods"],
                        "teacher": {**TEACHER, "weights": str(teachers[factor])}, "data": data,
-                       "train": {**TRAIN, "epochs": spec.get("epochs", args.epochs), "seed": seed}}
+                       "train": {**TRAIN, "batch_size": args.batch_size, "epochs": spec.get("epochs", args.epochs),
+                                 "seed": seed}}
                 if "stages" in spec:
                     raw["stages"] = spec["stages"]
                 cfg = from_dict(RunConfig, copy.deepcopy(raw))
@@ -110,7 +112,8 @@ def main() -> None:
             print(f"  {label}: {time.time() - started:.0f}s", flush=True)
 
     width = max(len(label) for label in results)
-    print(f"\nvit:nano student on digits, {args.epochs} epochs, {args.seeds} seeds (test top-1 %, last epoch; "
+    print(f"\nvit:nano student on digits, {args.epochs} epochs of batch {args.batch_size}, {args.seeds} seeds "
+          f"(test top-1 %, last epoch; "
           f"LT = training split with imbalance factor {args.imbalance:g}; tail = classes "
           f"{', '.join(map(str, TAIL_CLASSES))})")
     print(f"| {'scheme':<{width}} | top-1 mean +- std | tail top-1 mean +- std |")
