@@ -24,7 +24,7 @@ def test_registry_holds_the_cifar_tables_methods():
 def test_every_method_has_its_own_reference_tests(name):
     """A method without tests fails here: its family's test file must build it by name."""
     family = METHODS.get(name).meta["family"]
-    sources = [p.read_text() for pattern in ("test_methods_*.py", "test_schemes_*.py") for p in TESTS.glob(pattern)]
+    sources = [p.read_text() for p in [*TESTS.glob("test_methods_*.py"), *TESTS.glob("test_schemes_*.py")]]
     pattern = re.compile(rf"""["']{re.escape(name)}["']""")
     assert any(pattern.search(text) for text in sources), \
         f"no tests/test_methods_*.py or test_schemes_*.py names method {name!r}"
@@ -34,11 +34,10 @@ def test_every_method_has_its_own_reference_tests(name):
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_every_method_has_a_valid_recipe_for_each_standard_pair(name):
-    if METHODS.get(name).meta.get("family") == "scheme":  # a scheme shapes teachers and data: its recipe is
-        examples = [p for p in (CONFIGS / "examples").glob("*.yaml")  # an example of its own
-                    if any((m if isinstance(m, str) else m["name"]) == name
-                           for m in (yaml.safe_load(p.read_text()).get("methods") or []))]
-        assert examples, f"scheme {name}: no configs/examples/*.yaml uses it"
+    if METHODS.get(name).meta["family"] == "scheme":  # training schemes: an example config instead of the tables
+        examples = [p for p in CONFIGS.glob("examples/*.yaml") if re.search(rf"\bname: {name}\b|\[{name}\]",
+                                                                            p.read_text())]
+        assert examples, f"{name}: no configs/examples/*.yaml uses it"
         for path in examples:
             load_config(RunConfig, path)
         return
@@ -58,7 +57,7 @@ def test_every_method_trains_two_steps_through_the_cli(name, tmp_path):
     if name in ("ft", "ab", "fsp"):
         method["init_epochs"] = 1  # exercise the init stage, kept short
     config = {
-        "student": {"name": "cifar:resnet8"},
+        "student": METHODS.get(name).meta.get("student", {"name": "cifar:resnet8"}),  # deit: a distillation token
         "teacher": {"name": "cifar:resnet14"},
         "methods": [method],
         "data": {"name": "synthetic", "options": {"train_size": 32, "test_size": 16, "num_classes": 10}},

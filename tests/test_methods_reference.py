@@ -337,7 +337,10 @@ def test_distance_and_gram_losses_stay_float32_under_bf16_autocast(loss):
 
 def mixed_precision_distiller(name: str):
     torch.manual_seed(10)
-    student, teacher = create_model("cifar:resnet8", num_classes=10), create_model("cifar:resnet14", num_classes=10)
+    needs = METHODS.get(name).meta.get("student")  # deit: a student with a distillation token
+    student = (create_model(needs["name"], num_classes=10, image_size=16, **needs["options"]) if needs else
+               create_model("cifar:resnet8", num_classes=10))
+    teacher = create_model("cifar:resnet14", num_classes=10)
     images, labels = torch.randn(8, 3, 16, 16), torch.arange(8) % 10
     train_data = TensorDataset(torch.randn(16, 3, 16, 16), torch.arange(16) % 4)  # nd: the teacher's class means
     distiller = Distiller(student, teacher, [create_method(name)], example_input=images, num_samples=16,

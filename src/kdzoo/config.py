@@ -113,6 +113,21 @@ class MethodConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a staged run (``stages:``): what changes from the run's own keys.  Stages run in order, each
+    student starting from the previous stage's weights (G2SD's generic then specific distillation, DMAE's
+    masked pre-training then fine-tuning)."""
+
+    name: str
+    methods: Optional[list[MethodConfig]] = None  # None: the run's methods
+    train: dict[str, Any] = field(default_factory=dict)  # keys of the run's train: section to change
+    ce_weight: Optional[float] = None  # None: the run's ce_weight
+
+
+STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclass
 class RunConfig:
     """``kdzoo train``: a student distilled from a teacher."""
 
@@ -131,10 +146,35 @@ class RunConfig:
     peers: list[ModelConfig] = field(default_factory=list)
     # train the student this many times, round r+1 taught by round r's student (kdzoo.rounds)
     rounds: int = 1
+    stages: list[StageConfig] = field(default_factory=list)  # empty: one stage, the run itself
+
+    def stage_config(self, index: int, student_weights: Optional[str] = None) -> "RunConfig":
+        """Stage `index` as a run of its own (no stages), its student starting from `student_weights`."""
+        stage = self.stages[index]
+        where = f"stages[{index}]"
+        train = from_dict(TrainConfig, {**to_dict(self.train), **stage.train}, f"{where}.train")
+        student = dataclasses.replace(self.student, options=dict(self.student.options))
+        if student_weights is not None:
+            student.weights, student.init_from = str(student_weights), None
+        methods = self.methods if stage.methods is None else stage.methods
+        return dataclasses.replace(self, student=student, train=train, stages=[],
+                                   methods=[dataclasses.replace(m, options=dict(m.options)) for m in methods],
+                                   ce_weight=stage.ce_weight if stage.ce_weight is not None else self.ce_weight)
 
     def validate(self) -> None:
         from .methods import METHODS
 
+        names = [stage.name for stage in self.stages]
+        for i, stage in enumerate(self.stages):
+            if not STAGE_NAME.fullmatch(stage.name) or names.index(stage.name) != i:
+                raise ConfigError(f"stages[{i}].name: {stage.name!r} must be unique and a plain folder name "
+                                  "(letters, digits, _ . -)")
+            try:
+                self.stage_config(i, "previous-stage" if i else None).validate()
+            except ConfigError as err:
+                message = str(err)
+                raise ConfigError(message if message.startswith("stages[") else f"stages[{i}] ({stage.name}): "
+                                  f"{message}") from None
         self.train.validate()
         _validate_peers_and_rounds(self)
         _validate_model(self.student, "student")
@@ -187,9 +227,13 @@ class TeacherConfig:
 
 
 def _validate_peers_and_rounds(cfg: RunConfig) -> None:
-    """Peers train without a frozen teacher; methods that read peers need them; rounds and peers do not mix."""
+    """Peers train without a frozen teacher; methods that read peers need them; rounds, peers and stages do not
+    mix."""
     from .methods import METHODS
 
+    if cfg.stages and (cfg.peers or cfg.rounds > 1):
+        raise ConfigError("stages: a staged run trains one student once per stage; it cannot also have "
+                          "'peers:' or 'rounds:'")
     for i, peer in enumerate(cfg.peers):
         _validate_model(peer, f"peers[{i}]")
         if peer.init_from is not None:

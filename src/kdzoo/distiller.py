@@ -210,7 +210,17 @@ class Distiller(nn.Module):
                 self._other_teacher_taps[name] = Taps(teacher, self._teacher_paths_by_name[name].values())
             taps = self._other_teacher_taps[name]
         # the references switch the teacher's BatchNorm to batch statistics in training alone; evaluation is eval
-        return teacher_forward(teacher, images, taps, self.training and self._batch_statistics(name))
+        return teacher_forward(teacher, images, taps, self.training and self._batch_statistics(name),
+                               stop_after_taps=not self._reads_logits(name) and bool(self._teacher_paths_by_name[name]))
+
+    @property
+    def reads_teacher_logits(self) -> bool:
+        """Whether some method reads the (first) teacher's logits; if none does, its forward ends at its last tap."""
+        return self._reads_logits(self.teacher_name)
+
+    def _reads_logits(self, name: Optional[str]) -> bool:
+        return any(m.needs_teacher and (m.reads_all_teachers or (m.reads_teacher_logits and self.method_teacher(m) == name))
+                   for m in self.methods.values())
 
     def context(self, images: torch.Tensor, labels: torch.Tensor, index: Optional[torch.Tensor] = None,
                 epoch: float | torch.Tensor = 0.0,
@@ -238,7 +248,10 @@ class Distiller(nn.Module):
         teacher_feats = feats_by_name.get(self.teacher_name, {})
         if student_logits is None:
             self.open()
-            student_logits = self.student(images)
+            student_images = images
+            for method in self.methods.values():  # e.g. masked patches; the teacher saw the clean batch
+                student_images = method.student_input(student_images)
+            student_logits = self.student(student_images)
             student_feats = self._student_taps.collect()
             student_feats = {spec: student_feats[path] for spec, path in self._student_paths.items()}
         elif self._student_paths:
@@ -290,7 +303,7 @@ def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
 class TeacherOutputs:
     """A teacher's logits and tapped features (by module tap) for one batch."""
 
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]  # None when the forward stopped at the last tapped layer
     features: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def feature(self, path: str) -> torch.Tensor:
@@ -301,12 +314,44 @@ class TeacherOutputs:
                               f"{', '.join(self.features) or 'none'})") from None
 
 
+class _StopForward(Exception):
+    """Raised by a hook once every tapped teacher feature is captured, to skip the layers after them."""
+
+
+def _stop_when_captured(teacher: nn.Module, taps: Taps) -> list:
+    """Hooks (after the taps' own) that end the forward once every tap has its feature."""
+    from .taps import get_module, split_tap
+
+    def check(*_):
+        if all(tap in taps.features for tap in taps.taps):
+            raise _StopForward
+
+    handles = []
+    for tap in taps.taps:
+        path, want_input = split_tap(tap)
+        module = get_module(teacher, path)
+        handles.append(module.register_forward_pre_hook(check) if want_input else module.register_forward_hook(check))
+    return handles
+
+
 def teacher_forward(teacher: nn.Module, images: torch.Tensor, taps: Optional[Taps] = None,
-                    batch_statistics: bool = False) -> TeacherOutputs:
+                    batch_statistics: bool = False, stop_after_taps: bool = False) -> TeacherOutputs:
     """Run a frozen teacher on one batch under no_grad; `taps` (hooks on it) give its features.
 
     In eval mode, or with `batch_statistics` in train mode with BatchNorm normalising by the batch (OFD's
-    references), through cloned buffers so its running statistics never change."""
+    references), through cloned buffers so its running statistics never change.  `stop_after_taps` ends the
+    forward as soon as every tap is captured (nobody reads the logits, which are then None): a method reading
+    an intermediate layer pays only for the layers up to it."""
+    if stop_after_taps and taps is not None and taps.taps:
+        handles = _stop_when_captured(teacher, taps)
+        try:
+            teacher_forward(teacher, images, None, batch_statistics)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return TeacherOutputs(None, taps.collect())
     with torch.no_grad():
         if batch_statistics:
             teacher.train()

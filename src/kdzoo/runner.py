@@ -31,7 +31,7 @@ from .models.weights import load_weights as load_model_weights
 from .train import FitResult, evaluate, fit, load_checkpoint
 from .train.checkpoint import remove_stale_files
 from .registry import METHODS, check_value
-from .runtime import resolve_device, seed_everything
+from .runtime import atomic_write, resolve_device, seed_everything
 from .train.trainer import CHECKPOINT, Callback, Distillable
 
 RUN_CONFIG = "config.yaml"
@@ -118,9 +118,9 @@ def load_weights(model: nn.Module, path: str | Path, where: str = "") -> LoadRep
 
 def prepare_run_dir(output_dir: str, name: str, resume: bool, run_dir: Optional[str] = None) -> Path:
     path = Path(run_dir) if run_dir else Path(output_dir) / name
-    if not resume and (path / CHECKPOINT).exists():
+    if not resume and holds_run(path):
         raise ConfigError(f"{path} already holds a run: pass --resume to continue it, or set name=... for a new one")
-    if resume and not (path / CHECKPOINT).is_file():
+    if resume and not holds_run(path):
         raise ConfigError(f"--resume: no {CHECKPOINT} in {path} (nothing to continue)")
     path.mkdir(parents=True, exist_ok=True)
     if is_main_process():  # under torchrun rank 0 alone writes, and alone cleans
@@ -193,20 +193,8 @@ def build_distiller(cfg: RunConfig, data: DataSplits, run_dir: Optional[Path] = 
 
 
 def train_run(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: bool = True) -> FitResult:
-    if cfg.peers or cfg.rounds > 1:  # students teaching each other, or a student retrained in rounds
-        from .peer_runs import train_peers
-        from .rounds import train_rounds
-
-        return (train_peers if cfg.peers else train_rounds)(cfg, run_dir, resume=resume, verbose=verbose)
-    return run_distiller(cfg, run_dir, build_distiller, resume=resume, verbose=verbose)
-
-
-def run_distiller(cfg: RunConfig, run_dir: Path, build: Callable[[RunConfig, DataSplits, Path], Distillable],
-                  resume: bool = False, verbose: bool = True, data: Optional[DataSplits] = None,
-                  callbacks: Optional[Sequence[Callback]] = None) -> FitResult:
-    """One run of what `build(cfg, data, run_dir)` returns: the checks before resuming, initial weights from the
-    seed alone, the config saved, `fit`.  `data`: splits the caller built (a round holding samples out);
-    `callbacks`: in place of `fit`'s default ones."""
+from .runtime import atomic_write, resolve_device, seed_everything
+from .train.trainer import CHECKPOINT, Callback, Distillable
     notes = verify_resume_config(cfg, run_dir) if resume else []
     data = data if data is not None else build_data(cfg.data)
     seed_everything(cfg.train.seed)  # initial weights depend on the seed alone
@@ -218,6 +206,47 @@ def run_distiller(cfg: RunConfig, run_dir: Path, build: Callable[[RunConfig, Dat
         save_config(cfg, run_dir / RUN_CONFIG)
     return fit(distiller, data, cfg.train, run_dir, resume=resume,
                export_meta=model_meta(cfg.student, data, cfg.data), verbose=verbose, callbacks=callbacks)
+
+
+# ---------------------------------------------------------------- staged runs (RunConfig.stages)
+
+STAGES_DIR = "stages"
+
+
+def stage_dir(run_dir: Path, index: int, name: str) -> Path:
+    """Where stage `index` of a staged run keeps its checkpoint, config, metrics and weights."""
+    return Path(run_dir) / STAGES_DIR / f"{index}-{name}"
+
+
+def holds_run(path: Path) -> bool:
+    """Whether a run directory holds a checkpoint: its own, or one of its stages'."""
+    path = Path(path)
+    return (path / CHECKPOINT).is_file() or any((path / STAGES_DIR).glob(f"*/{CHECKPOINT}"))
+
+
+def train_stages(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: bool = True) -> FitResult:
+    """Run the stages in order, each a plain run in its own folder whose student starts from the previous
+    stage's exported weights; the last stage's weights are copied to the run directory.  With `resume` a stage
+    that has a checkpoint continues from it (a finished one only re-exports), the others start afresh."""
+    notes = verify_resume_config(cfg, run_dir) if resume else []
+    _report_changes(notes, verbose)
+    if is_main_process():
+        save_config(cfg, run_dir / RUN_CONFIG)
+    weights, result = cfg.student.weights, None
+    for i, stage in enumerate(cfg.stages):
+        folder = stage_dir(run_dir, i, stage.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        if verbose:
+            print(f"stage {i + 1}/{len(cfg.stages)}: {stage.name} ({folder})")
+        stage_cfg = cfg.stage_config(i, weights if i else None)
+        result = train_run(stage_cfg, folder, resume=resume and (folder / CHECKPOINT).is_file(), verbose=verbose)
+        weights = str(folder / "student.safetensors")
+    if is_main_process():  # the run directory's weights are the last stage's student
+        import shutil
+
+        atomic_write(run_dir / "student.safetensors", lambda tmp: shutil.copyfile(weights, tmp))
+    result.run_dir = run_dir
+    return result
 
 
 def teacher_run(cfg: TeacherConfig, run_dir: Path, resume: bool = False, verbose: bool = True) -> FitResult:

@@ -28,6 +28,7 @@ from ..registry import DATASETS, Fraction, NonNegative, PositiveInt, register_da
 from .arrays import CIFAR_AUGMENT, UInt8Images, parse_resident
 from .cache import DecodedSplit, cached_decode
 from .loaders import TensorData
+from .longtail import ImbalanceFactor, long_tailed
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
@@ -71,8 +72,10 @@ def labels_of(dataset: Dataset) -> torch.Tensor:
 
 
 @register_dataset("digits", paper="scikit-learn's copy of the UCI optical digits (1797 8x8 images)")
-def digits(test_fraction: Fraction = 0.25, split_seed: int = 0, image_size: PositiveInt = 8) -> DataSplits:
-    """Real 8x8 grey-scale digits shipped inside scikit-learn: no download."""
+def digits(test_fraction: Fraction = 0.25, split_seed: int = 0, image_size: PositiveInt = 8,
+           imbalance_factor: ImbalanceFactor = 1.0) -> DataSplits:
+    """Real 8x8 grey-scale digits shipped inside scikit-learn: no download.  `imbalance_factor` (every labelled
+    dataset has it): a long-tailed training split, see `kdzoo.data.longtail`."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -85,14 +88,15 @@ def digits(test_fraction: Fraction = 0.25, split_seed: int = 0, image_size: Posi
     test_idx, train_idx = order[:n_test], order[n_test:]
     mean, std = images[train_idx].mean(), images[train_idx].std()
     images = (images - mean) / std
-    return DataSplits("digits", TensorData(images[train_idx], labels[train_idx]),
-                      TensorData(images[test_idx], labels[test_idx]), 10, 1, (image_size, image_size))
+    return long_tailed(DataSplits("digits", TensorData(images[train_idx], labels[train_idx]),
+                                  TensorData(images[test_idx], labels[test_idx]), 10, 1, (image_size, image_size)),
+                       imbalance_factor)
 
 
 @register_dataset("synthetic", paper="generated class prototypes plus noise, for tests")
 def synthetic(num_classes: PositiveInt = 10, image_size: PositiveInt = 32, channels: PositiveInt = 3,
               train_size: PositiveInt = 512, test_size: PositiveInt = 256, noise: NonNegative = 0.5,
-              seed: int = 0) -> DataSplits:
+              seed: int = 0, imbalance_factor: ImbalanceFactor = 1.0) -> DataSplits:
     """Each class is a smooth random prototype image; samples add Gaussian noise.  Learnable, tiny."""
     g = torch.Generator().manual_seed(seed)
     coarse = torch.randn(num_classes, channels, 4, 4, generator=g)
@@ -104,7 +108,8 @@ def synthetic(num_classes: PositiveInt = 10, image_size: PositiveInt = 32, chann
         images = prototypes[labels] + noise * torch.randn(n, channels, image_size, image_size, generator=g)
         return TensorData(images, labels)
 
-    return DataSplits("synthetic", draw(train_size), draw(test_size), num_classes, channels, (image_size, image_size))
+    return long_tailed(DataSplits("synthetic", draw(train_size), draw(test_size), num_classes, channels,
+                                  (image_size, image_size)), imbalance_factor)
 
 
 # ---------------------------------------------------------------- decoded, cached, uint8 datasets
@@ -159,18 +164,22 @@ def _torchvision_cifar(cls_name: str, name: str, root: str, download: bool, augm
 
 @register_dataset("cifar10", paper="Krizhevsky 2009, Learning Multiple Layers of Features from Tiny Images")
 def cifar10(root: str = "data", download: bool = False, augment: bool = True, cache_dir: Optional[str] = None,
-            resident: Union[Literal["auto", "true", "false"], bool] = "auto") -> DataSplits:
-    """torchvision's CIFAR-10 (python pickles under ROOT/cifar-10-batches-py), decoded once into the cache."""
-    return _torchvision_cifar("CIFAR10", "cifar10", root, download, augment, CIFAR10_MEAN, CIFAR10_STD, cache_dir,
-                              resident, hint="; offline, the JPEG copy in shared/data loads with data.name=imagefolder")
+            resident: Union[Literal["auto", "true", "false"], bool] = "auto",
+            imbalance_factor: ImbalanceFactor = 1.0) -> DataSplits:
+    """torchvision's CIFAR-10 (python pickles under ROOT/cifar-10-batches-py), decoded once into the cache;
+    ``imbalance_factor: 100`` is CIFAR-10-LT."""
+    splits = _torchvision_cifar("CIFAR10", "cifar10", root, download, augment, CIFAR10_MEAN, CIFAR10_STD, cache_dir,
+                                resident, hint="; offline, the JPEG copy in shared/data loads with data.name=imagefolder")
+    return long_tailed(splits, imbalance_factor)
 
 
 @register_dataset("cifar100", paper="Krizhevsky 2009, Learning Multiple Layers of Features from Tiny Images")
 def cifar100(root: str = "data", download: bool = False, augment: bool = True, cache_dir: Optional[str] = None,
-             resident: Union[Literal["auto", "true", "false"], bool] = "auto") -> DataSplits:
+             resident: Union[Literal["auto", "true", "false"], bool] = "auto",
+             imbalance_factor: ImbalanceFactor = 1.0) -> DataSplits:
     """torchvision's CIFAR-100 (python pickles under ROOT/cifar-100-python), 100 fine labels."""
-    return _torchvision_cifar("CIFAR100", "cifar100", root, download, augment, CIFAR100_MEAN, CIFAR100_STD,
-                              cache_dir, resident)
+    return long_tailed(_torchvision_cifar("CIFAR100", "cifar100", root, download, augment, CIFAR100_MEAN,
+                                          CIFAR100_STD, cache_dir, resident), imbalance_factor)
 
 
 def _decode_image(path: str, size: tuple[int, int]) -> np.ndarray:
@@ -241,7 +250,8 @@ def channel_constants(mean: Union[str, Sequence[float]], std: Union[str, Sequenc
 def imagefolder(root: str = "data/imagefolder", image_size: PositiveInt = 32, augment: bool = True,
                 mean: Union[NormalizationName, list[float]] = "imagenet",
                 std: Union[NormalizationName, list[float]] = "imagenet", test_split: str = "test",
-                cache_dir: Optional[str] = None, resident: Union[Literal["auto", "true", "false"], bool] = "auto") -> DataSplits:
+                cache_dir: Optional[str] = None, resident: Union[Literal["auto", "true", "false"], bool] = "auto",
+                imbalance_factor: ImbalanceFactor = 1.0) -> DataSplits:
     """Class-per-folder images (any size, any PIL format) decoded once to RGB uint8 image_size x image_size.
     `mean` / `std` normalise pixels in [0, 1]: ImageNet's by default, as torchvision's and timm's pretrained
     models expect; ``cifar10`` / ``cifar100`` or a list of 3 numbers otherwise.  Pretrained ImageNet models
@@ -264,7 +274,8 @@ def imagefolder(root: str = "data/imagefolder", image_size: PositiveInt = 32, au
                                        {"image_size": list(size)})
     if decoded["train"].meta["classes"] != decoded[test_split].meta["classes"]:
         raise ConfigError(f"imagefolder: train and {test_split} class folders differ under {root!r}")
-    return _uint8_splits("imagefolder", decoded["train"], decoded[test_split], mean, std, augment, resident)
+    return long_tailed(_uint8_splits("imagefolder", decoded["train"], decoded[test_split], mean, std, augment,
+                                     resident), imbalance_factor)
 
 
 def _gunzip(archive: Path, target: Path) -> None:
@@ -316,7 +327,7 @@ def _decode_fashion_mnist(root: str, train: bool) -> DecodedSplit:
 @register_dataset("fashion_mnist", paper="Xiao et al. 2017, Fashion-MNIST (28x28 grey-scale clothing, 10 classes)")
 def fashion_mnist(root: str = "data", download: bool = False, augment: bool = False,
                   cache_dir: Optional[str] = None, resident: Union[Literal["auto", "true", "false"], bool] = "auto",
-                  debian_dir: str = DEBIAN_FASHION_MNIST) -> DataSplits:
+                  debian_dir: str = DEBIAN_FASHION_MNIST, imbalance_factor: ImbalanceFactor = 1.0) -> DataSplits:
     """torchvision's FashionMNIST; the idx files come from ROOT/FashionMNIST/raw or the Debian package.
     `augment` is off by default (the dataset-condensation recipes train without it); on, it is crop + flip."""
     raw = _fashion_mnist_raw(root, debian_dir, download)
@@ -325,8 +336,8 @@ def fashion_mnist(root: str = "data", download: bool = False, augment: bool = Fa
         files = [raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"]
         decoded[split] = cached_decode("fashion_mnist", split, files, raw,
                                        partial(_decode_fashion_mnist, root, split == "train"), cache_dir)
-    return _uint8_splits("fashion_mnist", decoded["train"], decoded["test"], FASHION_MNIST_MEAN, FASHION_MNIST_STD,
-                         augment, resident)
+    return long_tailed(_uint8_splits("fashion_mnist", decoded["train"], decoded["test"], FASHION_MNIST_MEAN,
+                                     FASHION_MNIST_STD, augment, resident), imbalance_factor)
 
 
 __all__ = ["DataSplits", "build_dataset", "input_example", "labels_of", "DATASETS"]

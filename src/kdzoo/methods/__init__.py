@@ -13,6 +13,7 @@ from .crossarch import acam, ofa, scalekd  # noqa: F401,E402
 # issue 12, training schemes: several teachers (MEAL V2), unlabelled data (SSLD), method-owned heads (DHO),
 # mutual learning (peers), iterative self-distillation (rounds)
 from .schemes import dho, dml, isd, meal_v2, ssld  # noqa: F401,E402
+from .vision_schemes import byot, deit, dmae  # noqa: F401,E402  (issue 12: ViT schemes, self-distillation)
 
 
 def create_method(name: str, **options) -> Method:

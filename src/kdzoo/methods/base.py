@@ -92,6 +92,8 @@ class Method(nn.Module, abc.ABC):
       e.g. an ensemble target); such a method reads no teacher feature.
     - ``teacher_name``: which of a distiller's named teachers this instance reads (None: the first one); set
       from a method's ``teacher:`` config key.
+    - ``reads_teacher_logits``: False for a method that reads only teacher features; when no method reads the
+      teacher's logits the Distiller stops the teacher's forward after its deepest tapped layer.
     """
 
     ce_weight: ClassVar[Optional[float]] = None
@@ -101,6 +103,7 @@ class Method(nn.Module, abc.ABC):
     teacher_name: Optional[str] = None
     needs_peers: ClassVar[bool] = False
     ground_truth_weight: ClassVar[Optional[str]] = None
+    reads_teacher_logits: ClassVar[bool] = True
     student_taps: tuple[str, ...] = ()
     teacher_taps: tuple[str, ...] = ()
 
@@ -123,6 +126,10 @@ class Method(nn.Module, abc.ABC):
         changes how predictions are made (an extra head it trained, combined with weights it may choose here on
         `Setup.held_out_data`).  Called before each evaluation, in no_grad.  Default: None (the student alone)."""
         return None
+    def student_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The batch the student sees (the teacher always sees `images`): a method that corrupts the student's
+        input (masked patches) returns its own; the default passes the images through."""
+        return images
 
     @abc.abstractmethod
     def forward(self, ctx: Context) -> dict[str, torch.Tensor]:

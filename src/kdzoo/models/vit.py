@@ -70,21 +70,33 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """Plain ViT; ``class_token=False`` pools the patch tokens instead (no prefix tokens)."""
+    """Plain ViT; ``class_token=False`` pools the patch tokens instead (no prefix tokens).
+
+    ``distillation_token=True`` is DeiT's distilled model: a second learned token after the class token,
+    read by its own linear head ``head_dist``.  In training the model returns the class head's logits (what
+    cross-entropy with the labels reads) and a method reads the distillation head through the tap
+    ``head_dist``; in evaluation it returns the average of the two heads, as DeiT infers
+    (facebookresearch/deit ``DistilledVisionTransformer.forward``)."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, patch_size: int = 4,
-                 dim: int = 192, depth: int = 12, heads: int = 3, mlp_ratio: float = 4.0, class_token: bool = True):
+                 dim: int = 192, depth: int = 12, heads: int = 3, mlp_ratio: float = 4.0, class_token: bool = True,
+                 distillation_token: bool = False):
         super().__init__()
+        if distillation_token and not class_token:
+            raise ConfigError("vit: distillation_token needs class_token (DeiT's tokens lead the sequence together)")
         self.patch_embed = PatchEmbed(image_size, patch_size, in_channels, dim)
-        self.num_prefix_tokens = int(class_token)
+        self.num_prefix_tokens = int(class_token) + int(distillation_token)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if distillation_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.grid ** 2 + self.num_prefix_tokens, dim))
         self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
+        self.head_dist = nn.Linear(dim, num_classes) if distillation_token else None
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for token in (self.cls_token, self.dist_token):
+            if token is not None:
+                nn.init.trunc_normal_(token, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -92,27 +104,36 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)
+        prefix = [t.expand(len(x), -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        if prefix:
+            x = torch.cat([*prefix, x], dim=1)
         x = self.norm(self.blocks(x + self.pos_embed))
         pooled = x[:, 0] if self.cls_token is not None else x.mean(1)
-        return self.head(pooled)
+        if self.head_dist is None:
+            return self.head(pooled)
+        # the distillation head runs first and in both modes: its tap "head_dist" is always filled, and the class
+        # head stays the last linear, whose input is the layout's "penultimate" feature (the class token)
+        dist_logits = self.head_dist(x[:, 1])
+        logits = self.head(pooled)
+        return logits if self.training else (logits + dist_logits) / 2
 
 
 @register_model("vit:nano", family="vit", paper=VIT_PAPER)
 def vit_nano(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, patch_size: int = 4, dim: int = 64,
-             depth: int = 4, heads: int = 2, mlp_ratio: float = 2.0, class_token: bool = True) -> VisionTransformer:
+             depth: int = 4, heads: int = 2, mlp_ratio: float = 2.0, class_token: bool = True,
+             distillation_token: bool = False) -> VisionTransformer:
     """A ViT small enough for CPU tests and the digits demo (about 0.14M parameters at 32x32)."""
     return VisionTransformer(num_classes, in_channels, image_size, patch_size, dim, depth, heads, mlp_ratio,
-                             class_token)
+                             class_token, distillation_token)
 
 
 @register_model("vit:tiny", family="vit", paper=VIT_PAPER)
 def vit_tiny(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, patch_size: int = 4, dim: int = 192,
-             depth: int = 12, heads: int = 3, mlp_ratio: float = 4.0, class_token: bool = True) -> VisionTransformer:
+             depth: int = 12, heads: int = 3, mlp_ratio: float = 4.0, class_token: bool = True,
+             distillation_token: bool = False) -> VisionTransformer:
     """DeiT-Ti's shape (192 wide, 12 blocks, 3 heads) on 4x4 patches of a 32x32 image (about 5.4M parameters)."""
     return VisionTransformer(num_classes, in_channels, image_size, patch_size, dim, depth, heads, mlp_ratio,
-                             class_token)
+                             class_token, distillation_token)
 
 
 def import_timm():

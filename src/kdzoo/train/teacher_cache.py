@@ -164,6 +164,10 @@ class TeacherFeed:
             cache = None
         self.cache = cache if self.teacher is not None else None
         self.compile_mode = compile_mode
+        # no user reads the teacher's logits (features only, e.g. DMAE's intermediate layer): its forward stops
+        # after the deepest tap.  Not with a cache (it stores logits) nor compiled (the stop is an exception)
+        self.stop_after_taps = (bool(self.paths) and self.cache is None and compile_mode == "off"
+                                and not any(getattr(d, "reads_teacher_logits", True) for d in self.users))
         self.taps: Optional[Taps] = None
         self._forward = None
         self.forwards = 0  # live teacher forwards run (tests and benchmarks read it)
@@ -179,8 +183,9 @@ class TeacherFeed:
         if self.teacher is not None:
             self.taps = Taps(self.teacher, self.paths)
             taps, teacher, batch_statistics = self.taps, self.teacher, self.batch_statistics
-            self._forward = compile_function(lambda images: teacher_forward(teacher, images, taps, batch_statistics),
-                                             self.compile_mode)
+            stop = self.stop_after_taps
+            self._forward = compile_function(lambda images: teacher_forward(teacher, images, taps, batch_statistics,
+                                                                            stop_after_taps=stop), self.compile_mode)
         return self
 
     def __exit__(self, *exc) -> None:

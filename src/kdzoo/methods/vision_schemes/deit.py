@@ -1,0 +1,107 @@
+"""DeiT: Touvron et al. 2021, "Training data-efficient image transformers & distillation through attention";
+DeiT-LT: Rangwani et al. 2024, "DeiT-LT: Distillation Strikes Back for Vision Transformer Training on Long-Tailed
+Datasets".
+
+The student is a ViT with a distillation token (``vit:*`` with ``distillation_token: true``): the class head
+learns from the labels (the Distiller's cross-entropy, weight 1 - alpha) and the distillation head, read here
+through its tap ``head_dist``, from the teacher (weight alpha).  At inference the model averages both heads.
+Losses follow facebookresearch/deit ``losses.py`` (DistillationLoss): hard = cross-entropy with the teacher's
+argmax; soft = KL at temperature T, summed and divided by the number of logits (batch x classes), times T^2;
+alpha 0.5 and T 1 are its defaults (``--distillation-alpha``, ``--distillation-tau``).
+
+DeiT-LT re-weights the distillation head's loss toward tail classes with the class-balanced weights of Cui et
+al. 2019 (effective number of samples, beta 0.9999) by the class the teacher predicts, switched on from a
+chosen epoch (deferred re-weighting, LDAM-DRW's schedule which DeiT-LT follows).  The class counts are those
+of the training labels the Distiller passes in `Setup.train_labels`.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import ConfigError
+from ...registry import Fraction, NonNegative, Positive, register_method
+from ..base import Context, Method, Setup
+
+__all__ = ["deit_hard_loss", "deit_soft_loss", "effective_number_weights", "DeiT"]
+
+
+def deit_hard_loss(dist_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   class_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cross-entropy of the distillation head with the teacher's top-1 class as the label; with `class_weights`
+    torch's weighted mean (sum of w[y_i] * ce_i over sum of w[y_i])."""
+    return F.cross_entropy(dist_logits, teacher_logits.argmax(dim=1), weight=class_weights)
+
+
+def deit_soft_loss(dist_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                   class_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """KL(teacher_T || student_T) summed, divided by batch x classes, times T^2 (DeiT's normalisation).
+    `class_weights` weigh each sample by the teacher's top-1 class (a weighted mean over the batch)."""
+    log_p_student = F.log_softmax(dist_logits / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    per_sample = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=1)
+    if class_weights is None:
+        mean = per_sample.mean()
+    else:
+        w = class_weights[teacher_logits.argmax(dim=1)]
+        mean = (w * per_sample).sum() / w.sum()
+    return mean / dist_logits.shape[1] * temperature ** 2
+
+
+def effective_number_weights(labels: torch.Tensor, num_classes: int, beta: float = 0.9999) -> torch.Tensor:
+    """Class-balanced weights (Cui et al. 2019): (1 - beta) / (1 - beta^n_c), scaled to sum to the class count.
+    Negative labels (unlabelled samples) are not counted; an absent class counts as one sample."""
+    counts = torch.bincount(labels[labels >= 0].long(), minlength=num_classes)[:num_classes].clamp(min=1)
+    weights = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts.double()))
+    return (weights / weights.sum() * num_classes).float()
+
+
+@register_method("deit", family="scheme", paper="Touvron et al. 2021, DeiT; tail re-weighting: Rangwani et al. 2024, "
+                 "DeiT-LT", student={"name": "vit:nano", "options": {"distillation_token": True}})  # its student
+class DeiT(Method):
+    """``distillation``: hard (the paper's best) or soft; ``weight``: alpha (the class head's cross-entropy gets
+    1 - alpha through ``ce_weight``, 0.5 by default); ``student_layer``: the distillation head's tap.
+    ``tail_weighting: effective_number`` turns on DeiT-LT's re-weighting from ``reweight_from_epoch``."""
+
+    ce_weight = 0.5
+
+    def __init__(self, distillation: Literal["hard", "soft"] = "hard", weight: NonNegative = 0.5,
+                 temperature: Positive = 1.0, student_layer: str = "head_dist",
+                 tail_weighting: Literal["none", "effective_number"] = "none", beta: Fraction = 0.9999,
+                 reweight_from_epoch: NonNegative = 0.0):
+        super().__init__()
+        self.distillation = distillation
+        self.weight = weight
+        self.temperature = temperature
+        self.tail_weighting = tail_weighting
+        self.beta = beta
+        self.reweight_from_epoch = reweight_from_epoch
+        self.student_taps = (student_layer,)
+        self.register_buffer("class_weights", torch.ones(0), persistent=False)
+
+    def build(self, setup: Setup) -> None:
+        shape = setup.student_shapes[self.student_taps[0]]
+        if tuple(shape[1:]) != (setup.num_classes,):
+            raise ConfigError(f"student_layer {self.student_taps[0]!r} gives {list(shape)}, not logits over "
+                              f"{setup.num_classes} classes: give the student a distillation head (vit: models: "
+                              "distillation_token: true)")
+        if self.tail_weighting == "effective_number":
+            if setup.train_labels is None:
+                raise ConfigError("tail_weighting needs the training labels to count classes")
+            self.class_weights = effective_number_weights(setup.train_labels, setup.num_classes, self.beta)
+
+    def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
+        dist_logits = ctx.student[self.student_taps[0]]
+        weights = None
+        if self.class_weights.numel():
+            # deferred re-weighting: plain until `reweight_from_epoch`, as a tensor blend so a compiled step
+            # never specialises on the epoch
+            on = (torch.as_tensor(ctx.epoch, device=dist_logits.device) >= self.reweight_from_epoch).float()
+            weights = on * self.class_weights.to(dist_logits.device) + (1 - on)
+        if self.distillation == "hard":
+            loss = deit_hard_loss(dist_logits, ctx.teacher_logits, weights)
+        else:
+            loss = deit_soft_loss(dist_logits, ctx.teacher_logits, self.temperature, weights)
+        return {"deit": self.weight * loss}
