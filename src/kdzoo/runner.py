@@ -193,8 +193,22 @@ def build_distiller(cfg: RunConfig, data: DataSplits, run_dir: Optional[Path] = 
 
 
 def train_run(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: bool = True) -> FitResult:
-from .runtime import atomic_write, resolve_device, seed_everything
-from .train.trainer import CHECKPOINT, Callback, Distillable
+    if cfg.stages:
+        return train_stages(cfg, run_dir, resume, verbose)
+    if cfg.peers or cfg.rounds > 1:  # students teaching each other, or a student retrained in rounds
+        from .peer_runs import train_peers
+        from .rounds import train_rounds
+
+        return (train_peers if cfg.peers else train_rounds)(cfg, run_dir, resume=resume, verbose=verbose)
+    return run_distiller(cfg, run_dir, build_distiller, resume=resume, verbose=verbose)
+
+
+def run_distiller(cfg: RunConfig, run_dir: Path, build: Callable[[RunConfig, DataSplits, Path], Distillable],
+                  resume: bool = False, verbose: bool = True, data: Optional[DataSplits] = None,
+                  callbacks: Optional[Sequence[Callback]] = None) -> FitResult:
+    """One run of what `build(cfg, data, run_dir)` returns: the checks before resuming, initial weights from the
+    seed alone, the config saved, `fit`.  `data`: splits the caller built (a round holding samples out);
+    `callbacks`: in place of `fit`'s default ones."""
     notes = verify_resume_config(cfg, run_dir) if resume else []
     data = data if data is not None else build_data(cfg.data)
     seed_everything(cfg.train.seed)  # initial weights depend on the seed alone
