@@ -211,7 +211,8 @@ class Distiller(nn.Module):
             taps = self._other_teacher_taps[name]
         # the references switch the teacher's BatchNorm to batch statistics in training alone; evaluation is eval
         return teacher_forward(teacher, images, taps, self.training and self._batch_statistics(name),
-                               stop_after_taps=not self._reads_logits(name) and bool(self._teacher_paths_by_name[name]))
+                               stop_after_taps=not self._reads_logits(name)
+                               and bool(self._teacher_paths_by_name[name]))
 
     @property
     def reads_teacher_logits(self) -> bool:
@@ -219,7 +220,8 @@ class Distiller(nn.Module):
         return self._reads_logits(self.teacher_name)
 
     def _reads_logits(self, name: Optional[str]) -> bool:
-        return any(m.needs_teacher and (m.reads_all_teachers or (m.reads_teacher_logits and self.method_teacher(m) == name))
+        return any(m.needs_teacher and (m.reads_all_teachers
+                                        or (m.reads_teacher_logits and self.method_teacher(m) == name))
                    for m in self.methods.values())
 
     def context(self, images: torch.Tensor, labels: torch.Tensor, index: Optional[torch.Tensor] = None,
@@ -249,8 +251,8 @@ class Distiller(nn.Module):
         if student_logits is None:
             self.open()
             student_images = images
-            for method in self.methods.values():  # e.g. masked patches; the teacher saw the clean batch
-                student_images = method.student_input(student_images)
+            for each in self.methods.values():  # e.g. masked patches; the teacher saw the clean batch
+                student_images = each.student_input(student_images)
             student_logits = self.student(student_images)
             student_feats = self._student_taps.collect()
             student_feats = {spec: student_feats[path] for spec, path in self._student_paths.items()}
