@@ -32,11 +32,16 @@ def test_every_method_has_its_own_reference_tests(name):
     assert METHODS.get(name).paper, f"method {name!r} registers no paper"
 
 
+def example_configs(name: str) -> list:
+    """The configs/examples/*.yaml files that use method `name`."""
+    return [p for p in sorted(CONFIGS.glob("examples/*.yaml"))
+            if re.search(rf"\bname: {name}\b|\[{name}\]", p.read_text())]
+
+
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_every_method_has_a_valid_recipe_for_each_standard_pair(name):
     if METHODS.get(name).meta["family"] == "scheme":  # training schemes: an example config instead of the tables
-        examples = [p for p in CONFIGS.glob("examples/*.yaml") if re.search(rf"\bname: {name}\b|\[{name}\]",
-                                                                            p.read_text())]
+        examples = example_configs(name)
         assert examples, f"{name}: no configs/examples/*.yaml uses it"
         for path in examples:
             load_config(RunConfig, path)
@@ -69,7 +74,9 @@ def test_every_method_trains_two_steps_through_the_cli(name, tmp_path):
     elif entry.defaults.get(entry.obj.ground_truth_weight) == "estimate":  # set by rounds, from a labels-only round 1
         config.pop("teacher")
         config["rounds"] = 2
-    elif entry.meta.get("family") == "scheme":  # schemes may read unlabelled and held-out samples
-        config["data"].update(labelled_fraction=0.5, held_out_fraction=0.25)
+    elif entry.meta.get("family") == "scheme":  # unlabelled and held-out samples where its example has them
+        example = (yaml.safe_load(example_configs(name)[0].read_text()).get("data") or {})
+        config["data"].update({key: 0.5 if key == "labelled_fraction" else 0.25 for key in
+                               ("labelled_fraction", "held_out_fraction") if key in example})
     losses = cli_train_first_epoch_losses(tmp_path, name, config)
     assert losses and all(v == v and abs(v) < float("inf") for v in losses.values()), losses
