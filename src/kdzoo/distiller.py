@@ -48,6 +48,8 @@ class Distiller(nn.Module):
 
         self._student_paths: dict[str, str] = {}  # tap spec -> module tap
         self._teacher_paths: dict[str, str] = {}
+        self._student_shapes: dict[str, torch.Size] = {}  # tap spec -> feature shape (probe batch included)
+        self._teacher_shapes: dict[str, torch.Size] = {}
         needs_layout = any(m.student_taps or m.teacher_taps or type(m).choose_taps is not Method.choose_taps
                            for m in self.methods.values())
         if needs_layout or (len(self.methods) and example_input is not None):  # every method gets its build()
@@ -78,6 +80,7 @@ class Distiller(nn.Module):
                       student=self.student, teacher=self.teacher, student_paths=dict(self._student_paths),
                       teacher_paths=dict(self._teacher_paths), example_input=example,
                       train_data=train_data, cache_dir=cache_dir)
+        self._student_shapes, self._teacher_shapes = dict(setup.student_shapes), dict(setup.teacher_shapes)
         for method in self.methods.values():
             method.build(setup)
 
@@ -90,6 +93,16 @@ class Distiller(nn.Module):
     def teacher_paths(self) -> dict[str, str]:
         """Tap spec -> module tap of every teacher feature a method reads (a copy)."""
         return dict(self._teacher_paths)
+
+    @property
+    def student_shapes(self) -> dict[str, torch.Size]:
+        """Tap spec -> shape of every student feature a method reads, from the probe batch (a copy)."""
+        return dict(self._student_shapes)
+
+    @property
+    def teacher_shapes(self) -> dict[str, torch.Size]:
+        """Tap spec -> shape of every teacher feature a method reads, from the probe batch (a copy)."""
+        return dict(self._teacher_shapes)
 
     @property
     def teacher_batch_statistics(self) -> bool:

@@ -202,6 +202,9 @@ def train_run(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: bool
     _report_changes(notes, verbose)
     if _is_main_process():  # under torchrun rank 0 alone writes
         save_config(cfg, run_dir / RUN_CONFIG)
+        from .plan import write_plan  # what each method compares, before the first step
+        write_plan(distiller, data.test, run_dir, cfg.train.device, cfg.student.name,
+                   cfg.teacher.name if cfg.teacher else None, verbose)
     return fit(distiller, data, cfg.train, run_dir, resume=resume,
                export_meta=model_meta(cfg.student, data, cfg.data), verbose=verbose)
 

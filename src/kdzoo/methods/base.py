@@ -98,6 +98,17 @@ class Method(nn.Module, abc.ABC):
         """The loss of the init stage (only called when `init_stage` returns one)."""
         raise TypeError(f"{type(self).__name__} has no init stage")
 
+    def layer_pairs(self) -> list[tuple[Optional[str], Optional[str]]]:
+        """(student tap, teacher tap) spec pairs this method compares; a tap compared with nothing is paired with
+        None.  Default: the taps in order when both lists are as long, else each list alone."""
+        if len(self.student_taps) == len(self.teacher_taps):
+            return list(zip(self.student_taps, self.teacher_taps))
+        return [(s, None) for s in self.student_taps] + [(None, t) for t in self.teacher_taps]
+
+    def adapters(self) -> dict[str, nn.Module]:
+        """The learnable parts `build` created (regressors, projectors, embeddings), by attribute name."""
+        return {name: module for name, module in self.named_children() if any(True for _ in module.parameters())}
+
     @abc.abstractmethod
     def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
         """Weighted loss terms, named; the trainer sums them."""

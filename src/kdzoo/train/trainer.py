@@ -305,9 +305,49 @@ class ExportWeights(Callback):
             _write_summary(run.run_dir, run.history, run.best, run.best_epoch)
 
 
+class EvalModeCheck(Callback):
+    """One warning per run when evaluation tells a different story from training: test top-1 near chance while
+    the training batches score well above it, or a test loss far beyond a uniform guess's.  Both are what
+    stale BatchNorm running statistics give (a short run, or torchvision's momentum 0.01), which eval mode uses
+    and training mode does not."""
+
+    def __init__(self, min_train_gain: float = 15.0, max_test_share: float = 0.25, max_loss_factor: float = 10.0):
+        self.min_train_gain = min_train_gain  # training top-1 points above chance before a gap means anything
+        self.max_test_share = max_test_share  # test gain over chance below this share of the training gain
+        self.max_loss_factor = max_loss_factor  # test loss above this many times ln(classes)
+        self.warned: set[int] = set()
+
+    def on_epoch_end(self, trainer, run, row, improved):
+        if "test_top1" not in row or id(run) in self.warned:
+            return
+        classes = trainer.data.num_classes
+        chance = 100.0 / classes
+        train_gain, test_gain = row["train_top1"] - chance, row["test_top1"] - chance
+        near_chance = train_gain >= self.min_train_gain and test_gain <= self.max_test_share * train_gain
+        exploding = row["test_loss"] > self.max_loss_factor * math.log(max(classes, 2))
+        if not (near_chance or exploding):
+            return
+        self.warned.add(id(run))
+        what = (f"test top-1 {row['test_top1']:.2f}% is near chance ({chance:.2f}%) while training batches score "
+                f"{row['train_top1']:.2f}%" if near_chance else
+                f"the test loss {row['test_loss']:.4g} is over {self.max_loss_factor:g}x a uniform guess's")
+        momenta = sorted({m.momentum for m in run.student.modules()
+                          if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm))
+                          and m.track_running_stats
+                          and m.momentum is not None})
+        why = (f"its BatchNorm momentum is {momenta[0]:g}, so after {trainer.step} steps the running statistics "
+               "used in eval mode still hold mostly their initial values" if momenta and momenta[0] < 0.1 else
+               "the BatchNorm running statistics used in eval mode do not match the weights yet, or eval-mode "
+               "layers (dropout, BatchNorm) behave differently from training")
+        message = (f"{run.label}warning: at epoch {row['epoch']} {what}: {why}.  Train for more steps (more epochs or "
+                   "data), or set BatchNorm's momentum with the model option bn_momentum=0.1 (student.options or "
+                   "model.options, tv: and timm: models)")
+        tqdm.write(message) if trainer.cfg.progress else print(message)
+
+
 def default_callbacks(run_dir: Optional[Path], export_meta: Optional[dict], verbose: bool) -> list[Callback]:
     """What `fit` does for a run: console lines, and with a run directory metrics, checkpoints and exports."""
-    callbacks: list[Callback] = [ConsoleLog()] if verbose else []
+    callbacks: list[Callback] = [ConsoleLog(), EvalModeCheck()] if verbose else []
     if run_dir is not None:
         callbacks += [MetricsLog(), Checkpoints()]
         if export_meta is not None:
@@ -618,5 +658,6 @@ def _write_summary(run_dir: Path, history: list[dict], best: float, best_epoch: 
 
 
 __all__ = ["fit", "train_runs", "evaluate", "FitResult", "Trainer", "RunState", "Callback", "MetricsLog", "ConsoleLog",
-           "Checkpoints", "ExportWeights", "default_callbacks", "Distillable", "build_optimizer", "autocast_for",
+           "Checkpoints", "ExportWeights", "EvalModeCheck",
+           "default_callbacks", "Distillable", "build_optimizer", "autocast_for",
            "scaled_lr", "lr_schedule", "CHECKPOINT", "METRICS"]
