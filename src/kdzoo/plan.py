@@ -62,15 +62,17 @@ def distillation_plan(distiller: Distiller, teacher_top1: Optional[float] = None
     return "\n".join(lines) + "\n"
 
 
-def write_plan(distiller: Distiller, test_data, run_dir: Optional[Path] = None, device: str = "auto",
+def write_plan(distiller: Distiller, test_data, run_dir: Optional[Path] = None, device: Optional[str] = None,
                student_name: Optional[str] = None, teacher_name: Optional[str] = None, verbose: bool = True) -> str:
-    """Evaluate the teacher on `test_data`, then print the plan and write it to ``run_dir/plan.md``."""
+    """Evaluate the teacher on `test_data` (on `device`, else where it is), then print the plan and write it to
+    ``run_dir/plan.md``."""
     from .train import evaluate
 
     teacher_top1 = None
     if distiller.teacher is not None and test_data is not None:
-        teacher = distiller.teacher.to(resolve_device(device))  # where training puts it anyway
-        teacher_top1 = evaluate(teacher, test_data)["top1"]
+        if device is not None:
+            distiller.teacher.to(resolve_device(device))  # where training puts it anyway
+        teacher_top1 = evaluate(distiller.teacher, test_data)["top1"]
     plan = distillation_plan(distiller, teacher_top1, student_name, teacher_name)
     if verbose:
         print(plan, end="")

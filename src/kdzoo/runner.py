@@ -29,10 +29,9 @@ from .train import FitResult, evaluate, fit, load_checkpoint, read_weights
 from .train.checkpoint import remove_stale_files
 from .registry import METHODS, check_value
 from .runtime import resolve_device, seed_everything
-from .train.trainer import CHECKPOINT
+from .train.trainer import CHECKPOINT, RUN_CONFIG
 
 WEIGHT_FILES = ("model.safetensors", "student.safetensors")
-RUN_CONFIG = "config.yaml"
 
 # Config keys a resumed run may change, and what the change means.  Anything else alters the result.
 RESUMABLE = {

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import TrainConfig
+from ..config import TrainConfig, save_config
 from ..data import DataSplits, make_loader
-from ..distiller import DistillOutput, TeacherOutputs
+from ..distiller import DistillOutput, Distiller, TeacherOutputs
 from ..errors import ConfigError, TrainingDiverged
 from ..runtime import atomic_write, resolve_device, seed_everything
 from .checkpoint import export_weights, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -40,6 +40,8 @@ from .teacher_cache import TeacherCache, TeacherFeed
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
+RUN_CONFIG = "config.yaml"  # what `kdzoo train`/`kdzoo teacher` write: the whole run's config
+TRAIN_CONFIG = "train.yaml"  # what `fit` writes for a run started from Python: the TrainConfig alone
 
 
 @dataclass
@@ -305,6 +307,26 @@ class ExportWeights(Callback):
             _write_summary(run.run_dir, run.history, run.best, run.best_epoch)
 
 
+class RunRecord(Callback):
+    """A run started from Python (no config.yaml in its directory) records what `kdzoo train` would: the
+    TrainConfig as train.yaml and, for a distillation, the plan (plan.md, printed when `verbose`)."""
+
+    def __init__(self, verbose: bool):
+        self.verbose = verbose
+
+    def on_train_start(self, trainer, run):
+        if (run.run_dir / RUN_CONFIG).exists():  # written by kdzoo's runner, with the plan beside it
+            return
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(trainer.cfg, run.run_dir / TRAIN_CONFIG)
+        distiller = run.distiller
+        if isinstance(distiller, Distiller) and (distiller.teacher is not None or len(distiller.methods)):
+            from ..plan import write_plan
+
+            write_plan(distiller, trainer.data.test, run.run_dir, verbose=self.verbose,
+                       student_name=(run.export_meta or {}).get("model"))
+
+
 class EvalModeCheck(Callback):
     """One warning per run when evaluation tells a different story from training: test top-1 near chance while
     the training batches score well above it, or a test loss far beyond a uniform guess's.  Both are what
@@ -333,15 +355,19 @@ class EvalModeCheck(Callback):
                 f"the test loss {row['test_loss']:.4g} is over {self.max_loss_factor:g}x a uniform guess's")
         momenta = sorted({m.momentum for m in run.student.modules()
                           if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm))
-                          and m.track_running_stats
-                          and m.momentum is not None})
-        why = (f"its BatchNorm momentum is {momenta[0]:g}, so after {trainer.step} steps the running statistics "
-               "used in eval mode still hold mostly their initial values" if momenta and momenta[0] < 0.1 else
-               "the BatchNorm running statistics used in eval mode do not match the weights yet, or eval-mode "
-               "layers (dropout, BatchNorm) behave differently from training")
+                          and m.track_running_stats and m.momentum is not None})
+        if momenta and momenta[0] < 0.1:
+            kept = (1 - momenta[0]) ** trainer.step  # the share of the initial statistics still in them
+            why = (f"its BatchNorm momentum is {momenta[0]:g}, so after {trainer.step} steps the running statistics "
+                   f"used in eval mode still hold {kept:.0%} of their initial values" if kept >= 0.05 else
+                   f"its BatchNorm momentum is {momenta[0]:g}, so the running statistics used in eval mode trail "
+                   "the changing weights")
+        else:
+            why = ("the BatchNorm running statistics used in eval mode do not match the weights yet, or eval-mode "
+                   "layers (dropout, BatchNorm) behave differently from training")
         message = (f"{run.label}warning: at epoch {row['epoch']} {what}: {why}.  Train for more steps (more epochs or "
-                   "data), or set BatchNorm's momentum with the model option bn_momentum=0.1 (student.options or "
-                   "model.options, tv: and timm: models)")
+                   "data), or give BatchNorm a larger momentum (tv: and timm: models take the option bn_momentum, e.g. "
+                   "student.options.bn_momentum=0.1)")
         tqdm.write(message) if trainer.cfg.progress else print(message)
 
 
@@ -349,7 +375,7 @@ def default_callbacks(run_dir: Optional[Path], export_meta: Optional[dict], verb
     """What `fit` does for a run: console lines, and with a run directory metrics, checkpoints and exports."""
     callbacks: list[Callback] = [ConsoleLog(), EvalModeCheck()] if verbose else []
     if run_dir is not None:
-        callbacks += [MetricsLog(), Checkpoints()]
+        callbacks += [MetricsLog(), RunRecord(verbose), Checkpoints()]
         if export_meta is not None:
             callbacks.append(ExportWeights())
     return callbacks
@@ -658,6 +684,6 @@ def _write_summary(run_dir: Path, history: list[dict], best: float, best_epoch: 
 
 
 __all__ = ["fit", "train_runs", "evaluate", "FitResult", "Trainer", "RunState", "Callback", "MetricsLog", "ConsoleLog",
-           "Checkpoints", "ExportWeights", "EvalModeCheck",
+           "Checkpoints", "ExportWeights", "RunRecord", "EvalModeCheck",
            "default_callbacks", "Distillable", "build_optimizer", "autocast_for",
-           "scaled_lr", "lr_schedule", "CHECKPOINT", "METRICS"]
+           "scaled_lr", "lr_schedule", "CHECKPOINT", "METRICS", "RUN_CONFIG", "TRAIN_CONFIG"]
