@@ -133,6 +133,15 @@ def test_at_automatic_pairs_of_mobilenet_and_resnet_are_refused():
         Distiller(student, teacher, [create_method("at")], example_input=torch.randn(2, 3, 32, 32))
 
 
+def test_at_automatic_pairs_of_a_vit_student_and_a_cnn_are_refused():
+    """A ViT keeps one token grid (8x8 here) in every block; a CNN's stages shrink from 32x32: the automatic
+    pairs would compare a deep block with the CNN's first stage, so they are refused rather than read as ~1000."""
+    student, teacher = create_model("vit:tiny", num_classes=10), create_model("cifar:resnet20", num_classes=10)
+    with pytest.raises(ConfigError, match=r"^at: student stage:-3 \(blocks\.5\) 8x8 and teacher stage:-3 "
+                                          r"\(layer1\) 32x32 make no attention pair"):
+        Distiller(student, teacher, [create_method("at")], example_input=torch.randn(2, 3, 32, 32))
+
+
 def test_at_refuses_a_one_by_one_map():
     student, teacher = _tiny_pair()
     at = create_method("at", student_layers=["stage3"], teacher_layers=["stage3"])
