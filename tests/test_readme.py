@@ -14,7 +14,9 @@ def test_readme_python_example_runs(tmp_path):
     script.write_text(blocks[0])
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "student top-1" in done.stdout
+    assert "student top-1" in done.stdout and "KD of one batch" in done.stdout
+    assert "## fitnet (weight 100)" in done.stdout and "- teacher: TinyCNN, test top-1 " in done.stdout
     run = tmp_path / "runs" / "readme"
-    for name in ("checkpoint.pt", "metrics.csv", "student.safetensors", "summary.json", "curves.png"):
+    for name in ("checkpoint.pt", "metrics.csv", "student.safetensors", "summary.json", "curves.png",
+                 "train.yaml", "plan.md"):
         assert (run / name).is_file(), name

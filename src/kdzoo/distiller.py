@@ -69,6 +69,8 @@ class Distiller(nn.Module):
         self._student_paths: dict[str, str] = {}  # tap spec -> module tap
         self._teacher_paths_by_name: dict[str, dict[str, str]] = {n: {} for n in names}
         self._teacher_paths: dict[str, str] = self._teacher_paths_by_name.get(self.teacher_name, {})
+        self._student_shapes: dict[str, torch.Size] = {}  # tap spec -> feature shape (probe batch included)
+        self._teacher_shapes_by_name: dict[str, dict[str, torch.Size]] = {n: {} for n in names}
         needs_layout = any(m.student_taps or m.teacher_taps or type(m).choose_taps is not Method.choose_taps
                            for m in self.methods.values())
         if needs_layout or (len(self.methods) and example_input is not None):  # every method gets its build()
@@ -114,11 +116,13 @@ class Distiller(nn.Module):
         s_feats, logits = probe(self.student, example, self._student_paths.values())
         t_feats = {n: probe(teachers[n], example, paths.values())[0] if paths else {}
                    for n, paths in self._teacher_paths_by_name.items()}
+        self._student_shapes = {spec: s_feats[path].shape for spec, path in self._student_paths.items()}
+        self._teacher_shapes_by_name = {n: {spec: t_feats[n][path].shape for spec, path in paths.items()}
+                                        for n, paths in self._teacher_paths_by_name.items()}
         for method in self.methods.values():
             name = self.method_teacher(method)
             paths = self._teacher_paths_by_name.get(name, {})
-            setup = Setup({spec: s_feats[path].shape for spec, path in self._student_paths.items()},
-                          {spec: t_feats[name][path].shape for spec, path in paths.items()},
+            setup = Setup(dict(self._student_shapes), dict(self._teacher_shapes_by_name.get(name, {})),
                           num_classes=logits.shape[1], num_samples=num_samples, train_labels=train_labels,
                           student=self.student, teacher=teachers.get(name), student_paths=dict(self._student_paths),
                           teacher_paths=dict(paths), example_input=example,
@@ -134,6 +138,21 @@ class Distiller(nn.Module):
     def teacher_paths(self) -> dict[str, str]:
         """Tap spec -> module tap of every teacher feature a method reads (a copy)."""
         return dict(self._teacher_paths)
+
+    @property
+    def student_shapes(self) -> dict[str, torch.Size]:
+        """Tap spec -> shape of every student feature a method reads, from the probe batch (a copy)."""
+        return dict(self._student_shapes)
+
+    @property
+    def teacher_shapes(self) -> dict[str, torch.Size]:
+        """Tap spec -> shape of every (first) teacher feature a method reads, from the probe batch (a copy)."""
+        return dict(self._teacher_shapes_by_name.get(self.teacher_name, {}))
+
+    def method_teacher_taps(self, method: Method) -> tuple[dict[str, str], dict[str, torch.Size]]:
+        """Tap spec -> module tap, and tap spec -> shape, of the teacher `method` reads."""
+        name = self.method_teacher(method)
+        return (dict(self._teacher_paths_by_name.get(name, {})), dict(self._teacher_shapes_by_name.get(name, {})))
 
     @property
     def teacher_batch_statistics(self) -> bool:

@@ -32,9 +32,7 @@ from .train import FitResult, evaluate, fit, load_checkpoint
 from .train.checkpoint import remove_stale_files
 from .registry import METHODS, check_value
 from .runtime import atomic_write, resolve_device, seed_everything
-from .train.trainer import CHECKPOINT, Callback, Distillable
-
-RUN_CONFIG = "config.yaml"
+from .train.trainer import CHECKPOINT, RUN_CONFIG, Callback, Distillable
 
 # Config keys a resumed run may change, and what the change means.  Anything else alters the result.
 RESUMABLE = {
@@ -218,6 +216,9 @@ def run_distiller(cfg: RunConfig, run_dir: Path, build: Callable[[RunConfig, Dat
     _report_changes(notes, verbose)
     if is_main_process():  # under torchrun rank 0 alone writes
         save_config(cfg, run_dir / RUN_CONFIG)
+        from .plan import write_plan  # what each method compares, before the first step
+        write_plan(distiller, data.test, run_dir, cfg.train.device, cfg.student.name,
+                   cfg.teacher.name if cfg.teacher else None, verbose)
     return fit(distiller, data, cfg.train, run_dir, resume=resume,
                export_meta=model_meta(cfg.student, data, cfg.data), verbose=verbose, callbacks=callbacks)
 

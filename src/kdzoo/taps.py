@@ -272,6 +272,19 @@ def stage_taps(owner: str, student_layout: Layout, teacher_layout: Layout,
     return (tuple(f"{student_kind}:{i}" for i in range(-n, 0)), tuple(f"{teacher_kind}:{i}" for i in range(-n, 0)))
 
 
+def map_pair_problem(student_map: Sequence[int], teacher_map: Sequence[int], max_ratio: float) -> Optional[str]:
+    """Why two (B, C, H, W) map shapes make no meaningful spatial pair, or None: a map of one position (its
+    spatial distribution is a constant), or sides that differ by more than `max_ratio` (maps from different
+    depths, whose positions cover different parts of the image)."""
+    (s_h, s_w), (t_h, t_w) = tuple(student_map)[-2:], tuple(teacher_map)[-2:]
+    if s_h * s_w < 2 or t_h * t_w < 2:
+        return "a 1x1 map has no spatial distribution to compare"
+    ratio = max(s_h / t_h, t_h / s_h, s_w / t_w, t_w / s_w)
+    if ratio > max_ratio:
+        return f"their sizes differ {ratio:g}x, more than the {max_ratio:g}x this method pools across"
+    return None
+
+
 @torch.no_grad()
 def probe(model: nn.Module, example: torch.Tensor, taps: Iterable[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Run one eval-mode forward; return the requested features and the output (training mode is restored)."""

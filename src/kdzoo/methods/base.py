@@ -126,10 +126,22 @@ class Method(nn.Module, abc.ABC):
         changes how predictions are made (an extra head it trained, combined with weights it may choose here on
         `Setup.held_out_data`).  Called before each evaluation, in no_grad.  Default: None (the student alone)."""
         return None
+
     def student_input(self, images: torch.Tensor) -> torch.Tensor:
         """The batch the student sees (the teacher always sees `images`): a method that corrupts the student's
         input (masked patches) returns its own; the default passes the images through."""
         return images
+
+    def layer_pairs(self) -> list[tuple[Optional[str], Optional[str]]]:
+        """(student tap, teacher tap) spec pairs this method compares; a tap compared with nothing is paired with
+        None.  Default: the taps in order when both lists are as long, else each list alone."""
+        if len(self.student_taps) == len(self.teacher_taps):
+            return list(zip(self.student_taps, self.teacher_taps))
+        return [(s, None) for s in self.student_taps] + [(None, t) for t in self.teacher_taps]
+
+    def adapters(self) -> dict[str, nn.Module]:
+        """The learnable parts `build` created (regressors, projectors, embeddings), by attribute name."""
+        return {name: module for name, module in self.named_children() if any(True for _ in module.parameters())}
 
     @abc.abstractmethod
     def forward(self, ctx: Context) -> dict[str, torch.Tensor]:

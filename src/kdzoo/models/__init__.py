@@ -18,17 +18,22 @@ from . import mlp, vit  # noqa: F401  (ViT / MLP students for 32x32 inputs)
 from .pretrained import check_weights_name, replace_head, timm_pretrained, torchvision_pretrained
 
 EXTERNAL_PREFIXES = ("tv:", "timm:")
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3, pretrained: Union[bool, str] = False,
                  **options) -> nn.Module:
     """Build a model by factory name with `num_classes` outputs.  `pretrained` (``tv:`` and ``timm:`` models):
-    True for the library's default weights, or a weights name (torchvision enum member, timm tag)."""
+    True for the library's default weights, or a weights name (torchvision enum member, timm tag).
+
+    ``bn_momentum`` (torchvision and timm models): the momentum of every BatchNorm layer, e.g. 0.1 where
+    torchvision's MobileNet/EfficientNet default of 0.01 leaves the running statistics unusable after a short run."""
     check_pretrained(name, pretrained)
-    if name.startswith("tv:"):
-        return _torchvision_model(name[3:], num_classes, in_channels, options, pretrained)
-    if name.startswith("timm:"):
-        return _timm_model(name[5:], num_classes, in_channels, options, pretrained)
+    if name.startswith(EXTERNAL_PREFIXES):
+        bn_momentum = options.pop("bn_momentum", None)
+        build = _torchvision_model if name.startswith("tv:") else _timm_model
+        model = build(name.partition(":")[2], num_classes, in_channels, options, pretrained)
+        return model if bn_momentum is None else set_bn_momentum(model, bn_momentum, f"{name}: bn_momentum")
     return MODELS.build(name, num_classes=num_classes, in_channels=in_channels, **options)
 
 
@@ -42,6 +47,18 @@ def check_pretrained(name: str, pretrained: Union[bool, str]) -> None:
         raise ConfigError(f"pretrained: {name!r} has no published weights (pretrained is for tv: and timm: models); "
                           "give a weights file instead (weights: PATH)")
     check_weights_name(name, pretrained)
+
+
+def set_bn_momentum(model: nn.Module, momentum: float, where: str = "bn_momentum") -> nn.Module:
+    """Set the running-statistics momentum of every BatchNorm layer of `model` (in place; returns it)."""
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum <= 1:
+        raise ConfigError(f"{where}: expected a number in (0, 1], got {momentum!r}")
+    layers = [m for m in model.modules() if isinstance(m, BATCH_NORMS)]
+    if not layers:
+        raise ConfigError(f"{where}: {type(model).__name__} has no BatchNorm layer")
+    for layer in layers:
+        layer.momentum = float(momentum)
+    return model
 
 
 def _torchvision_model(arch: str, num_classes: int, in_channels: int, options: dict,
@@ -75,4 +92,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["create_model", "check_pretrained", "replace_head", "count_parameters", "register_model", "MODELS"]
+__all__ = ["create_model", "check_pretrained", "replace_head", "set_bn_momentum", "count_parameters",
+           "register_model", "MODELS"]

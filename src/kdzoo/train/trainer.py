@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import TrainConfig
+from ..config import TrainConfig, save_config
 from ..data import DataSplits, make_loader
-from ..distiller import DistillOutput, TeacherOutputs
+from ..distiller import DistillOutput, Distiller, TeacherOutputs
 from ..errors import ConfigError, TrainingDiverged
 from ..runtime import atomic_write, resolve_device, seed_everything
 from .checkpoint import export_weights, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -41,6 +41,8 @@ from .teacher_cache import TeacherCache, TeacherFeed
 CHECKPOINT = "checkpoint.pt"
 EVALUATION_MODEL = "student_with_heads.safetensors"  # exported when a method changes how predictions are made
 METRICS = "metrics.csv"
+RUN_CONFIG = "config.yaml"  # what `kdzoo train`/`kdzoo teacher` write: the whole run's config
+TRAIN_CONFIG = "train.yaml"  # what `fit` writes for a run started from Python: the TrainConfig alone
 
 
 @dataclass
@@ -320,11 +322,75 @@ class ExportWeights(Callback):
             _write_summary(run.run_dir, run.history, run.best, run.best_epoch)
 
 
+class RunRecord(Callback):
+    """A run started from Python (no config.yaml in its directory) records what `kdzoo train` would: the
+    TrainConfig as train.yaml and, for a distillation, the plan (plan.md, printed when `verbose`)."""
+
+    def __init__(self, verbose: bool):
+        self.verbose = verbose
+
+    def on_train_start(self, trainer, run):
+        if (run.run_dir / RUN_CONFIG).exists():  # written by kdzoo's runner, with the plan beside it
+            return
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(trainer.cfg, run.run_dir / TRAIN_CONFIG)
+        distiller = run.distiller
+        if isinstance(distiller, Distiller) and (distiller.teacher is not None or len(distiller.methods)):
+            from ..plan import write_plan
+
+            write_plan(distiller, trainer.data.test, run.run_dir, verbose=self.verbose,
+                       student_name=(run.export_meta or {}).get("model"))
+
+
+class EvalModeCheck(Callback):
+    """One warning per run when evaluation tells a different story from training: test top-1 near chance while
+    the training batches score well above it, or a test loss far beyond a uniform guess's.  Both are what
+    stale BatchNorm running statistics give (a short run, or torchvision's momentum 0.01), which eval mode uses
+    and training mode does not."""
+
+    def __init__(self, min_train_gain: float = 15.0, max_test_share: float = 0.25, max_loss_factor: float = 10.0):
+        self.min_train_gain = min_train_gain  # training top-1 points above chance before a gap means anything
+        self.max_test_share = max_test_share  # test gain over chance below this share of the training gain
+        self.max_loss_factor = max_loss_factor  # test loss above this many times ln(classes)
+        self.warned: set[int] = set()
+
+    def on_epoch_end(self, trainer, run, row, improved):
+        if "test_top1" not in row or id(run) in self.warned:
+            return
+        classes = trainer.data.num_classes
+        chance = 100.0 / classes
+        train_gain, test_gain = row["train_top1"] - chance, row["test_top1"] - chance
+        near_chance = train_gain >= self.min_train_gain and test_gain <= self.max_test_share * train_gain
+        exploding = row["test_loss"] > self.max_loss_factor * math.log(max(classes, 2))
+        if not (near_chance or exploding):
+            return
+        self.warned.add(id(run))
+        what = (f"test top-1 {row['test_top1']:.2f}% is near chance ({chance:.2f}%) while training batches score "
+                f"{row['train_top1']:.2f}%" if near_chance else
+                f"the test loss {row['test_loss']:.4g} is over {self.max_loss_factor:g}x a uniform guess's")
+        momenta = sorted({m.momentum for m in run.student.modules()
+                          if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm))
+                          and m.track_running_stats and m.momentum is not None})
+        if momenta and momenta[0] < 0.1:
+            kept = (1 - momenta[0]) ** trainer.step  # the share of the initial statistics still in them
+            why = (f"its BatchNorm momentum is {momenta[0]:g}, so after {trainer.step} steps the running statistics "
+                   f"used in eval mode still hold {kept:.0%} of their initial values" if kept >= 0.05 else
+                   f"its BatchNorm momentum is {momenta[0]:g}, so the running statistics used in eval mode trail "
+                   "the changing weights")
+        else:
+            why = ("the BatchNorm running statistics used in eval mode do not match the weights yet, or eval-mode "
+                   "layers (dropout, BatchNorm) behave differently from training")
+        message = (f"{run.label}warning: at epoch {row['epoch']} {what}: {why}.  Train for more steps (more epochs or "
+                   "data), or give BatchNorm a larger momentum (tv: and timm: models take the option bn_momentum, e.g. "
+                   "student.options.bn_momentum=0.1)")
+        tqdm.write(message) if trainer.cfg.progress else print(message)
+
+
 def default_callbacks(run_dir: Optional[Path], export_meta: Optional[dict], verbose: bool) -> list[Callback]:
     """What `fit` does for a run: console lines, and with a run directory metrics, checkpoints and exports."""
-    callbacks: list[Callback] = [ConsoleLog()] if verbose else []
+    callbacks: list[Callback] = [ConsoleLog(), EvalModeCheck()] if verbose else []
     if run_dir is not None:
-        callbacks += [MetricsLog(), Checkpoints()]
+        callbacks += [MetricsLog(), RunRecord(verbose), Checkpoints()]
         if export_meta is not None:
             callbacks.append(ExportWeights())
     return callbacks
@@ -634,5 +700,6 @@ def _write_summary(run_dir: Path, history: list[dict], best: float, best_epoch: 
 
 
 __all__ = ["fit", "train_runs", "evaluate", "FitResult", "Trainer", "RunState", "Callback", "MetricsLog", "ConsoleLog",
-           "Checkpoints", "ExportWeights", "default_callbacks", "Distillable", "build_optimizer", "autocast_for",
-           "scaled_lr", "lr_schedule", "CHECKPOINT", "METRICS"]
+           "Checkpoints", "ExportWeights", "RunRecord", "EvalModeCheck",
+           "default_callbacks", "Distillable", "build_optimizer", "autocast_for",
+           "scaled_lr", "lr_schedule", "CHECKPOINT", "METRICS", "RUN_CONFIG", "TRAIN_CONFIG"]

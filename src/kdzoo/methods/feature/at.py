@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from ...adapters import match_spatial
 from ...registry import NonNegative, Positive, register_method
-from ...taps import stage_taps
+from ...errors import ConfigError
+from ...taps import Layout, as_feature_map, map_pair_problem, stage_taps
 from ..base import Context, Method
 from .normalize import layer_normalized_loss
 
@@ -30,14 +31,21 @@ def at_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, p: flo
 class AT(Method):
     """Sum of `at_loss` over every stage after the stem (RepDistiller, mdistiller), weight 1000.
     ``normalize_layers``: each stage's term divided by the mean square of the teacher's attention map
-    (`layer_normalized_loss`, LAPTOP-Diff), which evens out maps of different sizes."""
+    (`layer_normalized_loss`, LAPTOP-Diff), which evens out maps of different sizes.
+    Token features (a ViT's blocks) are compared as maps of their patch tokens (`Layout.feature_map`).  A pair
+    whose maps differ more than ``max_size_ratio`` per side, or a 1x1 map, is refused: attention over such
+    maps compares nothing the two models share."""
 
     ce_weight = 1.0
+    student_layout: Optional[Layout] = None  # set by choose_taps; None: tokens' grid guessed from their count
+    teacher_layout: Optional[Layout] = None
 
     def __init__(self, weight: NonNegative = 1000.0, p: Positive = 2.0, normalize_layers: bool = False,
-                 student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
+                 student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None,
+                 max_size_ratio: Positive = 2.0):
         super().__init__()
         self.weight = weight
+        self.max_size_ratio = max_size_ratio
         self.p = p
         self.normalize_layers = normalize_layers
         self.student_layers = student_layers
@@ -47,9 +55,33 @@ class AT(Method):
         # every stage after the stem, paired from the deepest back, unless layers are named
         self.student_taps, self.teacher_taps = stage_taps("at", student_layout, teacher_layout,
                                                           self.student_layers, self.teacher_layers)
+        self.student_layout, self.teacher_layout = student_layout, teacher_layout
+
+    def build(self, setup) -> None:
+        for s, t in zip(self.student_taps, self.teacher_taps):
+            s_map = self._map(self.student_layout, torch.empty(tuple(setup.student_shapes[s]), device="meta")).shape
+            t_map = self._map(self.teacher_layout, torch.empty(tuple(setup.teacher_shapes[t]), device="meta")).shape
+            problem = map_pair_problem(s_map, t_map, self.max_size_ratio)
+            if problem:
+                raise ConfigError(
+                    f"at: student {_layer(s, setup.student_paths, s_map)} and teacher "
+                    f"{_layer(t, setup.teacher_paths, t_map)} make no attention pair: {problem}; name comparable "
+                    "layers with student_layers=[...] and teacher_layers=[...]")
 
     def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
-        pairs = [(ctx.student[s], ctx.teacher[t]) for s, t in zip(self.student_taps, self.teacher_taps)]
+        pairs = [(self._map(self.student_layout, ctx.student[s]), self._map(self.teacher_layout, ctx.teacher[t]))
+                 for s, t in zip(self.student_taps, self.teacher_taps)]
         terms = [at_loss(s, t, self.p) for s, t in pairs]
         targets = [attention_map(match_spatial(s, t)[1], self.p) for s, t in pairs] if self.normalize_layers else terms
         return {"at": self.weight * layer_normalized_loss(terms, targets, self.normalize_layers)}
+
+    @staticmethod
+    def _map(layout: Optional[Layout], feature: torch.Tensor) -> torch.Tensor:
+        """A (B, C, H, W) map of any tapped feature: a token model's patch tokens laid on their grid."""
+        return layout.feature_map(feature) if layout is not None else as_feature_map(feature)
+
+
+def _layer(spec: str, paths: dict[str, str], shape) -> str:
+    path = paths.get(spec, spec)
+    where = spec if path == spec else f"{spec} ({path})"
+    return f"{where} {shape[-2]}x{shape[-1]}"
