@@ -26,11 +26,23 @@ def at_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, p: flo
     return (attention_map(s, p) - attention_map(t, p)).pow(2).mean()
 
 
-@register_method("at", family="feature", paper="Zagoruyko & Komodakis 2017, Paying More Attention to Attention")
+@register_method("at", description="match spatial attention maps of the stages",
+                 layers="every stage after the stem on both models, paired from the deepest back",
+                 family="feature", paper="Zagoruyko & Komodakis 2017, Paying More Attention to Attention")
 class AT(Method):
     """Sum of `at_loss` over every stage after the stem (RepDistiller, mdistiller), weight 1000.
     ``normalize_layers``: each stage's term divided by the mean square of the teacher's attention map
-    (`layer_normalized_loss`, LAPTOP-Diff), which evens out maps of different sizes."""
+    (`layer_normalized_loss`, LAPTOP-Diff), which evens out maps of different sizes.
+
+    Options:
+        weight: multiplier of the loss term (0 turns it off)
+        p: power of |feature| averaged over channels to form the attention map
+        normalize_layers: divide each layer's term by the mean square of the teacher's feature there (evens out
+            layer sizes)
+        student_layers: student taps, paired in order with teacher_layers; null: every stage after the stem,
+            paired from the deepest back
+        teacher_layers: teacher taps, one per entry of student_layers; null: chosen with student_layers
+    """
 
     ce_weight = 1.0
 
