@@ -9,6 +9,7 @@ written before both checks pass.  Every start deletes the temporary files a kill
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -28,7 +29,7 @@ from .models.inherit import inherit_weights
 from .train import FitResult, evaluate, fit, load_checkpoint, read_weights
 from .train.checkpoint import remove_stale_files
 from .registry import METHODS, check_value
-from .runtime import resolve_device, seed_everything
+from .runtime import atomic_write, resolve_device, seed_everything
 from .train.trainer import CHECKPOINT
 
 WEIGHT_FILES = ("model.safetensors", "student.safetensors")
@@ -202,8 +203,45 @@ def train_run(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: bool
     _report_changes(notes, verbose)
     if _is_main_process():  # under torchrun rank 0 alone writes
         save_config(cfg, run_dir / RUN_CONFIG)
+        teacher_top1 = teacher_run_accuracy(cfg)
+        if teacher_top1 is not None and not resume:  # curves.png draws it as the reference line
+            record_summary(run_dir, teacher_top1=teacher_top1)
     return fit(distiller, data, cfg.train, run_dir, resume=resume,
                export_meta=model_meta(cfg.student, data, cfg.data), verbose=verbose)
+
+
+def teacher_run_accuracy(cfg: RunConfig) -> Optional[float]:
+    """The teacher's test top-1 when ``teacher.weights`` is (a file of) a kdzoo run directory whose
+    summary.json reports it, on the same dataset as this run; else None."""
+    if cfg.teacher is None or not cfg.teacher.weights:
+        return None
+    path = Path(cfg.teacher.weights)
+    folder = path if path.is_dir() else path.parent
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        data = read_yaml(folder / RUN_CONFIG).get("data", {})
+    except (OSError, ValueError, ConfigError):
+        return None
+    top1 = summary.get("last_top1") if isinstance(summary, dict) else None
+    where_only = ("root", "cache_dir", "download")  # where the data is read from, not what it is
+
+    def same_data(section: Any) -> tuple:
+        if not isinstance(section, dict) or not isinstance(section.get("options", {}), dict):
+            return (None,)
+        return section.get("name"), {k: v for k, v in section.get("options", {}).items() if k not in where_only}
+
+    if not isinstance(top1, (int, float)) or same_data(data) != same_data(to_dict(cfg.data)):
+        return None
+    return float(top1)
+
+
+def record_summary(run_dir: Path, **facts: Any) -> None:
+    """Add facts known before training (the teacher's accuracy) to the run's summary.json; the trainer keeps
+    them when it writes the final summary."""
+    from .train.trainer import read_summary
+
+    text = json.dumps({**read_summary(run_dir), **facts}, indent=2)
+    atomic_write(run_dir / "summary.json", lambda tmp: tmp.write_text(text))
 
 
 def teacher_run(cfg: TeacherConfig, run_dir: Path, resume: bool = False, verbose: bool = True) -> FitResult:
