@@ -197,15 +197,16 @@ def cmd_demo(args) -> int:
 
 def _run(args, cls, runner) -> int:
     from .config import load_config
-    from .runner import prepare_run_dir
+    from .runner import prepare_run_dir, removed_if_failed, run_dir_path
 
     config = load_config(cls, args.config, args.overrides)
     name = config.name or Path(args.config).stem
-    run_dir = prepare_run_dir(config.output_dir, name, args.resume, args.run_dir)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 speaks for all
-    if main_process:
-        print(f"run directory: {run_dir}")
-    result = runner(config, run_dir, resume=args.resume, verbose=main_process)
+    with removed_if_failed(run_dir_path(config.output_dir, name, args.run_dir)):  # a failed start leaves no folder
+        run_dir = prepare_run_dir(config.output_dir, name, args.resume, args.run_dir)
+        if main_process:
+            print(f"run directory: {run_dir}")
+        result = runner(config, run_dir, resume=args.resume, verbose=main_process)
     if main_process:
         print(f"done: last top-1 {result.last_top1:.2f}%, best {result.best_top1:.2f}% (epoch {result.best_epoch}), "
               f"{result.seconds:.1f}s; weights in {run_dir}")

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -123,8 +125,37 @@ def load_weights(model: nn.Module, path: str | Path, where: str = "") -> None:
     model.load_state_dict(state)
 
 
+def run_dir_path(output_dir: str, name: str, run_dir: Optional[str] = None) -> Path:
+    """The run directory a start uses: `run_dir` when given, else OUTPUT_DIR/NAME."""
+    return Path(run_dir) if run_dir else Path(output_dir) / name
+
+
+@contextmanager
+def removed_if_failed(path: Path) -> Iterator[None]:
+    """Around a start that uses the run directory `path`: when it fails before writing anything worth keeping
+    (a checkpoint or weights), remove what it wrote there (its config.yaml, an empty metrics.csv, ...) and the
+    folders it created, so a typo leaves no empty run folder behind.  Entries that were there before the start
+    are never touched, nor is anything on other processes of a torchrun job than rank 0."""
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    before = set(path.iterdir()) if path.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        if _is_main_process() and path.is_dir():
+            written = [p for p in path.iterdir() if p not in before]
+            if not any(p.name == CHECKPOINT or p.suffix == ".safetensors" for p in written):
+                for entry in written:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                for folder in created:  # deepest first; stops at the first that holds anything
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break
+        raise
+
+
 def prepare_run_dir(output_dir: str, name: str, resume: bool, run_dir: Optional[str] = None) -> Path:
-    path = Path(run_dir) if run_dir else Path(output_dir) / name
+    path = run_dir_path(output_dir, name, run_dir)
     if not resume and (path / CHECKPOINT).exists():
         raise ConfigError(f"{path} already holds a run: pass --resume to continue it, or set name=... for a new one")
     if resume and not (path / CHECKPOINT).is_file():

@@ -515,7 +515,7 @@ class Trainer:
                                    **({"run_eta": format_duration(eta)} if eta is not None else {}))
                     if self.show_bar:
                         bar.set_postfix(**numbers)
-                    elif (i + 1 < steps_per_epoch and (i + 1 - last_line) * 10 >= steps_per_epoch) or i == 0:
+                    elif i + 1 < steps_per_epoch and (i == 0 or (i + 1 - last_line) * 10 >= steps_per_epoch):
                         last_line = i + 1
                         words = {"acc": "train", "img_s": "img/s", "run_eta": "run ETA"}
                         print(f"{desc}  step {i + 1}/{steps_per_epoch}  " + "  ".join(
