@@ -1,0 +1,12 @@
+"""CNN teacher -> ViT student (torchvision ResNet-18 -> kdzoo vit:nano) with OFA, a cross-architecture method.
+
+    python examples/cnn_to_vit.py                                       # generated data, seconds on a CPU
+    python examples/cnn_to_vit.py --teacher runs/examples/tv_teacher --data /path/to/images --epochs 100
+
+A ViT learns slowly from few images: on real data give it many epochs.  The configs are
+examples/configs/tv_teacher.yaml and cnn_to_vit.yaml ('kdzoo methods' lists the cross-architecture methods).
+"""
+from distill_pair import parse_args, run_pair
+
+if __name__ == "__main__":
+    run_pair(parse_args(__doc__.splitlines()[0]), "tv_teacher.yaml", "cnn_to_vit.yaml", "vit")
