@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Sequence
 
 from example_data import CONFIGS, kdzoo, make_image_folder
 
@@ -28,7 +29,8 @@ def parse_args(description: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
-def run_pair(args: argparse.Namespace, teacher_config: str, student_config: str, name: str) -> dict:
+def run_pair(args: argparse.Namespace, teacher_config: str, student_config: str, name: str,
+             student_overrides: Sequence[str] = ()) -> dict:
     """Train the teacher (unless given), distil the student; the student's summary.json."""
     out = Path(args.out)
     data = [f"data.options.image_size={args.image_size}", f"output_dir={out}", f"train.device={args.device}",
@@ -46,7 +48,7 @@ def run_pair(args: argparse.Namespace, teacher_config: str, student_config: str,
         teacher = str(teacher_dir)
     student_dir = out / f"{name}_student"
     kdzoo("train", str(CONFIGS / student_config), f"teacher.weights={teacher}", f"train.epochs={args.epochs}",
-          "train.progress=false", *data, "--run-dir", str(student_dir))
+          "train.progress=false", *data, *student_overrides, "--run-dir", str(student_dir))
     summary = json.loads((student_dir / "summary.json").read_text())
     print(f"{name}: student top-1 {summary['last_top1']:.2f}% in {student_dir} (student.safetensors, curves.png)")
     return summary

@@ -49,15 +49,17 @@ if __name__ == "__main__":
     parser.add_argument("--images", default=None, help="a folder of pictures to classify (searched recursively; "
                                                        "default: the run's test images)")
     parser.add_argument("--out", default="runs/examples", help="where the default run goes")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the default run's teacher and student")
+    parser.add_argument("--image-size", type=int, default=32, help="image size of the default run's data")
     args = parser.parse_args()
 
     if args.run is None:
         from example_data import CONFIGS, kdzoo as run_kdzoo, make_image_folder
 
         out = Path(args.out)
-        root = make_image_folder(out / "data")
-        data = [f"data.options.root={root}", f"data.options.cache_dir={out / 'cache'}", "train.epochs=3",
-                "train.progress=false"]
+        root = make_image_folder(out / "data", size=args.image_size)
+        data = [f"data.options.root={root}", f"data.options.cache_dir={out / 'cache'}",
+                f"data.options.image_size={args.image_size}", f"train.epochs={args.epochs}", "train.progress=false"]
         run_kdzoo("teacher", str(CONFIGS / "tiny_teacher.yaml"), *data, "--run-dir", str(out / "tiny_teacher"))
         run_kdzoo("train", str(CONFIGS / "tiny_student.yaml"), f"teacher.weights={out / 'tiny_teacher'}", *data,
                   "--run-dir", str(out / "tiny_student"))
