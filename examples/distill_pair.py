@@ -18,12 +18,12 @@ def parse_args(description: str) -> argparse.Namespace:
     parser.add_argument("--data", default=None, help="an ImageFolder root with train/ and test/ class folders "
                                                      "(default: generate a tiny one under --out)")
     parser.add_argument("--image-size", type=int, default=32, help="images are resized to this (default 32)")
-    parser.add_argument("--epochs", type=int, default=2, help="student epochs (default 2: seconds on a CPU)")
-    parser.add_argument("--teacher-epochs", type=int, default=2, help="teacher epochs (default 2)")
+    parser.add_argument("--epochs", type=int, default=4, help="student epochs (default 4: seconds on a CPU)")
+    parser.add_argument("--teacher-epochs", type=int, default=4, help="teacher epochs (default 4)")
     parser.add_argument("--teacher", default=None, help="an existing teacher run directory or weights file: "
                                                         "skip training one")
     parser.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
-    parser.add_argument("--per-class", type=int, default=16, help="generated training images per class")
+    parser.add_argument("--per-class", type=int, default=32, help="generated training images per class (default 32)")
     parser.add_argument("--out", default="runs/examples", help="where runs (and generated data) go")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return parser.parse_args()
