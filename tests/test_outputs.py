@@ -49,12 +49,17 @@ def test_run_figure_plots_each_loss_term_both_accuracies_and_the_teacher_line():
     fig = run_figure(HISTORY)  # no teacher known: no line, no legend entry
     assert _labels(fig.axes[1]) == ["train top-1", "test top-1"]
     plt.close(fig)
+    alone = [{k: v for k, v in row.items() if k != "loss_kd"} for row in HISTORY]
+    fig = run_figure(alone)  # a single term is the total: one line, named as both
+    assert _labels(fig.axes[0]) == ["ce = total (train)", "test cross-entropy (unweighted)"]
+    assert list(fig.axes[0].get_lines()[0].get_ydata()) == [2.0, 1.0]
+    plt.close(fig)
 
 
 def test_plot_run_writes_a_png_of_the_expected_size(tmp_path):
     plot_run(HISTORY, tmp_path / "curves.png", teacher_top1=90.0, title="run")
     with Image.open(tmp_path / "curves.png") as image:
-        assert image.format == "PNG" and image.size == (1210, 462)  # 11 x 4.2 inches at 110 dpi
+        assert image.format == "PNG" and image.size == (1210, 550)  # 11 x 5 inches at 110 dpi
 
 
 def test_grid_is_one_named_column_per_class_upscaled_with_nearest_neighbours():
@@ -67,7 +72,7 @@ def test_grid_is_one_named_column_per_class_upscaled_with_nearest_neighbours():
     (ax,) = fig.axes
     assert [t.get_text() for t in ax.texts] == ["cat", "dog", "ship"]
     canvas = ax.get_images()[0].get_array()
-    gap, label_room, tile = 2, 44, 64  # 8 px images upscaled x8
+    gap, label_room, tile = 2, 24, 64  # 8 px images upscaled x8
     assert canvas.shape == (label_room + 2 * (tile + gap), 3 * (tile + gap), 3)
     # the second image of class "dog" (index 3), top-left pixel block repeated 8 x 8
     top, left = label_room + tile + gap, tile + gap
@@ -85,26 +90,32 @@ def test_condense_cli_grid_has_a_column_per_class(tmp_path):
     with Image.open(out / "synthetic.png") as image:
         width, height = image.size
     # 4 classes of 16 px images upscaled x4 to 64 px, 2 per class: 4 columns, 2 rows (+ names and title)
-    assert width == 4 * (64 + 2) and height == 44 + 2 * (64 + 2) + 30
+    assert width == 4 * (64 + 2) and height == 24 + 2 * (64 + 2) + 30
 
 
 def test_train_run_records_the_teacher_accuracy_and_draws_it(tmp_path, monkeypatch):
+    from kdzoo.config import RunConfig, load_config
+    from kdzoo.runner import teacher_run_accuracy
+
     monkeypatch.chdir(tmp_path)
+    one_epoch = {**TRAIN, "epochs": 1}
     Path("t.yaml").write_text(yaml.safe_dump({"model": {"name": "tiny:cnn", "options": {"width": 8}}, "data": DATA,
-                                              "train": TRAIN}))
+                                              "train": one_epoch}))
     assert main(["teacher", "t.yaml", "--run-dir", "teacher"]) == 0
     teacher_top1 = json.loads(Path("teacher/summary.json").read_text())["last_top1"]
     Path("s.yaml").write_text(yaml.safe_dump({
         "student": {"name": "tiny:cnn", "options": {"width": 4}},
         "teacher": {"name": "tiny:cnn", "options": {"width": 8}, "weights": "teacher"},
-        "methods": ["kd"], "data": DATA, "train": TRAIN}))
+        "methods": ["kd"], "data": DATA, "train": one_epoch}))
     assert main(["train", "s.yaml", "--run-dir", "student"]) == 0
     summary = json.loads(Path("student/summary.json").read_text())
-    assert summary["teacher_top1"] == teacher_top1 and summary["epochs"] == 2
+    assert summary["teacher_top1"] == teacher_top1 and summary["epochs"] == 1
     assert Path("student/curves.png").read_bytes()[:4] == b"\x89PNG"
+    # the weights file inside the teacher's run directory names the same run
+    assert teacher_run_accuracy(load_config(RunConfig, "s.yaml", ["teacher.weights=teacher/model.safetensors"])) \
+        == teacher_top1
     # another dataset than the teacher's run: its accuracy there says nothing here
-    assert main(["train", "s.yaml", "--run-dir", "other", "data.options.num_classes=4", "data.options.train_size=48"]) == 0
-    assert "teacher_top1" not in json.loads(Path("other/summary.json").read_text())
+    assert teacher_run_accuracy(load_config(RunConfig, "s.yaml", ["data.options.train_size=48"])) is None
 
 
 def test_format_duration():
@@ -183,6 +194,11 @@ def test_a_run_that_saved_a_checkpoint_is_kept_when_it_fails_later(tmp_path, mon
             (path / "checkpoint.pt").write_bytes(b"x")
             raise KeyboardInterrupt
     assert sorted(p.name for p in path.iterdir()) == ["checkpoint.pt", "config.yaml"]
+    with pytest.raises(FloatingPointError):  # a resumed run that fails keeps what it added (new event files)
+        with removed_if_failed(path):
+            (path / "events.2").write_text("x")
+            raise FloatingPointError
+    assert sorted(p.name for p in path.iterdir()) == ["checkpoint.pt", "config.yaml", "events.2"]
     with removed_if_failed(tmp_path / "fine"):  # success: nothing removed
         (tmp_path / "fine").mkdir()
     assert (tmp_path / "fine").is_dir()

@@ -37,11 +37,16 @@ def run_figure(history: list[dict], teacher_top1: Optional[float] = None, title:
     """One run's curves: left, the training loss and each of its terms (the ``loss_*`` columns of
     metrics.csv: cross-entropy and every method's weighted term) with the test cross-entropy; right, train
     and test top-1 with the teacher's test top-1 as a dashed reference line when it is known."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    # legends go under the axes, where they never hide a curve; constrained layout makes room for them
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
     epochs = [row["epoch"] for row in history]
     terms = [key for key in dict.fromkeys(k for row in history for k in row) if key.startswith("loss_")]
-    series = [("total (train)", "train_loss", dict(color="black", linewidth=2))]
-    series += [(f"{key[len('loss_'):]} (train)", key, {}) for key in terms]
+    names = [key[len("loss_"):] for key in terms]
+    if len(terms) == 1:  # the one term is the total: one line, not two on top of each other
+        series = [(f"{names[0]} = total (train)", "train_loss", dict(color="black", linewidth=2))]
+    else:
+        series = [("total (train)", "train_loss", dict(color="black", linewidth=2))]
+        series += [(f"{name} (train)", key, {}) for name, key in zip(names, terms)]
     series += [("test cross-entropy (unweighted)", "test_loss", dict(color="gray", linestyle="--"))]
     plotted = []
     for label, key, style in series:
@@ -66,10 +71,9 @@ def run_figure(history: list[dict], teacher_top1: Optional[float] = None, title:
         if epochs:
             ax.set_xlim(min(epochs) - 0.2, max(epochs) + 0.2)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
@@ -103,7 +107,7 @@ def grid_figure(images, labels, class_names: Optional[Sequence[str]] = None, max
     tile_h, tile_w, gap = height * scale, width * scale, 2
     bands = [list(range(b, min(b + classes_per_band, num_classes))) for b in range(0, num_classes, classes_per_band)]
     band_cols = max(len(b) for b in bands)
-    label_room = 44  # pixels above each band for the class names
+    label_room = 24  # pixels above each band for the class names (one line of up to 10 pt)
     canvas = np.ones(((rows * (tile_h + gap) + label_room) * len(bands), band_cols * (tile_w + gap), 3), np.float32)
     centers = []
     for b, band in enumerate(bands):

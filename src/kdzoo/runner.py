@@ -132,19 +132,20 @@ def run_dir_path(output_dir: str, name: str, run_dir: Optional[str] = None) -> P
 
 @contextmanager
 def removed_if_failed(path: Path) -> Iterator[None]:
-    """Around a start that uses the run directory `path`: when it fails before writing anything worth keeping
-    (a checkpoint or weights), remove what it wrote there (its config.yaml, an empty metrics.csv, ...) and the
-    folders it created, so a typo leaves no empty run folder behind.  Entries that were there before the start
-    are never touched, nor is anything on other processes of a torchrun job than rank 0."""
+    """Around a start that uses the run directory `path`: when it fails and the directory holds nothing worth
+    keeping (no checkpoint or weights, its own or an earlier run's being resumed), remove what the start wrote
+    there (its config.yaml, an empty metrics.csv, ...) and the folders it created, so a typo leaves no empty run
+    folder behind.  Entries that were there before the start are never touched, nor is anything on other
+    processes of a torchrun job than rank 0."""
     created = [p for p in (path, *path.parents) if not p.exists()]
     before = set(path.iterdir()) if path.is_dir() else set()
     try:
         yield
     except BaseException:
         if _is_main_process() and path.is_dir():
-            written = [p for p in path.iterdir() if p not in before]
-            if not any(p.name == CHECKPOINT or p.suffix == ".safetensors" for p in written):
-                for entry in written:
+            entries = list(path.iterdir())
+            if not any(p.name == CHECKPOINT or p.suffix == ".safetensors" for p in entries):
+                for entry in (p for p in entries if p not in before):
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
                 for folder in created:  # deepest first; stops at the first that holds anything
                     try:
