@@ -13,12 +13,13 @@ from typing import Sequence
 from example_data import CONFIGS, kdzoo, make_image_folder
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def parse_args(description: str, epochs: int = 8) -> argparse.Namespace:
+    """The common options; `epochs`: the student's default, a few seconds on a CPU for the script's pair."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", default=None, help="an ImageFolder root with train/ and test/ class folders "
                                                      "(default: generate a tiny one under --out)")
     parser.add_argument("--image-size", type=int, default=32, help="images are resized to this (default 32)")
-    parser.add_argument("--epochs", type=int, default=4, help="student epochs (default 4: seconds on a CPU)")
+    parser.add_argument("--epochs", type=int, default=epochs, help=f"student epochs (default {epochs})")
     parser.add_argument("--teacher-epochs", type=int, default=4, help="teacher epochs (default 4)")
     parser.add_argument("--teacher", default=None, help="an existing teacher run directory or weights file: "
                                                         "skip training one")

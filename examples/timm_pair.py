@@ -1,4 +1,4 @@
-"""timm teacher -> timm student (ResNet-18 -> MobileNetV3-small-050, DKD) on an ImageFolder; needs timm.
+"""timm teacher -> timm student (ResNet-18 -> MobileNetV3-small-050, KD) on an ImageFolder; needs timm.
 
     python examples/timm_pair.py                                        # generated data, seconds on a CPU
     python examples/timm_pair.py --data /path/to/images --image-size 64 --epochs 30 --teacher-epochs 30

@@ -1,4 +1,4 @@
-"""torchvision teacher -> torchvision student on an ImageFolder (ResNet-18 -> MobileNetV3-small, KD + FitNet).
+"""torchvision teacher -> torchvision student on an ImageFolder (ResNet-18 -> MobileNetV2, KD + FitNet).
 
     python examples/torchvision_imagefolder.py                         # generated data, seconds on a CPU
     python examples/torchvision_imagefolder.py --data /path/to/images --image-size 64 --epochs 30 --teacher-epochs 30
