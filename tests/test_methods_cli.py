@@ -83,3 +83,17 @@ def test_unknown_method_name_is_one_line_with_close_matches(capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
     assert err.startswith("kdzoo methods: error: unknown method 'dkdd'") and "did you mean dkd" in err
+
+
+def test_a_reader_that_stops_early_is_not_an_error(capsys, monkeypatch):
+    """`kdzoo methods | head`: the closed pipe ends the listing quietly, with status 0."""
+    import io
+    import sys
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["methods"]) == 0
+    assert capsys.readouterr().err == ""

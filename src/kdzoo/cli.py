@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _file_size_limit_as_error():
             return args.func(args) or 0
+    except BrokenPipeError:  # the reader stopped early (kdzoo methods | head): not an error
+        _discard_stdout()
+        return 0
     except (KdzooError, OSError) as err:
         if debug:
             raise
@@ -55,6 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdzoo {args.command}: interrupted; the last checkpoint (if any) is intact, continue with --resume",
               file=sys.stderr)
         return 130
+
+
+def _discard_stdout() -> None:
+    """Point the process's stdout at /dev/null, so the interpreter's final flush into the closed pipe raises
+    nothing either (Python's documented recipe for SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a file descriptor
+        pass
 
 
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[^.]+\.tmp$")  # runtime.atomic_write's ".NAME.XXXX.tmp"
