@@ -59,12 +59,14 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert "did you mean resnet18" in capsys.readouterr().err
 
 
-def test_methods_table_lists_papers(capsys):
+def test_methods_table_lists_methods_and_names_papers_per_method(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     for name in ("kd", "fitnet", "at", "rkd"):
         assert f"\n{name} " in out
-    assert "Hinton" in out and "temperature=4.0" in out
+    assert main(["methods", "kd"]) == 0  # the paper and defaults are in the per-method page
+    out = capsys.readouterr().out
+    assert "Hinton" in out and "temperature  default 4.0" in out
 
 
 @pytest.mark.parametrize("command", ["demo", "train", "teacher", "eval", "methods"])

@@ -71,6 +71,15 @@ class Entry:
     def paper(self) -> str:
         return self.meta.get("paper", "")
 
+    @property
+    def description(self) -> str:
+        """One line: what the entry does (``description=`` beside its registration)."""
+        return self.meta.get("description", "")
+
+    def option_meanings(self) -> dict[str, str]:
+        """Option name -> meaning, from the "Options:" section of the entry's docstring."""
+        return docstring_options(self.obj.__doc__ or "")
+
     def hints(self) -> dict[str, Any]:
         """Option name -> annotation (None where there is none or it cannot be resolved)."""
         if not self._hints and self.defaults:
@@ -86,6 +95,32 @@ class Entry:
         suffix = f" ({label})" if label else ""
         return {key: check_value(f"{where}.{key}" if where else str(key), value, hints.get(key), suffix)
                 for key, value in options.items()}
+
+
+def docstring_options(doc: str) -> dict[str, str]:
+    """The ``Options:`` section of a docstring as {name: meaning}: one ``name: meaning`` line per option,
+    continued on more deeply indented lines, up to the next blank line or the end."""
+    lines = inspect.cleandoc(doc).splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Options:")
+    except StopIteration:
+        return {}
+    meanings: dict[str, str] = {}
+    indent, name = None, None
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        depth = len(line) - len(line.lstrip())
+        if indent is None:
+            indent = depth
+        if depth == indent and ":" in line:
+            name, meaning = line.strip().split(":", 1)
+            meanings[name] = meaning.strip()
+        elif depth > indent and name is not None:
+            meanings[name] += " " + line.strip()
+        else:
+            break
+    return meanings
 
 
 def signature_defaults(obj: Callable[..., Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -9,10 +9,13 @@ written before both checks pass.  Every start deletes the temporary files a kill
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -114,8 +117,37 @@ def load_weights(model: nn.Module, path: str | Path, where: str = "") -> LoadRep
     return report
 
 
+def run_dir_path(output_dir: str, name: str, run_dir: Optional[str] = None) -> Path:
+    """The run directory a start uses: `run_dir` when given, else OUTPUT_DIR/NAME."""
+    return Path(run_dir) if run_dir else Path(output_dir) / name
+
+
+@contextmanager
+def removed_if_failed(path: Path) -> Iterator[None]:
+    """Around a start that uses the run directory `path`: when it fails and the directory holds nothing worth
+    keeping (no checkpoint or weights, its own or an earlier run's being resumed), remove what the start wrote
+    there (its config.yaml, an empty metrics.csv, ...) and the folders it created, so a typo leaves no empty run
+    folder behind.  Entries that were there before the start are never touched, nor is anything on other
+    processes of a torchrun job than rank 0."""
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    before = set(path.iterdir()) if path.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        if is_main_process() and path.is_dir():
+            if not holds_run(path) and not any(path.rglob("*.safetensors")):
+                for entry in (p for p in path.iterdir() if p not in before):
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                for folder in created:  # deepest first; stops at the first that holds anything
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break
+        raise
+
+
 def prepare_run_dir(output_dir: str, name: str, resume: bool, run_dir: Optional[str] = None) -> Path:
-    path = Path(run_dir) if run_dir else Path(output_dir) / name
+    path = run_dir_path(output_dir, name, run_dir)
     if not resume and holds_run(path):
         raise ConfigError(f"{path} already holds a run: pass --resume to continue it, or set name=... for a new one")
     if resume and not holds_run(path):
@@ -219,6 +251,9 @@ def run_distiller(cfg: RunConfig, run_dir: Path, build: Callable[[RunConfig, Dat
         from .plan import write_plan  # what each method compares, before the first step
         write_plan(distiller, data.test, run_dir, cfg.train.device, cfg.student.name,
                    cfg.teacher.name if cfg.teacher else None, verbose)
+        teacher_top1 = teacher_run_accuracy(cfg)
+        if teacher_top1 is not None and not resume:  # curves.png draws it as the reference line
+            record_summary(run_dir, teacher_top1=teacher_top1)
     return fit(distiller, data, cfg.train, run_dir, resume=resume,
                export_meta=model_meta(cfg.student, data, cfg.data), verbose=verbose, callbacks=callbacks)
 
@@ -234,9 +269,9 @@ def stage_dir(run_dir: Path, index: int, name: str) -> Path:
 
 
 def holds_run(path: Path) -> bool:
-    """Whether a run directory holds a checkpoint: its own, or one of its stages'."""
+    """Whether a run directory holds a checkpoint: its own, or one of its parts' (stages, rounds)."""
     path = Path(path)
-    return (path / CHECKPOINT).is_file() or any((path / STAGES_DIR).glob(f"*/{CHECKPOINT}"))
+    return (path / CHECKPOINT).is_file() or any(path.glob(f"*/{CHECKPOINT}")) or any(path.glob(f"*/*/{CHECKPOINT}"))
 
 
 def train_stages(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: bool = True) -> FitResult:
@@ -262,6 +297,40 @@ def train_stages(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: b
         atomic_write(run_dir / "student.safetensors", lambda tmp: shutil.copyfile(weights, tmp))
     result.run_dir = run_dir
     return result
+
+
+def teacher_run_accuracy(cfg: RunConfig) -> Optional[float]:
+    """The teacher's test top-1 when ``teacher.weights`` is (a file of) a kdzoo run directory whose
+    summary.json reports it, on the same dataset as this run; else None."""
+    if cfg.teacher is None or not cfg.teacher.weights:
+        return None
+    path = Path(cfg.teacher.weights)
+    folder = path if path.is_dir() else path.parent
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        data = read_yaml(folder / RUN_CONFIG).get("data", {})
+    except (OSError, ValueError, ConfigError):
+        return None
+    top1 = summary.get("last_top1") if isinstance(summary, dict) else None
+    where_only = ("root", "cache_dir", "download")  # where the data is read from, not what it is
+
+    def same_data(section: Any) -> tuple:
+        if not isinstance(section, dict) or not isinstance(section.get("options", {}), dict):
+            return (None,)
+        return section.get("name"), {k: v for k, v in section.get("options", {}).items() if k not in where_only}
+
+    if not isinstance(top1, (int, float)) or same_data(data) != same_data(to_dict(cfg.data)):
+        return None
+    return float(top1)
+
+
+def record_summary(run_dir: Path, **facts: Any) -> None:
+    """Add facts known before training (the teacher's accuracy) to the run's summary.json; the trainer keeps
+    them when it writes the final summary."""
+    from .train.trainer import read_summary
+
+    text = json.dumps({**read_summary(run_dir), **facts}, indent=2)
+    atomic_write(run_dir / "summary.json", lambda tmp: tmp.write_text(text))
 
 
 def teacher_run(cfg: TeacherConfig, run_dir: Path, resume: bool = False, verbose: bool = True) -> FitResult:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..errors import ConfigError
 from ..registry import Positive, PositiveInt, check_value, option_hints
@@ -133,7 +133,7 @@ def cmd_condense(args) -> int:
     condenser = build_condenser(args.method, data, args.ipc, **options)
     synthetic = run_condenser(condenser, checkpoint, args.checkpoint_every, args.resume, progress=not args.quiet)
     synthetic.save(out / "synthetic.safetensors")
-    save_grid(synthetic, out / "synthetic.png")
+    save_grid(synthetic, out / "synthetic.png", getattr(data.train, "classes", None))
     print(f"{args.method}: {len(synthetic.images)} synthetic images ({args.ipc} per class, "
           f"{'soft' if synthetic.soft else 'hard'} labels) in {out}")
     if args.no_eval:
@@ -157,16 +157,23 @@ def _check_eval_options(options: dict) -> dict:
     return {key: check_value(f"eval.{key}", value, hints[key]) for key, value in options.items()}
 
 
-def save_grid(synthetic: "SyntheticSet", path: Path) -> None:
-    """PNG of the images, one row per class.  Pixel-space sets (whitening undone) are shown as they
-    are, clipped to [0, 1]; others are clipped to mean +- 2.5 std of the set and stretched to [0, 1]."""
-    from torchvision.utils import save_image
+def save_grid(synthetic: "SyntheticSet", path: Path, class_names: Optional[Sequence[str]] = None) -> None:
+    """PNG of the images: one column per class headed by its name, one row per image (`plots.grid_figure`),
+    upscaled with nearest neighbours.  Pixel-space sets (whitening undone) are shown as they are, clipped to
+    [0, 1]; others are clipped to mean +- 2.5 std of the set and stretched to [0, 1].  Soft labels are shown
+    under their most likely class."""
+    from ..plots import plot_grid
 
-    images = synthetic.images.float()
+    images = synthetic.images.detach().float().cpu()
     if synthetic.space is not None and synthetic.space.pixels:
         shown = images.clamp(0, 1)
     else:
         mean, std = images.mean(), images.std().clamp_min(1e-8)
         shown = ((images - mean) / (5 * std) + 0.5).clamp(0, 1)
-    per_row = int(synthetic.meta.get("ipc", len(images)))
-    atomic_write(path, lambda tmp: save_image(shown, str(tmp), nrow=per_row, padding=1, format="png"))
+    labels = synthetic.labels.detach().cpu()
+    labels = labels.argmax(1) if synthetic.soft else labels
+    ipc = synthetic.meta.get("ipc")
+    title = f"{synthetic.meta.get('method', '')} {synthetic.meta.get('dataset', '')}".strip()
+    title = f"{title}, {ipc} per class" if ipc else title
+    atomic_write(path, lambda tmp: plot_grid(shown.numpy(), labels.numpy(), tmp, class_names, title=title,
+                                             format="png"))

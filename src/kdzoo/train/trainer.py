@@ -17,6 +17,7 @@ import csv
 import functools
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,7 +286,7 @@ class MetricsLog(Callback):
 
 
 class ConsoleLog(Callback):
-    """One line per epoch (through tqdm when a progress bar is shown)."""
+    """One line per epoch with the time left for the whole run (through tqdm when a progress bar is shown)."""
 
     def on_train_start(self, trainer, run):
         if trainer.resumed and run.run_dir is not None:
@@ -293,9 +294,11 @@ class ConsoleLog(Callback):
 
     def on_epoch_end(self, trainer, run, row, improved):
         test = f"test {row['test_top1']:.2f}% (best {run.best:.2f}%)  " if "test_top1" in row else ""
+        eta = trainer.eta_seconds()
+        left = f"  run ETA {format_duration(eta)}" if eta is not None and row["epoch"] < trainer.cfg.epochs else ""
         message = (f"{run.label}epoch {row['epoch']}/{trainer.cfg.epochs}  loss {row['train_loss']:.4f}  "
-                   f"train {row['train_top1']:.2f}%  {test}{row['images_per_s']:.0f} img/s")
-        tqdm.write(message) if trainer.cfg.progress else print(message)
+                   f"train {row['train_top1']:.2f}%  {test}{row['images_per_s']:.0f} img/s{left}")
+        tqdm.write(message) if trainer.show_bar else print(message, flush=True)
 
 
 class Checkpoints(Callback):
@@ -419,6 +422,10 @@ class Trainer:
         self.teacher_cache, self.build_steps = teacher_cache, build_steps
         self.start_epoch = self.epoch = self.step = 0
         self.started = time.perf_counter()
+        # a progress bar redraws itself with carriage returns: only on a terminal; into a file (or a pipe) the
+        # progress goes as plain lines, a few per epoch
+        self.show_bar = cfg.progress and _is_terminal(sys.stderr)
+        self._loop_start: Optional[tuple[float, int]] = None  # (time, step) where this start's main loop began
 
     # ------------------------------------------------------------------ setup
 
@@ -483,6 +490,7 @@ class Trainer:
                     if self._init_stages(run):
                         self._notify("on_checkpoint_due", k, 0)  # so a resume never repeats the init stages
             with TeacherFeed(self.distillers, cache, self.compile_mode) as feed:
+                self._loop_start = (time.perf_counter(), self.step)
                 for self.epoch in range(self.start_epoch, cfg.epochs):
                     self._epoch(feed)
 
@@ -535,14 +543,29 @@ class Trainer:
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
             self._notify("on_checkpoint_due", k, epoch + 1)
 
+    def eta_seconds(self) -> Optional[float]:
+        """Seconds left in the whole run (every remaining epoch, evaluations included) at the rate of this
+        start's main loop so far; None before its first step."""
+        if self._loop_start is None or self.step <= self._loop_start[1]:
+            return None
+        started, first_step = self._loop_start
+        rate = (time.perf_counter() - started) / (self.step - first_step)
+        return max(self.cfg.epochs * self.steps_per_epoch - self.step, 0) * rate
+
     def _batches(self, loader, groups: list[StepGroup], feed: Optional[TeacherFeed], steps_per_epoch: int,
                  desc: str, check: Callable[[], list[MeterReading]], on_step: Optional[Callable[[int], None]],
                  epoch_offset: Optional[float] = None) -> None:
         """One pass over `loader`: every group steps on every batch; meters are read every `log_every` steps.
-        `epoch_offset` fixes the progress the methods see (init stages); else it is the running epoch."""
+        `epoch_offset` fixes the progress the methods see (init stages); else it is the running epoch.
+
+        Progress: loss and accuracy appear from the first steps (steps 1, 2, 4, ... of the first epoch of a start,
+        then every `log_every`), with the time left for the whole run; on a terminal in a tqdm bar, elsewhere
+        as plain lines at most every 10% of an epoch."""
         cfg, device = self.cfg, self.device
         show = cfg.progress and self.group.is_main
-        bar = tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
+        bar = tqdm(loader, desc=desc, leave=False, disable=not (show and self.show_bar), dynamic_ncols=True)
+        early = self.epoch == self.start_epoch and epoch_offset is None  # the first epoch of this start
+        last_line = 0
         start, seen, lr = time.perf_counter(), 0, float("nan")
         cuda_graphs = any(g.step.cuda_graphs for g in groups)
         progress = torch.zeros((), device=device)  # the fractional epoch, filled in place (no host sync)
@@ -564,11 +587,21 @@ class Trainer:
                 g.step(images, labels, index, progress, teacher_outputs)
             self.step += 1
             seen += len(labels)
-            if (i + 1) % cfg.log_every == 0:
+            first_steps = early and (i + 1) < cfg.log_every and (i + 1) & i == 0  # steps 1, 2, 4, 8, ...
+            if (i + 1) % cfg.log_every == 0 or first_steps:
                 reading = check()[0]  # stops a diverged run here, before anything is saved
                 if show:
-                    bar.set_postfix(loss=f"{reading.loss:.3f}", acc=f"{reading.top1:.1f}",
-                                    img_s=f"{seen / (time.perf_counter() - start):.0f}", lr=f"{lr:.3g}")
+                    eta = self.eta_seconds() if epoch_offset is None else None
+                    numbers = dict(loss=f"{reading.loss:.3f}", acc=f"{reading.top1:.1f}",
+                                   img_s=f"{seen / (time.perf_counter() - start):.0f}", lr=f"{lr:.3g}",
+                                   **({"run_eta": format_duration(eta)} if eta is not None else {}))
+                    if self.show_bar:
+                        bar.set_postfix(**numbers)
+                    elif i + 1 < steps_per_epoch and (i == 0 or (i + 1 - last_line) * 10 >= steps_per_epoch):
+                        last_line = i + 1
+                        words = {"acc": "train", "img_s": "img/s", "run_eta": "run ETA"}
+                        print(f"{desc}  step {i + 1}/{steps_per_epoch}  " + "  ".join(
+                            f"{words.get(k, k)} {v}{'%' if k == 'acc' else ''}" for k, v in numbers.items()), flush=True)
             if on_step is not None:
                 on_step(self.step)
         bar.close()
@@ -675,6 +708,23 @@ def _class_meta(student: nn.Module) -> dict:
     return {"class": f"{type(student).__module__}.{type(student).__qualname__}"}
 
 
+def format_duration(seconds: float) -> str:
+    """``45s``, ``3m05s``, ``2h07m``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        return False
+
+
 def write_metrics_csv(path: Path, history: list[dict]) -> None:
     """One row per epoch (or evaluation), columns in first-seen order, written atomically."""
     keys = list(dict.fromkeys(k for row in history for k in row))
@@ -689,14 +739,25 @@ def write_metrics_csv(path: Path, history: list[dict]) -> None:
 
 
 def _write_summary(run_dir: Path, history: list[dict], best: float, best_epoch: int) -> None:
-    """summary.json and a learning-curve plot."""
+    """summary.json and a learning-curve plot.  Facts a runner recorded in summary.json before training (the
+    teacher's test accuracy, ``teacher_top1``) are kept, and the teacher's is drawn as a reference line."""
     final = history[-1]
-    summary = {"last_top1": final.get("test_top1"), "last_top5": final.get("test_top5"), "best_top1": best,
+    summary = {**read_summary(run_dir),
+               "last_top1": final.get("test_top1"), "last_top5": final.get("test_top5"), "best_top1": best,
                "best_epoch": best_epoch, "epochs": final["epoch"], "seconds": final["seconds"]}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    from ..plots import plot_curves
+    from ..plots import plot_run
 
-    plot_curves({"run": history}, run_dir / "curves.png")
+    plot_run(history, run_dir / "curves.png", teacher_top1=summary.get("teacher_top1"), title=run_dir.name)
+
+
+def read_summary(run_dir: Path) -> dict:
+    """A run directory's summary.json ({} when there is none or it cannot be read)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 __all__ = ["fit", "train_runs", "evaluate", "FitResult", "Trainer", "RunState", "Callback", "MetricsLog", "ConsoleLog",

@@ -98,13 +98,24 @@ class MaskUnits(nn.Module):
         return spatial, channel
 
 
-@register_method("acam", family="feature", cross_arch=False,
+@register_method("acam", description="attention-masked features, diverse masks",
+                 layers="student stage:-1 -> teacher stage:-1 (the last stage)",
+                 family="feature", cross_arch=False,
                  paper="Lan & Tian 2025, ACAM-KD: Adaptive and Cooperative Attention Masking for Knowledge "
                        "Distillation")
 class ACAMKD(Method):
     """Masked feature distillation at one stage (default the last of each model).  Losses: `weight` x (spatial +
     channel masked terms) and `diversity_weight` x the Dice diversity of the spatial and the channel masks.
-    ``num_masks`` selection units; ``attention_dim`` None: the teacher's width // 2 (at least 8)."""
+    ``num_masks`` selection units; ``attention_dim`` None: the teacher's width // 2 (at least 8).
+
+    Options:
+        weight: multiplier of the masked feature terms (spatial + channel)
+        diversity_weight: weight of the Dice diversity loss between masks
+        num_masks: number of selection units (mask pairs)
+        attention_dim: width of the cross-attention; null: teacher width // 2 (at least 8)
+        student_layer: student tap (aligned to the teacher's width and size)
+        teacher_layer: teacher tap
+    """
 
     ce_weight = 1.0
 

@@ -131,7 +131,9 @@ def init_branch(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-@register_method("ofa", family="crossarch", cross_arch=True,
+@register_method("ofa", description="stage branch heads learn teacher logits",
+                 layers="every student stage after the stem plus the logits; teacher logits only",
+                 family="crossarch", cross_arch=True,
                  paper="Hao et al. 2023, One-for-All: Bridge the Gap Between Heterogeneous Architectures in "
                        "Knowledge Distillation")
 class OFAKD(Method):
@@ -143,6 +145,14 @@ class OFAKD(Method):
     stage gets log2(grid / `final_grid`) patch mergings and max(n - i, 1) transformer blocks of that width
     (see `TokenBranch`).  `eps` is one value or one per stage plus one for the final logits (OFA's ``--ofa-eps``).
     Defaults: the authors' CIFAR-100 command (eps 1.0, T 1, all weights 1); their ImageNet runs use eps 1.5.
+
+    Options:
+        weight: weight of the branch heads' losses
+        kd_weight: weight of the same loss on the student's own logits
+        eps: OFA's target-class exponent: one value, or one per stage plus one for the logits
+        temperature: softmax temperature
+        final_grid: token grid side the branches shrink to by patch merging
+        student_layers: student taps that get a branch head; null: every stage after the stem
     """
 
     ce_weight = 1.0

@@ -112,7 +112,9 @@ def default_heads(channels: int) -> int:
     return heads
 
 
-@register_method("scalekd", family="crossarch", cross_arch=True,
+@register_method("scalekd", description="attention projectors + teacher parameter reuse",
+                 layers="student stage:-2, stage:-1 -> teacher stage:-2, stage:-1 (last two stages)",
+                 family="crossarch", cross_arch=True,
                  paper="Fan et al. 2024, ScaleKD: Strong Vision Transformers Could Be Excellent Teachers")
 class ScaleKD(Method):
     """Cross-attention projectors, dual-view feature mimicking and teacher parameter perception (TPP).
@@ -130,6 +132,16 @@ class ScaleKD(Method):
     - KD on the logits at temperature 1 with weight 0.5 and cross-entropy 0.5 (their ``KDLoss`` alpha 0.5; we
       use the KL form, which differs from their soft cross-entropy by the teacher's entropy, a constant).
     Defaults: the authors' Swin-L -> ResNet-50 ImageNet config (alpha 0.08 / 0.06, softmax scale 5).
+
+    Options:
+        alpha: weights of the two views (spatial, frequency) of the feature mimicking
+        kd_weight: weight of KD on the logits (cross-entropy gets 1 - kd_weight)
+        temperature: KD temperature
+        softmax_scale: scale of the projectors' attention logits
+        heads: attention heads of the projectors; null: teacher width // 64 (a divisor of it)
+        parameter_perception: run projected S3 through the teacher's last stage (TPP); false: off
+        student_layers: two student taps (S3, S4); null: stage:-2, stage:-1
+        teacher_layers: two teacher taps (T3, T4); null: stage:-2, stage:-1
     """
 
     ce_weight = 0.5

@@ -45,7 +45,9 @@ def ab_connector(student_shape, teacher_shape) -> nn.Module:
     return regressor(student_shape, teacher_shape, relu=False)
 
 
-@register_method("ab", family="feature",
+@register_method("ab", description="transfer activation boundaries (pre-ReLU)",
+                 layers="pre-ReLU output of every stage after the stem (the family's 'preact' list)",
+                 family="feature",
                  paper="Heo et al. 2019, Knowledge Transfer via Distillation of Activation Boundaries Formed by "
                        "Hidden Neurons")
 class AB(Method):
@@ -58,6 +60,15 @@ class AB(Method):
 
     Taps: the "preact" list the model family publishes, every stage after the stem; models without one need
     ``student_layers`` / ``teacher_layers``, e.g. the input of each stage's last ReLU.
+
+    Options:
+        weight: multiplier of the term during distillation (0: used in the init stage only)
+        margin: margin around the activation boundary in the hinge-like loss
+        init_epochs: epochs of the init stage that trains on this loss alone before distillation (0: none)
+        init_lr: learning rate of the init stage; null: the run's train.lr
+        student_layers: student taps (pre-ReLU stage outputs); null: the 'preact' list the model family
+            publishes, every stage after the stem
+        teacher_layers: teacher taps, one per entry of student_layers; null: the teacher's 'preact' list
     """
 
     ce_weight = 1.0

@@ -27,14 +27,28 @@ def at_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, p: flo
     return (attention_map(s, p) - attention_map(t, p)).pow(2).mean()
 
 
-@register_method("at", family="feature", paper="Zagoruyko & Komodakis 2017, Paying More Attention to Attention")
+@register_method("at", description="match spatial attention maps of the stages",
+                 layers="every stage after the stem on both models, paired from the deepest back",
+                 family="feature", paper="Zagoruyko & Komodakis 2017, Paying More Attention to Attention")
 class AT(Method):
     """Sum of `at_loss` over every stage after the stem (RepDistiller, mdistiller), weight 1000.
     ``normalize_layers``: each stage's term divided by the mean square of the teacher's attention map
     (`layer_normalized_loss`, LAPTOP-Diff), which evens out maps of different sizes.
     Token features (a ViT's blocks) are compared as maps of their patch tokens (`Layout.feature_map`).  A pair
     whose maps differ more than ``max_size_ratio`` per side, or a 1x1 map, is refused: attention over such
-    maps compares nothing the two models share."""
+    maps compares nothing the two models share.
+
+    Options:
+        weight: multiplier of the loss term (0 turns it off)
+        p: power of |feature| averaged over channels to form the attention map
+        normalize_layers: divide each layer's term by the mean square of the teacher's feature there (evens out
+            layer sizes)
+        student_layers: student taps, paired in order with teacher_layers; null: every stage after the stem,
+            paired from the deepest back
+        teacher_layers: teacher taps, one per entry of student_layers; null: chosen with student_layers
+        max_size_ratio: the largest ratio of map sides (student vs teacher) a pair may have; wider pairs are
+            refused
+    """
 
     ce_weight = 1.0
     student_layout: Optional[Layout] = None  # set by choose_taps; None: tokens' grid guessed from their count

@@ -17,7 +17,9 @@ def hint_loss(adapted_student: torch.Tensor, teacher_feature: torch.Tensor) -> t
     return F.mse_loss(adapted_student, teacher_feature)
 
 
-@register_method("fitnet", family="feature", paper="Romero et al. 2015, FitNets: Hints for Thin Deep Nets")
+@register_method("fitnet", description="MSE of a regressed student map to a teacher map",
+                 layers="student stage:2 -> teacher stage:2 (the second stage after the stem)",
+                 family="feature", paper="Romero et al. 2015, FitNets: Hints for Thin Deep Nets")
 class FitNet(Method):
     """One hint, as RepDistiller and mdistiller: ``hint_layer=2`` of their feature lists, which is our
     ``stage:2`` (stages counted from the stem, stage 0) for every CIFAR family -- the second stage after the
@@ -27,6 +29,13 @@ class FitNet(Method):
     teacher's, which the references refuse, a 1x1 conv + BN resized; a pooled (B, D) hint gets a linear map).  Weight 100 (mdistiller).
     ``normalize_layers``: the hint loss relative to the teacher feature's mean square
     (`layer_normalized_loss`, LAPTOP-Diff).
+
+    Options:
+        weight: multiplier of the loss term (0 turns it off)
+        student_layer: student tap that gives the hint (through a learned regressor)
+        teacher_layer: teacher tap the regressed hint must match
+        normalize_layers: divide each layer's term by the mean square of the teacher's feature there (evens out
+            layer sizes)
     """
 
     ce_weight = 1.0

@@ -30,7 +30,9 @@ def fsp_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequenc
                                          teacher_features, teacher_features[1:]))
 
 
-@register_method("fsp", family="feature",
+@register_method("fsp", description="match flow-of-solution matrices between stages",
+                 layers="every stage, the stem included, on both models (equal widths needed)",
+                 family="feature",
                  paper="Yim et al. 2017, A Gift from Knowledge Distillation: Fast Optimization, Network "
                        "Minimization and Transfer Learning")
 class FSP(Method):
@@ -40,6 +42,13 @@ class FSP(Method):
 
     Taps: every stage, the stem included (RepDistiller's ``feat[:-1]``).  FSP matrices are compared entry by
     entry, so the student's and the teacher's stages must have equal widths (RepDistiller refuses otherwise).
+
+    Options:
+        weight: multiplier of the term during distillation (0: used in the init stage only)
+        init_epochs: epochs of the init stage that trains on this loss alone before distillation (0: none)
+        init_lr: learning rate of the init stage; null: the run's train.lr
+        student_layers: student taps, consecutive pairs form FSP matrices; null: every stage, the stem included
+        teacher_layers: teacher taps, one per entry of student_layers; null: chosen with student_layers
     """
 
     ce_weight = 1.0

@@ -64,7 +64,9 @@ def ft_init_lr(init_lr: Union[float, str, None], student: nn.Module) -> Optional
     return 0.01 if isinstance(student, (CifarResNet, WideResNet)) else None
 
 
-@register_method("ft", family="feature",
+@register_method("ft", description="match paraphraser and translator factors",
+                 layers="student stage:-1 -> teacher stage:-1 (the last stage)",
+                 family="feature",
                  paper="Kim et al. 2018, Paraphrasing Complex Network: Network Compression via Factor Transfer")
 class FT(Method):
     """A paraphraser (teacher side, rate `rate`) is first trained alone as an autoencoder of the teacher's
@@ -74,6 +76,17 @@ class FT(Method):
     ``init_lr``: the init stage's learning rate; "auto" is RepDistiller's rule (``helper/pretrain.py``): 0.01
     when the student is one of its CIFAR ResNets or WRNs, the run's learning rate for any other student
     (VGG, MobileNetV2, ShuffleNet); a number fixes it; None is always the run's.
+
+    Options:
+        weight: multiplier of the loss term (0 turns it off)
+        rate: paraphraser width as a fraction of the teacher's channels
+        p: power of |factor difference| that is averaged (1: the paper's L1)
+        spatial: compare the channel mean of squares at each position (RepDistiller); false: the whole factor
+        init_epochs: epochs that train the paraphraser alone as an autoencoder before distillation
+        init_lr: paraphraser learning rate: 'auto' (0.01 for CIFAR ResNets/WRNs, else train.lr), a number, or
+            null (train.lr)
+        student_layer: student tap read by the translator
+        teacher_layer: teacher tap the paraphraser encodes
     """
 
     ce_weight = 1.0

@@ -140,13 +140,23 @@ def cached_class_means(teacher: nn.Module, tap: str, dataset, num_classes: int, 
     return means
 
 
-@register_method("nd", family="feature", paper="Wang et al. 2023, Improving Knowledge Distillation via "
+@register_method("nd", description="embeddings toward teacher class means (KD++)",
+                 layers="penultimate (classifier input) on both models",
+                 family="feature", paper="Wang et al. 2023, Improving Knowledge Distillation via "
                  "Regularizing Feature Norm and Direction (KD++)")
 class ND(Method):
     """The ND term alone; KD++ is ``methods: [nd, {name: kd, weight: 1.0}]`` with CE weight 1 (ND's, as the
     first method).  Defaults: the authors' loss factor 1 (their CIFAR-100 KD++ pairs use 0.5 to 2, listed
     in tools/make_configs.py).  `stats_device` is where the teacher runs over the training set for the
-    class means (``auto``: CUDA when present)."""
+    class means (``auto``: CUDA when present).
+
+    Options:
+        weight: multiplier of the loss term (0 turns it off)
+        student_layer: student tap read (default: the embedding that enters the classifier)
+        teacher_layer: teacher tap read (default: the embedding that enters the classifier)
+        stats_batch_size: batch size of the pass over the training set that computes teacher class means
+        stats_device: device of that pass: 'auto' (CUDA when present), 'cpu' or 'cuda'
+    """
 
     ce_weight = 1.0
 

@@ -36,10 +36,19 @@ def nst_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> to
                 - 2 * polynomial_kernel(s, t).mean())
 
 
-@register_method("nst", family="feature",
+@register_method("nst", description="match neuron selectivity patterns (MMD)",
+                 layers="every stage after the stem on both models, paired from the deepest back",
+                 family="feature",
                  paper="Huang & Wang 2017, Like What You Like: Knowledge Distill via Neuron Selectivity Transfer")
 class NST(Method):
-    """Sum of `nst_loss` over every stage after the stem (RepDistiller and mdistiller), unless layers are named."""
+    """Sum of `nst_loss` over every stage after the stem (RepDistiller and mdistiller), unless layers are named.
+
+    Options:
+        weight: multiplier of the loss term (0 turns it off)
+        student_layers: student taps, paired in order with teacher_layers; null: every stage after the stem,
+            paired from the deepest back
+        teacher_layers: teacher taps, one per entry of student_layers; null: chosen with student_layers
+    """
 
     ce_weight = 1.0
 

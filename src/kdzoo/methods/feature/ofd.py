@@ -194,7 +194,9 @@ def ofd_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, margi
         return ((student_feature - target).pow(2) * counted).sum() / student_feature.shape[0]
 
 
-@register_method("ofd", family="feature", paper="Heo et al. 2019, A Comprehensive Overhaul of Feature Distillation")
+@register_method("ofd", description="pre-ReLU features, teacher-margin partial L2",
+                 layers="pre-ReLU output of every stage after the stem (the family's 'preact' list)",
+                 family="feature", paper="Heo et al. 2019, A Comprehensive Overhaul of Feature Distillation")
 class OFD(Method):
     """Per stage, a 1x1 conv + BN connector maps the student's pre-ReLU feature to the teacher's width; the
     teacher's pre-ReLU feature is average-pooled to the student's size.  As mdistiller: every stage after the
@@ -211,6 +213,16 @@ class OFD(Method):
     closed form), "auto" or "empirical" (see `teacher_margin`); a measured margin reads ``margin_samples``
     training images (the run's training set, never the example batch).  ``normalize_layers``: see
     `layer_normalized_loss`.
+
+    Options:
+        weight: multiplier of the loss term (0 turns it off)
+        margin: teacher margin: 'last_bn' (closed form from BN), 'auto' or 'empirical' (measured)
+        margin_samples: training images read to measure the margin ('auto'/'empirical')
+        normalize_layers: divide each layer's term by the mean square of the teacher's feature there (evens out
+            layer sizes)
+        student_layers: student taps (pre-ReLU stage outputs); null: the 'preact' list the model family
+            publishes, every stage after the stem
+        teacher_layers: teacher taps, one per entry of student_layers; null: the teacher's 'preact' list
     """
 
     ce_weight = 1.0

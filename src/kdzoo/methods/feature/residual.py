@@ -53,11 +53,21 @@ class ResidualBranch(nn.Module):
         return self.shortcut(x), self.body(x)
 
 
-@register_method("residual_feature", family="feature", paper="Huang et al. ICLR 2024, FROSTER: Frozen CLIP Is "
+@register_method("residual_feature", description="cosine match through a residual branch (FROSTER)",
+                 layers="penultimate (classifier input) on both models; maps and tokens pooled",
+                 family="feature", paper="Huang et al. ICLR 2024, FROSTER: Frozen CLIP Is "
                  "A Strong Teacher for Open-Vocabulary Action Recognition")
 class ResidualFeature(Method):
     """FROSTER's residual feature distillation on one tap of each model (default: the embedding that
-    enters the classifier; maps and tokens are pooled).  Weight 1 as the authors' distillation ratio."""
+    enters the classifier; maps and tokens are pooled).  Weight 1 as the authors' distillation ratio.
+
+    Options:
+        weight: multiplier of the loss term (0 turns it off)
+        alpha: scale of the residual branch added to the student feature
+        student_layer: student tap read (default: the embedding that enters the classifier)
+        teacher_layer: teacher tap read (default: the embedding that enters the classifier)
+        normalize: L2-normalise the student feature before the branch
+    """
 
     def __init__(self, weight: float = 1.0, alpha: float = 0.1, student_layer: str = "penultimate",
                  teacher_layer: str = "penultimate", normalize: bool = True):

@@ -80,7 +80,9 @@ def map_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return (*shape, 1, 1) if len(shape) == 2 else tuple(shape)
 
 
-@register_method("reviewkd", family="feature", paper="Chen et al. 2021, Distilling Knowledge via Knowledge Review")
+@register_method("reviewkd", description="fused student stages match each teacher stage",
+                 layers="every stage after the stem plus the penultimate feature (teacher: pre-ReLU where published)",
+                 family="feature", paper="Chen et al. 2021, Distilling Knowledge via Knowledge Review")
 class ReviewKD(Method):
     """Levels: every stage after the stem plus the pooled penultimate feature (mdistiller).  The student's
     levels (post-ReLU) are fused from the deepest back by `AttentionFusion` modules and each output is
@@ -89,6 +91,16 @@ class ReviewKD(Method):
     over `warmup_epochs`.  ``mid_channels`` None: min(512, the student's penultimate width).
     ``normalize_layers``: each level's term divided by the mean square of the teacher's feature there
     (`layer_normalized_loss`, LAPTOP-Diff).
+
+    Options:
+        weight: multiplier of the loss term (0 turns it off)
+        warmup_epochs: epochs over which the loss ramps linearly up to full weight
+        mid_channels: width of the fusion modules; null: min(512, student penultimate width)
+        normalize_layers: divide each layer's term by the mean square of the teacher's feature there (evens out
+            layer sizes)
+        student_layers: student taps, paired in order with teacher_layers; null: every stage after the stem,
+            paired from the deepest back
+        teacher_layers: teacher taps, one per entry of student_layers; null: chosen with student_layers
     """
 
     ce_weight = 1.0

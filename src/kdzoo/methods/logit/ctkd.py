@@ -78,9 +78,22 @@ class GlobalTemperature(nn.Module):
         return f"min_temperature={self.min_temperature}, temperature_range={self.temperature_range}"
 
 
-@register_method("ctkd", family="logit", paper="Li et al. AAAI 2023, Curriculum Temperature for Knowledge Distillation")
+@register_method("ctkd", description="KD at a learned, adversarially trained temperature",
+                 layers="logits only",
+                 family="logit", paper="Li et al. AAAI 2023, Curriculum Temperature for Knowledge Distillation")
 class CTKD(Method):
-    """KD at a learned, adversarial temperature.  `temperature` holds the current value for logging."""
+    """KD at a learned, adversarial temperature.  `temperature` holds the current value for logging.
+
+    Options:
+        weight: multiplier of the loss term (0 turns it off)
+        min_temperature: lowest temperature: T = min_temperature + range * sigmoid(theta)
+        temperature_range: span of the learnable temperature above min_temperature
+        lambda_min: gradient-reversal strength at the start of the curriculum
+        lambda_max: gradient-reversal strength at the end of the curriculum
+        curriculum_epochs: epochs over which the reversal strength rises (cosine) from lambda_min to lambda_max
+        standardize: z-score student and teacher logits before the softmax (logit standardization, Sun et al.
+            CVPR 2024)
+    """
 
     ce_weight = 0.1
 

@@ -44,11 +44,21 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: 
     return beta * inter + gamma * intra
 
 
-@register_method("dist", family="logit",
+@register_method("dist", description="correlation of predictions within/across classes",
+                 layers="logits only",
+                 family="logit",
                  paper="Huang et al. NeurIPS 2022, Knowledge Distillation from A Stronger Teacher")
 class DIST(Method):
     """Defaults: the authors' CIFAR-100 setting (CE 1, beta = gamma = 2, T 4); their ImageNet
-    setting is beta = gamma = 1, T 1."""
+    setting is beta = gamma = 1, T 1.
+
+    Options:
+        beta: weight of the inter-class term (each sample's class distribution)
+        gamma: weight of the intra-class term (each class's distribution over the batch)
+        temperature: softmax temperature T (loss scaled by T^2)
+        standardize: z-score student and teacher logits before the softmax (logit standardization, Sun et al.
+            CVPR 2024)
+    """
 
     ce_weight = 1.0
 

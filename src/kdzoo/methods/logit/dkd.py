@@ -54,12 +54,22 @@ def _non_target_log_probs(scaled_logits: torch.Tensor, target_mask: torch.Tensor
     return F.log_softmax(scaled_logits[~target_mask].view(batch, classes - 1), dim=1)
 
 
-@register_method("dkd", family="logit", paper="Zhao et al. CVPR 2022, Decoupled Knowledge Distillation")
+@register_method("dkd", description="KD split in target / non-target terms, reweighted",
+                 layers="logits only",
+                 family="logit", paper="Zhao et al. CVPR 2022, Decoupled Knowledge Distillation")
 class DKD(Method):
     """Defaults: mdistiller's CIFAR-100 setting (CE 1, alpha 1, beta 8, T 4, 20-epoch warm-up); its
     per-pair beta is 2 for res56->res20 and res110->res32, 6 for vgg13->vgg8, vgg13->MV2 and the WRN pairs.
 
     The DKD term is ramped by `warmup_factor` (mdistiller's convention: 1/warmup in the first epoch).
+
+    Options:
+        alpha: weight of the target-class term TCKD
+        beta: weight of the non-target-class term NCKD
+        temperature: softmax temperature T (loss scaled by T^2)
+        warmup_epochs: epochs over which the loss ramps linearly up to full weight (0: no ramp)
+        standardize: z-score student and teacher logits before the softmax (logit standardization, Sun et al.
+            CVPR 2024)
     """
 
     ce_weight = 1.0

@@ -27,10 +27,19 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl * temperature**2
 
 
-@register_method("kd", family="logit", paper="Hinton et al. 2015, Distilling the Knowledge in a Neural Network")
+@register_method("kd", description="KL between softened teacher and student outputs",
+                 layers="logits only",
+                 family="logit", paper="Hinton et al. 2015, Distilling the Knowledge in a Neural Network")
 class KD(Method):
     """Defaults: the RepDistiller/mdistiller CIFAR-100 recipe (CE 0.1, KD 0.9, T 4).  With
-    ``standardize=True`` the logit-standardization paper uses T 2 and weight 9."""
+    ``standardize=True`` the logit-standardization paper uses T 2 and weight 9.
+
+    Options:
+        weight: multiplier of the loss term (0 turns it off)
+        temperature: softmax temperature T (loss scaled by T^2)
+        standardize: z-score student and teacher logits before the softmax (logit standardization, Sun et al.
+            CVPR 2024)
+    """
 
     ce_weight = 0.1
 

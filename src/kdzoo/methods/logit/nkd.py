@@ -50,10 +50,18 @@ def nkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     return target_term + gamma * non_target_term
 
 
-@register_method("nkd", family="logit", paper="Yang et al. ICCV 2023, From Knowledge Distillation to "
+@register_method("nkd", description="KD with renormalised non-target probabilities",
+                 layers="logits only",
+                 family="logit", paper="Yang et al. ICCV 2023, From Knowledge Distillation to "
                  "Self-Knowledge Distillation: A Unified Approach with Normalized Loss and Customized Soft Labels")
 class NKD(Method):
-    """Normalized KD.  `weight` scales both terms (the authors use 1)."""
+    """Normalized KD.  `weight` scales both terms (the authors use 1).
+
+    Options:
+        weight: multiplier of both terms (target and non-target)
+        temperature: temperature of the non-target term (the target term is at T 1)
+        gamma: weight of the non-target term
+    """
 
     ce_weight = 1.0
 

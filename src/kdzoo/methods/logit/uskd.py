@@ -88,10 +88,19 @@ def uskd_loss(student_logits: torch.Tensor, weak_logits: torch.Tensor, labels: t
     return alpha * target_term + beta * non_target_term + mu * weak_term
 
 
-@register_method("uskd", family="logit", paper="Yang et al. ICCV 2023, From Knowledge Distillation to "
+@register_method("uskd", description="no teacher: own soft labels from a weak head",
+                 layers="student stage:-2 (the weak head's input); no teacher",
+                 family="logit", paper="Yang et al. ICCV 2023, From Knowledge Distillation to "
                  "Self-Knowledge Distillation: A Unified Approach with Normalized Loss and Customized Soft Labels")
 class USKD(Method):
-    """Teacher-free: a run needs no ``teacher:`` section.  `layer` is the student tap the weak head reads."""
+    """Teacher-free: a run needs no ``teacher:`` section.  `layer` is the student tap the weak head reads.
+
+    Options:
+        alpha: weight of the target-class term
+        beta: weight of the non-target (Zipf soft label) term
+        mu: weight of the weak head's label-smoothed cross-entropy
+        layer: student tap whose pooled output feeds the weak classifier head
+    """
 
     ce_weight = 1.0
     needs_teacher = False

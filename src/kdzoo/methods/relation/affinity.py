@@ -67,11 +67,21 @@ def _classifier_of(model: nn.Module, tap_path: str, role: str) -> nn.Linear:
     return module
 
 
-@register_method("affinity", family="relation", paper="Wu et al. ICCV 2023, TinyCLIP: CLIP Distillation via "
+@register_method("affinity", description="mimic sample-to-class affinities (TinyCLIP)",
+                 layers="penultimate on both models, paired with the classifier's class embeddings",
+                 family="relation", paper="Wu et al. ICCV 2023, TinyCLIP: CLIP Distillation via "
                  "Affinity Mimicking and Weight Inheritance")
 class Affinity(Method):
     """TinyCLIP's affinity mimicking.  ``pair_with: classifier`` (default) pairs sample embeddings with
-    class embeddings; any other value is a tap spec read from both models as the second set."""
+    class embeddings; any other value is a tap spec read from both models as the second set.
+
+    Options:
+        weight: multiplier of the loss term (0 turns it off)
+        embedding: tap giving the sample embeddings on both models
+        pair_with: 'classifier' (class embeddings = classifier weight rows) or a second tap of the same width
+        teacher_temperature: temperature of the teacher's affinities (scale 1 / T)
+        learn_scale: learn the student's affinity scale (else fixed at 1 / 0.07)
+    """
 
     def __init__(self, weight: float = 1.0, embedding: str = "penultimate", pair_with: str = "classifier",
                  teacher_temperature: float = 0.07, learn_scale: bool = True):

@@ -55,8 +55,22 @@ def cc_rbf_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, ga
                           rbf_correlation(teacher_feature.float(), gamma, order))
 
 
-@register_method("cc", family="relation", paper="Peng et al. 2019, Correlation Congruence for Knowledge Distillation")
+@register_method("cc", description="match correlations between samples in a batch",
+                 layers="penultimate (classifier input) on both models",
+                 family="relation", paper="Peng et al. 2019, Correlation Congruence for Knowledge Distillation")
 class CC(Method):
+    """Match correlations between samples in a batch.
+
+    Options:
+        weight: multiplier of the loss term (0 turns it off)
+        correlation: 'repdistiller' (the authors' code, embedded) or 'taylor_rbf' (paper formula)
+        embed_dim: width of the shared embedding ('repdistiller' form)
+        gamma: RBF kernel scale ('taylor_rbf' form)
+        order: Taylor expansion order P ('taylor_rbf' form)
+        student_layer: student tap read (default: the embedding that enters the classifier)
+        teacher_layer: teacher tap read (default: the embedding that enters the classifier)
+    """
+
     ce_weight = 1.0
 
     def __init__(self, weight: NonNegative = 0.02, correlation: Literal["repdistiller", "taylor_rbf"] = "repdistiller", embed_dim: PositiveInt = 128,

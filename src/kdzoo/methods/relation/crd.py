@@ -99,8 +99,23 @@ def sample_negatives(anchor_labels: torch.Tensor, by_class: torch.Tensor, class_
     return by_class[position]
 
 
-@register_method("crd", family="relation", paper="Tian et al. 2020, Contrastive Representation Distillation")
+@register_method("crd", description="contrastive loss with memory-bank negatives",
+                 layers="penultimate (classifier input) on both models",
+                 family="relation", paper="Tian et al. 2020, Contrastive Representation Distillation")
 class CRD(Method):
+    """Contrastive loss with memory-bank negatives.
+
+    Options:
+        weight: multiplier of the loss term (0 turns it off)
+        embed_dim: width of the shared L2-normalised embedding
+        num_negatives: negatives K drawn per anchor from other classes
+        temperature: temperature of the NCE scores
+        momentum: memory-bank update: new = momentum * old + (1 - momentum) * embedding
+        seed: seed of the negative sampler; null: drawn from the run's seed
+        student_layer: student tap read (default: the embedding that enters the classifier)
+        teacher_layer: teacher tap read (default: the embedding that enters the classifier)
+    """
+
     ce_weight = 1.0
 
     def __init__(self, weight: NonNegative = 0.8, embed_dim: PositiveInt = 128, num_negatives: PositiveInt = 16384,

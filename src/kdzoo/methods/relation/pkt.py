@@ -29,9 +29,19 @@ def pkt_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, eps: 
         return (p_teacher * torch.log((p_teacher + eps) / (p_student + eps))).mean()
 
 
-@register_method("pkt", family="relation",
+@register_method("pkt", description="match distributions of cosine similarities",
+                 layers="penultimate (classifier input) on both models",
+                 family="relation",
                  paper="Passalis & Tefas 2018, Learning Deep Representations with Probabilistic Knowledge Transfer")
 class PKT(Method):
+    """Match distributions of cosine similarities.
+
+    Options:
+        weight: multiplier of the loss term (0 turns it off)
+        student_layer: student tap read (default: the embedding that enters the classifier)
+        teacher_layer: teacher tap read (default: the embedding that enters the classifier)
+    """
+
     ce_weight = 1.0
 
     def __init__(self, weight: NonNegative = 30000.0, student_layer: str = "penultimate",

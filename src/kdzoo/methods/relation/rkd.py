@@ -49,8 +49,20 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
         return F.smooth_l1_loss(triplet_angles(student), t_angle)
 
 
-@register_method("rkd", family="relation", paper="Park et al. 2019, Relational Knowledge Distillation")
+@register_method("rkd", description="match pairwise distances and triplet angles",
+                 layers="penultimate (classifier input) on both models",
+                 family="relation", paper="Park et al. 2019, Relational Knowledge Distillation")
 class RKD(Method):
+    """Match pairwise distances and triplet angles.
+
+    Options:
+        weight: multiplier of both terms
+        distance_weight: weight of the distance-wise term
+        angle_weight: weight of the angle-wise term
+        student_layer: student tap read (default: the embedding that enters the classifier)
+        teacher_layer: teacher tap read (default: the embedding that enters the classifier)
+    """
+
     ce_weight = 1.0
 
     def __init__(self, weight: NonNegative = 1.0, distance_weight: NonNegative = 25.0, angle_weight: NonNegative = 50.0,

@@ -28,8 +28,18 @@ def sp_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> tor
         return difference.pow(2).sum() / batch**2
 
 
-@register_method("sp", family="relation", paper="Tung & Mori 2019, Similarity-Preserving Knowledge Distillation")
+@register_method("sp", description="match batch similarity matrices",
+                 layers="student stage:-1 -> teacher stage:-1 (the last stage)",
+                 family="relation", paper="Tung & Mori 2019, Similarity-Preserving Knowledge Distillation")
 class SP(Method):
+    """Match batch similarity matrices.
+
+    Options:
+        weight: multiplier of the loss term (0 turns it off)
+        student_layer: student tap whose batch similarity matrix is matched
+        teacher_layer: teacher tap giving the target similarity matrix
+    """
+
     ce_weight = 1.0
 
     def __init__(self, weight: NonNegative = 3000.0, student_layer: str = "stage:-1", teacher_layer: str = "stage:-1"):

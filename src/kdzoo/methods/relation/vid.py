@@ -55,9 +55,22 @@ class VariationalRegressor(nn.Module):
         return gaussian_nll(self.mean(resize_like(student_feature, size)), self.variance(), target)
 
 
-@register_method("vid", family="relation",
+@register_method("vid", description="mutual information via a Gaussian bound",
+                 layers="every stage after the stem on both models, paired from the deepest back",
+                 family="relation",
                  paper="Ahn et al. 2019, Variational Information Distillation for Knowledge Transfer")
 class VID(Method):
+    """Mutual information via a Gaussian bound.
+
+    Options:
+        weight: multiplier of the loss term (0 turns it off)
+        init_variance: initial per-channel variance of the Gaussian
+        eps: smallest variance (added to the learned one)
+        student_layers: student taps, paired in order with teacher_layers; null: every stage after the stem,
+            paired from the deepest back
+        teacher_layers: teacher taps, one per entry of student_layers; null: chosen with student_layers
+    """
+
     ce_weight = 1.0
 
     def __init__(self, weight: NonNegative = 1.0, init_variance: Positive = 5.0, eps: Positive = 1e-5,
