@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import kdzoo
+from kdzoo.data.datasets import channel_constants
 from kdzoo.registry import DATASETS
 
 
@@ -81,7 +82,8 @@ if __name__ == "__main__":
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
     if not files:
         raise SystemExit(f"no image files under {folder}")
-    batch = torch.stack([preprocess(p, options["image_size"], options["mean"], options["std"]) for p in files])
+    mean, std = channel_constants(options["mean"], options["std"])  # a name ("imagenet") or numbers
+    batch = torch.stack([preprocess(p, options["image_size"], mean, std) for p in files])
     with torch.no_grad():
         probabilities = student(batch).softmax(1)
     for file, p in list(zip(files, probabilities))[:8]:

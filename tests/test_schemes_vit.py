@@ -15,9 +15,9 @@ from kdzoo.data.longtail import long_tail_counts
 from kdzoo.distiller import Distiller
 from kdzoo.errors import ConfigError
 from kdzoo.methods import create_method
-from kdzoo.methods.vision_schemes.byot import masked_feature_loss, soft_target_loss
-from kdzoo.methods.vision_schemes.deit import deit_hard_loss, deit_soft_loss, effective_number_weights
-from kdzoo.methods.vision_schemes.dmae import mask_patches, masked_feature_l1, random_patch_mask
+from kdzoo.methods.schemes.byot import byot_soft_loss, masked_feature_loss
+from kdzoo.methods.schemes.deit import deit_hard_loss, deit_soft_loss, effective_number_weights
+from kdzoo.methods.schemes.dmae import mask_patches, masked_feature_l1, random_patch_mask
 from kdzoo.models import create_model
 from kdzoo.train import fit, load_checkpoint, read_weights
 
@@ -149,7 +149,7 @@ def test_byot_losses_match_written_out_formulas():
     q = [[v / sum(row) for v in row] for row in q]
     ls = (logits / t).log_softmax(1).tolist()
     expected = -sum(q[i][c] * ls[i][c] for i in range(4) for c in range(3)) / 4 * t * t
-    assert soft_target_loss(logits, deep, t).item() == pytest.approx(expected, rel=1e-5)
+    assert byot_soft_loss(logits, deep, t).item() == pytest.approx(expected, rel=1e-5)
     f = torch.tensor([[1.0, -2.0, 0.5], [-1.0, -1.0, 3.0]])
     d = torch.tensor([[0.0, -1.0, -0.5], [2.0, -3.0, 1.0]])
     # positions where either is > 0: (0,0) (0,2) (1,0) (1,2); (0,1) and (1,1) are both <= 0

@@ -18,6 +18,9 @@ def _collect() -> dict[str, object]:
         module = sys.modules[entry.obj.__module__]
         for name, value in vars(module).items():
             if name.endswith("_loss") and inspect.isfunction(value) and value.__module__ == module.__name__:
+                if losses.get(name, value) is not value:  # one name, one function: never shadow another's
+                    raise RuntimeError(f"two methods define a loss named {name}: {losses[name].__module__}, "
+                                       f"{module.__name__}")
                 losses[name] = value
     return dict(sorted(losses.items()))
 

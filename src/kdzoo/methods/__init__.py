@@ -11,9 +11,8 @@ from .feature import nd, residual  # noqa: F401,E402
 from .relation import affinity  # noqa: F401,E402
 from .crossarch import acam, ofa, scalekd  # noqa: F401,E402
 # issue 12, training schemes: several teachers (MEAL V2), unlabelled data (SSLD), method-owned heads (DHO),
-# mutual learning (peers), iterative self-distillation (rounds)
-from .schemes import dho, dml, isd, meal_v2, ssld  # noqa: F401,E402
-from .vision_schemes import byot, deit, dmae  # noqa: F401,E402  (issue 12: ViT schemes, self-distillation)
+# mutual learning (peers), iterative self-distillation (rounds), ViT schemes (DeiT, DMAE/G2SD), BYOT
+from .schemes import byot, deit, dho, dmae, dml, isd, meal_v2, ssld  # noqa: F401,E402
 
 
 def create_method(name: str, **options) -> Method:

@@ -90,10 +90,19 @@ class DualHeadModel(nn.Module):
         return combine_heads(ce_logits, kd_logits, self.alpha, self.beta)
 
 
-@register_method("dho", family="scheme", paper="Kang et al. 2025, Dual-Head Optimization (semi-supervised KD)")
+@register_method("dho", family="scheme", description="a second head learns the teacher; heads mixed",
+                 layers="the penultimate feature (the second head's input)",
+                 paper="Kang et al. 2025, Dual-Head Optimization (semi-supervised KD)")
 class DHO(Method):
     """Defaults: the authors' code (CE 0.5, KD 1 over labelled + unlabelled, T 2).  `alpha` and `beta` fixed
-    skip the held-out search."""
+    skip the held-out search.
+
+    Options:
+        weight: multiplier of the second head's KD term
+        temperature: softmax temperature of that KD term
+        alpha: fixed share of the KD head in the combined prediction; null: chosen on held-out data
+        beta: fixed temperature of the KD head in the combination; null: chosen on held-out data
+    """
 
     ce_weight = 0.5
     student_taps = ("penultimate",)

@@ -48,9 +48,17 @@ def dml_loss(student_logits: torch.Tensor, peer_logits: Sequence[torch.Tensor], 
     return total / len(peer_logits) * temperature**2
 
 
-@register_method("dml", family="scheme", paper="Zhang et al. 2018, Deep Mutual Learning")
+@register_method("dml", family="scheme", description="students teach each other (mutual learning)",
+                 layers="logits only", paper="Zhang et al. 2018, Deep Mutual Learning")
 class DML(Method):
-    """Defaults as DML's code: cross-entropy weight 1, KL weight 1, temperature 1, every sample exchanged."""
+    """Defaults as DML's code: cross-entropy weight 1, KL weight 1, temperature 1, every sample exchanged.
+
+    Options:
+        weight: multiplier of the KL term toward the other students
+        temperature: softmax temperature of the KL term
+        select: all: learn from every peer on every sample; reliable: from a peer only on the samples where
+            its cross-entropy is below the student's
+    """
 
     ce_weight = 1.0
     needs_teacher = False

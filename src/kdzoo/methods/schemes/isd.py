@@ -56,12 +56,19 @@ def optimal_ground_truth_weight(labels_fit: torch.Tensor, teacher_fit: torch.Ten
     return float(alpha.clamp(0.0, 1.0))
 
 
-@register_method("isd", family="scheme",
+@register_method("isd", family="scheme", description="rounds: last student teaches next, labels mixed",
+                 layers="logits only",
                  paper="Borup & Andersen 2021, Even your Teacher Needs Guidance (iterative self-distillation)")
 class ISD(Method):
     """`alpha`: the weight of the ground truth, or ``estimate`` (the default): `kdzoo.rounds` sets it in each round
     from `optimal_ground_truth_weight` (the authors' README command fixes 0.6).  At alpha 1 no teacher is read,
-    so a teacher-less first round trains on the labels with this same loss, as the authors' step 0."""
+    so a teacher-less first round trains on the labels with this same loss, as the authors' step 0.
+
+    Options:
+        alpha: weight of the ground truth in the target (1 - alpha: the teacher); estimate: the paper's closed form
+            from held-out samples, each round
+        weight: multiplier of the loss term
+    """
 
     ce_weight = 0.0  # the labels are inside the loss
     ground_truth_weight = "alpha"

@@ -71,10 +71,19 @@ class OutputDiscriminator(nn.Module):
         return self.layers(logits)
 
 
-@register_method("meal_v2", family="scheme", paper="Shen & Savvides 2020, MEAL V2 (multi-teacher ensemble target)")
+@register_method("meal_v2", family="scheme", description="average of several teachers + discriminator",
+                 layers="logits only (every teacher's)",
+                 paper="Shen & Savvides 2020, MEAL V2 (multi-teacher ensemble target)")
 class MEALV2(Method):
     """Reads every teacher's logits (``teachers:`` in the config; one teacher works too).  Defaults: the
-    authors' code (similarity weight 1, discriminator weight 1, K 8, no hard labels)."""
+    authors' code (similarity weight 1, discriminator weight 1, K 8, no hard labels).
+
+    Options:
+        weight: multiplier of the soft cross-entropy to the teachers' averaged softmax
+        discriminator_weight: multiplier of the output discriminator's loss
+        reduction: hidden-size divisor of the discriminator (classes // reduction units)
+        adversarial: the student gets the reversed gradient of the discriminator (learns to fool it)
+    """
 
     ce_weight = 0.0
     reads_all_teachers = True

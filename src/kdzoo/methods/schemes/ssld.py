@@ -37,9 +37,16 @@ def ssld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, diverg
     return (0.5 * (teacher_to_student + student_to_teacher)).mean()
 
 
-@register_method("ssld", family="scheme", paper="Cui et al. 2021, Beyond Self-Supervision (SSLD, label-free KD)")
+@register_method("ssld", family="scheme", description="label-free KD on labelled + unlabelled data",
+                 layers="logits only", paper="Cui et al. 2021, Beyond Self-Supervision (SSLD, label-free KD)")
 class SSLD(Method):
-    """No ground truth in the loss (ce_weight 0); weight 1, temperature 1 as PaddleClas."""
+    """No ground truth in the loss (ce_weight 0); weight 1, temperature 1 as PaddleClas.
+
+    Options:
+        weight: multiplier of the loss term
+        divergence: symmetric_kl (the mean of both KLs) or ce (cross-entropy to the teacher)
+        temperature: softmax temperature of both distributions
+    """
 
     ce_weight = 0.0
 

@@ -26,10 +26,10 @@ from ...errors import ConfigError
 from ...registry import NonNegative, Positive, UnitInterval, register_method
 from ..base import Context, Method, Setup
 
-__all__ = ["soft_target_loss", "masked_feature_loss", "AuxiliaryHead", "BYOT"]
+__all__ = ["byot_soft_loss", "masked_feature_loss", "AuxiliaryHead", "BYOT"]
 
 
-def soft_target_loss(logits: torch.Tensor, target_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def byot_soft_loss(logits: torch.Tensor, target_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Cross-entropy of softmax(logits / T) against softmax(target / T) (a constant), batch mean, times T^2."""
     target = F.softmax(target_logits.detach() / temperature, dim=1)
     return -(target * F.log_softmax(logits / temperature, dim=1)).sum(dim=1).mean() * temperature ** 2
@@ -55,10 +55,19 @@ class AuxiliaryHead(nn.Module):
         return feature, self.classifier(feature)
 
 
-@register_method("byot", family="scheme", paper="Zhang et al. 2019, Be Your Own Teacher (self-distillation)")
+@register_method("byot", family="scheme", description="stage heads learn from the deepest (no teacher)",
+                 layers="every stage between the stem and the last, plus penultimate",
+                 paper="Zhang et al. 2019, Be Your Own Teacher (self-distillation)")
 class BYOT(Method):
     """``student_layers``: the intermediate taps that get heads (default: every stage between the stem and the
-    last); the deepest feature is the student's ``penultimate`` tap, the deepest output its logits."""
+    last); the deepest feature is the student's ``penultimate`` tap, the deepest output its logits.
+
+    Options:
+        alpha: weight of the heads' soft targets from the deepest output (1 - alpha: of the labels)
+        beta: multiplier of the feature hint pulling each head's feature toward the deepest feature
+        temperature: softmax temperature of the soft target
+        student_layers: the intermediate taps that get heads; null: every stage between the stem and the last
+    """
 
     ce_weight = 0.9
     needs_teacher = False
@@ -99,6 +108,6 @@ class BYOT(Method):
         for spec, head in zip(self.student_layers, self.heads):
             feature, logits = head(self.layout.feature_map(ctx.student[spec]))
             ce = ce + F.cross_entropy(logits, ctx.labels)
-            soft = soft + soft_target_loss(logits, deepest_logits, self.temperature)
+            soft = soft + byot_soft_loss(logits, deepest_logits, self.temperature)
             feat = feat + masked_feature_loss(feature, deepest_feature)
         return {"byot_ce": (1 - self.alpha) * ce, "byot_kd": self.alpha * soft, "byot_feature": self.beta * feat}

@@ -58,12 +58,24 @@ def effective_number_weights(labels: torch.Tensor, num_classes: int, beta: float
     return (weights / weights.sum() * num_classes).float()
 
 
-@register_method("deit", family="scheme", paper="Touvron et al. 2021, DeiT; tail re-weighting: Rangwani et al. 2024, "
-                 "DeiT-LT", student={"name": "vit:nano", "options": {"distillation_token": True}})  # its student
+@register_method("deit", family="scheme", description="ViT distillation token learns the teacher",
+                 layers="the student's head_dist (distillation token head)",
+                 paper="Touvron et al. 2021, DeiT; tail re-weighting: Rangwani et al. 2024, DeiT-LT",
+                 student={"name": "vit:nano", "options": {"distillation_token": True}})  # its student
 class DeiT(Method):
     """``distillation``: hard (the paper's best) or soft; ``weight``: alpha (the class head's cross-entropy gets
     1 - alpha through ``ce_weight``, 0.5 by default); ``student_layer``: the distillation head's tap.
-    ``tail_weighting: effective_number`` turns on DeiT-LT's re-weighting from ``reweight_from_epoch``."""
+    ``tail_weighting: effective_number`` turns on DeiT-LT's re-weighting from ``reweight_from_epoch``.
+
+    Options:
+        distillation: hard (the teacher's argmax as label) or soft (KL to the teacher's softmax)
+        weight: alpha, the distillation head's share (the class head's cross-entropy gets ce_weight)
+        temperature: softmax temperature of soft distillation
+        student_layer: tap of the distillation head's logits
+        tail_weighting: none, or effective_number (DeiT-LT: class weights from effective sample counts)
+        beta: the effective-number decay of tail weighting
+        reweight_from_epoch: epoch from which the tail weighting applies
+    """
 
     ce_weight = 0.5
 

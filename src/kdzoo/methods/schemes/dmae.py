@@ -56,12 +56,22 @@ def masked_feature_l1(student_map: torch.Tensor, teacher_map: torch.Tensor,
     return (diff * weight_map).sum() / weight_map.sum().clamp(min=1)
 
 
-@register_method("dmae", family="scheme", paper="Bai et al. 2023, Masked Autoencoders Enable Efficient Knowledge "
-                 "Distillers (DMAE)")
+@register_method("dmae", family="scheme", description="masked student input aligns teacher features",
+                 layers="stage:-2 on both models",
+                 paper="Bai et al. 2023, Masked Autoencoders Enable Efficient Knowledge Distillers (DMAE)")
 class DMAE(Method):
     """``mask_ratio`` of the student's patches (of ``patch_size`` pixels; default: one patch per token of the
     student's tapped feature) are masked; ``align``: the L1 over visible patches (DMAE) or all of them.
-    No cross-entropy (``ce_weight`` 0): the stage is pre-training; a later stage fine-tunes."""
+    No cross-entropy (``ce_weight`` 0): the stage is pre-training; a later stage fine-tunes.
+
+    Options:
+        weight: multiplier of the L1 feature alignment
+        mask_ratio: share of the student's input patches masked
+        patch_size: side of a masked patch in pixels; null: one patch per token of the tapped feature
+        student_layer: the student tap aligned
+        teacher_layer: the teacher tap it is aligned with (the teacher runs only up to it)
+        align: visible: L1 over visible patches (DMAE); all: over every patch
+    """
 
     ce_weight = 0.0
     reads_teacher_logits = False
