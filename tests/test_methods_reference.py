@@ -343,7 +343,9 @@ def mixed_precision_distiller(name: str):
     teacher = create_model("cifar:resnet14", num_classes=10)
     images, labels = torch.randn(8, 3, 16, 16), torch.arange(8) % 10
     train_data = TensorDataset(torch.randn(16, 3, 16, 16), torch.arange(16) % 4)  # nd: the teacher's class means
-    distiller = Distiller(student, teacher, [create_method(name)], example_input=images, num_samples=16,
+    # schemes that choose a weight on held-out data or per round get a fixed one here
+    options = {"dho": {"alpha": 0.5, "beta": 1.0}, "isd": {"alpha": 0.6}}.get(name, {})
+    distiller = Distiller(student, teacher, [create_method(name, **options)], example_input=images, num_samples=16,
                           train_labels=torch.arange(16) % 4, train_data=train_data)
     return distiller, images, labels, torch.arange(8)
 
@@ -352,6 +354,8 @@ def mixed_precision_distiller(name: str):
 def test_every_method_under_cpu_bf16_autocast_agrees_with_float32(name):
     """The same batch through every registered method, float32 and then under bf16 autocast (student, teacher,
     adapters in bf16 where autocast puts them): finite losses within bf16's precision of the float32 ones."""
+    if METHODS.get(name).obj.needs_peers:
+        pytest.skip("reads other students' outputs: tests/test_schemes_peers.py runs it under bf16 autocast")
     distiller, images, labels, index = mixed_precision_distiller(name)
     distiller.eval()  # fixed BN statistics and memories: both passes see the same model
     method = distiller.methods[name]

@@ -80,6 +80,24 @@ def test_dml_averages_over_peers_and_reliable_selection_by_hand():
     assert dml_loss(s, [a, b], labels=labels).item() == pytest.approx(reliable.item(), abs=EPS)
 
 
+def test_peers_under_cpu_bf16_autocast_agree_with_float32():
+    """The peers' losses under bf16 autocast stay finite and within bf16's precision of float32 (as every
+    single-student method in test_methods_reference.py)."""
+    data = build_dataset("synthetic", num_classes=4, image_size=8, train_size=16, test_size=8)
+    peers = peer_pair(data)
+    peers.eval()
+    images, labels = data.train.images[:8], data.train.labels[:8]
+    with torch.no_grad():
+        reference = peers(images, labels).losses
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = peers(images, labels).losses
+    assert mixed.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.isfinite(mixed[key]), key
+        # bf16 keeps 8 significant bits (eps 7.8e-3); a few layers of it give a few percent
+        assert mixed[key].float().item() == pytest.approx(value.item(), rel=0.1, abs=1e-3 * (1 + abs(value.item())))
+
+
 def test_dml_without_peers_is_a_config_error():
     with pytest.raises(ConfigError, match="peers"):
         from_dict(RunConfig, {"student": CNN, "methods": ["dml"], "data": DATA}).validate()

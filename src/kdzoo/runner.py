@@ -248,9 +248,10 @@ def run_distiller(cfg: RunConfig, run_dir: Path, build: Callable[[RunConfig, Dat
     _report_changes(notes, verbose)
     if is_main_process():  # under torchrun rank 0 alone writes
         save_config(cfg, run_dir / RUN_CONFIG)
-        from .plan import write_plan  # what each method compares, before the first step
-        write_plan(distiller, data.test, run_dir, cfg.train.device, cfg.student.name,
-                   cfg.teacher.name if cfg.teacher else None, verbose)
+        if isinstance(distiller, Distiller):  # students trained as peers have no teacher's layers to show
+            from .plan import write_plan  # what each method compares, before the first step
+            write_plan(distiller, data.test, run_dir, cfg.train.device, cfg.student.name,
+                       cfg.teacher.name if cfg.teacher else None, verbose)
         teacher_top1 = teacher_run_accuracy(cfg)
         if teacher_top1 is not None and not resume:  # curves.png draws it as the reference line
             record_summary(run_dir, teacher_top1=teacher_top1)
