@@ -23,7 +23,7 @@ def plot_bench(rows: list[dict], path: str | Path, title: str = "") -> None:
     figure as a black mark, the teacher as a dashed line."""
     pairs = list(dict.fromkeys(r["pair"] for r in rows))
     fig, axes = plt.subplots(1, len(pairs), figsize=(max(4.5, 0.55 * _max_methods(rows, pairs) + 1.5) * len(pairs),
-                                                     4.2), squeeze=False)
+                                                     4.6), squeeze=False, layout="constrained")
     for ax, pair in zip(axes[0], pairs):
         pair_rows = [r for r in rows if r["pair"] == pair]
         methods = [r for r in pair_rows if r["method"] != "teacher"]
@@ -45,10 +45,13 @@ def plot_bench(rows: list[dict], path: str | Path, title: str = "") -> None:
         ax.set_xticks(x, [r["method"] for r in methods], rotation=45, ha="right")
         ax.set(title=pair, ylabel="test top-1 (%)")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+    legend = {}  # one legend under every panel, where it never hides a bar
+    for ax in axes[0]:
+        legend.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels())})
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=len(legend), fontsize=8,
+               frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     _save(fig, path)
 
 
