@@ -348,9 +348,10 @@ def _show_default(value) -> str:
 
 def _cross_arch(meta: dict) -> str:
     """"yes": designed for pairs of different families (CNN <-> ViT <-> MLP); "logits": reads only logits, so any
-    pair works; "no": features of one family (same-family pairs)."""
+    pair works; "no": features of one family (same-family pairs).  A registration's ``cross_arch`` says so
+    (True or "logits"); else the logit family reads logits only."""
     if meta.get("cross_arch"):
-        return "yes"
+        return "logits" if meta["cross_arch"] == "logits" else "yes"
     return "logits" if meta.get("family") == "logit" else "no"
 
 

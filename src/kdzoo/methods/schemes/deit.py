@@ -58,7 +58,8 @@ def effective_number_weights(labels: torch.Tensor, num_classes: int, beta: float
     return (weights / weights.sum() * num_classes).float()
 
 
-@register_method("deit", family="scheme", description="ViT distillation token learns the teacher",
+@register_method("deit", family="scheme", cross_arch=True,
+                 description="ViT distillation token learns the teacher",
                  layers="the student's head_dist (distillation token head)",
                  paper="Touvron et al. 2021, DeiT; tail re-weighting: Rangwani et al. 2024, DeiT-LT",
                  student={"name": "vit:nano", "options": {"distillation_token": True}})  # its student

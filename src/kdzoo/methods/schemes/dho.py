@@ -90,7 +90,8 @@ class DualHeadModel(nn.Module):
         return combine_heads(ce_logits, kd_logits, self.alpha, self.beta)
 
 
-@register_method("dho", family="scheme", description="a second head learns the teacher; heads mixed",
+@register_method("dho", family="scheme", cross_arch="logits",
+                 description="a second head learns the teacher; heads mixed",
                  layers="the penultimate feature (the second head's input)",
                  paper="Kang et al. 2025, Dual-Head Optimization (semi-supervised KD)")
 class DHO(Method):

@@ -48,7 +48,8 @@ def dml_loss(student_logits: torch.Tensor, peer_logits: Sequence[torch.Tensor], 
     return total / len(peer_logits) * temperature**2
 
 
-@register_method("dml", family="scheme", description="students teach each other (mutual learning)",
+@register_method("dml", family="scheme", cross_arch=True,
+                 description="students teach each other (mutual learning)",
                  layers="logits only", paper="Zhang et al. 2018, Deep Mutual Learning")
 class DML(Method):
     """Defaults as DML's code: cross-entropy weight 1, KL weight 1, temperature 1, every sample exchanged.

@@ -56,7 +56,8 @@ def optimal_ground_truth_weight(labels_fit: torch.Tensor, teacher_fit: torch.Ten
     return float(alpha.clamp(0.0, 1.0))
 
 
-@register_method("isd", family="scheme", description="rounds: last student teaches next, labels mixed",
+@register_method("isd", family="scheme", cross_arch="logits",
+                 description="rounds: last student teaches next, labels mixed",
                  layers="logits only",
                  paper="Borup & Andersen 2021, Even your Teacher Needs Guidance (iterative self-distillation)")
 class ISD(Method):

@@ -71,7 +71,8 @@ class OutputDiscriminator(nn.Module):
         return self.layers(logits)
 
 
-@register_method("meal_v2", family="scheme", description="average of several teachers + discriminator",
+@register_method("meal_v2", family="scheme", cross_arch="logits",
+                 description="average of several teachers + discriminator",
                  layers="logits only (every teacher's)",
                  paper="Shen & Savvides 2020, MEAL V2 (multi-teacher ensemble target)")
 class MEALV2(Method):

@@ -37,7 +37,8 @@ def ssld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, diverg
     return (0.5 * (teacher_to_student + student_to_teacher)).mean()
 
 
-@register_method("ssld", family="scheme", description="label-free KD on labelled + unlabelled data",
+@register_method("ssld", family="scheme", cross_arch="logits",
+                 description="label-free KD on labelled + unlabelled data",
                  layers="logits only", paper="Cui et al. 2021, Beyond Self-Supervision (SSLD, label-free KD)")
 class SSLD(Method):
     """No ground truth in the loss (ce_weight 0); weight 1, temperature 1 as PaddleClas.
