@@ -1,4 +1,5 @@
 """The whole registry: every method has reference tests, a recipe, and trains through `kdzoo train`."""
+import inspect
 import re
 from pathlib import Path
 
@@ -6,7 +7,7 @@ import pytest
 import yaml
 
 from kdzoo.config import RunConfig, load_config
-from kdzoo.methods import METHODS
+from kdzoo.methods import METHODS, create_method
 from tiny_setup import cli_train_first_epoch_losses
 
 TESTS = Path(__file__).parent
@@ -80,3 +81,12 @@ def test_every_method_trains_two_steps_through_the_cli(name, tmp_path):
                                ("labelled_fraction", "held_out_fraction") if key in example})
     losses = cli_train_first_epoch_losses(tmp_path, name, config)
     assert losses and all(v == v and abs(v) < float("inf") for v in losses.values()), losses
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_a_method_whose_loss_reads_labels_says_so(name):
+    """`reads_labels` (which refuses unlabelled samples) is set wherever a method's forward reads ctx.labels."""
+    cls = METHODS.get(name).obj
+    reads = "ctx.labels" in inspect.getsource(cls.forward)
+    method = create_method(name, **({"select": "reliable"} if name == "dml" else {}))
+    assert method.reads_labels == reads, f"{name}: reads_labels={method.reads_labels}, forward reads labels: {reads}"

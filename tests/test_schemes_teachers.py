@@ -247,6 +247,26 @@ def test_withhold_labels_fractions_and_held_out_disjoint():
     assert not any(tuple(img.flatten().tolist()) in train_rows for img in semi.held_out.images)
 
 
+def test_a_method_reading_labels_is_refused_on_unlabelled_samples_by_name(tmp_path):
+    """DKD's loss reads every label: with unlabelled samples it is a one-line error naming it, before training
+    (torch would say 'Target -1 is out of bounds' at the first step); KD beside it reads none and trains."""
+    data = withhold_labels(build_dataset("synthetic", num_classes=4, image_size=8, train_size=32, test_size=8),
+                           0.5, seed=1)
+    teacher = create_model("tiny:cnn", num_classes=4, width=4)
+    with pytest.raises(ConfigError, match=r"^method dkd reads every sample's label"):
+        Distiller(model(), teacher, [create_method("kd"), create_method("dkd")], example_input=input_example(data),
+                  train_labels=data.train.labels)
+    Distiller(model(), teacher, [create_method("kd")], example_input=input_example(data), train_labels=data.train.labels)
+    config = {"student": {"name": "tiny:cnn", "options": {"width": 4}}, "teacher": {"name": "tiny:cnn"},
+              "methods": ["dkd"], "output_dir": str(tmp_path),
+              "data": {"name": "synthetic", "labelled_fraction": 0.5,
+                       "options": {"num_classes": 4, "image_size": 8, "train_size": 32, "test_size": 8}},
+              "train": {"epochs": 1, "batch_size": 16, "progress": False, "device": "cpu"}}
+    path = tmp_path / "dkd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(path)]) == 2
+
+
 @pytest.mark.parametrize("key,value", [("labelled_fraction", 0.0), ("labelled_fraction", 1.5),
                                        ("held_out_fraction", 1.0), ("held_out_fraction", -0.1)])
 def test_label_fractions_out_of_range_name_the_key(key, value):

@@ -64,6 +64,9 @@ class Distiller(nn.Module):
                                   f"({', '.join(names) or 'none'})")
             if method.reads_all_teachers and method.teacher_taps:
                 raise ConfigError(f"method {key} reads every teacher's logits, so it cannot tap teacher features")
+            if method.reads_labels and train_labels is not None and bool((train_labels == UNLABELLED).any()):
+                raise ConfigError(f"method {key} reads every sample's label, but some training samples are unlabelled "
+                                  "(data.labelled_fraction < 1): use methods that read none there (e.g. kd, ssld, dho)")
         self.ce_weight = ce_weight if ce_weight is not None else _default_ce_weight(methods)
 
         self._student_paths: dict[str, str] = {}  # tap spec -> module tap

@@ -94,6 +94,8 @@ class Method(nn.Module, abc.ABC):
       from a method's ``teacher:`` config key.
     - ``reads_teacher_logits``: False for a method that reads only teacher features; when no method reads the
       teacher's logits the Distiller stops the teacher's forward after its deepest tapped layer.
+    - ``reads_labels``: True for a method whose loss reads ``ctx.labels``; it cannot train on unlabelled samples
+      (label -1), and the Distiller says so before training.
     """
 
     ce_weight: ClassVar[Optional[float]] = None
@@ -104,6 +106,7 @@ class Method(nn.Module, abc.ABC):
     needs_peers: ClassVar[bool] = False
     ground_truth_weight: ClassVar[Optional[str]] = None
     reads_teacher_logits: ClassVar[bool] = True
+    reads_labels: bool = False
     student_taps: tuple[str, ...] = ()
     teacher_taps: tuple[str, ...] = ()
 

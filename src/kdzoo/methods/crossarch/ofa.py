@@ -155,6 +155,7 @@ class OFAKD(Method):
         student_layers: student taps that get a branch head; null: every stage after the stem
     """
 
+    reads_labels = True
     ce_weight = 1.0
 
     def __init__(self, weight: float = 1.0, kd_weight: float = 1.0, eps: Union[float, Sequence[float]] = 1.0,

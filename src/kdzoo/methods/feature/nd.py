@@ -158,6 +158,7 @@ class ND(Method):
         stats_device: device of that pass: 'auto' (CUDA when present), 'cpu' or 'cuda'
     """
 
+    reads_labels = True
     ce_weight = 1.0
 
     def __init__(self, weight: float = 1.0, student_layer: str = "penultimate", teacher_layer: str = "penultimate",

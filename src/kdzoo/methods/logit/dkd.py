@@ -72,6 +72,7 @@ class DKD(Method):
             CVPR 2024)
     """
 
+    reads_labels = True
     ce_weight = 1.0
 
     def __init__(self, alpha: NonNegative = 1.0, beta: NonNegative = 8.0, temperature: Positive = 4.0,

@@ -63,6 +63,7 @@ class NKD(Method):
         gamma: weight of the non-target term
     """
 
+    reads_labels = True
     ce_weight = 1.0
 
     def __init__(self, weight: float = 1.0, temperature: float = 3.0, gamma: float = 3.5):

@@ -102,6 +102,7 @@ class USKD(Method):
         layer: student tap whose pooled output feeds the weak classifier head
     """
 
+    reads_labels = True
     ce_weight = 1.0
     needs_teacher = False
 

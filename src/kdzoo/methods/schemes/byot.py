@@ -69,6 +69,7 @@ class BYOT(Method):
         student_layers: the intermediate taps that get heads; null: every stage between the stem and the last
     """
 
+    reads_labels = True
     ce_weight = 0.9
     needs_teacher = False
 

@@ -69,6 +69,7 @@ class DML(Method):
                  select: Literal["all", "reliable"] = "all"):
         super().__init__()
         self.weight, self.temperature, self.select = weight, temperature, select
+        self.reads_labels = select == "reliable"  # which peer is right needs the label
 
     def forward(self, ctx: Context) -> dict[str, torch.Tensor]:
         labels = ctx.labels if self.select == "reliable" else None

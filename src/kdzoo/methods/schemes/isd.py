@@ -71,6 +71,7 @@ class ISD(Method):
         weight: multiplier of the loss term
     """
 
+    reads_labels = True
     ce_weight = 0.0  # the labels are inside the loss
     ground_truth_weight = "alpha"
 
