@@ -252,6 +252,23 @@ def test_estimated_ground_truth_weight_is_the_closed_form_on_held_out_samples(tm
     assert fit_cfg["methods"][0]["alpha"] == 0.0
 
 
+def test_estimate_reads_the_held_out_samples_the_data_section_sets_aside(tmp_path, capsys):
+    """data.held_out_fraction: the weight is estimated on exactly those samples, and no second share leaves the
+    training split."""
+    from kdzoo.rounds import split_holdout
+
+    data_cfg = {**DATA, "held_out_fraction": 0.25}
+    config = {"student": CNN, "methods": ["isd"], "rounds": 2, "data": data_cfg,
+              "train": {**TRAIN, "epochs": 1, "optimizer": "adamw", "lr": 0.01}}
+    cfg = from_dict(RunConfig, config)
+    cfg.validate()
+    built = build_data(cfg.data)
+    data, holdout = split_holdout(built, cfg.train.seed)
+    assert holdout is built.held_out and len(holdout) == 12 and len(data.train) == 48 - 12
+    assert main(["train", str(write_config(tmp_path, "held", config))]) == 0
+    assert "estimated on 12 held-out samples" in capsys.readouterr().out
+
+
 def test_estimate_needs_rounds_and_a_ground_truth_weight():
     with pytest.raises(ConfigError, match="estimate"):
         from_dict(RunConfig, {"student": CNN, "teacher": CNN, "methods": ["isd"], "data": DATA}).validate()

@@ -12,9 +12,9 @@ A method's ground-truth weight written as ``estimate`` (1: the labels alone, 0: 
 ``alpha``) is a weight that the loop sets in every round r >= 2 by Borup & Andersen's estimate instead of a grid search:
 the fit is taken as affine in the weight, so with f(1) the labels-only fit (round 1's student) and f(0) a fit to the
 teacher alone (trained in RUN_DIR/round_r/teacher_fit with the option at 0), the weight is the least-squares
-`optimal_ground_truth_weight` of their softmax outputs against the one-hot labels of held-out samples.  Those are a
-fixed `HOLDOUT` share of the training split (seeded by train.seed), left out of the training of every round of
-such a run; the test split stays untouched.  The weights are in RUN_DIR/rounds.json.
+`optimal_ground_truth_weight` of their softmax outputs against the one-hot labels of held-out samples.  Those are
+the samples ``data.held_out_fraction`` sets aside, else a fixed `HOLDOUT` share of the training split (seeded by
+train.seed); either way left out of the training of every round of such a run; the test split stays untouched.  The weights are in RUN_DIR/rounds.json.
 
 RUN_DIR/checkpoint.pt records the loop itself (rounds finished), so ``--resume`` finds the run: finished rounds
 (and fits) are kept, the unfinished one continues from its own checkpoint, later ones start.
@@ -115,6 +115,10 @@ def part(dataset: Dataset, indices: torch.Tensor) -> Dataset:
 
 
 def split_holdout(data: DataSplits, seed: int) -> tuple[DataSplits, Dataset]:
+    """The samples the weight is estimated on: those `data.held_out_fraction` set aside, else a seeded `HOLDOUT`
+    share of the training split, which then leaves it."""
+    if data.held_out is not None:
+        return data, data.held_out
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
     n = max(1, int(round(HOLDOUT * len(order))))
     return dataclasses.replace(data, train=part(data.train, order[n:])), part(data.train, order[:n])
