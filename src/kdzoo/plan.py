@@ -18,7 +18,7 @@ from torch import nn
 from .distiller import Distiller
 from .runtime import atomic_write, resolve_device
 
-__all__ = ["distillation_plan", "write_plan", "describe_adapter", "loss_weights"]
+__all__ = ["distillation_plan", "write_plan", "describe_adapter", "loss_weights", "other_options"]
 PLAN_FILE = "plan.md"
 
 WEIGHT_NAMES = ("weight", "alpha", "beta", "gamma")  # DKD's alpha/beta, DIST's beta/gamma weigh their terms
@@ -45,6 +45,9 @@ def distillation_plan(distiller: Distiller, teacher_top1: Optional[float] = None
         weights = loss_weights(method)
         shown = ", ".join(f"{k} {_number(v)}" for k, v in weights.items()) or "no weight option"
         lines += ["", f"## {name} ({shown})", ""]
+        others = other_options(method)
+        if others:
+            lines.append("- options: " + ", ".join(f"{k} {_option(v)}" for k, v in others.items()))
         if several and method.needs_teacher:
             reads = "every teacher" if method.reads_all_teachers else f"teacher {distiller.method_teacher(method)!r}"
             lines.append(f"- reads {reads}")
@@ -91,6 +94,20 @@ def loss_weights(method: nn.Module) -> dict[str, float]:
     """The method's numeric hyper-parameters that weigh its loss terms (``weight``, ``*_weight``, alpha/beta)."""
     return {k: v for k, v in vars(method).items() if not k.startswith("_") and isinstance(v, numbers.Real)
             and not isinstance(v, bool) and (k in WEIGHT_NAMES or k.endswith("_weight"))}
+
+
+def other_options(method: nn.Module) -> dict:
+    """The method's registered options that are not loss weights and hold one plain value (temperature,
+    normalisation, choices), as the instance has them."""
+    from .methods import METHODS
+
+    name = getattr(type(method), "registry_name", None)
+    if name is None or name not in METHODS.names():
+        return {}
+    weights = loss_weights(method)
+    values = vars(method)
+    return {k: values[k] for k in METHODS.get(name).defaults
+            if k in values and k not in weights and isinstance(values[k], (numbers.Real, str))}
 
 
 def describe_adapter(module: nn.Module, input_shape: Optional[Sequence[int]] = None) -> str:
@@ -168,3 +185,9 @@ def _shape(shape: Sequence[int]) -> str:
 
 def _number(value: float) -> str:
     return f"{value:g}"
+
+
+def _option(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return _number(value) if isinstance(value, numbers.Real) else str(value)
