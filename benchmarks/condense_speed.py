@@ -27,6 +27,7 @@ import torch
 
 import kdzoo.models.convnet  # noqa: F401  (registers convnet:convnet3)
 from kdzoo.condense import ExpertBuffer, SyntheticSet, build_condenser, evaluate_synthetic
+from kdzoo.condense.evaluate import EvalOptions
 from kdzoo.config import apply_overrides
 from kdzoo.data import build_dataset
 
@@ -117,9 +118,9 @@ def time_evaluation(data, ipc: int, epochs: int, full_epochs: int, device: torch
     synthetic.meta["eval"]["epochs"] = epochs
     evaluate_synthetic(SyntheticSet(synthetic.images, synthetic.labels, meta={**synthetic.meta, "eval": {"epochs": 1}},
                                     space=synthetic.space),
-                       data, num_models=models, device=str(device), progress=False)  # warm-up
+                       data, EvalOptions(num_models=models), device=str(device), progress=False)  # warm-up
     with Clock(device) as clock:
-        evaluate_synthetic(synthetic, data, num_models=models, device=str(device), progress=False)
+        evaluate_synthetic(synthetic, data, EvalOptions(num_models=models), device=str(device), progress=False)
     return clock.wall, clock.cpu, clock.wall * full_epochs / epochs
 
 

@@ -23,11 +23,11 @@ import torch
 
 from kdzoo.config import TrainConfig
 from kdzoo.data import build_dataset, input_example
-from kdzoo.demo import STUDENT_FRACTION, TEACHER_WIDTH, labelled_subset
+from kdzoo.runs.demo import STUDENT_FRACTION, TEACHER_WIDTH, labelled_subset
 from kdzoo.distiller import Distiller
 from kdzoo.methods import create_method
 from kdzoo.models import count_parameters, create_model
-from kdzoo.train import fit
+from kdzoo.tasks.classification import fit
 
 VIT_OPTIONS = {"in_channels": 1, "image_size": 8, "patch_size": 2, "dim": 64, "depth": 4, "heads": 2}
 CNN_OPTIONS = {"in_channels": 1, "width": 8}

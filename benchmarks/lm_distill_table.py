@@ -23,8 +23,8 @@ VARIANTS = [("student alone", "student_alone_cpu"), ("forward KL", "forward_kl_c
 
 def run_one(config: str, name: str, overrides: list[str]) -> dict:
     from kdzoo.config import load_config
-    from kdzoo.lm.config import LMRunConfig
-    from kdzoo.lm.train import run_lm
+    from kdzoo.tasks.lm.config import LMRunConfig
+    from kdzoo.tasks.lm.train import run_lm
 
     cfg = load_config(LMRunConfig, config, overrides + [f"name={name}", "train.progress=false"])
     run_dir = Path(cfg.output_dir) / name

@@ -30,11 +30,11 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from lm_distill_table import run_one
 
-    from kdzoo.lm.models import load_trained
-    from kdzoo.lm.speculative import benchmark_draft, time_generation
-    from kdzoo.lm.train import load_data
+    from kdzoo.tasks.lm.models import load_trained
+    from kdzoo.tasks.lm.speculative import benchmark_draft, time_generation
+    from kdzoo.tasks.lm.train import load_data
     from kdzoo.config import load_config
-    from kdzoo.lm.config import LMRunConfig
+    from kdzoo.tasks.lm.config import LMRunConfig
 
     configs = Path("configs/lm")
     run_one(str(configs / "teacher_cpu.yaml"), "teacher_cpu", [])

@@ -24,12 +24,12 @@ def main() -> int:
     parser.add_argument("--student", default="runs/lm/student_alone_cpu_s0")
     args = parser.parse_args()
     from kdzoo.config import load_config
-    from kdzoo.lm import losses as L
-    from kdzoo.lm.cache import open_cache
-    from kdzoo.lm.config import LMRunConfig
-    from kdzoo.lm.data import loss_mask
-    from kdzoo.lm.models import load_trained
-    from kdzoo.lm.train import load_data
+    from kdzoo.tasks.lm import losses as L
+    from kdzoo.tasks.lm.cache import open_cache
+    from kdzoo.tasks.lm.config import LMRunConfig
+    from kdzoo.tasks.lm.data import loss_mask
+    from kdzoo.tasks.lm.models import load_trained
+    from kdzoo.tasks.lm.train import load_data
 
     cfg = load_config(LMRunConfig, "configs/lm/teacher_cpu.yaml")
     data = load_data(cfg, Path("runs/lm/teacher_cpu"))

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from kdzoo.data import build_dataset, make_loader
+from kdzoo.data import Placement, build_dataset, make_loader
 from kdzoo.data.arrays import CIFAR_AUGMENT, PILItems, pil_transform
 from kdzoo.data.datasets import CIFAR10_MEAN, CIFAR10_STD
 
@@ -98,7 +98,7 @@ def main() -> None:
     pin = device.type == "cuda"
     rows = {}
     rows["resident"] = images_per_second(
-        epochs_of(lambda e: make_loader(train, args.batch_size, shuffle=True, seed=0, epoch=e, device=device)),
+        epochs_of(lambda e: make_loader(train, args.batch_size, shuffle=True, seed=0, epoch=e, placement=Placement(device))),
         device, args.batches)
     fallback = PILItems(train)
     rows["pil-uint8"] = images_per_second(

@@ -24,11 +24,11 @@ import torch
 from kdzoo.bench.published import lookup
 from kdzoo.config import TrainConfig
 from kdzoo.data import TensorData, build_dataset, input_example, labels_of
-from kdzoo.distiller import Distiller
+from kdzoo.distiller import Distiller, TrainingData
 from kdzoo.methods import METHODS, create_method
 from kdzoo.models import create_model
-from kdzoo.runner import load_weights
-from kdzoo.train import fit
+from kdzoo.runs import load_weights
+from kdzoo.tasks.classification import fit
 
 LIGHT_STUDENTS = ("mobile_half", "ShuffleV1", "ShuffleV2")
 
@@ -93,8 +93,9 @@ def main() -> None:
         student = create_model(args.student, data.num_classes, data.in_channels)
         methods = [] if name == "student" else [create_method(name)]
         distiller = Distiller(student, teacher if methods else None, methods,
-                              example_input=input_example(student_data), num_samples=len(student_data.train),
-                              train_labels=labels_of(student_data.train))
+                              example_input=input_example(student_data),
+                              data=TrainingData(num_samples=len(student_data.train),
+                                                labels=labels_of(student_data.train)))
         result = fit(distiller, student_data, recipe, verbose=False)
         final = result.history[-1]
         terms = {k[5:]: v for k, v in final.items() if k.startswith("loss_")}

@@ -29,10 +29,10 @@ import torch
 
 from kdzoo.config import TrainConfig
 from kdzoo.data import build_dataset, input_example, labelled_count, withhold_labels
-from kdzoo.distiller import Distiller
+from kdzoo.distiller import Distiller, TrainingData
 from kdzoo.methods import create_method
 from kdzoo.models import create_model
-from kdzoo.train import fit
+from kdzoo.tasks.classification import fit
 
 TEACHER_SEED = 100
 TEACHERS = {"cnn": ("tiny:cnn", {"width": 32}), "vit": ("vit:nano", {"image_size": 8, "patch_size": 2})}
@@ -80,8 +80,8 @@ def run_variant(methods, data, teachers: dict, epochs: int, seed: int) -> float:
         built.append(method)
     used = {t for _, _, t in methods if t is not None} or ({"cnn", "vit"} if methods else set())
     distiller = Distiller(student, methods=built, example_input=input_example(data),
-                          teachers={n: teachers[n][0] for n in TEACHERS if n in used}, held_out_data=data.held_out,
-                          num_samples=len(data.train), train_data=data.train)
+                          teachers={n: teachers[n][0] for n in TEACHERS if n in used},
+                          data=TrainingData(held_out=data.held_out, num_samples=len(data.train), dataset=data.train))
     return fit(distiller, data, train_config(epochs, seed), verbose=False).last_top1
 
 

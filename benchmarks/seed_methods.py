@@ -26,12 +26,12 @@ import torch
 
 from kdzoo.config import TrainConfig
 from kdzoo.data import build_dataset, input_example
-from kdzoo.demo import STUDENT_FRACTION, STUDENT_WIDTH, TEACHER_WIDTH, labelled_subset
-from kdzoo.distiller import Distiller
+from kdzoo.runs.demo import STUDENT_FRACTION, STUDENT_WIDTH, TEACHER_WIDTH, labelled_subset
+from kdzoo.distiller import Distiller, TrainingData
 from kdzoo.methods import create_method
 from kdzoo.models import create_model
 from kdzoo.models.inherit import inherit_weights
-from kdzoo.train import fit
+from kdzoo.tasks.classification import fit
 
 # label -> (methods as (name, options), whether the student starts from the teacher's weights)
 VARIANTS = {
@@ -81,7 +81,7 @@ def main() -> None:
             methods = [create_method(name, **options) for name, options in method_specs]
             uses_teacher = any(m.needs_teacher for m in methods)
             distiller = Distiller(student, teacher if uses_teacher else None, methods, example_input=example,
-                                  train_data=student_data.train)
+                                  data=TrainingData(dataset=student_data.train))
             result = fit(distiller, student_data, replace(recipe, seed=seed), verbose=False)
             accs.append(result.last_top1)
             seconds += result.seconds

@@ -40,11 +40,11 @@ from kdzoo.config import TrainConfig
 from kdzoo.data import DataSplits, build_dataset, input_example, labels_of
 from kdzoo.data.arrays import CIFAR_AUGMENT, UInt8Images
 from kdzoo.data.datasets import CIFAR100_MEAN, CIFAR100_STD
-from kdzoo.distiller import Distiller
+from kdzoo.distiller import Distiller, TrainingData
 from kdzoo.methods import create_method
 from kdzoo.models import create_model
-from kdzoo.train import fit
-from kdzoo.train.multi import fit_many
+from kdzoo.tasks.classification import fit
+from kdzoo.tasks.classification.multi import fit_many
 
 
 # ---------------------------------------------------------------- data
@@ -161,8 +161,8 @@ def kdzoo_rate(splits: DataSplits, teacher_name: str, student_name: str, cfg: Tr
         torch.manual_seed(1 + k)
         student = create_model(student_name, num_classes=splits.num_classes)
         distillers.append(Distiller(student, teacher, [create_method(m) for m in methods],
-                                    example_input=input_example(splits), num_samples=len(splits.train),
-                                    train_labels=labels_of(splits.train)))
+                                    example_input=input_example(splits),
+                                    data=TrainingData(num_samples=len(splits.train), labels=labels_of(splits.train))))
     if students == 1:
         history = fit(distillers[0], splits, cfg, verbose=False).history
     else:

@@ -14,9 +14,10 @@ from kdzoo.condense import (CONDENSERS, DSA, SyntheticSet, build_condenser, cond
                             format_results, run_condenser, train_networks)
 from kdzoo.condense.augment import OPERATIONS, AugmentDraw, cutout, translate
 from kdzoo.condense.base import fyi_expand
-from kdzoo.condense.cli import add_condense_parser
+from kdzoo.cli.condense import add_condense_parser
 from kdzoo.condense.dc import gradient_distance, per_class_gradients
-from kdzoo.condense.evaluate import network_gradient
+from kdzoo.condense.evaluate import EvalOptions, Sharpness, network_gradient
+from kdzoo.engine.stacked import StackTraining
 from kdzoo.condense.mtt import ExpertBuffer, param_layout, unroll_student
 from kdzoo.condense.soft_labels import committee_members, vote
 from kdzoo.data import build_dataset
@@ -323,8 +324,8 @@ def test_vectorised_training_equals_one_by_one(name, options, data):
     runs = []
     for vectorize in (True, False):
         torch.manual_seed(1)
-        runs.append(train_networks(copy.deepcopy(networks), images, labels, epochs=2, lr=0.05, batch_size=10,
-                                   augment=DSA(), decay_epoch=1, vectorize=vectorize))
+        settings = StackTraining(2, 0.05, batch_size=10, decay_epoch=1, vectorize=vectorize)
+        runs.append(train_networks(copy.deepcopy(networks), images, labels, settings, augment=DSA()))
     for key in runs[0].params:
         assert torch.allclose(runs[0].params[key], runs[1].params[key], atol=1e-5), key
     for key in runs[0].buffers:  # BatchNorm running statistics of tiny:cnn
@@ -342,7 +343,7 @@ def test_one_network_follows_torch_sgd(data):
     (net,) = _networks("convnet:convnet3", 1, width=8, image_size=16)
     reference = copy.deepcopy(net)
     torch.manual_seed(2)
-    stacked = train_networks([net], images, labels, epochs=2, lr=0.05, batch_size=16)
+    stacked = train_networks([net], images, labels, StackTraining(2, 0.05, batch_size=16))
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     for _ in range(2):  # one full batch per epoch: the order does not matter
         optimizer.zero_grad()
@@ -357,7 +358,7 @@ def test_sharpness_aware_gradient_by_hand(data):
     x, y = data.train.images[:8], data.train.labels[:8]
     params = {k: v.detach() for k, v in net.named_parameters()}
     base = copy.deepcopy(net)
-    got = network_gradient(base, sam_rho=0.05)(params, {}, x, y)
+    got = network_gradient(base, Sharpness(rho=0.05))(params, {}, x, y)
     g = torch.autograd.grad(F.cross_entropy(net(x), y), list(net.parameters()))
     norm = torch.sqrt(sum(v.square().sum() for v in g))
     with torch.no_grad():
@@ -373,15 +374,15 @@ def test_evaluation_protocol_end_to_end(data):
     images, labels = data.train.images[:8], data.train.labels[:8]
     synthetic = SyntheticSet(images, labels, meta={"model": "convnet:convnet3", "model_options": {"width": 8},
                                                    "eval": {"epochs": 3, "augment": True}, "num_classes": 4})
-    results = evaluate_synthetic(synthetic, data, models=["convnet:convnet3", "tiny:cnn"], num_models=3,
-                                 model_options=None, progress=False)
+    results = evaluate_synthetic(synthetic, data, EvalOptions(models=["convnet:convnet3", "tiny:cnn"], num_models=3),
+                                 progress=False)
     assert set(results) == {"convnet:convnet3", "tiny:cnn"}
     for r in results.values():
         assert len(r.accuracies) == 3 and all(0 <= a <= 100 for a in r.accuracies)
         assert r.epochs == 3 and r.lr == 0.01 and min(r.accuracies) <= r.mean <= max(r.accuracies)
     soft = SyntheticSet(images, F.one_hot(labels, 4).float() * 0.9 + 0.025,
                         meta={"model_options": {"width": 8}, "eval": {"epochs": 2}}, learned_lr=0.02)
-    (r,) = evaluate_synthetic(soft, data, num_models=2, progress=False).values()
+    (r,) = evaluate_synthetic(soft, data, EvalOptions(num_models=2), progress=False).values()
     assert r.epochs == 2 and r.lr == 0.01  # a learned lr is used only when the protocol says so
     table = format_results({"convnet:convnet3": r}, "dc", "cifar10", 10)
     assert "44.9" in table and "±" in table

@@ -12,7 +12,7 @@ from kdzoo.condense import CONDENSERS, DSA, SyntheticSet, build_condenser, evalu
 from kdzoo.condense import evaluate as evaluate_module
 from kdzoo.condense.augment import AugmentDraw, DSAParams, translate
 from kdzoo.condense.datadam import DataDAM, datadam_loss, spatial_attention
-from kdzoo.condense.evaluate import network_gradient
+from kdzoo.condense.evaluate import EvalOptions, Sharpness, network_gradient
 from kdzoo.condense.ftd import ema_update
 from kdzoo.condense.mtt import ExpertBuffer, trajectory_loss
 from kdzoo.condense.space import ZCA_EPS, InputSpace
@@ -82,13 +82,13 @@ def test_zca_set_is_saved_in_pixel_space_with_its_whitening(cifar, tmp_path, mon
 
     seen = {}
 
-    def fake_train(networks, images, labels, **options):
+    def fake_train(networks, images, labels, settings, **options):
         seen.update(images=images, options=options)
         return networks
 
     monkeypatch.setattr(evaluate_module, "train_networks", fake_train)
     monkeypatch.setattr(evaluate_module, "accuracy", lambda stack, x, y: seen.setdefault("test", x)[:1, 0, 0, 0])
-    evaluate_synthetic(loaded, cifar, num_models=1, progress=False, device="cpu")
+    evaluate_synthetic(loaded, cifar, EvalOptions(num_models=1), progress=False, device="cpu")
     assert torch.allclose(seen["images"], condenser.images.detach(), atol=1e-4)  # trains on whitened inputs
     test_pixels = cifar.test.images.float() / 255
     assert torch.allclose(seen["test"], condenser.space.to_input(test_pixels), atol=1e-5)  # the same whitening
@@ -170,7 +170,7 @@ def test_gsam_asam_gradient_follows_the_buffer_optimizer():
     x, y = torch.randn(6, 3, 8, 8), torch.arange(6) % 4
     rho, alpha, eps = 0.05, 0.4, 1e-12
     params = {k: v.detach().clone() for k, v in net.named_parameters()}
-    got = network_gradient(copy.deepcopy(net), rho, alpha, sam_adaptive=True)(params, {}, x, y)
+    got = network_gradient(copy.deepcopy(net), Sharpness(rho, alpha, adaptive=True))(params, {}, x, y)
 
     ps = list(net.parameters())
     old_g = torch.autograd.grad(F.cross_entropy(net(x), y), ps)
@@ -198,13 +198,13 @@ def test_datadam_is_evaluated_for_1800_epochs_in_batches_of_64(cifar, monkeypatc
     synthetic = build_condenser("datadam", cifar, 1, iterations=0, **NET).result()
     seen = {}
 
-    def fake_train(networks, images, labels, **options):
-        seen.update(options)
+    def fake_train(networks, images, labels, settings, **options):
+        seen.update(vars(settings))
         raise RuntimeError("stop")
 
     monkeypatch.setattr(evaluate_module, "train_networks", fake_train)
     with pytest.raises(RuntimeError, match="stop"):
-        evaluate_synthetic(synthetic, cifar, num_models=1, progress=False, device="cpu")
+        evaluate_synthetic(synthetic, cifar, EvalOptions(num_models=1), progress=False, device="cpu")
     assert seen["epochs"] == 1800 and seen["batch_size"] == 64
 
 
@@ -233,13 +233,13 @@ def test_evaluation_uses_the_strategy_the_set_was_distilled_with(cifar, monkeypa
     synthetic = build_condenser("dm", cifar, 1, dsa_strategy="crop_flip", iterations=0, **NET).result()
     seen = {}
 
-    def fake_train(networks, images, labels, **options):
+    def fake_train(networks, images, labels, settings, **options):
         seen.update(options)
         raise RuntimeError("stop")
 
     monkeypatch.setattr(evaluate_module, "train_networks", fake_train)
     with pytest.raises(RuntimeError):
-        evaluate_synthetic(synthetic, cifar, num_models=1, progress=False, device="cpu")
+        evaluate_synthetic(synthetic, cifar, EvalOptions(num_models=1), progress=False, device="cpu")
     assert seen["augment"].strategy == "crop_flip"
 
 

@@ -4,7 +4,7 @@ from typing import Annotated, Literal, Optional, Sequence, Union
 import pytest
 import yaml
 
-from kdzoo.condense.base import CONDENSERS, _register_methods
+from kdzoo.condense import CONDENSERS
 from kdzoo.config import RunConfig, load_config
 from kdzoo.errors import ConfigError
 from kdzoo.methods import METHODS, create_method
@@ -117,7 +117,6 @@ def test_building_checks_values_too():
 
 
 def test_every_registered_option_annotation_resolves():
-    _register_methods()
     from kdzoo.data.datasets import DATASETS
     from kdzoo.models import MODELS
 
@@ -129,7 +128,6 @@ def test_every_registered_option_annotation_resolves():
 
 
 def test_a_subclass_default_keeps_the_base_bounds():
-    _register_methods()
     hints = CONDENSERS.get("dm").hints()  # DM redeclares `iterations: int = 20000`
     assert describe_type(hints["iterations"]) == "an integer >= 0"
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from kdzoo.config import RunConfig, TeacherConfig, load_config, read_yaml
-from kdzoo.lm.config import LMRunConfig
+from kdzoo.tasks.lm.config import LMRunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))

@@ -24,7 +24,7 @@ from PIL import Image
 import kdzoo.data.datasets as datasets_module
 from kdzoo.config import TrainConfig
 from kdzoo.data import (AugmentSpec, DataSplits, DecodedSplit, TensorData, UInt8Images, build_dataset,
-                        cached_decode, input_example, labels_of, make_loader)
+                        Placement, cached_decode, input_example, labels_of, make_loader)
 from kdzoo.data.arrays import PILItems
 from kdzoo.data.cache import cache_path, resolve_cache_dir, source_fingerprint
 from kdzoo.data.datasets import CIFAR100_MEAN, CIFAR100_STD
@@ -32,7 +32,7 @@ from kdzoo.data.device_loader import ResidentBatches, crop_and_flip
 from kdzoo.distiller import Distiller
 from kdzoo.errors import ConfigError
 from kdzoo.models import create_model
-from kdzoo.train import fit
+from kdzoo.tasks.classification import fit
 
 
 def _images(n, seed, channels=3, size=32):
@@ -398,9 +398,9 @@ def test_augmented_epochs_are_bit_identical_for_the_same_seed_and_epoch():
 
 def test_the_device_copy_is_made_once():
     dataset = _indexed_images(40, augment=AugmentSpec())
-    list(make_loader(dataset, 16, shuffle=True, epoch=0, device="cpu"))
+    list(make_loader(dataset, 16, shuffle=True, epoch=0, placement=Placement("cpu")))
     first = dataset._device_copy
-    list(make_loader(dataset, 16, shuffle=True, epoch=1, device=torch.device("cpu")))
+    list(make_loader(dataset, 16, shuffle=True, epoch=1, placement=Placement(torch.device("cpu"))))
     assert dataset._device_copy is first
 
 

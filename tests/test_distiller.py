@@ -124,7 +124,7 @@ def _hook_count(model):
 def test_hooks_are_removed_on_close_and_by_fit_and_a_reused_teacher_collects_none():
     from kdzoo.config import TrainConfig
     from kdzoo.data import build_dataset
-    from kdzoo.train import fit
+    from kdzoo.tasks.classification import fit
 
     data = build_dataset("synthetic", num_classes=5, image_size=16, train_size=16, test_size=8)
     torch.manual_seed(0)

@@ -8,10 +8,11 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from kdzoo.config import TrainConfig
-from kdzoo.data import build_dataset, make_loader
+from kdzoo.data import Placement, build_dataset, make_loader
 from kdzoo.distiller import Distiller
 from kdzoo.methods import create_method
-from kdzoo.train import fit, load_checkpoint
+from kdzoo.tasks.classification import fit
+from kdzoo.engine.checkpoint import load_checkpoint
 
 
 def _data():
@@ -57,15 +58,15 @@ def _free_port() -> int:
 def test_sharded_loader_splits_each_global_batch():
     data = _data()
     whole = [index for _, _, index in make_loader(data.train, 16, shuffle=True, seed=3, epoch=1)]
-    shares = [[index for _, _, index in make_loader(data.train, 8, shuffle=True, seed=3, epoch=1, rank=r, world_size=2)]
+    shares = [[index for _, _, index in make_loader(data.train, 8, shuffle=True, seed=3, epoch=1, placement=Placement(rank=r, world_size=2))]
               for r in (0, 1)]
     assert len(shares[0]) == len(shares[1]) == len(whole) == 3
     for b, batch in enumerate(whole):
         assert torch.equal(shares[0][b], batch[0::2]) and torch.equal(shares[1][b], batch[1::2])
     odd = build_dataset("synthetic", num_classes=4, image_size=8, train_size=37, test_size=4).train
-    sizes = [len(i) for _, _, i in make_loader(odd, 8, shuffle=True, rank=1, world_size=2)]
-    assert sizes == [8, 8, 2] and len(make_loader(odd, 8, shuffle=True, rank=1, world_size=2)) == 3  # 5 left: 4 kept
-    sharded = make_loader(odd, 4, shuffle=False, rank=0, world_size=3)  # 12, 12, 12, then 1: too few for 3
+    sizes = [len(i) for _, _, i in make_loader(odd, 8, shuffle=True, placement=Placement(rank=1, world_size=2))]
+    assert sizes == [8, 8, 2] and len(make_loader(odd, 8, shuffle=True, placement=Placement(rank=1, world_size=2))) == 3  # 5 left: 4 kept
+    sharded = make_loader(odd, 4, shuffle=False, placement=Placement(world_size=3))  # 12, 12, 12, then 1: too few for 3
     assert [len(i) for _, _, i in sharded] == [4, 4, 4] and len(sharded) == 3
 
 

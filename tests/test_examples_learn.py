@@ -16,9 +16,9 @@ from kdzoo.data import build_dataset
 from kdzoo.distiller import Distiller
 from kdzoo.errors import ConfigError
 from kdzoo.models import create_model, set_bn_momentum
-from kdzoo.runner import build_data, build_model
-from kdzoo.train import fit
-from kdzoo.train.trainer import EvalModeCheck
+from kdzoo.runs import build_data, build_model
+from kdzoo.tasks.classification import fit
+from kdzoo.tasks.classification.task import EvalModeCheck
 from tiny_setup import train_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "configs" / "examples"
@@ -109,9 +109,10 @@ def test_stale_batchnorm_statistics_warn_once_with_what_to_do(momentum, capsys, 
 def _check(capsys, row: dict, classes: int = 10, momentum: float = 0.1) -> list[str]:
     """The lines one `EvalModeCheck` prints for an epoch row of a run of `classes` classes, 100 steps in."""
     student = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, momentum=momentum))
-    trainer = SimpleNamespace(data=SimpleNamespace(num_classes=classes), step=100, cfg=SimpleNamespace(progress=False))
+    trainer = SimpleNamespace(task=SimpleNamespace(data=SimpleNamespace(num_classes=classes)), step=100,
+                              cfg=SimpleNamespace(progress=False))
     capsys.readouterr()
-    EvalModeCheck().on_epoch_end(trainer, SimpleNamespace(student=student, label=""), {"epoch": 1, **row}, False)
+    EvalModeCheck(student).on_epoch_end(trainer, SimpleNamespace(label=""), {"epoch": 1, **row}, False)
     return capsys.readouterr().out.splitlines()
 
 

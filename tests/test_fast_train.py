@@ -9,11 +9,12 @@ import torch
 from kdzoo.data import TensorData, UInt8Images
 from kdzoo.data.arrays import CIFAR_AUGMENT
 from kdzoo.errors import ConfigError, TrainingDiverged
-from kdzoo.train import fit, load_checkpoint
-from kdzoo.train.fast_step import (DeviceMeters, LearningRate, build_optimizer, load_optimizer_state,
-                                   optimizer_state, resolve_compile_mode)
-from kdzoo.train.teacher_cache import TeacherCache, dataset_fingerprint
-from kdzoo.train.trainer import lr_schedule, scaled_lr
+from kdzoo.tasks.classification import FitOptions, fit
+from kdzoo.engine.checkpoint import load_checkpoint
+from kdzoo.engine.step import DeviceMeters, resolve_compile_mode
+from kdzoo.engine.optim import LearningRate, build_optimizer, load_optimizer_state, optimizer_state
+from kdzoo.tasks.classification.teacher_feed import TeacherCache, dataset_fingerprint
+from kdzoo.tasks.classification.task import lr_schedule, optimizer_spec, scaled_lr
 from tiny_setup import max_diff, tiny_data, tiny_distiller, train_config
 
 
@@ -39,14 +40,16 @@ def test_device_meters_accumulate_and_flag_the_first_non_finite_step():
     meters = DeviceMeters(torch.device("cpu"), first_step=10)
     labels = torch.tensor([0, 1, 1, 0])
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0]])  # 3 of 4 right
-    meters.add(torch.tensor(1.5), {"ce": torch.tensor(1.0), "kd": torch.tensor(0.5)}, logits, labels)
-    meters.add(torch.tensor(0.5), {"ce": torch.tensor(0.25), "kd": torch.tensor(0.25)}, logits, labels)
+    for loss, terms in ((1.5, (1.0, 0.5)), (0.5, (0.25, 0.25))):
+        meters.add(torch.tensor(loss), dict(zip(("ce", "kd"), map(torch.tensor, terms))), logits, labels, 4)
+        meters.end_step()
     reading = meters.read()
     assert reading.seen == 8 and reading.loss == pytest.approx(1.0) and reading.top1 == pytest.approx(75.0)
     assert reading.terms == pytest.approx({"ce": 0.625, "kd": 0.375})
     assert not reading.diverged and reading.first_bad_step == -1 and meters.bad.item() == 0
-    meters.add(torch.tensor(float("nan")), {"ce": torch.tensor(float("nan")), "kd": torch.tensor(0.1)}, logits, labels)
-    meters.add(torch.tensor(1.0), {"ce": torch.tensor(0.5), "kd": torch.tensor(0.5)}, logits, labels)
+    for loss, terms in ((float("nan"), (float("nan"), 0.1)), (1.0, (0.5, 0.5))):
+        meters.add(torch.tensor(loss), dict(zip(("ce", "kd"), map(torch.tensor, terms))), logits, labels, 4)
+        meters.end_step()
     reading = meters.read()
     assert reading.diverged and reading.first_bad_step == 12  # the third step after step 10
     assert meters.bad.item() == 1.0  # sticky: usable as an optimizer's found_inf
@@ -64,7 +67,8 @@ def test_non_finite_loss_found_at_the_epoch_check_names_the_step(tmp_path):
                 distiller.student.fc.weight.fill_(float("inf"))
 
     with pytest.raises(TrainingDiverged, match=r"not finite at epoch 2, step 5 .*kd=nan.*is intact"):
-        fit(distiller, data, _cfg(epochs=3, log_every=1000), tmp_path, resume=True, on_step=poison, verbose=False)
+        fit(distiller, data, _cfg(epochs=3, log_every=1000), tmp_path, resume=True, verbose=False,
+            options=FitOptions(on_step=poison))
     assert (tmp_path / "checkpoint.pt").read_bytes() == saved
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
 
@@ -74,7 +78,8 @@ def test_non_finite_loss_found_at_the_epoch_check_names_the_step(tmp_path):
 
 def test_learning_rate_tensor_is_updated_in_place_and_saved_as_float():
     model = torch.nn.Linear(3, 2)
-    optimizer = build_optimizer(model.parameters(), _cfg(lr=0.1), torch.device("cpu"), compile_mode="default")
+    optimizer = build_optimizer(model.parameters(), optimizer_spec(_cfg(lr=0.1)), torch.device("cpu"),
+                                compile_mode="default")
     lr_tensor = optimizer.param_groups[0]["lr"]
     assert isinstance(lr_tensor, torch.Tensor) and optimizer.param_groups[0]["foreach"]
     rate = LearningRate(optimizer, lambda step: 0.1 / (step + 1))
@@ -88,7 +93,7 @@ def test_learning_rate_tensor_is_updated_in_place_and_saved_as_float():
     load_optimizer_state(optimizer, state)
     assert optimizer.param_groups[0]["lr"] is lr_tensor and lr_tensor.item() == pytest.approx(0.5)
 
-    eager = build_optimizer(model.parameters(), _cfg(lr=0.1), torch.device("cpu"))
+    eager = build_optimizer(model.parameters(), optimizer_spec(_cfg(lr=0.1)), torch.device("cpu"))
     assert isinstance(eager.param_groups[0]["lr"], float)  # the CPU eager path: bit-identical to before
     load_optimizer_state(optimizer, optimizer_state(eager))  # a checkpoint from another mode
     assert optimizer.param_groups[0]["lr"] is lr_tensor and lr_tensor.item() == pytest.approx(0.1)
@@ -187,7 +192,7 @@ def test_teacher_cache_gives_identical_losses_and_skips_the_teacher_after_one_ep
     per_epoch = []
     calls = _count_calls(cached.teacher)
     result = fit(cached, data, _cfg(epochs=3, cache_teacher_outputs=True), verbose=False,
-                 on_step=lambda step: per_epoch.append(len(calls)) if step % 3 == 0 else None)
+                 options=FitOptions(on_step=lambda step: per_epoch.append(len(calls)) if step % 3 == 0 else None))
     assert per_epoch == [3, 3, 3]  # three live forwards in epoch 1, none afterwards
     for got, expected in zip(result.history, reference.history):
         for key in ("train_loss", "loss_kd", "loss_ce"):
@@ -200,14 +205,14 @@ def test_teacher_cache_is_invalidated_when_the_teacher_changes():
     distiller = _distiller(data)
     cache = TeacherCache.for_dataset(data.train, torch.device("cpu"))
     calls = _count_calls(distiller.teacher)
-    fit(distiller, data, _cfg(epochs=2), verbose=False, teacher_cache=cache)
+    fit(distiller, data, _cfg(epochs=2), verbose=False, options=FitOptions(teacher_cache=cache))
     assert len(calls) == 3 and cache.complete
-    fit(distiller, data, _cfg(epochs=1), verbose=False, teacher_cache=cache)  # same teacher: all from the cache
+    fit(distiller, data, _cfg(epochs=1), verbose=False, options=FitOptions(teacher_cache=cache))  # same teacher: all from the cache
     assert len(calls) == 3
     with torch.no_grad():
         distiller.teacher.fc.weight.mul_(2)
     with pytest.warns(UserWarning, match="teacher's weights changed"):
-        fit(distiller, data, _cfg(epochs=2), verbose=False, teacher_cache=cache)
+        fit(distiller, data, _cfg(epochs=2), verbose=False, options=FitOptions(teacher_cache=cache))
     assert len(calls) == 6  # refilled in one epoch, then replayed
 
 

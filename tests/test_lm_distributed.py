@@ -37,7 +37,7 @@ def _config(tmp_path, name, parallel):
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_matches_one_process(tmp_path, parallel):
-    from kdzoo.train.checkpoint import load_checkpoint
+    from kdzoo.engine.checkpoint import load_checkpoint
 
     _run([sys.executable, "-m", "kdzoo", "lm", "distill", _config(tmp_path, "one", parallel)])
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "kdzoo",

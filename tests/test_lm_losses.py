@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from kdzoo.errors import ConfigError
-from kdzoo.lm import alignment as A
-from kdzoo.lm import losses as L
+from kdzoo.tasks.lm import alignment as A
+from kdzoo.tasks.lm import losses as L
 
 
 def _logits(*shape, seed=0, scale=2.0):

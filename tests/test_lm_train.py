@@ -11,14 +11,14 @@ transformers = pytest.importorskip("transformers")
 from kdzoo.cli import main  # noqa: E402
 from kdzoo.config import from_dict, load_config  # noqa: E402
 from kdzoo.errors import ConfigError  # noqa: E402
-from kdzoo.lm import LM_LOSSES, create_lm_loss  # noqa: E402
-from kdzoo.lm.cache import open_cache  # noqa: E402
-from kdzoo.lm.config import LMRunConfig  # noqa: E402
-from kdzoo.lm.data import batch_rows, build_lm_data, corpus_texts, loss_mask, tokenize_rows  # noqa: E402
-from kdzoo.lm.losses import forward_kl_loss, sparse_forward_kl_loss  # noqa: E402
-from kdzoo.lm.models import build_model, train_tokenizer  # noqa: E402
-from kdzoo.lm.speculative import greedy_acceptance, time_generation  # noqa: E402
-from kdzoo.lm.train import StudentStep, run_lm, teacher_outputs  # noqa: E402
+from kdzoo.tasks.lm import LM_LOSSES, create_lm_loss  # noqa: E402
+from kdzoo.tasks.lm.cache import open_cache  # noqa: E402
+from kdzoo.tasks.lm.config import LMRunConfig  # noqa: E402
+from kdzoo.tasks.lm.data import batch_rows, build_lm_data, corpus_texts, loss_mask, tokenize_rows  # noqa: E402
+from kdzoo.tasks.lm.losses import forward_kl_loss, sparse_forward_kl_loss  # noqa: E402
+from kdzoo.tasks.lm.models import build_model, train_tokenizer  # noqa: E402
+from kdzoo.tasks.lm.speculative import greedy_acceptance, time_generation  # noqa: E402
+from kdzoo.tasks.lm.task import StudentStep, teacher_outputs  # noqa: E402
 
 LLAMA = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
          "num_key_value_heads": 2, "max_position_embeddings": 64}
@@ -152,8 +152,8 @@ def test_distill_online_offline_and_generated_end_to_end(tmp_path, teacher_dir, 
     assert main(["lm", "distill", cfg]) == 0
     run = tmp_path / "runs" / "kd"
     summary = json.loads((run / "summary.json").read_text())
-    assert {"val_ppl", "val_kl", "val_top1_agreement", "train_forward_kl", "train_hidden", "train_ce"} <= set(
-        summary["final"])
+    assert {"val_ppl", "val_kl", "val_top1_agreement", "train_loss", "loss_forward_kl", "loss_hidden", "loss_ce",
+            "tokens_per_s"} <= set(summary["final"])
     assert (run / "model" / "config.json").is_file() and (run / "tokenizer").is_dir()
     assert main(["lm", "eval", str(run)]) == 0
     assert "held-out perplexity" in capsys.readouterr().out
@@ -188,7 +188,7 @@ def test_resume_is_exact_and_errors_are_one_line(tmp_path, teacher_dir, capsys):
     assert main(["lm", "distill", config("resumed", 4)]) == 2
     assert "already holds a run: pass --resume" in capsys.readouterr().err
     assert main(["lm", "distill", config("resumed", 4), "--resume"]) == 0
-    from kdzoo.train.checkpoint import load_checkpoint
+    from kdzoo.engine.checkpoint import load_checkpoint
 
     a = load_checkpoint(tmp_path / "runs" / "straight" / "checkpoint.pt")["trainable"]
     b = load_checkpoint(tmp_path / "runs" / "resumed" / "checkpoint.pt")["trainable"]

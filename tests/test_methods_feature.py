@@ -19,7 +19,7 @@ from kdzoo.methods.feature import ab, fsp, ft, nst, ofd, reviewkd
 from kdzoo.models import create_model
 from kdzoo.methods.base import warmup_factor
 from kdzoo.taps import Layout, stage_taps
-from kdzoo.train import fit
+from kdzoo.tasks.classification import fit
 
 # tiny:cnn stages are Sequential(conv, bn, relu): the ReLU's input is the stage's pre-activation.
 PREACT = ("stage2.2:input", "stage3.2:input")

@@ -17,7 +17,7 @@ from torch.testing import assert_close
 from torch.utils.data import TensorDataset
 
 from kdzoo.adapters import ConvReg
-from kdzoo.distiller import Distiller
+from kdzoo.distiller import Distiller, TrainingData
 from kdzoo.errors import ConfigError
 from kdzoo.methods import METHODS, create_method
 from kdzoo.methods.feature import ofd
@@ -230,7 +230,7 @@ def test_ofd_measured_margin_reads_thousands_of_training_images_never_the_exampl
     data = CountingImages(5000)
     method = create_method("ofd", **options)
     assert method.margin_samples == 4096
-    Distiller(student, teacher, [method], example_input=example, train_data=data)
+    Distiller(student, teacher, [method], example_input=example, data=TrainingData(dataset=data))
     assert data.reads == 4096 * 2  # both stages measured over 4096 training images
     # The plain per-channel mean of the negative values over those images (a fixed random subset), the teacher
     # normalising with batch statistics as OFD runs it (batches of 128).
@@ -345,8 +345,8 @@ def mixed_precision_distiller(name: str):
     train_data = TensorDataset(torch.randn(16, 3, 16, 16), torch.arange(16) % 4)  # nd: the teacher's class means
     # schemes that choose a weight on held-out data or per round get a fixed one here
     options = {"dho": {"alpha": 0.5, "beta": 1.0}, "isd": {"alpha": 0.6}}.get(name, {})
-    distiller = Distiller(student, teacher, [create_method(name, **options)], example_input=images, num_samples=16,
-                          train_labels=torch.arange(16) % 4, train_data=train_data)
+    distiller = Distiller(student, teacher, [create_method(name, **options)], example_input=images,
+                          data=TrainingData(num_samples=16, labels=torch.arange(16) % 4, dataset=train_data))
     return distiller, images, labels, torch.arange(8)
 
 

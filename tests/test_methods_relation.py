@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from kdzoo.config import TrainConfig
 from kdzoo.data import build_dataset, input_example, labels_of
-from kdzoo.distiller import Distiller
+from kdzoo.distiller import Distiller, TrainingData
 from kdzoo.errors import ConfigError
 from kdzoo.methods import create_method
 from kdzoo.methods.relation import cc, crd, pkt, sp, vid  # noqa: F401  (registers the methods)
@@ -18,7 +18,7 @@ from kdzoo.methods.relation.pkt import pkt_loss
 from kdzoo.methods.relation.sp import sp_loss
 from kdzoo.methods.relation.vid import VariationalRegressor, gaussian_nll
 from kdzoo.models import create_model
-from kdzoo.train import fit
+from kdzoo.tasks.classification import FitOptions, fit
 
 IMAGE = (3, 16, 16)
 
@@ -33,7 +33,7 @@ def tiny_pair(seed: int = 0):
 def make_distiller(name: str, num_samples: int = 12, **options) -> Distiller:
     student, teacher = tiny_pair()
     return Distiller(student, teacher, [create_method(name, **options)], example_input=torch.randn(2, *IMAGE),
-                     num_samples=num_samples, train_labels=torch.arange(num_samples) % 3)
+                     data=TrainingData(num_samples=num_samples, labels=torch.arange(num_samples) % 3))
 
 
 def plain_matmul(a, b):
@@ -368,10 +368,10 @@ def test_crd_configuration_errors():
     with pytest.raises(ConfigError, match="num_samples"):
         Distiller(student, teacher, [create_method("crd")], example_input=example)
     with pytest.raises(ConfigError, match="train_labels"):
-        Distiller(student, teacher, [create_method("crd")], example_input=example, num_samples=8)
+        Distiller(student, teacher, [create_method("crd")], example_input=example, data=TrainingData(num_samples=8))
     with pytest.raises(ConfigError, match="no negatives"):
-        Distiller(student, teacher, [create_method("crd")], example_input=example, num_samples=4,
-                  train_labels=torch.zeros(4, dtype=torch.long))
+        Distiller(student, teacher, [create_method("crd")], example_input=example,
+                  data=TrainingData(num_samples=4, labels=torch.zeros(4, dtype=torch.long)))
     distiller, *_ = crd_case()
     with pytest.raises(ConfigError, match="index"):
         distiller(torch.randn(2, *IMAGE), torch.tensor([0, 1]))
@@ -430,7 +430,7 @@ def test_crd_fit_takes_sample_indices_from_the_loader():
     data = build_dataset("synthetic", train_size=64, test_size=16, image_size=16)
     student, teacher = tiny_pair()
     distiller = Distiller(student, teacher, [create_method("crd")], example_input=input_example(data),
-                          num_samples=len(data.train), train_labels=labels_of(data.train))
+                          data=TrainingData(num_samples=len(data.train), labels=labels_of(data.train)))
     method = distiller.methods["crd"]
     assert method.k == 63
     initial = method.memory_student.clone()
@@ -447,7 +447,7 @@ def test_crd_resume_after_kill_draws_the_same_negatives_bit_identically(tmp_path
     """The negatives' generator state is in the checkpoint's `methods` state dict: a run killed inside epoch 2 and
     resumed from its epoch-1 checkpoint ends exactly as the uninterrupted run."""
     from kdzoo.data import input_example, labels_of
-    from kdzoo.train import fit
+    from kdzoo.tasks.classification import fit
     from tiny_setup import tiny_data, tiny_teacher, train_config
 
     data = tiny_data()
@@ -457,8 +457,8 @@ def test_crd_resume_after_kill_draws_the_same_negatives_bit_identically(tmp_path
         torch.manual_seed(seed)
         student = create_model("tiny:cnn", num_classes=4, width=4)
         return Distiller(student, teacher, [create_method("crd", num_negatives=8)],
-                         example_input=input_example(data), num_samples=len(data.train),
-                         train_labels=labels_of(data.train))
+                         example_input=input_example(data),
+                         data=TrainingData(num_samples=len(data.train), labels=labels_of(data.train)))
 
     config = train_config(epochs=2)
     reference = distiller(0)
@@ -472,7 +472,7 @@ def test_crd_resume_after_kill_draws_the_same_negatives_bit_identically(tmp_path
             raise Killed
 
     with pytest.raises(Killed):
-        fit(distiller(0), data, config, tmp_path / "run", on_step=kill_at, verbose=False)
+        fit(distiller(0), data, config, tmp_path / "run", verbose=False, options=FitOptions(on_step=kill_at))
     resumed = distiller(123)  # another seed: the generator's seed must come from the checkpoint
     assert resumed.methods["crd"].seed != reference.methods["crd"].seed
     fit(resumed, data, config, tmp_path / "run", resume=True, verbose=False)

@@ -16,7 +16,7 @@ from torch.testing import assert_close
 
 from kdzoo.cli import main
 from kdzoo.data import TensorData, build_dataset, input_example
-from kdzoo.distiller import Distiller
+from kdzoo.distiller import Distiller, TrainingData
 from kdzoo.errors import ConfigError
 from kdzoo.methods import Context, create_method
 from kdzoo.methods.feature import nd, residual
@@ -211,7 +211,7 @@ def nd_distiller(student_width: int = 4):
     images, labels = torch.randn(8, 3, 8, 8), torch.arange(8) % 10
     method = create_method("nd", stats_device="cpu")
     distiller = Distiller(tiny(student_width), tiny(8), [method], example_input=images,
-                          train_data=TensorData(images, labels))
+                          data=TrainingData(dataset=TensorData(images, labels)))
     return distiller, method, images, labels
 
 

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from kdzoo.train import fit, load_checkpoint
-from kdzoo.train.multi import fit_many, stacking_obstacle
+from kdzoo.tasks.classification import FitOptions, fit
+from kdzoo.engine.checkpoint import load_checkpoint
+from kdzoo.tasks.classification.multi import fit_many, stacking_obstacle
 from tiny_setup import max_diff, tiny_data, tiny_distiller, tiny_teacher, train_config
 
 
@@ -78,8 +79,8 @@ def test_stacked_runs_resume_exactly_and_continue_alone(tmp_path):
 
     dirs = [tmp_path / "a", tmp_path / "b"]
     with pytest.raises(Killed):
-        fit_many([_distiller(data, teacher, seed) for seed in (1, 2)], data, cfg, dirs, stack=True, on_step=kill_at,
-                 verbose=False)
+        fit_many([_distiller(data, teacher, seed) for seed in (1, 2)], data, cfg, dirs, stack=True, verbose=False,
+                 options=FitOptions(on_step=kill_at))
     assert load_checkpoint(dirs[0] / "checkpoint.pt")["epoch"] == 1
     resumed = [_distiller(data, teacher, seed) for seed in (11, 12)]  # every weight comes from the checkpoints
     fit_many(resumed, data, cfg, dirs, stack=True, resume=True, verbose=False)
@@ -98,7 +99,7 @@ def test_stacked_runs_resume_exactly_and_continue_alone(tmp_path):
 @pytest.mark.slow
 def test_stacked_students_compiled_match_eager():
     """torch.compile of the vmapped forward (inductor, C++ on the CPU): about a minute."""
-    from kdzoo.train.fast_step import resolve_compile_mode
+    from kdzoo.engine.step import resolve_compile_mode
 
     if resolve_compile_mode("default", torch.device("cpu"))[0] == "off":
         pytest.skip("no C++ compiler for torch.compile on the CPU")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from kdzoo.cli import main
 from kdzoo.plots import grid_figure, plot_run, run_figure
-from kdzoo.train.trainer import format_duration
+from kdzoo.engine.trainer import format_duration
 
 DATA = {"name": "synthetic", "options": {"num_classes": 4, "image_size": 8, "train_size": 64, "test_size": 16}}
 TRAIN = {"epochs": 2, "batch_size": 16, "lr": 0.05, "device": "cpu", "progress": False}
@@ -93,7 +93,7 @@ def test_condense_cli_grid_has_a_column_per_class(tmp_path):
 
 def test_train_run_records_the_teacher_accuracy_and_draws_it(tmp_path, monkeypatch):
     from kdzoo.config import RunConfig, load_config
-    from kdzoo.runner import teacher_run_accuracy
+    from kdzoo.runs import teacher_run_accuracy
 
     monkeypatch.chdir(tmp_path)
     one_epoch = {**TRAIN, "epochs": 1}
@@ -143,18 +143,18 @@ def test_progress_written_to_a_file_is_plain_lines_with_a_run_eta(tmp_path, caps
 def test_progress_eta_covers_the_whole_run(tmp_path):
     """After k of n steps at a steady pace the ETA is the remaining steps at that pace, not the epoch's."""
     from tiny_setup import tiny_data, tiny_distiller, train_config
-    from kdzoo.train.trainer import Callback, train_runs
+    from kdzoo.engine.trainer import Callback
+    from kdzoo.tasks.classification import FitOptions, fit
 
     estimates = []
 
     class Watch(Callback):
         def on_epoch_end(self, trainer, run, row, improved):
             elapsed = row["seconds"]
-            estimates.append((trainer.eta_seconds(), trainer.step, trainer.cfg.epochs * trainer.steps_per_epoch,
-                              elapsed))
+            estimates.append((trainer.eta_seconds(), trainer.step, trainer.total_steps, elapsed))
 
     data = tiny_data()
-    train_runs([tiny_distiller(data)], data, train_config(epochs=2), [None], callbacks=[[Watch()]], verbose=False)
+    fit(tiny_distiller(data), data, train_config(epochs=2), verbose=False, options=FitOptions(callbacks=[Watch()]))
     eta, step, total, elapsed = estimates[0]
     assert step == total // 2 and eta == pytest.approx(elapsed * (total - step) / step, rel=0.5)
     assert estimates[-1][0] == 0
@@ -182,7 +182,7 @@ def test_a_failed_start_leaves_no_folder(tmp_path, monkeypatch, capsys):
 
 
 def test_a_run_that_saved_a_checkpoint_is_kept_when_it_fails_later(tmp_path, monkeypatch):
-    from kdzoo.runner import removed_if_failed
+    from kdzoo.engine.rundir import removed_if_failed
 
     path = tmp_path / "out" / "run"
     with pytest.raises(KeyboardInterrupt):

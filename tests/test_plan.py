@@ -12,8 +12,8 @@ from kdzoo.distiller import Distiller
 from kdzoo.errors import ConfigError
 from kdzoo.methods import create_method
 from kdzoo.models import create_model
-from kdzoo.plan import describe_adapter, distillation_plan
-from kdzoo.train import evaluate, fit
+from kdzoo.tasks.classification.plan import describe_adapter, distillation_plan
+from kdzoo.tasks.classification import evaluate, fit
 from kdzoo.taps import discover_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors

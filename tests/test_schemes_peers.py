@@ -15,10 +15,11 @@ from kdzoo.methods import create_method
 from kdzoo.methods.schemes.dml import dml_loss
 from kdzoo.methods.schemes.isd import isd_loss, optimal_ground_truth_weight
 from kdzoo.models import create_model
-from kdzoo.rounds import round_config
-from kdzoo.runner import build_data, build_distiller, read_state
-from kdzoo.train import trainer as trainer_module
-from kdzoo.train.peers import PeerDistiller
+from kdzoo.runs.rounds import round_config
+from kdzoo.models.weights import read_state_dict as read_state
+from kdzoo.runs import build_data, build_distiller
+from kdzoo.engine import trainer as trainer_module
+from kdzoo.tasks.classification.peers import PeerDistiller
 
 EPS = 1.2e-7 * 64
 DATA = {"name": "synthetic", "options": {"num_classes": 4, "image_size": 8, "train_size": 48, "test_size": 16}}
@@ -133,14 +134,14 @@ def test_cnn_and_vit_peers_train_end_to_end_and_export_both(tmp_path):
 
 def interrupt_after_epoch(monkeypatch, directory_name: str, epoch: int):
     """Make the run in a directory named `directory_name` stop (KeyboardInterrupt) right after saving `epoch`."""
-    original = trainer_module.Checkpoints.on_checkpoint_due
+    original = trainer_module.Trainer.save_checkpoint
 
-    def save_then_stop(self, trainer, run, saved_epoch):
-        original(self, trainer, run, saved_epoch)
-        if run.run_dir.name == directory_name and saved_epoch == epoch:
+    def save_then_stop(self, k, saved_epoch, meters=None):
+        original(self, k, saved_epoch, meters)
+        if self.runs[k].run_dir.name == directory_name and saved_epoch == epoch:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer_module.Checkpoints, "on_checkpoint_due", save_then_stop)
+    monkeypatch.setattr(trainer_module.Trainer, "save_checkpoint", save_then_stop)
 
 
 @pytest.mark.slow
@@ -225,8 +226,8 @@ def test_example_configs_load(name):
 
 @pytest.mark.slow
 def test_estimated_ground_truth_weight_is_the_closed_form_on_held_out_samples(tmp_path):
-    from kdzoo.rounds import HOLDOUT, softmax_outputs, split_holdout
-    from kdzoo.runner import load_weights
+    from kdzoo.runs.rounds import HOLDOUT, softmax_outputs, split_holdout
+    from kdzoo.runs import load_weights
 
     config = {"student": CNN, "methods": ["isd"], "rounds": 2, "data": DATA,
               "train": {**TRAIN, "epochs": 1, "optimizer": "adamw", "lr": 0.01}}
@@ -255,7 +256,7 @@ def test_estimated_ground_truth_weight_is_the_closed_form_on_held_out_samples(tm
 def test_estimate_reads_the_held_out_samples_the_data_section_sets_aside(tmp_path, capsys):
     """data.held_out_fraction: the weight is estimated on exactly those samples, and no second share leaves the
     training split."""
-    from kdzoo.rounds import split_holdout
+    from kdzoo.runs.rounds import split_holdout
 
     data_cfg = {**DATA, "held_out_fraction": 0.25}
     config = {"student": CNN, "methods": ["isd"], "rounds": 2, "data": data_cfg,

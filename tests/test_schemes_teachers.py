@@ -11,7 +11,7 @@ import yaml
 from kdzoo.cli import main
 from kdzoo.config import RunConfig, from_dict, load_config, to_dict
 from kdzoo.data import UNLABELLED, build_dataset, input_example, labelled_count, withhold_labels
-from kdzoo.distiller import Distiller, labelled_cross_entropy
+from kdzoo.distiller import Distiller, TrainingData, labelled_cross_entropy
 from kdzoo.errors import ConfigError
 from kdzoo.methods import create_method
 from kdzoo.methods.relation.rkd import rkd_angle_loss, rkd_distance_loss
@@ -20,8 +20,9 @@ from kdzoo.methods.schemes.meal_v2 import (OutputDiscriminator, ensemble_probabi
                                            soft_target_loss)
 from kdzoo.methods.schemes.ssld import ssld_loss
 from kdzoo.models import create_model
-from kdzoo.train import fit, read_weights
-from kdzoo.train.trainer import EVALUATION_MODEL
+from kdzoo.tasks.classification import fit
+from kdzoo.engine.checkpoint import read_weights
+from kdzoo.tasks.classification.task import EVALUATION_MODEL
 from tiny_setup import train_config
 
 EPS = 1e-5  # float32 sums over a handful of classes
@@ -255,8 +256,9 @@ def test_a_method_reading_labels_is_refused_on_unlabelled_samples_by_name(tmp_pa
     teacher = create_model("tiny:cnn", num_classes=4, width=4)
     with pytest.raises(ConfigError, match=r"^method dkd reads every sample's label"):
         Distiller(model(), teacher, [create_method("kd"), create_method("dkd")], example_input=input_example(data),
-                  train_labels=data.train.labels)
-    Distiller(model(), teacher, [create_method("kd")], example_input=input_example(data), train_labels=data.train.labels)
+                  data=TrainingData(labels=data.train.labels))
+    Distiller(model(), teacher, [create_method("kd")], example_input=input_example(data),
+              data=TrainingData(labels=data.train.labels))
     config = {"student": {"name": "tiny:cnn", "options": {"width": 4}}, "teacher": {"name": "tiny:cnn"},
               "methods": ["dkd"], "output_dir": str(tmp_path),
               "data": {"name": "synthetic", "labelled_fraction": 0.5,
@@ -305,7 +307,7 @@ def test_labels_of_unlabelled_samples_reach_no_loss():
         teacher = model(width=8, seed=1)
         torch.manual_seed(0)
         distiller = Distiller(model(), teacher, [create_method("dho")], example_input=input_example(splits),
-                              held_out_data=splits.held_out)
+                              data=TrainingData(held_out=splits.held_out))
         fit(distiller, splits, train_config(epochs=1), verbose=False)
         return distiller.student.state_dict(), distiller.methods.state_dict()
 
@@ -340,7 +342,7 @@ def test_dho_evaluates_the_combined_heads_and_exports_them_apart(tmp_path):
     data = withhold_labels(build_dataset("synthetic", num_classes=4, image_size=16, train_size=64, test_size=16),
                            0.5, held_out_fraction=0.25, seed=0)
     distiller = Distiller(model(), model(width=8, seed=1), [create_method("dho")], example_input=input_example(data),
-                          held_out_data=data.held_out)
+                          data=TrainingData(held_out=data.held_out))
     result = fit(distiller, data, train_config(epochs=1), run_dir=tmp_path, verbose=False)
     method = distiller.methods["dho"]
     evaluated = distiller.evaluation_model()

@@ -19,7 +19,8 @@ from kdzoo.methods.schemes.byot import byot_soft_loss, masked_feature_loss
 from kdzoo.methods.schemes.deit import deit_hard_loss, deit_soft_loss, effective_number_weights
 from kdzoo.methods.schemes.dmae import mask_patches, masked_feature_l1, random_patch_mask
 from kdzoo.models import create_model
-from kdzoo.train import fit, load_checkpoint, read_weights
+from kdzoo.tasks.classification import fit
+from kdzoo.engine.checkpoint import load_checkpoint, read_weights
 
 EPS = 1.2e-7 * 64  # float32, a few dozen operations deep
 

@@ -18,7 +18,7 @@ from kdzoo.distiller import Distiller
 from kdzoo.errors import ConfigError
 from kdzoo.models import create_model
 from kdzoo.models.tiny import TinyCNN
-from kdzoo.train import fit
+from kdzoo.tasks.classification import fit
 
 
 def test_class_gradient_is_the_classifier_weight_gradient():
@@ -139,7 +139,7 @@ def test_cli_ranks_and_correlates_with_bench_results(tmp_path, capsys):
     (tmp_path / "teacher" / "config.yaml").write_text(
         "model: {name: 'tiny:cnn', options: {width: 16}}\ndata: {name: digits}\n")
     torch.manual_seed(0)
-    from kdzoo.train import export_weights
+    from kdzoo.engine.checkpoint import export_weights
 
     export_weights(tmp_path / "teacher" / "model.safetensors", create_model("tiny:cnn", 10, 1, width=16), {})
     out_csv = tmp_path / "ranking.csv"

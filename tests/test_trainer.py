@@ -7,8 +7,9 @@ import torch
 from kdzoo.distiller import Distiller
 from kdzoo.errors import CheckpointError, TrainingDiverged
 from kdzoo.models import create_model
-from kdzoo.train import fit, load_checkpoint, save_checkpoint
-from kdzoo.train.schedule import learning_rate
+from kdzoo.tasks.classification import FitOptions, fit
+from kdzoo.engine.checkpoint import load_checkpoint, save_checkpoint
+from kdzoo.engine.schedule import Schedule
 from tiny_setup import tiny_data, tiny_distiller, train_config
 
 
@@ -42,7 +43,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
 
     interrupted = _distiller(data)
     with pytest.raises(Killed):
-        fit(interrupted, data, _cfg(), tmp_path / "run", on_step=kill_at, verbose=False)
+        fit(interrupted, data, _cfg(), tmp_path / "run", verbose=False, options=FitOptions(on_step=kill_at))
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
     resumed = _distiller(data, seed=123)  # fresh process: different initial weights, all restored
     result = fit(resumed, data, _cfg(), tmp_path / "run", resume=True, verbose=False)
@@ -65,7 +66,7 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
             distiller.student.fc.weight.fill_(float("nan"))
 
     with pytest.raises(TrainingDiverged, match=r"not finite at epoch 2.*checkpoint .* is intact"):
-        fit(distiller, data, _cfg(epochs=3), tmp_path, resume=True, on_step=poison, verbose=False)
+        fit(distiller, data, _cfg(epochs=3), tmp_path, resume=True, verbose=False, options=FitOptions(on_step=poison))
     assert (tmp_path / "checkpoint.pt").read_bytes() == saved
 
 
@@ -103,8 +104,8 @@ def test_checkpoint_never_unpickles_code(tmp_path):
 
 def test_run_directory_contents_and_metrics(tmp_path):
     data = _data()
-    result = fit(_distiller(data), data, _cfg(epochs=2, save_every=5), tmp_path, export_meta={"model": "tiny:cnn"},
-                 verbose=False)
+    result = fit(_distiller(data), data, _cfg(epochs=2, save_every=5), tmp_path, verbose=False,
+                 options=FitOptions(export_meta={"model": "tiny:cnn"}))
     names = {p.name for p in tmp_path.iterdir()}
     assert {"checkpoint.pt", "metrics.csv", "student.safetensors", "student_best.safetensors", "summary.json",
             "curves.png", "tensorboard"} <= names
@@ -116,16 +117,18 @@ def test_run_directory_contents_and_metrics(tmp_path):
 
 
 def test_multistep_and_cosine_schedules_with_warmup():
-    kw = dict(base_lr=0.1, steps_per_epoch=10, epochs=10)
-    assert learning_rate(0, schedule="multistep", milestones=[5, 8], **kw) == pytest.approx(0.1)
-    assert learning_rate(50, schedule="multistep", milestones=[5, 8], **kw) == pytest.approx(0.01)
-    assert learning_rate(85, schedule="multistep", milestones=[5, 8], **kw) == pytest.approx(0.001)
-    assert learning_rate(4, schedule="multistep", warmup_epochs=1, **kw) == pytest.approx(0.05)
-    assert learning_rate(10, schedule="cosine", warmup_epochs=1, **kw) == pytest.approx(0.1)
+    def lr(step, kind, **kw):  # epochs of 10 steps, 10 epochs
+        return Schedule(0.1, 10, 10, kind, **kw)(step)
+
+    assert lr(0, "multistep", milestones=(5, 8)) == pytest.approx(0.1)
+    assert lr(50, "multistep", milestones=(5, 8)) == pytest.approx(0.01)
+    assert lr(85, "multistep", milestones=(5, 8)) == pytest.approx(0.001)
+    assert lr(4, "multistep", warmup=1) == pytest.approx(0.05)
+    assert lr(10, "cosine", warmup=1) == pytest.approx(0.1)
     mid = 10 + 45
-    assert learning_rate(mid, schedule="cosine", warmup_epochs=1, **kw) == pytest.approx(0.05)
-    assert learning_rate(100, schedule="cosine", **kw) == pytest.approx(0.0, abs=1e-12)  # a float64 Python value
-    assert learning_rate(30, schedule="constant", **kw) == 0.1
+    assert lr(mid, "cosine", warmup=1) == pytest.approx(0.05)
+    assert lr(100, "cosine") == pytest.approx(0.0, abs=1e-12)  # a float64 Python value
+    assert lr(30, "constant") == 0.1
 
 
 def test_adamw_and_plain_training_learn(tmp_path):

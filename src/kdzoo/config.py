@@ -20,7 +20,12 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .errors import ConfigError
+from .data.datasets import DATASETS
+from .data.semi import check_label_fractions
+from .engine.runtime import atomic_write
+from .errors import ConfigError, naming_path
+from .methods import METHODS
+from .models import EXTERNAL_PREFIXES, MODELS, check_pretrained
 
 
 @dataclass
@@ -162,8 +167,6 @@ class RunConfig:
                                    ce_weight=stage.ce_weight if stage.ce_weight is not None else self.ce_weight)
 
     def validate(self) -> None:
-        from .methods import METHODS
-
         names = [stage.name for stage in self.stages]
         for i, stage in enumerate(self.stages):
             if not STAGE_NAME.fullmatch(stage.name) or names.index(stage.name) != i:
@@ -229,8 +232,6 @@ class TeacherConfig:
 def _validate_peers_and_rounds(cfg: RunConfig) -> None:
     """Peers train without a frozen teacher; methods that read peers need them; rounds, peers and stages do not
     mix."""
-    from .methods import METHODS
-
     if cfg.stages and (cfg.peers or cfg.rounds > 1):
         raise ConfigError("stages: a staged run trains one student once per stage; it cannot also have "
                           "'peers:' or 'rounds:'")
@@ -264,8 +265,6 @@ def _validate_peers_and_rounds(cfg: RunConfig) -> None:
 
 def _validate_model(model: ModelConfig, where: str) -> None:
     """Registered models are checked here; torchvision and timm names when the model is built."""
-    from .models import EXTERNAL_PREFIXES, MODELS, check_pretrained
-
     if not model.name.startswith(EXTERNAL_PREFIXES):
         entry = _lookup(MODELS, model.name, f"{where}.name")
         model.options = entry.check(model.options, f"{where}.options", model.name)
@@ -289,9 +288,6 @@ def _validate_init_from(model: ModelConfig, where: str, has_teacher: bool) -> No
 
 
 def validate_data(data: DataConfig) -> None:
-    from .data.datasets import DATASETS
-    from .data.semi import check_label_fractions
-
     entry = _lookup(DATASETS, data.name, "data.name")
     data.options = entry.check(data.options, "data.options", data.name)
     check_label_fractions(data.labelled_fraction, data.held_out_fraction)
@@ -519,9 +515,6 @@ def load_config(cls: type, path: Optional[str | Path], overrides: list[str] = ()
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    from .errors import naming_path
-    from .runtime import atomic_write
-
     text = yaml.safe_dump(to_dict(config), sort_keys=False)
     with naming_path(path):
         atomic_write(path, lambda tmp: tmp.write_text(text))

@@ -3,16 +3,36 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence, Union
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import DataSplits, labels_of
 from .data.semi import UNLABELLED
 from .errors import ConfigError
 from .methods.base import Context, Method, Setup
-from .taps import Layout, Taps, discover_layout, probe
+from .taps import Layout, Taps, discover_layout, get_module, probe, split_tap
+
+
+@dataclass
+class TrainingData:
+    """What methods may know of the training data when they build their parts: its size and labels by sample
+    index (CRD's memory bank and negative sampling), the dataset itself (statistics over it), held-out samples,
+    and a folder for what they compute from it (`cache_dir`)."""
+
+    num_samples: Optional[int] = None
+    labels: Optional[torch.Tensor] = None
+    dataset: Any = None
+    held_out: Any = None
+    cache_dir: Optional[Path] = None
+
+    @classmethod
+    def of(cls, splits: DataSplits, cache_dir: Optional[Path] = None) -> "TrainingData":
+        """All of it from a `DataSplits`."""
+        return cls(len(splits.train), labels_of(splits.train), splits.train, splits.held_out, cache_dir)
 
 
 @dataclass
@@ -38,14 +58,15 @@ class Distiller(nn.Module):
     method reads runs once per batch, however many methods read it.
 
     Labels of -1 mark unlabelled samples: the cross-entropy term ignores them (zero for a batch with none).
+    `data` tells the methods about the training data (`TrainingData.of(splits)`).
     """
 
     def __init__(self, student: nn.Module, teacher: Union[nn.Module, Mapping[str, nn.Module], None] = None,
                  methods: Sequence[Method] = (), example_input: Optional[torch.Tensor] = None,
-                 ce_weight: Optional[float] = None, num_samples: Optional[int] = None,
-                 train_labels: Optional[torch.Tensor] = None, train_data=None, cache_dir=None,
-                 teachers: Optional[Mapping[str, nn.Module]] = None, held_out_data=None):
+                 ce_weight: Optional[float] = None, teachers: Optional[Mapping[str, nn.Module]] = None,
+                 data: Optional[TrainingData] = None):
         super().__init__()
+        data = data or TrainingData()
         named = _named_teachers(teacher, teachers)
         names = list(named)
         self.student = student
@@ -64,7 +85,7 @@ class Distiller(nn.Module):
                                   f"({', '.join(names) or 'none'})")
             if method.reads_all_teachers and method.teacher_taps:
                 raise ConfigError(f"method {key} reads every teacher's logits, so it cannot tap teacher features")
-            if method.reads_labels and train_labels is not None and bool((train_labels == UNLABELLED).any()):
+            if method.reads_labels and data.labels is not None and bool((data.labels == UNLABELLED).any()):
                 raise ConfigError(f"method {key} reads every sample's label, but some training samples are unlabelled "
                                   "(data.labelled_fraction < 1): use methods that read none there (e.g. kd, ssld, dho)")
         self.ce_weight = ce_weight if ce_weight is not None else _default_ce_weight(methods)
@@ -79,7 +100,7 @@ class Distiller(nn.Module):
         if needs_layout or (len(self.methods) and example_input is not None):  # every method gets its build()
             if example_input is None:
                 raise ConfigError("feature methods need example_input to find layers and shapes")
-            self._wire_taps(example_input, num_samples, train_labels, train_data, cache_dir, held_out_data)
+            self._wire_taps(example_input, data)
         self._student_taps: Optional[Taps] = None  # hooks, registered by the first forward, removed by close()
         self._teacher_taps: Optional[Taps] = None
         self._other_teacher_taps: dict[str, Taps] = {}
@@ -98,8 +119,7 @@ class Distiller(nn.Module):
         return any(m.needs_teacher and (m.reads_all_teachers or self.method_teacher(m) == name)
                    for m in self.methods.values())
 
-    def _wire_taps(self, example: torch.Tensor, num_samples: Optional[int],
-                   train_labels: Optional[torch.Tensor], train_data, cache_dir, held_out_data) -> None:
+    def _wire_taps(self, example: torch.Tensor, data: TrainingData) -> None:
         example = example[:2] if example.dim() == 4 else example.unsqueeze(0)
         example = torch.cat([example, example]) if len(example) == 1 else example  # BN needs 2 in train
         s_layout = discover_layout(self.student, example)
@@ -126,10 +146,10 @@ class Distiller(nn.Module):
             name = self.method_teacher(method)
             paths = self._teacher_paths_by_name.get(name, {})
             setup = Setup(dict(self._student_shapes), dict(self._teacher_shapes_by_name.get(name, {})),
-                          num_classes=logits.shape[1], num_samples=num_samples, train_labels=train_labels,
+                          num_classes=logits.shape[1], num_samples=data.num_samples, train_labels=data.labels,
                           student=self.student, teacher=teachers.get(name), student_paths=dict(self._student_paths),
                           teacher_paths=dict(paths), example_input=example,
-                          train_data=train_data, cache_dir=cache_dir, held_out_data=held_out_data)
+                          train_data=data.dataset, cache_dir=data.cache_dir, held_out_data=data.held_out)
             method.build(setup)
 
     @property
@@ -344,8 +364,6 @@ class _StopForward(Exception):
 
 def _stop_when_captured(teacher: nn.Module, taps: Taps) -> list:
     """Hooks (after the taps' own) that end the forward once every tap has its feature."""
-    from .taps import get_module, split_tap
-
     def check(*_):
         if all(tap in taps.features for tap in taps.taps):
             raise _StopForward

@@ -76,14 +76,23 @@ class Entry:
         """One line: what the entry does (``description=`` beside its registration)."""
         return self.meta.get("description", "")
 
+    @property
+    def options_class(self) -> Optional[type]:
+        """The dataclass holding the entry's options (``options=`` beside its registration), if it has one."""
+        return self.meta.get("options")
+
     def option_meanings(self) -> dict[str, str]:
-        """Option name -> meaning, from the "Options:" section of the entry's docstring."""
-        return docstring_options(self.obj.__doc__ or "")
+        """Option name -> meaning, from the "Options:" section of the entry's docstring (or of its options class or
+        the first of its bases that has one)."""
+        if self.options_class is None:
+            return docstring_options(self.obj.__doc__ or "")
+        return next((found for cls in self.options_class.__mro__ if (found := docstring_options(cls.__doc__ or ""))),
+                    {})
 
     def hints(self) -> dict[str, Any]:
         """Option name -> annotation (None where there is none or it cannot be resolved)."""
         if not self._hints and self.defaults:
-            self._hints.update(option_hints(self.obj, list(self.defaults)))
+            self._hints.update(option_hints(self.options_class or self.obj, list(self.defaults)))
         return self._hints
 
     def check(self, options: dict[str, Any], where: str, label: str = "") -> dict[str, Any]:
@@ -124,7 +133,10 @@ def docstring_options(doc: str) -> dict[str, str]:
 
 
 def signature_defaults(obj: Callable[..., Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Keyword arguments of `obj` (a class or function) with their default values."""
+    """Keyword arguments of `obj` (a class or function) with their default values (none when `skip` is ``("*",)``:
+    an entry that takes no options from a config)."""
+    if skip == ("*",):
+        return {}
     target = obj.__init__ if inspect.isclass(obj) else obj
     params = inspect.signature(target).parameters
     out = {}
@@ -179,18 +191,24 @@ def _inherited_bounds(cls: type, name: str, hint: Any) -> Any:
 
 
 class Registry:
-    """A named collection of constructors.  `kind` only appears in messages."""
+    """A named collection of constructors.  `kind` only appears in messages.
+
+    An entry's options (what a config may set) are its keyword parameters with their defaults, or, for one with
+    many, the fields of the dataclass given as ``options=`` at registration: the entry is then called with
+    ``options=`` an instance of it."""
 
     def __init__(self, kind: str, skip_args: tuple[str, ...] = ()):
         self.kind = kind
         self._skip = skip_args
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, **meta: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(self, name: str, options: Optional[type] = None,
+                 **meta: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def decorator(obj: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._entries[name] = Entry(name, obj, signature_defaults(obj, self._skip), meta)
+            defaults = signature_defaults(options if options is not None else obj, self._skip)
+            self._entries[name] = Entry(name, obj, defaults, {**meta, **({"options": options} if options else {})})
             obj.registry_name = name
             return obj
 
@@ -207,6 +225,9 @@ class Registry:
         values its annotations allow."""
         entry = self.get(name)
         options = entry.check({k: v for k, v in kwargs.items() if k not in self._skip}, f"{self.kind} {name!r}")
+        if entry.options_class is not None:
+            fixed = {k: v for k, v in kwargs.items() if k in self._skip}
+            return entry.obj(*args, **fixed, options=entry.options_class(**options))
         return entry.obj(*args, **{**kwargs, **options})
 
     def __contains__(self, name: str) -> bool:
@@ -363,14 +384,23 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(value)
 
 
+# Every registry of kdzoo, filled by its decorator in the files of its package (which its package imports, so
+# importing the package registers everything it has).
 METHODS = Registry("method")
 MODELS = Registry("model", skip_args=("num_classes", "in_channels"))
 DATASETS = Registry("dataset")
+CONDENSERS = Registry("condenser", skip_args=("data", "ipc"))
+LM_LOSSES = Registry("lm loss", skip_args=("student_config", "teacher_config"))
+TASKS = Registry("task", skip_args=("*",))  # Task classes: built by their runs, no options of their own
 
 register_method = METHODS.register
 register_model = MODELS.register
 register_dataset = DATASETS.register
+register_condenser = CONDENSERS.register
+register_lm_loss = LM_LOSSES.register
+register_task = TASKS.register
 
 __all__ = ["Registry", "Entry", "Range", "Positive", "NonNegative", "Fraction", "PositiveInt", "NonNegativeInt", "UnitInterval",
            "check_options", "check_value", "describe_type", "register_method", "register_model", "register_dataset",
-           "METHODS", "MODELS", "DATASETS"]
+           "register_condenser", "register_lm_loss", "register_task", "METHODS", "MODELS", "DATASETS", "CONDENSERS",
+           "LM_LOSSES", "TASKS"]

@@ -39,12 +39,12 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import kdzoo.cli
 import kdzoo.plots  # noqa: F401
-import kdzoo.runner  # noqa: F401
-import kdzoo.runtime
+import kdzoo.engine.runtime
+import kdzoo.runs  # noqa: F401
 from kdzoo.config import RunConfig, TrainConfig, load_config
 from kdzoo.errors import ConfigError
 from kdzoo.registry import DATASETS, METHODS, MODELS, Range
-from kdzoo.train.checkpoint import MAGIC, load_checkpoint, read_weights
+from kdzoo.engine.checkpoint import MAGIC, load_checkpoint, read_weights
 
 FORK = multiprocessing.get_context("fork")
 TIMEOUT = 120  # seconds for one child; a hang counts as a failure
@@ -204,7 +204,7 @@ def kill_in_write(name: str, occurrence: int, phase: str, then: Callable[[], int
                 kill_self()
             return real_write_bytes(self, data)
 
-        kdzoo.runtime.os.replace = replace  # the child's own module objects: nothing leaks to the parent
+        kdzoo.engine.runtime.os.replace = replace  # the child's own module objects: nothing leaks to the parent
         Path.write_bytes = write_bytes
         return then()
 

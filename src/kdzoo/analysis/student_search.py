@@ -31,13 +31,16 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+import yaml
+from scipy.stats import kendalltau, spearmanr
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..engine.runtime import seed_everything
 from ..errors import ConfigError
-from ..runtime import seed_everything
+from ..models import create_model
+from ..models.cifar_resnet import CifarResNet
 from ..taps import Taps, discover_layout
-
 
 # ---------------------------------------------------------------- the two distances (pure functions)
 
@@ -166,10 +169,6 @@ def rank_candidates(candidates: Iterable[Candidate], teacher: TeacherSignals, se
 
 def zoo_candidate(spec: str, num_classes: int, in_channels: int) -> Candidate:
     """``"cifar:resnet20"`` or ``"tiny:cnn@width=8"`` (options after '@', comma-separated, values as YAML)."""
-    import yaml
-
-    from ..models import create_model
-
     name, _, option_text = spec.partition("@")
     options = {}
     for item in filter(None, option_text.split(",")):
@@ -220,16 +219,12 @@ def search_space(name: str, num_classes: int, in_channels: int) -> SearchSpace:
     """``cifar-resnet``: depth 6n+2 x base width w (stages w, 2w, 4w, the CIFAR ResNet family);
     ``tiny-cnn``: the width of kdzoo's tiny CNN."""
     if name == "cifar-resnet":
-        from ..models.cifar_resnet import CifarResNet
-
         return SearchSpace(
             name, {"depth": [8, 14, 20, 26, 32, 44, 56, 110], "width": [4, 8, 12, 16, 24, 32, 48, 64]},
             lambda p: CifarResNet(p["depth"], (p["width"], p["width"], 2 * p["width"], 4 * p["width"]),
                                   num_classes, in_channels),
             lambda p: f"resnet{p['depth']}_w{p['width']}")
     if name == "tiny-cnn":
-        from ..models import create_model
-
         return SearchSpace(name, {"width": [2, 4, 6, 8, 12, 16, 24, 32, 48, 64]},
                            lambda p: create_model("tiny:cnn", num_classes, in_channels, width=p["width"]),
                            lambda p: f"cnn_width{p['width']}")
@@ -280,8 +275,6 @@ def evolutionary_search(space: SearchSpace, teacher: TeacherSignals, *, evaluati
 
 def rank_correlation(scores: Sequence[float], accuracies: Sequence[float]) -> dict[str, float]:
     """Spearman's rho and Kendall's tau between zero-cost scores and measured accuracies (scipy)."""
-    from scipy.stats import kendalltau, spearmanr
-
     if len(scores) != len(accuracies) or len(scores) < 3:
         raise ConfigError(f"rank correlation needs at least 3 paired values, got {len(scores)}")
     return {"spearman": float(spearmanr(scores, accuracies)[0]), "kendall": float(kendalltau(scores, accuracies)[0])}

@@ -26,9 +26,18 @@ from typing import Callable, Optional
 
 import yaml
 
-from ..config import load_config, save_config, to_dict
+from ..condense.base import build_condenser
+from ..condense.run import run_condenser
+from ..condense.evaluate import EvalOptions, evaluate_synthetic
+from ..config import RunConfig, load_config, save_config, to_dict
+from ..data import build_dataset
+from ..engine.checkpoint import load_checkpoint
+from ..engine.runtime import atomic_write, remove_stale_temporaries, resolve_device, seed_everything
 from ..errors import ConfigError
-from ..runtime import atomic_write, remove_stale_temporaries, resolve_device, seed_everything
+from ..registry import DATASETS
+from ..runs import build_data, build_distiller, build_model, model_meta, teacher_run
+from ..runs.demo import labelled_subset
+from ..tasks.classification import FitOptions, fit_many
 from .spec import BenchSpec, Cell, TeacherJob, expand
 
 RESULT = "result.json"
@@ -65,8 +74,6 @@ def write_result(run_dir: Path, result: dict) -> None:
 
 
 def _checkpoint_position(run_dir: Path) -> Optional[tuple[int, int]]:
-    from ..train import load_checkpoint
-
     path = Path(run_dir) / CHECKPOINT
     remove_stale_temporaries(path)  # a kill during a checkpoint write leaves its temporary file behind
     if not path.is_file():
@@ -80,7 +87,6 @@ def check_saved_config(cell: Cell) -> None:
     saved = cell.run_dir / "config.yaml"
     if not saved.is_file() or cell.config is None:
         return
-    from ..config import RunConfig
 
     def comparable(config) -> str:
         data = to_dict(config)
@@ -158,7 +164,6 @@ def _teacher_done(job: TeacherJob) -> bool:
 def _train_teacher(job: TeacherJob, report: GridReport, say) -> None:
     if _teacher_done(job):
         return
-    from ..runner import teacher_run
 
     position = _checkpoint_position(job.run_dir)
     say(f"teacher {job.label}: {'resuming at epoch %d' % position[0] if position else 'training'} -> {job.run_dir}")
@@ -197,10 +202,6 @@ def _groups(cells: list[Cell], parallel: int) -> list[list[Cell]]:
 
 def _run_group(group: list[Cell], spec: BenchSpec, teachers: list[TeacherJob], report: GridReport, say,
                on_step) -> None:
-    from ..demo import labelled_subset
-    from ..runner import build_data, build_distiller, build_model, model_meta
-    from ..train import fit_many
-
     first = group[0].config
     position = _checkpoint_position(group[0].run_dir)
     resume = position is not None
@@ -222,7 +223,7 @@ def _run_group(group: list[Cell], spec: BenchSpec, teachers: list[TeacherJob], r
     metas = [model_meta(c.config.student, data, c.config.data) for c in group]
     started = time.perf_counter()
     results = fit_many(distillers, student_data, first.train, [c.run_dir for c in group], resume=resume,
-                       export_metas=metas, on_step=on_step, verbose=False)
+                       verbose=False, options=FitOptions(export_meta=metas, on_step=on_step))
     wall = time.perf_counter() - started
     for cell, result in zip(group, results):
         record = {"last_top1": result.last_top1, "best_top1": result.best_top1, "best_epoch": result.best_epoch,
@@ -240,11 +241,6 @@ def _run_group(group: list[Cell], spec: BenchSpec, teachers: list[TeacherJob], r
 
 
 def _run_condensation(cell: Cell, report: GridReport, say) -> None:
-    from ..condense.base import build_condenser, run_condenser
-    from ..condense.evaluate import evaluate_synthetic
-    from ..data import build_dataset
-    from ..registry import DATASETS
-
     job = cell.condense
     data_options = dict(job["data"].get("options") or {})
     if "augment" in DATASETS.get(job["data"]["name"]).defaults:
@@ -262,7 +258,7 @@ def _run_condensation(cell: Cell, report: GridReport, say) -> None:
     seed_everything(cell.seed)
     evaluation = dict(job["evaluation"])
     device = evaluation.pop("device", job["options"].get("device", "auto"))
-    results = evaluate_synthetic(synthetic, data, device=device, progress=False, **evaluation)
+    results = evaluate_synthetic(synthetic, data, EvalOptions(**evaluation), device=device, progress=False)
     own = next(iter(results.values()))
     record = {"last_top1": own.mean, "best_top1": own.mean, "networks": own.accuracies, "network_std": own.std,
               "model": own.model, "seconds": time.perf_counter() - started, "group_size": 1, "resumed": resume,

@@ -11,7 +11,8 @@ import io
 from pathlib import Path
 from typing import Optional
 
-from ..runtime import atomic_write
+from ..engine.runtime import atomic_write
+from ..plots import plot_bench
 from .harness import GridReport, aggregate
 from .published import Reference, reference
 from .spec import BenchSpec
@@ -130,8 +131,6 @@ def _csv(value: Optional[float]) -> str:
 
 def write_tables(spec: BenchSpec, report: GridReport, out_dir: str | Path) -> tuple[str, list[dict]]:
     """results.md, results.csv and results.png in `out_dir`; returns the Markdown and the rows."""
-    from ..analysis.plots import plot_bench
-
     out_dir = Path(out_dir)
     rows = table_rows(spec, report)
     text = markdown(spec, rows)

@@ -38,8 +38,9 @@ from typing import Any, Optional
 
 import yaml
 
-from ..config import RunConfig, TeacherConfig, from_dict, read_yaml, to_dict
+from ..config import RunConfig, TeacherConfig, apply_overrides, from_dict, read_yaml, to_dict
 from ..errors import CheckpointError, ConfigError
+from ..models.weights import resolve_weights_path
 
 KINDS = ("distillation", "condensation")
 
@@ -86,8 +87,6 @@ class BenchSpec:
 
 def load_spec(raw: dict, overrides: list[str] = (), source: str = "bench config") -> BenchSpec:
     """A validated spec from plain data; ``key=value`` overrides apply to the spec (``train.epochs=5``)."""
-    from ..config import apply_overrides
-
     raw = apply_overrides(copy.deepcopy(raw), list(overrides))
     try:
         spec = from_dict(BenchSpec, raw)
@@ -285,12 +284,10 @@ def _with_sections(raw: dict, data_update: dict, train_update: dict, teacher_raw
 def _teacher_job(teacher: dict, teacher_raw: Optional[dict], out_dir: Path, jobs: dict[str, TeacherJob],
                  where: str) -> TeacherJob:
     """The teacher's weights if they exist (a trained recipe teacher), else a run under OUT/teachers/."""
-    from ..runner import weights_file
-
     weights = teacher.get("weights")
     if weights:
         try:
-            weights_file(weights)
+            resolve_weights_path(weights)
             label = f"{model_label(teacher)}@{weights}"
             return jobs.setdefault(label, TeacherJob(label, None, Path(weights), trained=True))
         except CheckpointError:  # no weights there yet: the bench trains the teacher

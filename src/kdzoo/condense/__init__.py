@@ -20,8 +20,9 @@ The returned `SyntheticSet` holds pixel-space images plus the input space they w
 and the test images through it.
 """
 from .augment import DSA, DSA_STRATEGY, DSAParams
-from .base import (CONDENSERS, Condenser, EvalProtocol, SyntheticSet, build_condenser, condense, register_condenser,
-                   run_condenser)
+from ..registry import CONDENSERS, register_condenser
+from .base import Condenser, EvalProtocol, SyntheticSet, build_condenser
+from .run import condense, run_condenser
 from .datadam import DataDAM, datadam_loss
 from .dc import DC, DSAMatching
 from .dm import DM, dm_loss

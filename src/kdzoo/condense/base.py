@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,21 +18,17 @@ from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
-from tqdm import tqdm
 
-from ..errors import CheckpointError, ConfigError, TrainingDiverged
+from ..engine.checkpoint import read_weights
+from ..engine.runtime import atomic_write, resolve_device
+from ..errors import CheckpointError, ConfigError
 from ..models import MODELS, convnet, create_model  # noqa: F401  (convnet registers ConvNet-3, the default)
-from ..registry import NonNegativeInt, Positive, PositiveInt, Registry, UnitInterval
+from ..registry import CONDENSERS, NonNegativeInt, Positive, PositiveInt, UnitInterval
 from ..taps import Layout, Taps, discover_layout
-from ..runtime import atomic_write
-from ..train.checkpoint import load_checkpoint, read_weights, rng_state, save_checkpoint, set_rng_state
-from ..runtime import resolve_device
 from .augment import DSA, DSA_STRATEGY
 from .space import InputSpace, build_input_space, pixel_tensors, split_tensors  # noqa: F401  (re-exported)
-
-CONDENSERS = Registry("condenser", skip_args=("data", "ipc"))
-register_condenser = CONDENSERS.register
 
 
 @dataclass(frozen=True)
@@ -73,8 +68,6 @@ class SyntheticSet:
     def save(self, path: str | Path) -> None:
         """images + labels (+ the fitted whitening) as safetensors; `meta`, the input space and the learned
         step size as JSON metadata."""
-        from safetensors.torch import save_file
-
         tensors = {"images": self.images.detach().cpu().contiguous(), "labels": self.labels.detach().cpu().contiguous()}
         extra = {}
         if self.space is not None:
@@ -312,13 +305,10 @@ class Condenser(ABC):
             optimizer.load_state_dict(saved)
 
     def result(self) -> SyntheticSet:
-        """The synthetic set now, in pixel space with its input space (committee soft labels when asked for)."""
+        """The synthetic set now, in pixel space with its input space and hard labels (`run.final_set` adds a
+        committee's soft labels when asked for)."""
         images = self.final_images().detach().clone()
         labels = self.labels.clone()
-        if self.committee_labels:
-            from .soft_labels import committee_soft_labels
-
-            labels = committee_soft_labels(self, images)
         meta = {"method": self.registry_name, "dataset": self.data.name, "ipc": self.ipc,
                 "num_classes": self.num_classes, "image_size": list(self.image_size), "model": self.model,
                 "model_options": jsonable(self.model_options), "options": jsonable(self.options()),
@@ -330,60 +320,7 @@ class Condenser(ABC):
 
 def build_condenser(method: str, data, ipc: int, **options: Any) -> Condenser:
     """A registered condenser by name; unknown names and options are one-line `ConfigError`s."""
-    _register_methods()
     return CONDENSERS.build(method, data, ipc, **options)
-
-
-def _register_methods() -> None:
-    from . import datadam, dc, dm, ftd, mtt  # noqa: F401  (register on import)
-
-
-# Options that may change between a run and its resume.
-RESUMABLE_CHANGES = ("iterations", "device")
-
-
-def run_condenser(condenser: Condenser, checkpoint: Optional[str | Path] = None, checkpoint_every: int = 0,
-                  resume: bool = False, progress: bool = True) -> SyntheticSet:
-    """Run the outer iterations with a progress bar; every `checkpoint_every` iterations (and at the end)
-    write an atomic checkpoint; `resume` continues from it exactly (images, optimizers, RNG)."""
-    name = condenser.registry_name
-    condenser.progress = progress
-    start = 0
-    if resume:
-        if checkpoint is None:
-            raise ConfigError(f"{name}: resume needs a checkpoint path")
-        state = load_checkpoint(checkpoint)
-        saved = {k: v for k, v in state["options"].items() if k not in RESUMABLE_CHANGES}
-        now = {k: v for k, v in jsonable(condenser.options()).items() if k not in RESUMABLE_CHANGES}
-        if state["method"] != name or saved != now:
-            changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-            raise ConfigError(f"{checkpoint}: written by {state['method']!r} with other options "
-                              f"({', '.join(changed) or 'method'}); resume with the same method and options")
-        condenser.load_state_dict(state["condenser"])
-        set_rng_state(state["rng"])
-        start = state["iteration"]
-    bar = tqdm(range(start, condenser.iterations), initial=start, total=condenser.iterations,
-               desc=f"condense {name}", disable=not progress, dynamic_ncols=True)
-    for iteration in bar:
-        loss = condenser.step()
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"{name}: the matching loss became {loss} at iteration {iteration}; "
-                                   "lower lr_img (or lr_lr)")
-        condenser.history.append(loss)
-        recent = condenser.history[-20:]
-        bar.set_postfix(loss=f"{sum(recent) / len(recent):.4g}", refresh=False)
-        done = iteration + 1
-        if checkpoint and checkpoint_every and (done % checkpoint_every == 0 or done == condenser.iterations):
-            save_checkpoint(checkpoint, {"method": name, "options": jsonable(condenser.options()),
-                                         "iteration": done, "condenser": condenser.state_dict(), "rng": rng_state()})
-    return condenser.result()
-
-
-def condense(method: str, data, ipc: int, *, checkpoint: Optional[str | Path] = None, checkpoint_every: int = 0,
-             resume: bool = False, progress: bool = True, **options: Any) -> SyntheticSet:
-    """Distil `data` (a `DataSplits`) into `ipc` synthetic images per class with a registered method."""
-    condenser = build_condenser(method, data, ipc, **options)
-    return run_condenser(condenser, checkpoint, checkpoint_every, resume, progress)
 
 
 def nearest_ipc(table: dict[int, Any], ipc: int) -> Any:

@@ -19,7 +19,8 @@ from typing import ClassVar, Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import EvalProtocol, per_class_mean, register_condenser
+from ..registry import register_condenser
+from .base import EvalProtocol, per_class_mean
 from .dm import DM
 
 DATADAM_PAPER = "Sajedi et al. 2023, DataDAM: Efficient Dataset Distillation with Attention Matching (ICCV)"

@@ -17,7 +17,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ..errors import ConfigError
-from .base import Condenser, EvalProtocol, fyi_expand, nearest_ipc, register_condenser
+from ..registry import register_condenser
+from .base import Condenser, EvalProtocol, fyi_expand, nearest_ipc
 
 DC_PAPER = "Zhao, Mopuri & Bilen 2021, Dataset Condensation with Gradient Matching (ICLR)"
 DSA_PAPER = "Zhao & Bilen 2021, Dataset Condensation with Differentiable Siamese Augmentation (ICML)"

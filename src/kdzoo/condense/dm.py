@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Condenser, EvalProtocol, per_class_mean, register_condenser
+from ..registry import register_condenser
+from .base import Condenser, EvalProtocol, per_class_mean
 
 DM_PAPER = "Zhao & Bilen 2023, Dataset Condensation with Distribution Matching (WACV)"
 

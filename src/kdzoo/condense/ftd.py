@@ -21,7 +21,8 @@ from typing import ClassVar, Optional
 
 import torch
 
-from .base import register_condenser
+from ..registry import register_condenser
+from .evaluate import Sharpness
 from .mtt import MTT, TrajectorySettings
 
 FTD_PAPER = "Du et al. 2023, Minimizing the Accumulated Trajectory Error to Improve Dataset Distillation (CVPR)"
@@ -62,8 +63,8 @@ class FTD(MTT):
         super().setup()
         self.ema = self.images.detach().clone()
 
-    def expert_training(self) -> dict:
-        return {"sam_rho": self.sam_rho, "sam_alpha": self.sam_alpha, "sam_adaptive": self.sam_adaptive}
+    def expert_training(self) -> Sharpness:
+        return Sharpness(self.sam_rho, self.sam_alpha, self.sam_adaptive)
 
     def after_update(self) -> None:
         with torch.no_grad():

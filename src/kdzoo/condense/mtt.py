@@ -21,13 +21,17 @@ from typing import Callable, ClassVar, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.func import functional_call
 
+from ..engine.runtime import atomic_write
 from ..errors import CheckpointError, ConfigError
-from ..runtime import atomic_write
-from .base import Condenser, EvalProtocol, fyi_expand, jsonable, nearest_ipc, register_condenser
-from .evaluate import train_networks
+from ..registry import register_condenser
+from .base import Condenser, EvalProtocol, fyi_expand, jsonable, nearest_ipc
+from ..engine.stacked import StackTraining
+from .evaluate import Sharpness, train_networks
 
 MTT_PAPER = "Cazenavette et al. 2022, Dataset Distillation by Matching Training Trajectories (CVPR)"
 
@@ -154,8 +158,6 @@ class ExpertBuffer:
         if self.trajectories is not None:
             rows = self.trajectories[expert][[start, end]]
         else:
-            from safetensors import safe_open
-
             with safe_open(str(self.files[expert]), framework="pt") as f:
                 trajectory = f.get_slice("trajectory")
                 rows = torch.cat([trajectory[start:start + 1], trajectory[end:end + 1]])
@@ -163,8 +165,6 @@ class ExpertBuffer:
         return rows[0], rows[1]
 
     def save(self, directory: str | Path) -> "ExpertBuffer":
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         files = []
         for i, trajectory in enumerate(self.trajectories):
@@ -266,16 +266,17 @@ class MTT(Condenser):
         """Built on first use, so a run's progress settings apply; depends on `seed` only."""
         return ExpertBuffer.load_or_train(self.buffer_dir, self.expert_meta(), self.train_experts)
 
-    def expert_training(self) -> dict:
+    def expert_training(self) -> Sharpness:
         """How the experts' SGD deviates from plain SGD (FTD: sharpness-aware)."""
-        return {}
+        return Sharpness()
 
     def expert_meta(self) -> dict:
         return jsonable({"dataset": self.data.name, "num_classes": self.num_classes, "image_size": self.image_size,
                          "model": self.model, "model_options": self.model_options, "num_experts": self.num_experts,
                          "epochs": self.expert_train_epochs, "lr": self.expert_lr, "batch": self.expert_batch,
                          "dsa_strategy": self.dsa_strategy, "seed": self.seed, "input_space": self.space.meta(),
-                         "num_params": sum(math.prod(s) for _, s in self.param_layout), **self.expert_training()})
+                         "num_params": sum(math.prod(s) for _, s in self.param_layout),
+                         **(self.expert_training().meta() if self.expert_training().rho > 0 else {})})
 
     def train_experts(self) -> list[torch.Tensor]:
         """Experts on the real data as in the reference buffer: SGD expert_lr, no momentum, no
@@ -288,12 +289,13 @@ class MTT(Condenser):
             for first in range(0, self.num_experts, self.experts_together):
                 count = min(self.experts_together, self.num_experts - first)
                 snapshots: list[torch.Tensor] = []
+                settings = StackTraining(self.expert_train_epochs, self.expert_lr, momentum=0.0, weight_decay=0.0,
+                                         batch_size=self.expert_batch)
                 train_networks([self.new_network() for _ in range(count)], self.real.images, self.real.labels,
-                               epochs=self.expert_train_epochs, lr=self.expert_lr, momentum=0.0, weight_decay=0.0,
-                               batch_size=self.expert_batch, augment=self.dsa,
+                               settings, augment=self.dsa, sharpness=self.expert_training(),
                                on_epoch=lambda _, p: snapshots.append(flatten_params(p, self.param_layout, 1).cpu()),
-                               progress=self.progress, desc=f"experts {first + 1}-{first + count}/{self.num_experts}",
-                               **self.expert_training())
+                               progress=f"experts {first + 1}-{first + count}/{self.num_experts}" if self.progress
+                               else None)
                 trajectories.extend(torch.stack(snapshots, 1).unbind(0))
         return trajectories
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import ConfigError
+from ..engine.stacked import StackTraining
 from .evaluate import accuracy, train_networks
 
 if TYPE_CHECKING:
@@ -52,10 +53,10 @@ def committee_soft_labels(condenser: "Condenser", images: torch.Tensor) -> torch
     probabilities, accuracies = [], []
     for name, count in committee_members(condenser.committee, condenser.committee_size):
         options = condenser.model_options if name == condenser.model else None
+        settings = StackTraining(condenser.committee_epochs, decay_epoch=condenser.committee_epochs // 2)
         members = train_networks([condenser.new_network(name, options) for _ in range(count)],
-                                 real.images[train], real.labels[train], epochs=condenser.committee_epochs,
-                                 augment=condenser.dsa, decay_epoch=condenser.committee_epochs // 2,
-                                 progress=condenser.progress, desc=f"committee {name}")
+                                 real.images[train], real.labels[train], settings, augment=condenser.dsa,
+                                 progress=f"committee {name}" if condenser.progress else None)
         accuracies.append(accuracy(members, real.images[held_out], real.labels[held_out]))
         probabilities.append(torch.softmax(members.predict(images) / condenser.label_temperature, -1))
     return vote(torch.cat(probabilities), torch.cat(accuracies))

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+from kornia.enhance import ZCAWhitening, linear_transform
 
+from ..data.arrays import UInt8Images
 from ..errors import ConfigError
 
 ZCA_EPS = 0.1  # kornia ZCAWhitening(eps=0.1) in mtt-distillation's and FTD-distillation's get_dataset
@@ -44,8 +46,6 @@ def pixel_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple[t
 
     Decoded uint8 datasets give [0, 1] pixels and their normalisation constants; any other dataset
     gives its items as they are (they are then treated as the pixel space, normalisation None)."""
-    from ..data.arrays import UInt8Images
-
     if isinstance(dataset, UInt8Images):
         return dataset.images.float() / 255.0, dataset.labels.clone(), (dataset.mean, dataset.std)
     images, labels = split_tensors(dataset)
@@ -54,8 +54,6 @@ def pixel_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple[t
 
 def _linear(x: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """kornia's linear_transform along the batch axis: (flatten(x) - offset) @ matrix, reshaped back."""
-    from kornia.enhance import linear_transform
-
     return linear_transform(x, matrix.to(x), offset.to(x), 0)
 
 
@@ -75,8 +73,6 @@ class InputSpace:
     @classmethod
     def fit_zca(cls, pixels: torch.Tensor, eps: float = ZCA_EPS, known_pixels: bool = True) -> "InputSpace":
         """ZCA of the (N, C, H, W) pixels as the references fit it: kornia, eps 0.1, inverse kept."""
-        from kornia.enhance import ZCAWhitening
-
         whitening = ZCAWhitening(eps=eps, compute_inv=True).fit(pixels)
         tensors = {name: getattr(whitening, name).detach() for name in ("mean_vector", "transform_matrix",
                                                                          "transform_inv")}

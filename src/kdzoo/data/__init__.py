@@ -2,9 +2,9 @@
 from .arrays import AugmentSpec, UInt8Images
 from .cache import DecodedSplit, cached_decode
 from .datasets import DataSplits, build_dataset, input_example, labels_of
-from .loaders import TensorData, make_loader
+from .loaders import Placement, TensorData, make_loader
 from .semi import UNLABELLED, labelled_count, withhold_labels
 
-__all__ = ["DataSplits", "build_dataset", "input_example", "labels_of", "TensorData", "make_loader",
+__all__ = ["DataSplits", "build_dataset", "input_example", "labels_of", "TensorData", "make_loader", "Placement",
            "UInt8Images", "AugmentSpec", "DecodedSplit", "cached_decode", "withhold_labels", "labelled_count",
            "UNLABELLED"]

@@ -12,11 +12,18 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
+from torchvision import transforms as T
 
 from ..errors import ConfigError
 from .cache import DecodedSplit
-from .device_loader import normalize_batch
+
+
+def normalize_batch(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32, the same operations in the same order as ToTensor + Normalize."""
+    return images.float().div_(255).sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+
 
 # "auto" keeps a dataset on a CUDA device when it takes at most this share of the free device memory.
 DEVICE_MEMORY_FRACTION = 0.5
@@ -37,8 +44,6 @@ CIFAR_AUGMENT = AugmentSpec(crop_padding=4, flip=True)
 def pil_transform(mean: Sequence[float], std: Sequence[float], augment: Optional[AugmentSpec],
                   size: tuple[int, int]):
     """The torchvision (PIL) pipeline equivalent to what the device-resident loader does on batches."""
-    from torchvision import transforms as T
-
     steps = []
     if augment is not None and augment.crop_padding > 0:
         steps.append(T.RandomCrop(size, padding=augment.crop_padding))
@@ -150,8 +155,6 @@ class PILItems(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         pixels = self.images[i].permute(1, 2, 0).numpy()
         image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
         return self.transform(image), self.labels[i], i

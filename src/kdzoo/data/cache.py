@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
-from ..runtime import atomic_write
+from ..engine.runtime import atomic_write
 
 FORMAT_VERSION = 1
 DEFAULT_CACHE_DIR = "~/.cache/kdzoo"

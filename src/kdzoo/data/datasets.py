@@ -19,11 +19,15 @@ from typing import Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torchvision
+from PIL import Image
+from sklearn.datasets import load_digits
 from torch.utils.data import Dataset
+from torchvision.datasets import FashionMNIST
 from tqdm.auto import tqdm
 
+from ..engine.runtime import atomic_write
 from ..errors import ConfigError
-from ..runtime import atomic_write
 from ..registry import DATASETS, Fraction, NonNegative, PositiveInt, register_dataset
 from .arrays import CIFAR_AUGMENT, UInt8Images, parse_resident
 from .cache import DecodedSplit, cached_decode
@@ -76,8 +80,6 @@ def digits(test_fraction: Fraction = 0.25, split_seed: int = 0, image_size: Posi
            imbalance_factor: ImbalanceFactor = 1.0) -> DataSplits:
     """Real 8x8 grey-scale digits shipped inside scikit-learn: no download.  `imbalance_factor` (every labelled
     dataset has it): a long-tailed training split, see `kdzoo.data.longtail`."""
-    from sklearn.datasets import load_digits
-
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     if image_size != 8:
@@ -125,10 +127,21 @@ def _uint8_splits(name: str, train: DecodedSplit, test: DecodedSplit, mean: Sequ
                       UInt8Images.from_decoded(test, mean, std, None, resident), num_classes, channels, (height, width))
 
 
-def _torchvision_cifar(cls_name: str, name: str, root: str, download: bool, augment: bool, mean, std,
-                       cache_dir: Optional[str], resident: str | bool, hint: str = "") -> DataSplits:
-    import torchvision
+@dataclass(frozen=True)
+class CifarRelease:
+    """One of torchvision's CIFAR classes, the name kdzoo gives it, its normalisation and where to get it."""
 
+    cls_name: str
+    name: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hint: str = ""
+
+
+def _torchvision_cifar(release: CifarRelease, root: str, download: bool,
+                       cache_dir: Optional[str]) -> dict[str, DecodedSplit]:
+    """The train and test splits of a CIFAR release under `root` (downloaded when asked), decoded once."""
+    cls_name, name, hint = release.cls_name, release.name, release.hint
     cls = getattr(torchvision.datasets, cls_name)
     folder = Path(root) / cls.base_folder
     split_files = {"train": [file for file, _ in cls.train_list], "test": [file for file, _ in cls.test_list]}
@@ -156,10 +169,9 @@ def _torchvision_cifar(cls_name: str, name: str, root: str, download: bool, augm
         images = np.ascontiguousarray(source.data.transpose(0, 3, 1, 2))  # torchvision holds N, H, W, C
         return DecodedSplit(images, np.asarray(source.targets, dtype=np.int64), {"classes": list(source.classes)})
 
-    decoded = {split: cached_decode(name, split, [folder / f for f in files + [cls.meta["filename"]]], folder,
-                                    partial(decode, split == "train"), cache_dir)
-               for split, files in split_files.items()}
-    return _uint8_splits(name, decoded["train"], decoded["test"], mean, std, augment, resident)
+    return {split: cached_decode(name, split, [folder / f for f in files + [cls.meta["filename"]]], folder,
+                                 partial(decode, split == "train"), cache_dir)
+            for split, files in split_files.items()}
 
 
 @register_dataset("cifar10", paper="Krizhevsky 2009, Learning Multiple Layers of Features from Tiny Images")
@@ -168,9 +180,11 @@ def cifar10(root: str = "data", download: bool = False, augment: bool = True, ca
             imbalance_factor: ImbalanceFactor = 1.0) -> DataSplits:
     """torchvision's CIFAR-10 (python pickles under ROOT/cifar-10-batches-py), decoded once into the cache;
     ``imbalance_factor: 100`` is CIFAR-10-LT."""
-    splits = _torchvision_cifar("CIFAR10", "cifar10", root, download, augment, CIFAR10_MEAN, CIFAR10_STD, cache_dir,
-                                resident, hint="; offline, the JPEG copy in shared/data loads with data.name=imagefolder")
-    return long_tailed(splits, imbalance_factor)
+    release = CifarRelease("CIFAR10", "cifar10", CIFAR10_MEAN, CIFAR10_STD,
+                           hint="; offline, the JPEG copy in shared/data loads with data.name=imagefolder")
+    decoded = _torchvision_cifar(release, root, download, cache_dir)
+    return long_tailed(_uint8_splits("cifar10", decoded["train"], decoded["test"], CIFAR10_MEAN, CIFAR10_STD, augment,
+                                     resident), imbalance_factor)
 
 
 @register_dataset("cifar100", paper="Krizhevsky 2009, Learning Multiple Layers of Features from Tiny Images")
@@ -178,14 +192,14 @@ def cifar100(root: str = "data", download: bool = False, augment: bool = True, c
              resident: Union[Literal["auto", "true", "false"], bool] = "auto",
              imbalance_factor: ImbalanceFactor = 1.0) -> DataSplits:
     """torchvision's CIFAR-100 (python pickles under ROOT/cifar-100-python), 100 fine labels."""
-    return long_tailed(_torchvision_cifar("CIFAR100", "cifar100", root, download, augment, CIFAR100_MEAN,
-                                          CIFAR100_STD, cache_dir, resident), imbalance_factor)
+    decoded = _torchvision_cifar(CifarRelease("CIFAR100", "cifar100", CIFAR100_MEAN, CIFAR100_STD), root, download,
+                                 cache_dir)
+    return long_tailed(_uint8_splits("cifar100", decoded["train"], decoded["test"], CIFAR100_MEAN, CIFAR100_STD,
+                                     augment, resident), imbalance_factor)
 
 
 def _decode_image(path: str, size: tuple[int, int]) -> np.ndarray:
     """One file as uint8 (3, H, W): torchvision's PIL loader (RGB), resized only when its size differs."""
-    from PIL import Image
-
     with Image.open(path) as image:
         image = image.convert("RGB")
         if image.size != (size[1], size[0]):
@@ -246,20 +260,42 @@ def channel_constants(mean: Union[str, Sequence[float]], std: Union[str, Sequenc
     return values[0], values[1]
 
 
-@register_dataset("imagefolder", paper="torchvision ImageFolder layout: ROOT/{train,test}/<class>/*.jpg")
-def imagefolder(root: str = "data/imagefolder", image_size: PositiveInt = 32, augment: bool = True,
-                mean: Union[NormalizationName, list[float]] = "imagenet",
-                std: Union[NormalizationName, list[float]] = "imagenet", test_split: str = "test",
-                cache_dir: Optional[str] = None, resident: Union[Literal["auto", "true", "false"], bool] = "auto",
-                imbalance_factor: ImbalanceFactor = 1.0) -> DataSplits:
+@dataclass(frozen=True)
+class ImageFolderOptions:
     """Class-per-folder images (any size, any PIL format) decoded once to RGB uint8 image_size x image_size.
-    `mean` / `std` normalise pixels in [0, 1]: ImageNet's by default, as torchvision's and timm's pretrained
-    models expect; ``cifar10`` / ``cifar100`` or a list of 3 numbers otherwise.  Pretrained ImageNet models
-    usually want ``image_size: 224``; the default 32 suits CIFAR-sized images and models."""
-    import torchvision
 
-    mean, std = channel_constants(mean, std)
-    size = (image_size, image_size)
+    Options:
+        root: the folder holding ROOT/train/<class>/* and ROOT/<test_split>/<class>/*
+        image_size: height and width the images are decoded to (224 for ImageNet-pretrained models; 32 suits
+            CIFAR-sized images and models)
+        augment: random crop (padding 4) and horizontal flip of the training images
+        mean: per-channel mean of pixels in [0, 1]: imagenet (as torchvision's and timm's pretrained models
+            expect), cifar10, cifar100, or a list of 3 numbers
+        std: per-channel standard deviation, named or 3 numbers as mean
+        test_split: the folder of the test images
+        cache_dir: where decoded images are cached (default ~/.cache/kdzoo)
+        resident: keep the decoded images on the training device (auto: when they fit)
+        imbalance_factor: a long-tailed training split (largest class / smallest class)
+    """
+
+    root: str = "data/imagefolder"
+    image_size: PositiveInt = 32
+    augment: bool = True
+    mean: Union[NormalizationName, list[float]] = "imagenet"
+    std: Union[NormalizationName, list[float]] = "imagenet"
+    test_split: str = "test"
+    cache_dir: Optional[str] = None
+    resident: Union[Literal["auto", "true", "false"], bool] = "auto"
+    imbalance_factor: ImbalanceFactor = 1.0
+
+
+@register_dataset("imagefolder", options=ImageFolderOptions,
+                  paper="torchvision ImageFolder layout: ROOT/{train,test}/<class>/*.jpg")
+def imagefolder(options: ImageFolderOptions = ImageFolderOptions()) -> DataSplits:
+    """Class-per-folder images decoded once (see `ImageFolderOptions`)."""
+    root, test_split, cache_dir = options.root, options.test_split, options.cache_dir
+    mean, std = channel_constants(options.mean, options.std)
+    size = (options.image_size, options.image_size)
     decoded = {}
     for split in ("train", test_split):
         path = Path(root) / split
@@ -274,8 +310,8 @@ def imagefolder(root: str = "data/imagefolder", image_size: PositiveInt = 32, au
                                        {"image_size": list(size)})
     if decoded["train"].meta["classes"] != decoded[test_split].meta["classes"]:
         raise ConfigError(f"imagefolder: train and {test_split} class folders differ under {root!r}")
-    return long_tailed(_uint8_splits("imagefolder", decoded["train"], decoded[test_split], mean, std, augment,
-                                     resident), imbalance_factor)
+    return long_tailed(_uint8_splits("imagefolder", decoded["train"], decoded[test_split], mean, std, options.augment,
+                                     options.resident), options.imbalance_factor)
 
 
 def _gunzip(archive: Path, target: Path) -> None:
@@ -290,8 +326,6 @@ def _gunzip(archive: Path, target: Path) -> None:
 def _fashion_mnist_raw(root: str, debian_dir: str, download: bool) -> Path:
     """ROOT/FashionMNIST/raw holding the four idx files torchvision reads, unpacked where needed from .gz
     files in that folder or in `debian_dir` (where the Debian package dataset-fashion-mnist puts them)."""
-    from torchvision.datasets import FashionMNIST
-
     raw = Path(root) / "FashionMNIST" / "raw"
     names = [file.removesuffix(".gz") for file, _ in FashionMNIST.resources]
     for name in names:
@@ -318,8 +352,6 @@ def _fashion_mnist_raw(root: str, debian_dir: str, download: bool) -> Path:
 
 
 def _decode_fashion_mnist(root: str, train: bool) -> DecodedSplit:
-    from torchvision.datasets import FashionMNIST
-
     source = FashionMNIST(root, train=train)
     return DecodedSplit(source.data.unsqueeze(1).numpy(), source.targets.numpy(), {"classes": list(source.classes)})
 

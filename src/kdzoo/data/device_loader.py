@@ -8,18 +8,12 @@ run repeats exactly what the interrupted one would have done.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from .arrays import UInt8Images
-
-
-def normalize_batch(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32, the same operations in the same order as ToTensor + Normalize."""
-    return images.float().div_(255).sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+from .arrays import UInt8Images, normalize_batch
 
 
 def crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int) -> torch.Tensor:
@@ -53,7 +47,7 @@ class ResidentBatches:
     Iterating twice gives the same epoch: the generator is created from `epoch_seed` on each iteration.
     """
 
-    def __init__(self, dataset: "UInt8Images", batch_size: int, shuffle: bool, epoch_seed: int,
+    def __init__(self, dataset: UInt8Images, batch_size: int, shuffle: bool, epoch_seed: int,
                  drop_last: bool = False, device: Optional[torch.device | str] = None):
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
         self.epoch_seed, self.drop_last = epoch_seed, drop_last
@@ -83,4 +77,4 @@ class ResidentBatches:
             yield normalize_batch(picked, mean, std), labels.index_select(0, index), index
 
 
-__all__ = ["ResidentBatches", "crop_and_flip", "normalize_batch", "draw_augmentation"]
+__all__ = ["ResidentBatches", "crop_and_flip", "draw_augmentation"]

@@ -1,6 +1,7 @@
 """Loaders with a per-epoch seed, so an epoch's order never depends on what ran before (exact resume)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
@@ -82,22 +83,30 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a loader's batches are made, and for which process.  `device` is where the training step runs: a
+    `UInt8Images` dataset that fits there is kept there and batched and augmented on it (its batches already
+    live on `device`); one that does not goes through torchvision's PIL transforms in a DataLoader with
+    `num_workers` workers (pinned memory for CUDA).  With `world_size` > 1 (data-parallel processes) the batches
+    are process `rank`'s strided slice of the global batches (see `ShardedBatches`)."""
+
+    device: Optional[torch.device | str] = None
+    num_workers: int = 0
+    rank: int = 0
+    world_size: int = 1
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
-                num_workers: int = 0, drop_last: bool = False, pin_memory: bool = False,
-                device: Optional[torch.device] = None, rank: int = 0, world_size: int = 1):
-    """An iterable of (images, labels, indices) batches; the shuffle is seeded by (seed, epoch).
-
-    With `world_size` > 1 (data-parallel processes) `batch_size` is this process's share and the batches are
-    its strided slice of the global batches (see `ShardedBatches`).
-
-    `device` is where the training step runs.  A `UInt8Images` dataset that fits there is kept there and
-    batched and augmented on it (its batches already live on `device`); one that does not goes through
-    torchvision's PIL transforms in a DataLoader with `num_workers` workers.
-    """
+                drop_last: bool = False, placement: Placement = Placement()):
+    """An iterable of (images, labels, indices) batches; the shuffle is seeded by (seed, epoch).  On several
+    processes `batch_size` is this process's share (see `Placement`)."""
+    device, world_size = placement.device, placement.world_size
     if world_size > 1:
-        global_batches = make_loader(dataset, batch_size * world_size, shuffle, seed, epoch, num_workers, drop_last,
-                                     pin_memory, device)
-        return ShardedBatches(global_batches, rank, world_size, len(dataset), batch_size * world_size, drop_last)
+        one_process = Placement(device, placement.num_workers)
+        global_batches = make_loader(dataset, batch_size * world_size, shuffle, seed, epoch, drop_last, one_process)
+        return ShardedBatches(global_batches, placement.rank, world_size, len(dataset), batch_size * world_size,
+                              drop_last)
     if isinstance(dataset, UInt8Images):
         if dataset.fits_on(device):
             return ResidentBatches(dataset, batch_size, shuffle, epoch_seed(seed, epoch), drop_last, device)
@@ -110,6 +119,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
         return _TensorBatches(dataset, batch_size, order, drop_last)
     if not isinstance(dataset, (WithIndex, PILItems)):
         dataset = WithIndex(dataset)
+    pin_memory = device is not None and torch.device(device).type == "cuda"
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory,
+                      num_workers=placement.num_workers, drop_last=drop_last, pin_memory=pin_memory,
                       persistent_workers=False)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from typing import Union
 
+import torchvision
 from torch import nn
 
 from ..errors import ConfigError
 from ..registry import MODELS, register_model, unknown_name_message
-from . import convnet, tiny  # noqa: F401  (registers its models)
-from . import cifar_mobilenetv2, cifar_resnet, cifar_shufflenet, cifar_vgg, cifar_wrn  # noqa: F401
-from . import mlp, vit  # noqa: F401  (ViT / MLP students for 32x32 inputs)
+from . import cifar_mobilenetv2, cifar_resnet, cifar_shufflenet, cifar_vgg, cifar_wrn, convnet, mlp, tiny, vit  # noqa: F401  (registers its models)  # noqa: F401  # noqa: F401  (ViT / MLP students for 32x32 inputs)
 from .pretrained import check_weights_name, replace_head, timm_pretrained, torchvision_pretrained
 
 EXTERNAL_PREFIXES = ("tv:", "timm:")
@@ -63,8 +62,6 @@ def set_bn_momentum(model: nn.Module, momentum: float, where: str = "bn_momentum
 
 def _torchvision_model(arch: str, num_classes: int, in_channels: int, options: dict,
                        pretrained: Union[bool, str] = False) -> nn.Module:
-    import torchvision
-
     names = torchvision.models.list_models()
     if arch not in names:
         raise ConfigError(unknown_name_message("torchvision model", arch, names))

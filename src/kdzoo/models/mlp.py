@@ -80,7 +80,8 @@ def timm_resmlp_12(num_classes: int = 10, in_channels: int = 3, image_size: int 
     """timm's ResMLP-12 (384 wide, 12 blocks) at 32x32 with 4x4 patches.  Built from timm's `MlpMixer` class with
     the arguments of its ``resmlp_12_224``, which fixes ``patch_size=16`` and so cannot be asked for 4x4 patches."""
     import_timm()
-    from timm.models.mlp_mixer import Affine as TimmAffine, MlpMixer, ResBlock
+    from timm.models.mlp_mixer import Affine as TimmAffine
+    from timm.models.mlp_mixer import MlpMixer, ResBlock
 
     if image_size % patch_size:
         raise ConfigError(f"timm32:resmlp_12: image_size {image_size} is not a multiple of patch_size {patch_size}")

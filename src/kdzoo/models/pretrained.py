@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from typing import Any, Union
 
+import torch
+import torchvision
 from torch import nn
+from torchvision.models import get_model_weights
 
 from ..errors import CheckpointError, ConfigError
 
@@ -23,8 +26,6 @@ HEAD_PATHS = ("fc", "classifier", "heads.head", "head")
 def torchvision_weights(arch: str, pretrained: Union[bool, str]) -> Any:
     """The torchvision weights enum member `pretrained` names for `arch` (True: its DEFAULT); a name the
     architecture has no weights under is a one-line ConfigError listing the ones it has."""
-    from torchvision.models import get_model_weights
-
     try:
         enum = get_model_weights(arch)
     except (ValueError, KeyError):
@@ -46,8 +47,6 @@ def torchvision_weights(arch: str, pretrained: Union[bool, str]) -> Any:
 def torchvision_pretrained(arch: str, pretrained: Union[bool, str], num_classes: int, options: dict) -> nn.Module:
     """`arch` with torchvision's pretrained weights (downloaded on first use), with a new head when
     `num_classes` differs from the weights' categories."""
-    import torchvision
-
     weights = torchvision_weights(arch, pretrained)
     try:
         model = torchvision.models.get_model(arch, weights=weights, **options)
@@ -62,8 +61,6 @@ def torchvision_pretrained(arch: str, pretrained: Union[bool, str], num_classes:
 
 def download_error(name: str, err: OSError, url: str = "") -> CheckpointError:
     """One line for a pretrained download that failed: what, why, and how to do without it."""
-    import torch
-
     reason = " ".join(str(err).split())[:160] or type(err).__name__
     where = (f"put {url.rsplit('/', 1)[-1]} from {url} into {torch.hub.get_dir()}/checkpoints" if url else
              "fill timm's Hugging Face cache on a connected machine (HF_HOME)")
@@ -112,8 +109,6 @@ def check_weights_name(name: str, pretrained: Union[bool, str]) -> None:
     if not isinstance(pretrained, str):
         return
     if name.startswith("tv:"):
-        import torchvision
-
         if name[3:] in torchvision.models.list_models():
             torchvision_weights(name[3:], pretrained)
     elif name.startswith("timm:"):

@@ -11,6 +11,8 @@ with 4x4 patches, the usual CIFAR adaptation of a 224px/16 model (64 patch token
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -69,6 +71,41 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+@dataclass(frozen=True)
+class ViTOptions:
+    """The shape of a `VisionTransformer` (DeiT-Ti's by default).
+
+    Options:
+        image_size: input height and width (square images)
+        patch_size: side of the square patches (image_size must be a multiple)
+        dim: token width
+        depth: transformer blocks
+        heads: attention heads per block (dim must be a multiple)
+        mlp_ratio: hidden width of each block's MLP, as a multiple of dim
+        class_token: a learned class token (false: the head reads the mean of the patch tokens)
+        distillation_token: DeiT's second token and head (needs class_token)
+    """
+
+    image_size: int = 32
+    patch_size: int = 4
+    dim: int = 192
+    depth: int = 12
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    class_token: bool = True
+    distillation_token: bool = False
+
+
+@dataclass(frozen=True)
+class ViTNanoOptions(ViTOptions):
+    """A ViT small enough for CPU tests and the digits demo (the options as `ViTOptions`)."""
+
+    dim: int = 64
+    depth: int = 4
+    heads: int = 2
+    mlp_ratio: float = 2.0
+
+
 class VisionTransformer(nn.Module):
     """Plain ViT; ``class_token=False`` pools the patch tokens instead (no prefix tokens).
 
@@ -78,10 +115,10 @@ class VisionTransformer(nn.Module):
     ``head_dist``; in evaluation it returns the average of the two heads, as DeiT infers
     (facebookresearch/deit ``DistilledVisionTransformer.forward``)."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, patch_size: int = 4,
-                 dim: int = 192, depth: int = 12, heads: int = 3, mlp_ratio: float = 4.0, class_token: bool = True,
-                 distillation_token: bool = False):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, options: ViTOptions = ViTOptions()):
         super().__init__()
+        image_size, patch_size, dim, heads = options.image_size, options.patch_size, options.dim, options.heads
+        class_token, distillation_token = options.class_token, options.distillation_token
         if distillation_token and not class_token:
             raise ConfigError("vit: distillation_token needs class_token (DeiT's tokens lead the sequence together)")
         self.patch_embed = PatchEmbed(image_size, patch_size, in_channels, dim)
@@ -89,7 +126,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if distillation_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.grid ** 2 + self.num_prefix_tokens, dim))
-        self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio) for _ in range(depth)))
+        self.blocks = nn.Sequential(*(Block(dim, heads, options.mlp_ratio) for _ in range(options.depth)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         self.head_dist = nn.Linear(dim, num_classes) if distillation_token else None
@@ -118,22 +155,16 @@ class VisionTransformer(nn.Module):
         return logits if self.training else (logits + dist_logits) / 2
 
 
-@register_model("vit:nano", family="vit", paper=VIT_PAPER)
-def vit_nano(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, patch_size: int = 4, dim: int = 64,
-             depth: int = 4, heads: int = 2, mlp_ratio: float = 2.0, class_token: bool = True,
-             distillation_token: bool = False) -> VisionTransformer:
+@register_model("vit:nano", options=ViTNanoOptions, family="vit", paper=VIT_PAPER)
+def vit_nano(num_classes: int = 10, in_channels: int = 3, options: ViTOptions = ViTNanoOptions()) -> VisionTransformer:
     """A ViT small enough for CPU tests and the digits demo (about 0.14M parameters at 32x32)."""
-    return VisionTransformer(num_classes, in_channels, image_size, patch_size, dim, depth, heads, mlp_ratio,
-                             class_token, distillation_token)
+    return VisionTransformer(num_classes, in_channels, options)
 
 
-@register_model("vit:tiny", family="vit", paper=VIT_PAPER)
-def vit_tiny(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, patch_size: int = 4, dim: int = 192,
-             depth: int = 12, heads: int = 3, mlp_ratio: float = 4.0, class_token: bool = True,
-             distillation_token: bool = False) -> VisionTransformer:
+@register_model("vit:tiny", options=ViTOptions, family="vit", paper=VIT_PAPER)
+def vit_tiny(num_classes: int = 10, in_channels: int = 3, options: ViTOptions = ViTOptions()) -> VisionTransformer:
     """DeiT-Ti's shape (192 wide, 12 blocks, 3 heads) on 4x4 patches of a 32x32 image (about 5.4M parameters)."""
-    return VisionTransformer(num_classes, in_channels, image_size, patch_size, dim, depth, heads, mlp_ratio,
-                             class_token, distillation_token)
+    return VisionTransformer(num_classes, in_channels, options)
 
 
 def import_timm():

@@ -23,9 +23,9 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..engine.checkpoint import MAGIC, load_checkpoint, read_weights
+from ..engine.rundir import CHECKPOINT
 from ..errors import CheckpointError
-from ..train.checkpoint import MAGIC, load_checkpoint, read_weights
-from ..train.trainer import CHECKPOINT
 
 WEIGHT_FILES = ("model.safetensors", "student.safetensors")  # exported by kdzoo teacher / kdzoo train
 RUN_WEIGHT_FILES = WEIGHT_FILES + (CHECKPOINT,)  # looked for in a run directory, in this order

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from ...adapters import match_spatial
-from ...registry import NonNegative, Positive, register_method
 from ...errors import ConfigError
+from ...registry import NonNegative, Positive, register_method
 from ...taps import Layout, as_feature_map, map_pair_problem, stage_taps
 from ..base import Context, Method
 from .normalize import layer_normalized_loss

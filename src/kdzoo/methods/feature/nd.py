@@ -32,9 +32,9 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ...engine.runtime import atomic_write, resolve_device
 from ...errors import CheckpointError, ConfigError
 from ...registry import register_method
-from ...runtime import atomic_write, resolve_device
 from ...taps import Taps
 from ..base import Context, Method, Setup
 from ..embeddings import embedding_width, pool_embedding

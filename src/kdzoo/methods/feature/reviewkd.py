@@ -1,7 +1,6 @@
 """ReviewKD: Chen et al., "Distilling Knowledge via Knowledge Review", CVPR 2021."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch

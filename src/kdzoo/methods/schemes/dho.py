@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...data import make_loader
+from ...data import Placement, make_loader
 from ...errors import ConfigError
 from ...registry import Fraction, NonNegative, Positive, register_method
 from ...taps import Taps
@@ -141,7 +141,7 @@ class DHO(Method):
         was_training = model.training
         model.eval()
         ce, kd, labels = [], [], []
-        for images, batch_labels, _ in make_loader(self.held_out, 256, shuffle=False, device=device):
+        for images, batch_labels, _ in make_loader(self.held_out, 256, shuffle=False, placement=Placement(device)):
             ce_logits, kd_logits = model.heads(images.to(device))
             ce.append(ce_logits)
             kd.append(kd_logits)

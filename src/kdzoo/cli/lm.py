@@ -1,0 +1,185 @@
+"""``kdzoo lm``: language-model distillation on Hugging Face transformers (the ``kdzoo[lm]`` extra).
+
+    kdzoo lm train CONFIG [KEY=VALUE ...]      a causal LM alone on the corpus (a teacher, or a baseline)
+    kdzoo lm distill CONFIG [KEY=VALUE ...]    a student from a teacher (online, offline top-k, GKD, seq-KD)
+    kdzoo lm cache CONFIG                      capture the teacher's top-k cache only (resumable)
+    kdzoo lm eval RUN [--teacher RUN]          held-out perplexity, KL to the teacher, top-1 agreement
+    kdzoo lm speculate TARGET DRAFT [DRAFT..]  acceptance rate and speed-up of assisted generation
+    kdzoo lm losses                            the registered LM losses with their defaults
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..config import from_dict, load_config, read_yaml
+from ..engine.rundir import RUN_CONFIG
+from ..engine.runtime import is_main_process, resolve_device, seed_everything
+from ..errors import ConfigError
+from ..registry import LM_LOSSES
+from ..runs import run_lm
+from ..tasks.lm.cache import open_cache
+from ..tasks.lm.config import LMModelConfig, LMRunConfig
+from ..tasks.lm.metrics import evaluate_lm
+from ..tasks.lm.models import load_trained, require_transformers
+from ..tasks.lm.speculative import benchmark_draft, time_generation
+from ..tasks.lm.task import load_data, make_model
+from .runs import start_run
+
+OVERRIDES = "Overrides are KEY=VALUE pairs applied to the YAML, e.g. train.steps=200 losses.0.temperature=2."
+
+
+def add_lm_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``lm`` and its subcommands to the main parser's ``add_subparsers()`` object."""
+    lm = subparsers.add_parser(
+        "lm", help="distil causal language models (transformers): students, draft models, offline top-k cache",
+        description="Language-model distillation on Hugging Face transformers: train a model alone, distil a "
+                    "student or a draft model from a teacher (forward/reverse KL, generalized JSD, TVD, hidden-state "
+                    "and MiniLM attention alignment; online, offline top-k cache, GKD on-policy, sequence-level KD), "
+                    "measure perplexity, KL and agreement, and benchmark speculative decoding. Needs "
+                    "pip install 'kdzoo[lm]'. Models are hub names, transformers directories, kdzoo lm run "
+                    "directories, or built from a Llama/GPT-2 config.",
+        epilog="Example (CPU, minutes): kdzoo lm train configs/lm/teacher_cpu.yaml && "
+               "kdzoo lm distill configs/lm/forward_kl_cpu.yaml")
+    lm_sub = lm.add_subparsers(dest="lm_command", metavar="SUBCOMMAND")
+    for name, helptext in (("train", "train one causal LM alone on the corpus (a teacher, or a baseline student)"),
+                           ("distill", "distil the config's model from its teacher"),
+                           ("cache", "capture the teacher's top-k logits for the config's training data")):
+        p = lm_sub.add_parser(name, help=helptext, description=helptext + ". " + RUN_DESCRIPTION, epilog=OVERRIDES)
+        p.add_argument("config", help="YAML config file (see configs/lm/)")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+        if name != "cache":
+            p.add_argument("--run-dir", default=None,
+                           help="run directory (default: OUTPUT_DIR/NAME, NAME = config name or file stem)")
+            p.add_argument("--resume", action="store_true", help="continue the run in the run directory exactly")
+        p.set_defaults(func=cmd_lm_run if name != "cache" else cmd_lm_cache)
+
+    p = lm_sub.add_parser("eval", help="perplexity, KL to a teacher and top-1 agreement of a run on held-out text",
+                          description="Evaluate a kdzoo lm run directory on its config's held-out rows.")
+    p.add_argument("run", help="kdzoo lm run directory")
+    p.add_argument("--teacher", default=None, help="teacher (run directory, transformers directory or hub name) "
+                                                   "for KL and agreement (default: the run's teacher, if any)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--batches", type=int, default=0, help="held-out batches (default 0: all)")
+    p.set_defaults(func=cmd_lm_eval)
+
+    p = lm_sub.add_parser("speculate", help="acceptance rate and speed-up of drafts in assisted generation",
+                          description="For each DRAFT: how many of its proposed tokens TARGET accepts under greedy "
+                                      "speculative decoding, and the wall-clock time of target.generate(..., "
+                                      "assistant_model=draft) against the target alone. Prompts are the first "
+                                      "tokens of the target run's held-out rows.")
+    p.add_argument("target", help="target model: kdzoo lm run directory")
+    p.add_argument("drafts", nargs="+", help="draft models: kdzoo lm run directories (same tokenizer)")
+    p.add_argument("--prompts", type=int, default=8, help="number of prompts (default 8)")
+    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
+    p.add_argument("--new-tokens", type=int, default=48, help="tokens generated per prompt (default 48)")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step (default 4)")
+    p.add_argument("--repeats", type=int, default=2, help="timings per configuration, best kept (default 2)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.set_defaults(func=cmd_lm_speculate)
+
+    p = lm_sub.add_parser("losses", help="list the registered LM losses", description="Registered LM losses.")
+    p.set_defaults(func=cmd_lm_losses)
+    lm.set_defaults(func=lambda args: lm.print_help() or 0)
+    return lm
+
+
+RUN_DESCRIPTION = ("The run directory gets config.yaml, metrics.csv, TensorBoard events, checkpoint.pt, the model as "
+                   "a transformers directory model/ with tokenizer/, and summary.json. A directory that holds a run "
+                   "is refused without --resume. On N GPUs: torchrun --nproc_per_node=N -m kdzoo lm distill CONFIG "
+                   "(train.parallel: ddp or fsdp; train.batch_size stays the global batch).")
+
+
+def _load(config_path: str, overrides: list[str]) -> LMRunConfig:
+    return load_config(LMRunConfig, config_path, overrides)
+
+
+def cmd_lm_run(args) -> int:
+    require_transformers()
+    cfg = _load(args.config, args.overrides)
+    if args.lm_command == "distill" and cfg.teacher is None:
+        raise ConfigError(f"{args.config}: distill needs a 'teacher:' section (use 'kdzoo lm train' for a model alone)")
+    run_dir, result = start_run(args, cfg, run_lm)
+    if is_main_process():
+        m = result.metrics
+        extra = (f", KL to teacher {m['val_kl']:.4f}, top-1 agreement {m['val_top1_agreement']:.3f}"
+                 if "val_kl" in m else "")
+        rate = sum(row["tokens_per_s"] for row in result.history) / max(len(result.history), 1)
+        print(f"done: held-out perplexity {m.get('val_ppl', float('nan')):.3f}{extra}; {result.seconds:.1f}s, "
+              f"{rate:.0f} train tokens/s; model in {run_dir / 'model'}")
+    return 0
+
+
+def cmd_lm_cache(args) -> int:
+    cfg = _load(args.config, args.overrides)
+    if cfg.teacher is None:
+        raise ConfigError(f"{args.config}: the cache needs a 'teacher:' section")
+    data = load_data(cfg)
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    teacher = make_model(cfg.teacher, data.tokenizer, False, "teacher").to(device).eval()
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    cache = open_cache(teacher, data.train, vocab, cfg.offline.top_k, cfg.offline.temperature, cfg.offline.shard_size,
+                       cfg.offline.cache_dir, cfg.output_dir)
+    with torch.no_grad():
+        cache.capture(teacher, data.train, batch_size=cfg.train.batch_size, device=device,
+                      progress=cfg.train.progress)
+    tokens = int(data.train.attention_mask.sum())
+    print(f"cache {cache.directory}: {len(data.train)} rows, top-{cache.top_k}, {cache.bytes_per_token} bytes/token "
+          f"({cache.disk_bytes() / max(tokens, 1):.1f} on disk incl. headers; dense float32 logits: {vocab * 4})")
+    return 0
+
+
+def _run_config(run_dir: Path) -> LMRunConfig:
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: not a kdzoo lm run directory (no config.yaml)")
+    return from_dict(LMRunConfig, read_yaml(path), str(path))
+
+
+def cmd_lm_eval(args) -> int:
+    cfg = _run_config(Path(args.run))
+    data = load_data(cfg, Path(args.run))
+    device = resolve_device(args.device)
+    model, _ = load_trained(args.run, data.tokenizer)
+    teacher_spec = LMModelConfig(name=args.teacher) if args.teacher else cfg.teacher
+    teacher = make_model(teacher_spec, data.tokenizer, False, "teacher").to(device) if teacher_spec else None
+    result = evaluate_lm(model.to(device), data.val, teacher, batch_size=cfg.train.batch_size // cfg.train.grad_accum,
+                         max_batches=args.batches, device=device, prompt_len=cfg.data.prompt_len)
+    line = f"{args.run}: held-out perplexity {result['ppl']:.3f} ({result['tokens']} tokens)"
+    if teacher is not None:
+        line += f", KL to teacher {result['kl']:.4f}, top-1 agreement {result['top1_agreement']:.3f}"
+    print(line)
+    return 0
+
+
+def cmd_lm_speculate(args) -> int:
+    cfg = _run_config(Path(args.target))
+    data = load_data(cfg, Path(args.target))
+    device = resolve_device(args.device)
+    target, tokenizer = load_trained(args.target, data.tokenizer)
+    target.to(device)
+    if args.prompt_len >= data.val.input_ids.shape[1]:
+        raise ConfigError(f"--prompt-len {args.prompt_len} must be shorter than the rows ({data.val.input_ids.shape[1]})")
+    prompts = [data.val.input_ids[i:i + 1, :args.prompt_len].to(device)
+               for i in range(min(args.prompts, len(data.val)))]
+    baseline, _ = time_generation(target, prompts, args.new_tokens, repeats=args.repeats)
+    print(f"target {args.target}: {len(prompts)} prompts x {args.new_tokens} tokens greedy in {baseline:.3f}s")
+    print(f"{'draft':<40} {'accept':>7} {'tok/call':>8} {'seconds':>8} {'speed-up':>8} {'same':>5}")
+    for path in args.drafts:
+        draft, _ = load_trained(path, tokenizer)
+        with torch.no_grad():
+            row = benchmark_draft(target, draft.to(device), prompts, args.new_tokens, args.draft_tokens,
+                                  args.repeats, baseline)
+        print(f"{path:<40} {row['acceptance_rate']:>7.3f} {row['tokens_per_target_call']:>8.2f} "
+              f"{row['assisted_seconds']:>8.3f} {row['speedup']:>8.2f} {row['identical_outputs']:>5.2f}")
+    return 0
+
+
+def cmd_lm_losses(args) -> int:
+    for entry in LM_LOSSES:
+        defaults = ", ".join(f"{k}={v}" for k, v in entry.defaults.items())
+        print(f"{entry.name:<11} {entry.meta.get('family', ''):<9} {defaults:<70} {entry.paper}")
+    return 0

@@ -1,0 +1,210 @@
+"""One engine for K networks of one architecture trained side by side.
+
+Their parameters and buffers are stacked along a new first dimension (`torch.func.stack_module_state`); the
+stacks are the leaves real `torch.optim` optimizers update (SGD and AdamW act element-wise, so one optimizer
+over the stacks is the same update as K optimizers).  A forward is one `vmap` of `functional_call` over the
+stack (a convolution over K networks becomes one grouped convolution), or, where that is slower (vmap's
+batched convolutions on a CPU), the same `functional_call` on each network's slice in turn: both write
+BatchNorm statistics into the stacked buffers and send gradients to the stacked leaves.
+
+Used by `fit_many` (K students on the same batches, `tie=True` so each student module reads its slice), and,
+through `train_stack` (K networks trained on in-memory tensors, each its own batch order and augmentation), by
+dataset-distillation evaluation, the soft-label committee and the MTT/FTD experts.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, stack_module_state, vmap
+from tqdm import tqdm
+
+from ..errors import ConfigError
+
+Tensors = dict[str, torch.Tensor]
+
+
+def member(stacked: Tensors, k: int) -> Tensors:
+    """Network `k`'s tensors of a stack (views: in-place updates reach the stack)."""
+    return {name: tensor[k] for name, tensor in stacked.items()}
+
+
+class StackedModels:
+    """K same-architecture modules as stacked tensors, with a parameter-free template for their forward.
+
+    - `parameters()`: the stacked leaves, for an optimizer; `params` / `buffers` by name.
+    - `forward(x)`: (K, batch, ...) outputs; `x` shared by all (batch, ...) or one per network (K, batch, ...).
+    - `gradients(fn, x, y)`: per-network gradients of a pure loss `fn(params, buffers, x, y)` (torch.func), for
+      updates that need them apart (sharpness-aware training); assign them to `.grad` and step the optimizer.
+    - `tie=True` leaves each original module's tensors as views of its slice, so evaluating, checkpointing or
+      exporting a module reads the stack's current values; `untie()` gives them their own memory again.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], *, vectorize: Optional[bool] = None, tie: bool = False):
+        modules = list(modules)
+        if not modules:
+            raise ConfigError("StackedModels: no modules to stack")
+        first = modules[0]
+        layout = [(k, v.shape, v.dtype) for k, v in first.state_dict().items()]
+        for module in modules[1:]:
+            if type(module) is not type(first) or [(k, v.shape, v.dtype) for k, v in module.state_dict().items()] != layout:
+                raise ConfigError("StackedModels: every module must share one architecture")
+        self.modules = modules
+        params, buffers = stack_module_state(modules)  # detached copies; params are leaves requiring grad
+        self.params: Tensors = params
+        self.buffers: Tensors = buffers
+        device = next(iter(params.values())).device
+        self.vectorize = device.type == "cuda" if vectorize is None else vectorize
+        self.template = copy.deepcopy(first).to("meta")  # the architecture; its tensors are never read
+        self.template.train()
+        self.tied = False
+        if tie:
+            for k, module in enumerate(modules):
+                for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+                    stacked = params.get(name, buffers.get(name))
+                    tensor.data = stacked[k]  # shares the stack's memory
+            self.tied = True
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.params.values())
+
+    def train(self, mode: bool = True) -> "StackedModels":
+        self.template.train(mode)
+        return self
+
+    def eval(self) -> "StackedModels":
+        return self.train(False)
+
+    def _call(self, params: Tensors, buffers: Tensors, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.template, (params, buffers), (x,))
+
+    def forward(self, x: torch.Tensor, *, per_model: bool = False, params: Optional[Tensors] = None) -> torch.Tensor:
+        """Outputs (K, batch, ...) of every network; `per_model`: `x` is (K, batch, ...), one batch each.
+        `params` replaces the stacked parameters (e.g. perturbed ones); buffers are always the stack's."""
+        params = self.params if params is None else params
+        if self.vectorize:
+            return vmap(self._call, in_dims=(0, 0, 0 if per_model else None), randomness="different")(
+                params, self.buffers, x)
+        return torch.stack([self._call(member(params, k), member(self.buffers, k), x[k] if per_model else x)
+                            for k in range(len(self))])
+
+    __call__ = forward
+
+    def gradients(self, fn: Callable[[Tensors, Tensors, torch.Tensor, torch.Tensor], Tensors], x: torch.Tensor,
+                  y: torch.Tensor) -> Tensors:
+        """Stacked per-network results of `fn(params, buffers, x, y)` (a torch.func gradient function) on one
+        batch per network (`x`: (K, batch, ...))."""
+        if self.vectorize:
+            return vmap(fn, randomness="different")(self.params, self.buffers, x, y)
+        each = [fn(member(self.params, k), member(self.buffers, k), x[k], y[k]) for k in range(len(self))]
+        return {name: torch.stack([g[name] for g in each]) for name in each[0]}
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        """Eval-mode outputs (K, N, ...) of every network on every input, in chunks that bound the memory."""
+        chunk = chunk or max(16, 2048 // len(self))
+        was_training = self.template.training
+        self.eval()
+        try:
+            return torch.cat([self.forward(part) for part in x.split(chunk)], 1)
+        finally:
+            self.train(was_training)
+
+    def untie(self) -> None:
+        """Give every tied module its own memory again (its current values)."""
+        if not self.tied:
+            return
+        for module in self.modules:
+            for tensor in (*module.parameters(), *module.buffers()):
+                tensor.data = tensor.data.clone()
+        self.tied = False
+
+    def write_back(self) -> None:
+        """Copy each network's current values into its original module (untied stacks)."""
+        with torch.no_grad():
+            for k, module in enumerate(self.modules):
+                for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+                    tensor.copy_(self.params.get(name, self.buffers.get(name))[k])
+
+
+def loss_gradient(template: nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """The gradient of `loss(template(x), y)` as a pure function of (params, buffers, x, y)."""
+
+    def value(params: Tensors, buffers: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss(functional_call(template, (params, buffers), (x,)), y)
+
+    return grad(value)
+
+
+def set_gradients(stack: StackedModels, gradients: Tensors) -> None:
+    """Put stacked per-network gradients where an optimizer over `stack.parameters()` reads them."""
+    for name, tensor in stack.params.items():
+        tensor.grad = gradients[name].detach()
+
+
+@dataclass(frozen=True)
+class StackTraining:
+    """How `train_stack` trains: SGD (`lr`, `momentum`, `weight_decay`) for `epochs` over minibatches of
+    `batch_size`; after `decay_epoch` epochs the lr is multiplied by `decay_factor` and the momentum restarts
+    (as a new optimizer would); `flip_batch` appends the horizontal flip of every batch, drawing half as many."""
+
+    epochs: int
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    decay_epoch: Optional[int] = None
+    decay_factor: float = 0.1
+    flip_batch: bool = False
+    vectorize: Optional[bool] = None  # a stack built for this training: one vmapped forward (default: on CUDA)
+
+
+GradientFn = Callable[[Tensors, Tensors, torch.Tensor, torch.Tensor], Tensors]
+
+
+def train_stack(stack: StackedModels, images: torch.Tensor, labels: torch.Tensor, settings: StackTraining,
+                gradient: GradientFn, augment: Optional[Callable[..., torch.Tensor]] = None,
+                on_epoch: Optional[Callable[[int, Tensors], None]] = None, progress: Optional[str] = None) -> None:
+    """Train every network of `stack` on (images, labels): each draws its own batch order, `augment(x, groups=K)`
+    (one draw per network's batch) transforms the K batches, `gradient(params, buffers, x, y)` (a torch.func
+    gradient of one network's loss) gives the per-network gradients, and one `torch.optim.SGD` over the stacks
+    updates them (element-wise, so the same update as one optimizer per network).  `on_epoch(epoch, params)` sees
+    the stacked parameters at epoch 0 and after every epoch; `progress`: a bar with this description."""
+    optimizer = torch.optim.SGD(stack.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
+    count, n = len(stack), len(images)
+    batch = max(1, settings.batch_size // 2 if settings.flip_batch else settings.batch_size)
+    steps = math.ceil(n / batch)
+
+    def report(epoch: int) -> None:
+        if on_epoch:
+            on_epoch(epoch, {k: v.detach() for k, v in stack.params.items()})
+
+    report(0)
+    for epoch in tqdm(range(settings.epochs), desc=progress, disable=progress is None, leave=False, dynamic_ncols=True):
+        order = torch.rand(count, n, device=images.device).argsort(1)  # each network its own shuffle
+        for s in range(steps):
+            with torch.no_grad():  # torch.func.grad still differentiates inside; nothing else is recorded
+                index = order[:, s * batch:(s + 1) * batch]
+                x, y = images[index], labels[index]
+                if settings.flip_batch:
+                    x, y = torch.cat([x, x.flip(-1)], 1), torch.cat([y, y], 1)
+                if augment is not None:  # one draw per network's batch
+                    x = augment(x.flatten(0, 1), groups=count).view_as(x)
+                set_gradients(stack, stack.gradients(gradient, x, y))
+            optimizer.step()
+        if settings.decay_epoch is not None and epoch + 1 == settings.decay_epoch:
+            for group in optimizer.param_groups:
+                group["lr"] *= settings.decay_factor
+            optimizer.state.clear()
+        report(epoch + 1)
+
+
+__all__ = ["StackedModels", "StackTraining", "train_stack", "member", "loss_gradient", "set_gradients"]

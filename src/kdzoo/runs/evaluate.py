@@ -1,0 +1,53 @@
+"""``kdzoo eval``: a trained model from any weights file on its dataset's test split."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import DataConfig, ModelConfig, apply_overrides, from_dict, read_yaml, validate_data
+from ..engine.rundir import RUN_CONFIG
+from ..engine.runtime import resolve_device
+from ..errors import CheckpointError, ConfigError
+from ..models.weights import fit_state_dict, read_state_dict, resolve_weights_path
+from ..tasks.classification import evaluate
+from .build import build_data, build_model
+
+
+def evaluate_target(target: str | Path, overrides: list[str] = (), device: str = "auto") -> dict:
+    """Evaluate a run directory, an exported .safetensors, a checkpoint or any state-dict file on its dataset's
+    test split.  ``model.*`` overrides name or change the model (a plain .pth records none), the others the
+    data section."""
+    target = Path(target)
+    model_overrides = [item for item in overrides if item.startswith("model.")]
+    data_overrides = [item for item in overrides if not item.startswith("model.")]
+    run_config = target / RUN_CONFIG if target.is_dir() else target.parent / RUN_CONFIG
+    state, meta = read_state_dict(target)
+    if meta and "class" not in meta:  # exported from a config; fit() alone records only the model's class
+        if not isinstance(meta.get("model"), str) or not isinstance(meta.get("data"), dict):
+            raise CheckpointError(f"{target}: its kdzoo metadata names no model and dataset (not an exported model; "
+                                  "a synthetic set is evaluated by kdzoo condense)")
+        model_dict, data_dict = {"name": meta["model"], "options": meta.get("options", {})}, meta["data"]
+    elif run_config.is_file():
+        raw = read_yaml(run_config)
+        model_dict, data_dict = raw.get("student") or raw.get("model"), raw.get("data", {})
+        if not isinstance(model_dict, dict):
+            raise ConfigError(f"{run_config}: names no student or model")
+    elif model_overrides and any(item.startswith("data.name=") for item in data_overrides):
+        model_dict, data_dict = {}, {}
+    else:
+        raise ConfigError(f"{target}: cannot tell which model this is (no kdzoo metadata, no config.yaml beside it); "
+                          f"name it: kdzoo eval {target} model.name=tv:resnet18 data.name=imagefolder ...")
+    model_dict = apply_overrides({"model": dict(model_dict)}, model_overrides)["model"]
+    model_cfg = from_dict(ModelConfig, model_dict, "model")
+    data_cfg = from_dict(DataConfig, apply_overrides({"data": dict(data_dict)}, data_overrides)["data"], "data")
+    validate_data(data_cfg)
+    data = build_data(data_cfg)
+    model = build_model(ModelConfig(model_cfg.name, None, model_cfg.options), data)
+    report = fit_state_dict(model, state, str(resolve_weights_path(target)))
+    if not report.exact:
+        print(report.summary())
+    model.to(resolve_device(device))
+    metrics = evaluate(model, data.test)
+    return {"target": str(target), "model": model_cfg.name, "dataset": data_cfg.name, **metrics}
+
+
+__all__ = ["evaluate_target"]

@@ -1,0 +1,99 @@
+"""One run of a config: the checks before resuming, initial weights from the seed alone, the config and the plan
+written, then the classification task on the engine's Trainer."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from ..config import RunConfig, TeacherConfig, read_yaml, save_config, to_dict
+from ..data import DataSplits
+from ..distiller import Distiller
+from ..engine.rundir import RUN_CONFIG, SUMMARY
+from ..engine.runtime import atomic_write, is_main_process, seed_everything
+from ..engine.trainer import Callback, FitResult
+from ..errors import ConfigError
+from ..tasks.classification import Distillable, FitOptions, fit, read_summary, write_plan
+from .build import build_data, build_model, model_meta
+from .resume import report_changes, verify_checkpoint, verify_resume_config
+
+
+def run_distiller(cfg: RunConfig, run_dir: Path, build: Callable[[RunConfig, DataSplits, Path], Distillable],
+                  resume: bool = False, verbose: bool = True, data: Optional[DataSplits] = None,
+                  callbacks: Optional[Callable[[Distillable], Sequence[Callback]]] = None) -> FitResult:
+    """One run of what `build(cfg, data, run_dir)` returns: the checks before resuming, initial weights from the
+    seed alone, the config saved, `fit`.  `data`: splits the caller built (a round holding samples out);
+    `callbacks(distiller)`: in place of `fit`'s default ones."""
+    notes = verify_resume_config(cfg, run_dir) if resume else []
+    data = data if data is not None else build_data(cfg.data)
+    seed_everything(cfg.train.seed)  # initial weights depend on the seed alone
+    distiller = build(cfg, data, run_dir)
+    if resume:
+        verify_checkpoint(run_dir, {"student": distiller.student, "methods": distiller.methods}, cfg.train.epochs)
+    report_changes(notes, verbose)
+    if is_main_process():  # under torchrun rank 0 alone writes
+        save_config(cfg, run_dir / RUN_CONFIG)
+        if isinstance(distiller, Distiller):  # students trained as peers have no teacher's layers to show
+            write_plan(distiller, data.test, run_dir, cfg.train.device, cfg.student.name,  # before the first step
+                       cfg.teacher.name if cfg.teacher else None, verbose)
+        teacher_top1 = teacher_run_accuracy(cfg)
+        if teacher_top1 is not None and not resume:  # curves.png draws it as the reference line
+            record_summary(run_dir, teacher_top1=teacher_top1)
+    options = FitOptions(export_meta=model_meta(cfg.student, data, cfg.data),
+                         callbacks=callbacks(distiller) if callbacks is not None else None)
+    return fit(distiller, data, cfg.train, run_dir, resume=resume, verbose=verbose, options=options)
+
+
+def teacher_run(cfg: TeacherConfig, run_dir: Path, resume: bool = False, verbose: bool = True) -> FitResult:
+    """``kdzoo teacher``: the config's model trained alone; its weights are RUN_DIR/model.safetensors."""
+    notes = verify_resume_config(cfg, run_dir) if resume else []
+    data = build_data(cfg.data)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model, data)
+    distiller = Distiller(model)
+    if resume:
+        verify_checkpoint(run_dir, {"student": model, "methods": distiller.methods}, cfg.train.epochs)
+    report_changes(notes, verbose)
+    if is_main_process():  # under torchrun rank 0 alone writes
+        save_config(cfg, run_dir / RUN_CONFIG)
+    result = fit(distiller, data, cfg.train, run_dir, resume=resume, verbose=verbose,
+                 options=FitOptions(export_meta=model_meta(cfg.model, data, cfg.data)))
+    # A teacher run's weights are the model itself: name them so `teacher.weights: RUN_DIR` reads clearly.
+    if is_main_process():  # under torchrun only rank 0 wrote them
+        (run_dir / "student.safetensors").replace(run_dir / "model.safetensors")
+    return result
+
+
+def teacher_run_accuracy(cfg: RunConfig) -> Optional[float]:
+    """The teacher's test top-1 when ``teacher.weights`` is (a file of) a kdzoo run directory whose
+    summary.json reports it, on the same dataset as this run; else None."""
+    if cfg.teacher is None or not cfg.teacher.weights:
+        return None
+    path = Path(cfg.teacher.weights)
+    folder = path if path.is_dir() else path.parent
+    try:
+        summary = json.loads((folder / SUMMARY).read_text())
+        data = read_yaml(folder / RUN_CONFIG).get("data", {})
+    except (OSError, ValueError, ConfigError):
+        return None
+    top1 = summary.get("last_top1") if isinstance(summary, dict) else None
+    where_only = ("root", "cache_dir", "download")  # where the data is read from, not what it is
+
+    def same_data(section: Any) -> tuple:
+        if not isinstance(section, dict) or not isinstance(section.get("options", {}), dict):
+            return (None,)
+        return section.get("name"), {k: v for k, v in section.get("options", {}).items() if k not in where_only}
+
+    if not isinstance(top1, (int, float)) or same_data(data) != same_data(to_dict(cfg.data)):
+        return None
+    return float(top1)
+
+
+def record_summary(run_dir: Path, **facts: Any) -> None:
+    """Add facts known before training (the teacher's accuracy) to the run's summary.json; the run keeps them
+    when it writes the final summary."""
+    text = json.dumps({**read_summary(run_dir), **facts}, indent=2)
+    atomic_write(run_dir / SUMMARY, lambda tmp: tmp.write_text(text))
+
+
+__all__ = ["run_distiller", "teacher_run", "teacher_run_accuracy", "record_summary"]

@@ -1,0 +1,148 @@
+"""Students that teach each other (online / mutual distillation): `PeerDistiller`, a `Distillable` over K
+students of any architectures.
+
+Each student has its own `Distiller` (its taps, its methods and their adapters, no teacher).  One forward runs
+every student on the batch, then gives each student's methods a `Context` whose ``peer_logits`` are the other
+students' logits, detached: a student's loss trains that student alone, and its peers are constants in it.
+
+One optimizer steps all students on the sum of their losses.  Because the peers are detached, the gradient of
+that sum with respect to student k is the gradient of student k's own loss, and SGD and AdamW update each
+parameter from its own gradient and state alone, so this is exactly K optimizers stepping K losses on the same
+batch, the peers' predictions taken before any update, as the PyTorch DML re-implementation does
+(chxy95/Deep-Mutual-Learning, trainer.py: every model's forward first, then each model's loss and step).  DML's
+paper (Algorithm 1) recomputes the predictions after updating each student and its TensorFlow code draws a new
+batch for each student's update; we keep one forward per student and batch, which keeps the trainer's single
+step (AMP, compile, fused optimizer, checkpoints) unchanged and costs K forwards instead of K^2.
+
+The run's `student` is `PeerModels`: its forward is the first student's (evaluation, train accuracy), its state
+every student's (so checkpoints and resume hold them all).  `PeerCallback` adds each other student's test
+accuracy to the metrics and exports every student (student_0.safetensors, ...; student.safetensors is the first).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ...distiller import Distiller, DistillOutput, TeacherOutputs
+from ...engine.checkpoint import export_weights
+from ...engine.runtime import atomic_write
+from ...engine.trainer import Callback
+from ...errors import ConfigError
+from .task import evaluate
+
+
+class PeerModels(nn.Module):
+    """K students held together; calling it runs the first one."""
+
+    def __init__(self, models: Sequence[nn.Module]):
+        super().__init__()
+        self.peers = nn.ModuleList(models)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.peers[0](images)
+
+
+class PeerDistiller(nn.Module):
+    """K students (one `Distiller` each, without a teacher) trained jointly; see the module docstring.
+
+    Loss terms are named ``TERM_k`` (``ce_0``, ``dml_1``...), so the metrics show every student's terms."""
+
+    def __init__(self, distillers: Sequence[Distiller]):
+        super().__init__()
+        if len(distillers) < 2:
+            raise ConfigError(f"peers: mutual learning needs at least two students, got {len(distillers)}")
+        for k, d in enumerate(distillers):
+            if d.teacher is not None:
+                raise ConfigError(f"peers: student {k} has a teacher; peers teach each other")
+            for name, method in d.methods.items():
+                stage = method.init_stage(d.student)
+                if stage is not None and stage.epochs > 0:
+                    raise ConfigError(f"peers: method {name} has an init stage, which peers do not run")
+        self.distillers = nn.ModuleList(distillers)
+        self.student = PeerModels([d.student for d in distillers])
+        self.teacher = None
+        # flat, for the trainer's checkpoints: method `name` of student k is `name_k`
+        self.methods = nn.ModuleDict({f"{name}_{k}": m for k, d in enumerate(distillers)
+                                      for name, m in d.methods.items()})
+
+    @property
+    def needs_teacher(self) -> bool:
+        return False
+
+    @property
+    def teacher_paths(self) -> dict[str, str]:
+        return {}
+
+    def trainable_parameters(self):
+        for d in self.distillers:
+            yield from d.trainable_parameters()
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, index: Optional[torch.Tensor] = None,
+                epoch: float | torch.Tensor = 0.0, teacher_outputs: Optional[TeacherOutputs] = None,
+                student_logits: Optional[torch.Tensor] = None) -> DistillOutput:
+        if student_logits is not None:
+            raise ConfigError("peers: students trained as peers run through their own distillers")
+        contexts = [d.context(images, labels, index, epoch) for d in self.distillers]
+        detached = [ctx.student_logits.detach() for ctx in contexts]
+        losses: dict[str, torch.Tensor] = {}
+        for k, (d, ctx) in enumerate(zip(self.distillers, contexts)):
+            ctx = dataclasses.replace(ctx, peer_logits=tuple(detached[:k] + detached[k + 1:]))
+            losses.update({f"{key}_{k}": value for key, value in d.losses(ctx).items()})
+        return DistillOutput(contexts[0].student_logits, losses)
+
+    def close(self) -> None:
+        for d in self.distillers:
+            d.close()
+
+
+class PeerCallback(Callback):
+    """Per epoch with a test evaluation: each other student's test top-1 as ``test_top1_k`` (in metrics.csv and
+    the console line's row).  At the end: every student exported as student_k.safetensors with its own metadata,
+    the first also as student.safetensors, and summary.json with every student's last and best accuracy.
+    Put it before the metrics callback so the rows it extends are the ones written."""
+
+    def __init__(self, metas: Sequence[dict]):
+        self.metas = list(metas)
+
+    def _models(self, run) -> list[nn.Module]:
+        return list(run.modules["student"].peers)
+
+    def on_epoch_end(self, trainer, run, row, improved):
+        if "test_top1" not in row:
+            return
+        row["test_top1_0"] = row["test_top1"]
+        cfg = trainer.task.cfg
+        for k, model in enumerate(self._models(run)[1:], start=1):
+            metrics = evaluate(model, trainer.task.data.test, batch_size=max(cfg.batch_size, 256),
+                               device=trainer.device, amp=cfg.amp)
+            row[f"test_top1_{k}"] = metrics["top1"]
+
+    def on_train_end(self, trainer, run):
+        if run.run_dir is None or not run.history:
+            return
+        models = self._models(run)
+        for k, (model, meta) in enumerate(zip(models, self.metas)):
+            export_weights(run.run_dir / f"student_{k}.safetensors", model, meta)
+        export_weights(run.run_dir / "student.safetensors", models[0], self.metas[0])
+        write_peer_summary(run.run_dir, run.history, len(models))
+
+
+def write_peer_summary(run_dir: Path, history: list[dict], count: int) -> None:
+    rows = [row for row in history if "test_top1_0" in row]
+    students = []
+    for k in range(count):
+        values = [row[f"test_top1_{k}"] for row in rows if f"test_top1_{k}" in row]
+        students.append({"last_top1": values[-1] if values else None, "best_top1": max(values) if values else None})
+    final = history[-1]
+    summary = {"last_top1": students[0]["last_top1"], "best_top1": students[0]["best_top1"], "students": students,
+               "epochs": final["epoch"], "seconds": final["seconds"]}
+    text = json.dumps(summary, indent=2)
+    atomic_write(run_dir / "summary.json", lambda tmp: tmp.write_text(text))
+
+
+__all__ = ["PeerDistiller", "PeerModels", "PeerCallback"]
