@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from kdzoo.config import DataConfig, ModelConfig, RunConfig, TeacherConfig, from_dict
-from kdzoo.runs import build_data, build_model, load_weights, teacher_run, train_run, weights_file
+from kdzoo.runs import build_data, build_model, load_weights, teacher_run, train_run
 
 TEACHER = {"name": "tiny:cnn", "options": {"width": 32}}
 VIT = {"name": "vit:nano", "options": {"image_size": 8, "patch_size": 2, "dim": 32}}
@@ -146,7 +146,7 @@ def tail_top1(model_cfg: ModelConfig, data_cfg: DataConfig, run_dir: Path) -> fl
     """Test top-1 of a run's exported model on the tail classes (the test split is balanced)."""
     data = build_data(data_cfg)
     model = build_model(replace(model_cfg, weights=None, init_from=None), data)
-    load_weights(model, weights_file(run_dir))
+    load_weights(model, run_dir)
     model.eval()
     images, labels = data.test.images, data.test.labels
     tail = torch.isin(labels, torch.tensor(TAIL_CLASSES))

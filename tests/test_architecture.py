@@ -49,6 +49,25 @@ def test_imports_inside_functions_are_only_optional_extras():
     assert inner == []
 
 
+def test_lazy_imports_are_third_party_modules_only():
+    """`lazy_import` keeps heavy libraries out of start-up; it must never hide a dependency between kdzoo's own
+    modules (the layers and the cycle check would not see it)."""
+    names = [node.args[0].value for path, function in [(p, ast.parse(p.read_text())) for p in SRC.rglob("*.py")]
+             for node in ast.walk(function) if isinstance(node, ast.Call)
+             and getattr(node.func, "id", None) == "lazy_import" and node.args and isinstance(node.args[0], ast.Constant)]
+    assert names and not [name for name in names if name.startswith(("kdzoo", "."))]
+
+
+def test_import_kdzoo_leaves_the_heavy_libraries_unloaded():
+    import subprocess
+    import sys
+
+    code = ("import sys, kdzoo, kdzoo.cli; heavy = ('torchvision', 'sklearn', 'matplotlib.pyplot', 'kornia', "
+            "'scipy.stats', 'transformers', 'torch.distributed.fsdp', 'torch.utils.flop_counter'); print([m for m in heavy if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("limit", [8])
 def test_no_function_takes_more_than_eight_parameters(limit):
     wide = []

@@ -51,7 +51,7 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     log_every: int = 20  # steps between progress-bar refreshes (each one reads values back from the device)
-    # speed (see kdzoo.train.fast_step); none of these changes what is computed beyond bf16/compiler rounding
+    # speed (see kdzoo.engine.step); none of these changes what is computed beyond bf16/compiler rounding
     compile: str = "off"  # off | default | reduce-overhead (torch.compile; reduce-overhead adds CUDA graphs, CUDA only)
     channels_last: bool = False  # NHWC memory format for models and batches (faster convolutions on CUDA)
     cache_teacher_outputs: bool = False  # keep teacher outputs per sample; only for data without augmentation
@@ -147,9 +147,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs"
     name: Optional[str] = None
-    # students trained jointly with `student:` (mutual learning, kdzoo.train.peers); each reads the others' outputs
+    # students trained jointly with `student:` (mutual learning, kdzoo.tasks.classification.peers); each reads the others' outputs
     peers: list[ModelConfig] = field(default_factory=list)
-    # train the student this many times, round r+1 taught by round r's student (kdzoo.rounds)
+    # train the student this many times, round r+1 taught by round r's student (kdzoo.runs.rounds)
     rounds: int = 1
     stages: list[StageConfig] = field(default_factory=list)  # empty: one stage, the run itself
 
@@ -248,7 +248,7 @@ def _validate_peers_and_rounds(cfg: RunConfig) -> None:
         if getattr(entry.obj, "needs_peers", False) and not cfg.peers:
             raise ConfigError(f"methods[{i}] ({method.name}) reads other students: add a 'peers:' section")
         for key, value in {**entry.defaults, **method.options}.items():
-            if value != "estimate":  # a ground-truth weight set in each round (kdzoo.rounds)
+            if value != "estimate":  # a ground-truth weight set in each round (kdzoo.runs.rounds)
                 continue
             if key != entry.obj.ground_truth_weight:
                 which = entry.obj.ground_truth_weight or "none here"

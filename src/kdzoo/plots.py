@@ -9,11 +9,11 @@ from typing import Optional, Sequence
 import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from .engine.runtime import atomic_write, lazy_import
 
-from .engine.runtime import atomic_write  # noqa: E402
+matplotlib.use("Agg")  # headless, chosen before pyplot loads
+plt = lazy_import("matplotlib.pyplot")
+ticker = lazy_import("matplotlib.ticker")
 
 
 def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> None:
@@ -28,7 +28,7 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") 
     ax_loss.set(xlabel="epoch", ylabel="training loss (all terms)", title="loss", yscale="log")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     if runs:
         fig.legend(*ax_acc.get_legend_handles_labels(), loc="outside lower center", ncol=min(len(runs), 4),
                    frameon=False)
@@ -72,7 +72,7 @@ def run_figure(history: list[dict], teacher_top1: Optional[float] = None, title:
     ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy", ylim=(0, 102))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         if epochs:
             ax.set_xlim(min(epochs) - 0.2, max(epochs) + 0.2)
         if ax.get_legend_handles_labels()[0]:

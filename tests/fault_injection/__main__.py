@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .harness import FULL, format_table, run_all
 
-QUICK = {"kills": 3, "condense_kills": 2, "files": 8, "nonfinite": FULL["nonfinite"][:2]}
+QUICK = {"kills": 3, "condense_kills": 2, "lm_kills": 2, "files": 8, "nonfinite": FULL["nonfinite"][:2]}
 
 
 def main() -> int:

@@ -388,6 +388,71 @@ def kill_condense(workdir: Path, n: int, seed: int = 1) -> Row:
     return row
 
 
+LM_MODEL = {"arch": "llama", "options": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                                         "num_attention_heads": 2, "num_key_value_heads": 2,
+                                         "max_position_embeddings": 64}}
+LM_STEPS = 8
+
+
+def write_lm_configs(workdir: Path) -> tuple[str, str]:
+    """A tiny Llama teacher (byte tokenizer, pydoc text) and a student distilled from it with forward KL on half
+    generated batches (so the sampling generators' state matters), two micro-batches per step, a checkpoint every
+    2 of 8 steps and an evaluation every 3 (checkpoints fall inside evaluation periods too)."""
+    data = {"corpus": "pydoc", "seq_len": 16, "max_chars": 4000}
+    train = {"steps": LM_STEPS, "batch_size": 4, "grad_accum": 2, "eval_every": 3, "save_every": 2,
+             "eval_batches": 1, "device": "cpu", "warmup_steps": 2, "progress": False, "seed": 3}
+    teacher = {"model": LM_MODEL, "tokenizer": {"name": "byte"}, "data": data, "train": train,
+               "output_dir": str(workdir / "lm")}
+    student = {**teacher, "teacher": {"name": str(workdir / "lm" / "lm-teacher")}, "losses": ["forward_kl"],
+               "generation": {"fraction": 0.5, "prompt_len": 4, "max_new_tokens": 6}}
+    paths = []
+    for name, config in (("lm-teacher", teacher), ("lm-student", student)):
+        path = workdir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def kill_lm(workdir: Path, n: int, seed: int = 2) -> Row:
+    """kill -9 of ``kdzoo lm distill`` at optimizer steps and inside checkpoint writes, then --resume: the exported
+    model must be bit-identical (SHA-256 of model.safetensors) to an uninterrupted run's."""
+    row = Row("kill -9 during kdzoo lm distill, then --resume", "model.safetensors bit-identical, no temp left")
+    teacher_config, config = write_lm_configs(workdir)
+    outcome = run_child(cli("lm", "train", teacher_config), workdir)
+    reference_dir = workdir / "lm-reference"
+    outcome = outcome if outcome.code else run_child(cli("lm", "distill", config, "--run-dir", str(reference_dir)),
+                                                     workdir)
+    if outcome.code != 0:
+        row.record(False, "reference", outcome.output[-500:])
+        return row
+    reference = digest(reference_dir / "model" / "model.safetensors")
+    rng = random.Random(seed)
+    phases = ["half", "before-rename", "after-rename"]
+    for i in range(n):
+        run_dir = workdir / f"lm-kill{i}"
+        base = cli("lm", "distill", config, "--run-dir", str(run_dir))
+        if i % 2 == 0:
+            step = rng.randint(1, LM_STEPS - 1)
+            case, outcome = f"step {step}", run_child(kill_at_step(step, base), workdir)
+        else:
+            phase, occurrence = phases[(i // 2) % 3], rng.randint(1, 3)
+            case, outcome = f"checkpoint write {occurrence} ({phase})", run_child(
+                kill_in_write("checkpoint.pt", occurrence, phase, base), workdir)
+        killed = outcome.code == -signal.SIGKILL
+        for _ in range(3):  # resume, or restart when no checkpoint survived
+            resume = ("--resume",) if (run_dir / "checkpoint.pt").exists() else ()
+            done = run_child(cli("lm", "distill", config, "--run-dir", str(run_dir), *resume), workdir)
+            if done.code == 0:
+                break
+        if done.code != 0:
+            row.record(False, case, f"resume failed: {done.output[-400:]}")
+            continue
+        same = digest(run_dir / "model" / "model.safetensors") == reference
+        row.record(same and not temporaries(run_dir), case + ("" if killed else " (finished before the kill)"),
+                   f"identical={same} temporaries={temporaries(run_dir)}")
+    return row
+
+
 class _RunsCode:
     """Unpickling this runs code: it creates the marker file."""
 
@@ -743,8 +808,8 @@ def killed_rank(workdir: Path, ref: Reference) -> Row:
 
 # ---------------------------------------------------------------- the whole table
 
-FULL = {"kills": 12, "condense_kills": 4, "files": None, "nonfinite": [(float("nan"), 4), (float("inf"), 7),
-                                                                       (float("nan"), 13), (float("-inf"), 16)]}
+FULL = {"kills": 12, "condense_kills": 4, "lm_kills": 6, "files": None,
+        "nonfinite": [(float("nan"), 4), (float("inf"), 7), (float("nan"), 13), (float("-inf"), 16)]}
 
 
 def run_all(workdir: Path, sizes: dict = FULL, log: Callable[[str], None] = print) -> list[Row]:
@@ -760,6 +825,7 @@ def run_all(workdir: Path, sizes: dict = FULL, log: Callable[[str], None] = prin
 
     timed(lambda: kill_train(workdir, ref, sizes["kills"]))
     timed(lambda: kill_condense(workdir, sizes["condense_kills"]))
+    timed(lambda: kill_lm(workdir, sizes["lm_kills"]))
     timed(lambda: bad_files(workdir, ref, sizes["files"]))
     timed(lambda: config_errors(workdir))
     timed(lambda: condense_option_errors(workdir))

@@ -56,6 +56,11 @@ def test_kill_9_during_condense_resumes_bit_identically(workdir):
     _check(harness.kill_condense(workdir, 2))
 
 
+def test_kill_9_during_lm_distill_resumes_bit_identically(workdir):
+    pytest.importorskip("transformers")
+    _check(harness.kill_lm(workdir, 2))
+
+
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_gloo_job_and_the_run_resumes(workdir, reference):
     _check(harness.killed_rank(workdir, reference))

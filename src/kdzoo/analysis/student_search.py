@@ -32,15 +32,16 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 import yaml
-from scipy.stats import kendalltau, spearmanr
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from ..engine.runtime import seed_everything
+from ..engine.runtime import lazy_import, seed_everything
 from ..errors import ConfigError
 from ..models import create_model
 from ..models.cifar_resnet import CifarResNet
 from ..taps import Taps, discover_layout
+
+flop_counter = lazy_import("torch.utils.flop_counter")  # loads triton (0.2 s)
+scipy_stats = lazy_import("scipy.stats")
 
 # ---------------------------------------------------------------- the two distances (pure functions)
 
@@ -94,7 +95,7 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), flop_counter.FlopCounterMode(display=False) as counter:
             model(example)
     finally:
         model.train(was_training)
@@ -277,7 +278,8 @@ def rank_correlation(scores: Sequence[float], accuracies: Sequence[float]) -> di
     """Spearman's rho and Kendall's tau between zero-cost scores and measured accuracies (scipy)."""
     if len(scores) != len(accuracies) or len(scores) < 3:
         raise ConfigError(f"rank correlation needs at least 3 paired values, got {len(scores)}")
-    return {"spearman": float(spearmanr(scores, accuracies)[0]), "kendall": float(kendalltau(scores, accuracies)[0])}
+    return {"spearman": float(scipy_stats.spearmanr(scores, accuracies)[0]),
+            "kendall": float(scipy_stats.kendalltau(scores, accuracies)[0])}
 
 
 __all__ = ["class_gradient", "semantic_distance", "relation_distance", "Candidate", "TeacherSignals",

@@ -9,7 +9,7 @@ each run's last checkpoint:
 * a teacher is finished when its ``model.safetensors`` exists, continued from its checkpoint otherwise.
 
 Cells that share a pair, a seed, the data and the recipe (the methods of one pair) are trained together by
-`kdzoo.train.fit_many` -- one teacher forward per batch for all of them, the students stacked into one
+`kdzoo.fit_many` -- one teacher forward per batch for all of them, the students stacked into one
 vmapped model when they allow it -- in groups of at most `parallel` cells.  Cells being resumed are grouped
 only with cells that stopped at the same step, since `fit_many` continues its runs from one position.
 A cell's saved ``config.yaml`` is a complete `kdzoo train` config; a cell whose saved config differs from
@@ -27,8 +27,8 @@ from typing import Callable, Optional
 import yaml
 
 from ..condense.base import build_condenser
-from ..condense.run import run_condenser
 from ..condense.evaluate import EvalOptions, evaluate_synthetic
+from ..condense.run import run_condenser
 from ..config import RunConfig, load_config, save_config, to_dict
 from ..data import build_dataset
 from ..engine.checkpoint import load_checkpoint

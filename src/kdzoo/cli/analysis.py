@@ -18,8 +18,8 @@ from ..config import (DataConfig, ModelConfig, RunConfig, TeacherConfig, apply_o
 from ..data import Placement, make_loader
 from ..engine.runtime import atomic_write, resolve_device
 from ..errors import ConfigError
-from ..plots import plot_cka
 from ..models.weights import WEIGHT_FILES
+from ..plots import plot_cka
 from ..runs import build_data, build_model, load_weights
 
 SEARCH_DESCRIPTION = (

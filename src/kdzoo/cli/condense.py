@@ -11,22 +11,18 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
-from ..condense.base import build_condenser
-from ..condense.run import run_condenser
-from ..registry import CONDENSERS
+from ..condense.base import SyntheticSet, build_condenser
 from ..condense.evaluate import EvalOptions, evaluate_synthetic, format_results, published_accuracy
+from ..condense.run import run_condenser
 from ..config import apply_overrides
 from ..data import build_dataset
 from ..engine.checkpoint import remove_stale_files
 from ..engine.runtime import atomic_write, resolve_device
 from ..errors import ConfigError
 from ..plots import plot_grid
-from ..registry import DATASETS, check_options, check_value, option_hints
-
-if TYPE_CHECKING:
-    from ..condense.base import SyntheticSet
+from ..registry import CONDENSERS, DATASETS, check_options, check_value, option_hints
 
 OVERRIDES_HELP = ("method options, e.g. lr_img=1 fyi=true committee_labels=true zca=true normalize=cifar10 "
                   "model_options.width=64; "
@@ -152,7 +148,7 @@ def _check_eval_options(options: dict) -> dict:
     return {key: check_value(f"eval.{key}", value, hints[key]) for key, value in options.items()}
 
 
-def save_grid(synthetic: "SyntheticSet", path: Path, class_names: Optional[Sequence[str]] = None) -> None:
+def save_grid(synthetic: SyntheticSet, path: Path, class_names: Optional[Sequence[str]] = None) -> None:
     """PNG of the images: one column per class headed by its name, one row per image (`plots.grid_figure`),
     upscaled with nearest neighbours.  Pixel-space sets (whitening undone) are shown as they are, clipped to
     [0, 1]; others are clipped to mean +- 2.5 std of the set and stretched to [0, 1].  Soft labels are shown

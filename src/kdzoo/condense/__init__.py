@@ -19,16 +19,16 @@ The returned `SyntheticSet` holds pixel-space images plus the input space they w
 (normalisation or the fitted whitening), saved together; `evaluate_synthetic` maps the synthetic
 and the test images through it.
 """
-from .augment import DSA, DSA_STRATEGY, DSAParams
 from ..registry import CONDENSERS, register_condenser
+from .augment import DSA, DSA_STRATEGY, DSAParams
 from .base import Condenser, EvalProtocol, SyntheticSet, build_condenser
-from .run import condense, run_condenser
 from .datadam import DataDAM, datadam_loss
 from .dc import DC, DSAMatching
 from .dm import DM, dm_loss
 from .evaluate import EvalResult, evaluate_synthetic, format_results, train_networks
 from .ftd import FTD
 from .mtt import MTT, ExpertBuffer, trajectory_loss
+from .run import condense, run_condenser
 from .space import InputSpace
 
 __all__ = [

@@ -27,10 +27,10 @@ from torch import nn
 from torch.func import functional_call
 
 from ..engine.runtime import atomic_write
+from ..engine.stacked import StackTraining
 from ..errors import CheckpointError, ConfigError
 from ..registry import register_condenser
 from .base import Condenser, EvalProtocol, fyi_expand, jsonable, nearest_ipc
-from ..engine.stacked import StackTraining
 from .evaluate import Sharpness, train_networks
 
 MTT_PAPER = "Cazenavette et al. 2022, Dataset Distillation by Matching Training Trajectories (CVPR)"

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import ConfigError
 from ..engine.stacked import StackTraining
+from ..errors import ConfigError
 from .evaluate import accuracy, train_networks
 
 if TYPE_CHECKING:

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-from kornia.enhance import ZCAWhitening, linear_transform
 
 from ..data.arrays import UInt8Images
+from ..engine.runtime import lazy_import
 from ..errors import ConfigError
+
+kornia_enhance = lazy_import("kornia.enhance")
 
 ZCA_EPS = 0.1  # kornia ZCAWhitening(eps=0.1) in mtt-distillation's and FTD-distillation's get_dataset
 
@@ -54,7 +56,7 @@ def pixel_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple[t
 
 def _linear(x: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """kornia's linear_transform along the batch axis: (flatten(x) - offset) @ matrix, reshaped back."""
-    return linear_transform(x, matrix.to(x), offset.to(x), 0)
+    return kornia_enhance.linear_transform(x, matrix.to(x), offset.to(x), 0)
 
 
 @dataclass
@@ -73,7 +75,7 @@ class InputSpace:
     @classmethod
     def fit_zca(cls, pixels: torch.Tensor, eps: float = ZCA_EPS, known_pixels: bool = True) -> "InputSpace":
         """ZCA of the (N, C, H, W) pixels as the references fit it: kornia, eps 0.1, inverse kept."""
-        whitening = ZCAWhitening(eps=eps, compute_inv=True).fit(pixels)
+        whitening = kornia_enhance.ZCAWhitening(eps=eps, compute_inv=True).fit(pixels)
         tensors = {name: getattr(whitening, name).detach() for name in ("mean_vector", "transform_matrix",
                                                                          "transform_inv")}
         channels = pixels.shape[1]

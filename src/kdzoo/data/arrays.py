@@ -14,10 +14,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms as T
 
+from ..engine.runtime import lazy_import
 from ..errors import ConfigError
 from .cache import DecodedSplit
+
+T = lazy_import("torchvision.transforms")
 
 
 def normalize_batch(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

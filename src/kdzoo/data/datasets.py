@@ -19,20 +19,20 @@ from typing import Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image
-from sklearn.datasets import load_digits
 from torch.utils.data import Dataset
-from torchvision.datasets import FashionMNIST
 from tqdm.auto import tqdm
 
-from ..engine.runtime import atomic_write
+from ..engine.runtime import atomic_write, lazy_import
 from ..errors import ConfigError
 from ..registry import DATASETS, Fraction, NonNegative, PositiveInt, register_dataset
 from .arrays import CIFAR_AUGMENT, UInt8Images, parse_resident
 from .cache import DecodedSplit, cached_decode
 from .loaders import TensorData
 from .longtail import ImbalanceFactor, long_tailed
+
+sklearn_datasets = lazy_import("sklearn.datasets")
+torchvision = lazy_import("torchvision")
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
@@ -80,7 +80,7 @@ def digits(test_fraction: Fraction = 0.25, split_seed: int = 0, image_size: Posi
            imbalance_factor: ImbalanceFactor = 1.0) -> DataSplits:
     """Real 8x8 grey-scale digits shipped inside scikit-learn: no download.  `imbalance_factor` (every labelled
     dataset has it): a long-tailed training split, see `kdzoo.data.longtail`."""
-    bunch = load_digits()
+    bunch = sklearn_datasets.load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     if image_size != 8:
         images = torch.nn.functional.interpolate(images, size=image_size, mode="bilinear", align_corners=False)
@@ -327,7 +327,7 @@ def _fashion_mnist_raw(root: str, debian_dir: str, download: bool) -> Path:
     """ROOT/FashionMNIST/raw holding the four idx files torchvision reads, unpacked where needed from .gz
     files in that folder or in `debian_dir` (where the Debian package dataset-fashion-mnist puts them)."""
     raw = Path(root) / "FashionMNIST" / "raw"
-    names = [file.removesuffix(".gz") for file, _ in FashionMNIST.resources]
+    names = [file.removesuffix(".gz") for file, _ in torchvision.datasets.FashionMNIST.resources]
     for name in names:
         if (raw / name).is_file():
             continue
@@ -340,7 +340,7 @@ def _fashion_mnist_raw(root: str, debian_dir: str, download: bool) -> Path:
     missing = [name for name in names if not (raw / name).is_file()]
     if missing and download:
         try:
-            FashionMNIST(root, download=True)
+            torchvision.datasets.FashionMNIST(root, download=True)
         except (RuntimeError, OSError) as err:
             raise ConfigError(f"fashion_mnist: downloading into {root!r} failed ({err})") from None
         missing = [name for name in names if not (raw / name).is_file()]
@@ -352,7 +352,7 @@ def _fashion_mnist_raw(root: str, debian_dir: str, download: bool) -> Path:
 
 
 def _decode_fashion_mnist(root: str, train: bool) -> DecodedSplit:
-    source = FashionMNIST(root, train=train)
+    source = torchvision.datasets.FashionMNIST(root, train=train)
     return DecodedSplit(source.data.unsqueeze(1).numpy(), source.targets.numpy(), {"classes": list(source.classes)})
 
 

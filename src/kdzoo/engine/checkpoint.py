@@ -17,7 +17,7 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -115,15 +115,21 @@ def _as_tuples(value: Any) -> Any:
 HASH_KEY = "kdzoo_sha256"
 
 
-def tensors_digest(tensors: dict[str, torch.Tensor], salt: str = "") -> str:
-    """SHA-256 (hex) over `salt`, then name, dtype, shape and bytes of every tensor, in name order: the one hash
-    of model states and tensor data in kdzoo (exported weights, teacher-output and top-k caches)."""
+def stream_digest(tensors: Iterable[tuple[str, torch.Tensor]], salt: str = "") -> str:
+    """SHA-256 (hex) over `salt`, then name, dtype, shape and bytes of every (name, tensor) pair in the order
+    given: the one hash of model states and tensor data in kdzoo (exported weights, the teacher-output, top-k and
+    class-mean caches), which a dataset read batch by batch can feed without holding it whole."""
     digest = hashlib.sha256(salt.encode())
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
+    for name, tensor in tensors:
+        tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor], salt: str = "") -> str:
+    """`stream_digest` of named tensors, in name order."""
+    return stream_digest(((name, tensors[name]) for name in sorted(tensors)), salt)
 
 
 def state_digest(module: torch.nn.Module, salt: str = "") -> str:

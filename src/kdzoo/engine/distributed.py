@@ -19,12 +19,14 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ConfigError
+from .runtime import lazy_import
+
+# FSDP2 and its state-dict helpers load DTensor's operator tables (0.6 s): only a sharded run reads them
+fsdp = lazy_import("torch.distributed.fsdp")
+dcp_state = lazy_import("torch.distributed.checkpoint.state_dict")
 
 
 @dataclass
@@ -95,7 +97,7 @@ class Distributed:
         """FSDP2: `fully_shard` each module of `units` in order (inner units first, the root last)."""
         if self.active:
             for unit in units:
-                fully_shard(unit)
+                fsdp.fully_shard(unit)
 
     @staticmethod
     def gradient_sync(module: nn.Module, last: bool):
@@ -111,18 +113,20 @@ class Distributed:
     def full_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
         """An FSDP2-sharded module's and its optimizer's whole state on the CPU (a collective: every process
         calls it)."""
-        return get_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        options = dcp_state.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return dcp_state.get_state_dict(module, optimizer, options=options)
 
     @staticmethod
     def load_full_state(module: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
                         optimizer_state: dict) -> None:
-        set_state_dict(module, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                       options=StateDictOptions(full_state_dict=True))
+        dcp_state.set_state_dict(module, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                                 options=dcp_state.StateDictOptions(full_state_dict=True))
 
     @staticmethod
     def full_model_state(module: nn.Module) -> dict:
         """A (sub)module's whole state on the CPU from its shards (a collective)."""
-        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        options = dcp_state.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return dcp_state.get_model_state_dict(module, options=options)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         if self.active:

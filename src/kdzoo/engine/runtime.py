@@ -2,11 +2,12 @@
 atomically."""
 from __future__ import annotations
 
+import importlib
 import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -14,6 +15,29 @@ import torch
 from ..errors import ConfigError
 
 TEMP_SUFFIX = ".tmp"
+
+
+class LazyModule:
+    """A third-party module imported when one of its attributes is first read.  Declared at the top of the module
+    that uses it (``torchvision = lazy_import("torchvision")``), so the dependency is as visible as an import, but
+    heavy libraries (torchvision, scikit-learn, matplotlib's pyplot, kornia, SciPy: 3.5 s together) stay out of
+    ``import kdzoo`` and the command line's start-up until a command needs them."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._module = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._module is None:
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
+
+    def __repr__(self) -> str:
+        return f"<lazily imported module {self._name!r}>"
+
+
+def lazy_import(name: str) -> LazyModule:
+    return LazyModule(name)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,4 +111,4 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
     return stale
 
 
-__all__ = ["resolve_device", "seed_everything", "is_main_process", "atomic_write", "remove_stale_temporaries"]
+__all__ = ["lazy_import", "LazyModule", "resolve_device", "seed_everything", "is_main_process", "atomic_write", "remove_stale_temporaries"]

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import Union
 
-import torchvision
 from torch import nn
 
+from ..engine.runtime import lazy_import
 from ..errors import ConfigError
 from ..registry import MODELS, register_model, unknown_name_message
 from . import cifar_mobilenetv2, cifar_resnet, cifar_shufflenet, cifar_vgg, cifar_wrn, convnet, mlp, tiny, vit  # noqa: F401  (registers its models)  # noqa: F401  # noqa: F401  (ViT / MLP students for 32x32 inputs)
 from .pretrained import check_weights_name, replace_head, timm_pretrained, torchvision_pretrained
+
+torchvision = lazy_import("torchvision")
 
 EXTERNAL_PREFIXES = ("tv:", "timm:")
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)

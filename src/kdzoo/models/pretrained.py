@@ -13,11 +13,12 @@ from __future__ import annotations
 from typing import Any, Union
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models import get_model_weights
 
+from ..engine.runtime import lazy_import
 from ..errors import CheckpointError, ConfigError
+
+torchvision = lazy_import("torchvision")
 
 # Where torchvision's classification families keep their classifier, tried in this order.
 HEAD_PATHS = ("fc", "classifier", "heads.head", "head")
@@ -27,7 +28,7 @@ def torchvision_weights(arch: str, pretrained: Union[bool, str]) -> Any:
     """The torchvision weights enum member `pretrained` names for `arch` (True: its DEFAULT); a name the
     architecture has no weights under is a one-line ConfigError listing the ones it has."""
     try:
-        enum = get_model_weights(arch)
+        enum = torchvision.models.get_model_weights(arch)
     except (ValueError, KeyError):
         raise ConfigError(f"torchvision model {arch!r} publishes no pretrained weights") from None
     if pretrained is True:

@@ -19,6 +19,7 @@ from ..engine.rundir import CHECKPOINT, RUN_CONFIG
 from ..errors import CheckpointError, ConfigError
 from ..methods import METHODS
 from ..models import EXTERNAL_PREFIXES, MODELS
+from ..registry import LM_LOSSES
 
 # Config keys a resumed run may change, and what the change means.  Anything else alters the result.
 RESUMABLE = {
@@ -49,9 +50,10 @@ def flat_config(config: Any) -> dict[str, Any]:
     section = data.get("data", {})
     if isinstance(section.get("name"), str) and section["name"] in DATASETS:
         section["options"] = {**DATASETS.get(section["name"]).defaults, **section["options"]}
-    for method in data.get("methods", []):
-        if method["name"] in METHODS:
-            method.update({**METHODS.get(method["name"]).defaults, **method})
+    for key, registry in (("methods", METHODS), ("losses", LM_LOSSES)):
+        for entry in data.get(key, []):
+            if entry["name"] in registry:
+                entry.update({**registry.get(entry["name"]).defaults, **entry})
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:

@@ -32,6 +32,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ...engine.checkpoint import state_digest, stream_digest, tensors_digest
 from ...engine.runtime import atomic_write, resolve_device
 from ...errors import CheckpointError, ConfigError
 from ...registry import register_method
@@ -89,34 +90,17 @@ def teacher_class_means(teacher: nn.Module, tap: str, dataset, num_classes: int,
     return (sums / counts.clamp_min(1).unsqueeze(1)).float().cpu()
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 of a model's state: every entry's name, dtype, shape and bytes."""
-    digest = hashlib.sha256()
-    for name, value in model.state_dict().items():
-        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(_tensor_bytes(value))
-    return digest.hexdigest()
-
-
 def data_fingerprint(dataset, batch_size: int = 512) -> str:
-    """sha256 of a dataset's contents.  In-memory datasets (``images`` and ``labels`` tensors, e.g.
+    """A hash of a dataset's contents.  In-memory datasets (``images`` and ``labels`` tensors, e.g.
     TensorData, UInt8Images) hash their arrays and normalisation; any other dataset is read through in order."""
-    digest = hashlib.sha256(f"{type(dataset).__name__}|{len(dataset)}|".encode())
+    salt = f"{type(dataset).__name__}|{len(dataset)}|"
     images, labels = getattr(dataset, "images", None), getattr(dataset, "labels", None)
     if isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor):
-        for key in ("mean", "std"):
-            digest.update(f"{key}={getattr(dataset, key, None)}|".encode())
-        digest.update(_tensor_bytes(images))
-        digest.update(_tensor_bytes(labels))
-        return digest.hexdigest()
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
-        digest.update(_tensor_bytes(torch.as_tensor(batch[0])))
-        digest.update(_tensor_bytes(torch.as_tensor(batch[1])))
-    return digest.hexdigest()
+        salt += "".join(f"{key}={getattr(dataset, key, None)}|" for key in ("mean", "std"))
+        return tensors_digest({"images": images, "labels": labels}, salt)
+    batches = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    return stream_digest(((f"{i}.{part}", torch.as_tensor(batch[k])) for i, batch in enumerate(batches)
+                          for k, part in ((0, "images"), (1, "labels"))), salt)
 
 
 def cached_class_means(teacher: nn.Module, tap: str, dataset, num_classes: int, cache_dir: Optional[Path],
@@ -125,8 +109,8 @@ def cached_class_means(teacher: nn.Module, tap: str, dataset, num_classes: int, 
     directory is given; the key hashes the teacher's weights, the data, the tap and the class count."""
     if cache_dir is None:
         return teacher_class_means(teacher, tap, dataset, num_classes, batch_size, device)
-    key = hashlib.sha256(f"{model_fingerprint(teacher)}|{data_fingerprint(dataset)}|{tap}|{num_classes}".encode())
-    key = key.hexdigest()
+    key = f"{state_digest(teacher)}|{data_fingerprint(dataset)}|{tap}|{num_classes}"
+    key = hashlib.sha256(key.encode()).hexdigest()
     path = Path(cache_dir) / f"nd-class-means-{key[:20]}.pt"
     if path.is_file():
         try:

@@ -13,7 +13,7 @@ knowledge flows from peer l to student k only on the samples where l is the more
 cross-entropy against the label is lower), so each pair exchanges knowledge in one direction per sample.  We could
 read only the paper's abstract and found no code, so this is our reading, not a verified reproduction; the
 paper's region-wise BSD and heterogeneous feature distillation (segmentation feature maps) are not implemented.
-The students are run by ``kdzoo.train.peers.PeerDistiller`` (``peers:`` in a run config).
+The students are run by ``kdzoo.tasks.classification.PeerDistiller`` (``peers:`` in a run config).
 """
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...engine.checkpoint import state_digest
 from ...engine.runtime import atomic_write
 from ...errors import ConfigError
 from .data import TokenRows
@@ -34,15 +35,9 @@ FORMAT = 1
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over a model's config and weights: a changed teacher gets a new cache."""
-    digest = hashlib.sha256()
+    """A hash of a model's config and weights: a changed teacher gets a new cache."""
     config = getattr(model, "config", None)
-    if config is not None:
-        digest.update(config.to_json_string(use_diff=False).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return state_digest(model, config.to_json_string(use_diff=False) if config is not None else "")
 
 
 def cache_key(teacher_fingerprint: str, data_fingerprint: str, top_k: int, temperature: float) -> str:

@@ -9,7 +9,6 @@ row is held out, so both splits sample the whole corpus.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from pydoc_data.topics import topics
@@ -17,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ...engine.checkpoint import tensors_digest
 from ...errors import ConfigError
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
@@ -66,10 +66,7 @@ class TokenRows:
         return TokenRows(self.input_ids[index], self.attention_mask[index])
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        digest.update(self.input_ids.numpy().tobytes())
-        digest.update(self.attention_mask.numpy().tobytes())
-        return digest.hexdigest()
+        return tensors_digest({"input_ids": self.input_ids, "attention_mask": self.attention_mask})
 
 
 @dataclass

@@ -22,7 +22,6 @@ from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ...engine.distributed import Distributed
 from ...engine.optim import LearningRate, OptimizerSlot, OptimizerSpec, build_optimizer
@@ -237,7 +236,7 @@ class LMTask(Task):
     def build_steps(self, trainer: Trainer) -> list[StepGroup]:
         tc = self.cfg.train
         spec = OptimizerSpec("adamw", tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas), decay_1d=False)
-        sharded = any(isinstance(p, DTensor) for p in self.step_module.parameters())
+        sharded = self.fsdp  # its parameters are DTensors
         # a sharded module keeps torch's default optimizer implementation
         optimizer = build_optimizer(self.step_module.parameters(), spec, None if sharded else trainer.device)
         if trainer.runs[0].sharded is not None:
