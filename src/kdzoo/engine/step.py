@@ -256,7 +256,6 @@ class TrainStep:
         """One optimizer step over `options.accumulation` micro-batches (an iterable, so each is prepared just
         before its forward)."""
         accumulation = self.options.accumulation
-        self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(micro_batches):
             with self.sync(i == accumulation - 1):
                 with autocast_for(self.device, self.options.amp):
@@ -268,6 +267,10 @@ class TrainStep:
                     total = loss if total is None else total + loss
                 if accumulation > 1:
                     total = total / accumulation
+                if i == 0:
+                    # after the first forward: the last step's gradients are freed just before this backward
+                    # allocates the same sizes again (freeing them before the forward costs ~15% on a CPU)
+                    self.optimizer.zero_grad(set_to_none=True)
                 total.backward()
             self.units += batch.units or batch.size
         for meters in self.meters:
