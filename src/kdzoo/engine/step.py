@@ -63,6 +63,11 @@ class StepOptions:
     compile: str = "off"
     accumulation: int = 1
     max_grad_norm: float = 0.0
+    # when the last step's gradients are freed: before the forward (their memory then serves the activations) or,
+    # False, just before the first backward, which allocates the same sizes again.  Neither changes what is
+    # computed; which is faster depends on the model and the allocator (on a CPU, measured in alternated pairs:
+    # a small CNN 6% faster with False, a small language model with large logits 3% faster with True).
+    free_gradients_first: bool = False
 
 
 def autocast_for(device: torch.device, amp: str):
@@ -256,6 +261,8 @@ class TrainStep:
         """One optimizer step over `options.accumulation` micro-batches (an iterable, so each is prepared just
         before its forward)."""
         accumulation = self.options.accumulation
+        if self.options.free_gradients_first:
+            self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(micro_batches):
             with self.sync(i == accumulation - 1):
                 with autocast_for(self.device, self.options.amp):
@@ -267,9 +274,7 @@ class TrainStep:
                     total = loss if total is None else total + loss
                 if accumulation > 1:
                     total = total / accumulation
-                if i == 0:
-                    # after the first forward: the last step's gradients are freed just before this backward
-                    # allocates the same sizes again (freeing them before the forward costs ~15% on a CPU)
+                if i == 0 and not self.options.free_gradients_first:
                     self.optimizer.zero_grad(set_to_none=True)
                 total.backward()
             self.units += batch.units or batch.size

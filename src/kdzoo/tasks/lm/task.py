@@ -247,7 +247,8 @@ class LMTask(Task):
             return [(None, wrapped(ids, attention, mask, teacher_parts, use_ce))]
 
         step = TrainStep(forward, optimizer, trainer.device,
-                         StepOptions(amp=tc.amp, accumulation=tc.grad_accum, max_grad_norm=tc.max_grad_norm),
+                         StepOptions(amp=tc.amp, accumulation=tc.grad_accum, max_grad_norm=tc.max_grad_norm,
+                                     free_gradients_first=True),
                          clip_parameters=list(self.step_module.parameters()),
                          sync=lambda last: Distributed.gradient_sync(wrapped, last))
         return [StepGroup(step, LearningRate(optimizer, trainer.schedule), [0], [OptimizerSlot(optimizer)])]
