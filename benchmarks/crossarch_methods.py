@@ -23,7 +23,7 @@ import torch
 
 from kdzoo.config import TrainConfig
 from kdzoo.data import build_dataset, input_example
-from kdzoo.runs.demo import STUDENT_FRACTION, TEACHER_WIDTH, labelled_subset
+from kdzoo.runner.demo import STUDENT_FRACTION, TEACHER_WIDTH, labelled_subset
 from kdzoo.distiller import Distiller
 from kdzoo.methods import create_method
 from kdzoo.models import count_parameters, create_model

@@ -27,7 +27,7 @@ from kdzoo.data import TensorData, build_dataset, input_example, labels_of
 from kdzoo.distiller import Distiller, TrainingData
 from kdzoo.methods import METHODS, create_method
 from kdzoo.models import create_model
-from kdzoo.runs import load_weights
+from kdzoo.runner import load_weights
 from kdzoo.tasks.classification import fit
 
 LIGHT_STUDENTS = ("mobile_half", "ShuffleV1", "ShuffleV2")

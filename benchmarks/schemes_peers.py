@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/schemes_peers.py --threads 1 [--epochs 6] [--seeds 0 1 2] [--json out.json]
 
-Every row trains through `kdzoo.runs.train_run` from a RunConfig, the same recipe for all (AdamW, cosine; Adam
+Every row trains through `kdzoo.runner.train_run` from a RunConfig, the same recipe for all (AdamW, cosine; Adam
 suits ISD's squared-error loss, whose gradients are small):
 - student alone: tiny:cnn width 8, cross-entropy;
 - KD: the same student from a tiny:cnn width-32 teacher trained first with this seed (KD's defaults);
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from kdzoo.config import RunConfig, TeacherConfig, from_dict
-from kdzoo.runs import teacher_run, train_run
+from kdzoo.runner import teacher_run, train_run
 
 CNN = {"name": "tiny:cnn", "options": {"width": 8}}
 VIT = {"name": "vit:nano", "options": {"image_size": 8, "patch_size": 2, "dim": 32, "depth": 2}}

@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/schemes_vit.py --threads 1       # 3 seeds, 12 epochs: ~5 CPU-minutes
     PYTHONPATH=src python benchmarks/schemes_vit.py --threads 1 --imbalance 10 --variants "LT: KD,LT: DeiT-LT"
 
-Every run goes through `kdzoo.runs.train_run` (the code path of `kdzoo train`), each into its own temporary run
+Every run goes through `kdzoo.runner.train_run` (the code path of `kdzoo train`), each into its own temporary run
 directory.  A tiny:cnn teacher of width 32 learns the digits training split it teaches on (12 epochs, seed 100;
 the long-tailed rows get a teacher trained on the long-tailed split, as DeiT-LT's teacher is); a ViT student
 (vit:nano on 8x8 images, 2x2 patches, width 32, 4 blocks; AdamW 2e-3, cosine, batch 32) learns for `--epochs`:
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from kdzoo.config import DataConfig, ModelConfig, RunConfig, TeacherConfig, from_dict
-from kdzoo.runs import build_data, build_model, load_weights, teacher_run, train_run
+from kdzoo.runner import build_data, build_model, load_weights, teacher_run, train_run
 
 TEACHER = {"name": "tiny:cnn", "options": {"width": 32}}
 VIT = {"name": "vit:nano", "options": {"image_size": 8, "patch_size": 2, "dim": 32}}

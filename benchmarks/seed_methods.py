@@ -26,7 +26,7 @@ import torch
 
 from kdzoo.config import TrainConfig
 from kdzoo.data import build_dataset, input_example
-from kdzoo.runs.demo import STUDENT_FRACTION, STUDENT_WIDTH, TEACHER_WIDTH, labelled_subset
+from kdzoo.runner.demo import STUDENT_FRACTION, STUDENT_WIDTH, TEACHER_WIDTH, labelled_subset
 from kdzoo.distiller import Distiller, TrainingData
 from kdzoo.methods import create_method
 from kdzoo.models import create_model

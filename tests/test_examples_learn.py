@@ -16,7 +16,7 @@ from kdzoo.data import build_dataset
 from kdzoo.distiller import Distiller
 from kdzoo.errors import ConfigError
 from kdzoo.models import create_model, set_bn_momentum
-from kdzoo.runs import build_data, build_model
+from kdzoo.runner import build_data, build_model
 from kdzoo.tasks.classification import fit
 from kdzoo.tasks.classification.task import EvalModeCheck
 from tiny_setup import train_config

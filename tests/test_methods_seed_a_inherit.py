@@ -11,7 +11,7 @@ from kdzoo.config import RunConfig, load_config
 from kdzoo.errors import ConfigError
 from kdzoo.models import create_model
 from kdzoo.models.inherit import inherit_weights
-from kdzoo.runs import build_data, build_distiller
+from kdzoo.runner import build_data, build_distiller
 
 
 def test_shallower_student_takes_every_kth_teacher_block():

@@ -93,7 +93,7 @@ def test_condense_cli_grid_has_a_column_per_class(tmp_path):
 
 def test_train_run_records_the_teacher_accuracy_and_draws_it(tmp_path, monkeypatch):
     from kdzoo.config import RunConfig, load_config
-    from kdzoo.runs import teacher_run_accuracy
+    from kdzoo.runner import teacher_run_accuracy
 
     monkeypatch.chdir(tmp_path)
     one_epoch = {**TRAIN, "epochs": 1}

@@ -15,9 +15,9 @@ from kdzoo.methods import create_method
 from kdzoo.methods.schemes.dml import dml_loss
 from kdzoo.methods.schemes.isd import isd_loss, optimal_ground_truth_weight
 from kdzoo.models import create_model
-from kdzoo.runs.rounds import round_config
+from kdzoo.runner.rounds import round_config
 from kdzoo.models.weights import read_state_dict as read_state
-from kdzoo.runs import build_data, build_distiller
+from kdzoo.runner import build_data, build_distiller
 from kdzoo.engine import trainer as trainer_module
 from kdzoo.tasks.classification.peers import PeerDistiller
 
@@ -226,8 +226,8 @@ def test_example_configs_load(name):
 
 @pytest.mark.slow
 def test_estimated_ground_truth_weight_is_the_closed_form_on_held_out_samples(tmp_path):
-    from kdzoo.runs.rounds import HOLDOUT, softmax_outputs, split_holdout
-    from kdzoo.runs import load_weights
+    from kdzoo.runner.rounds import HOLDOUT, softmax_outputs, split_holdout
+    from kdzoo.runner import load_weights
 
     config = {"student": CNN, "methods": ["isd"], "rounds": 2, "data": DATA,
               "train": {**TRAIN, "epochs": 1, "optimizer": "adamw", "lr": 0.01}}
@@ -256,7 +256,7 @@ def test_estimated_ground_truth_weight_is_the_closed_form_on_held_out_samples(tm
 def test_estimate_reads_the_held_out_samples_the_data_section_sets_aside(tmp_path, capsys):
     """data.held_out_fraction: the weight is estimated on exactly those samples, and no second share leaves the
     training split."""
-    from kdzoo.runs.rounds import split_holdout
+    from kdzoo.runner.rounds import split_holdout
 
     data_cfg = {**DATA, "held_out_fraction": 0.25}
     config = {"student": CNN, "methods": ["isd"], "rounds": 2, "data": data_cfg,

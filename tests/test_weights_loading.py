@@ -18,7 +18,7 @@ from kdzoo.data.datasets import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGEN
 from kdzoo.errors import CheckpointError, ConfigError
 from kdzoo.models import create_model, replace_head
 from kdzoo.models.weights import fit_state_dict, load_weights, match_names, read_state_dict
-from kdzoo.runs import build_data, build_distiller
+from kdzoo.runner import build_data, build_distiller
 
 SYNTH = {"name": "synthetic", "options": {"num_classes": 4, "image_size": 8, "train_size": 32, "test_size": 16}}
 FAST = {"epochs": 1, "batch_size": 16, "lr": 0.05, "progress": False, "device": "cpu", "save_every": 1}

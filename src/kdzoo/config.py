@@ -149,7 +149,7 @@ class RunConfig:
     name: Optional[str] = None
     # students trained jointly with `student:` (mutual learning, kdzoo.tasks.classification.peers); each reads the others' outputs
     peers: list[ModelConfig] = field(default_factory=list)
-    # train the student this many times, round r+1 taught by round r's student (kdzoo.runs.rounds)
+    # train the student this many times, round r+1 taught by round r's student (kdzoo.runner.rounds)
     rounds: int = 1
     stages: list[StageConfig] = field(default_factory=list)  # empty: one stage, the run itself
 
@@ -248,7 +248,7 @@ def _validate_peers_and_rounds(cfg: RunConfig) -> None:
         if getattr(entry.obj, "needs_peers", False) and not cfg.peers:
             raise ConfigError(f"methods[{i}] ({method.name}) reads other students: add a 'peers:' section")
         for key, value in {**entry.defaults, **method.options}.items():
-            if value != "estimate":  # a ground-truth weight set in each round (kdzoo.runs.rounds)
+            if value != "estimate":  # a ground-truth weight set in each round (kdzoo.runner.rounds)
                 continue
             if key != entry.obj.ground_truth_weight:
                 which = entry.obj.ground_truth_weight or "none here"

@@ -40,7 +40,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import kdzoo.cli
 import kdzoo.plots  # noqa: F401
 import kdzoo.engine.runtime
-import kdzoo.runs  # noqa: F401
+import kdzoo.runner  # noqa: F401
 from kdzoo.config import RunConfig, TrainConfig, load_config
 from kdzoo.errors import ConfigError
 from kdzoo.registry import DATASETS, METHODS, MODELS, Range

@@ -35,8 +35,8 @@ from ..engine.checkpoint import load_checkpoint
 from ..engine.runtime import atomic_write, remove_stale_temporaries, resolve_device, seed_everything
 from ..errors import ConfigError
 from ..registry import DATASETS
-from ..runs import build_data, build_distiller, build_model, model_meta, teacher_run
-from ..runs.demo import labelled_subset
+from ..runner import build_data, build_distiller, build_model, model_meta, teacher_run
+from ..runner.demo import labelled_subset
 from ..tasks.classification import FitOptions, fit_many
 from .spec import BenchSpec, Cell, TeacherJob, expand
 

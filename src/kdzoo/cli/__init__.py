@@ -23,7 +23,7 @@ from .bench import add_bench_parser
 from .condense import add_condense_parser
 from .lm import add_lm_parser
 from .methods import add_methods_parser
-from .runs import add_run_parsers
+from .train import add_run_parsers
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from ..engine.runtime import atomic_write, resolve_device
 from ..errors import ConfigError
 from ..models.weights import WEIGHT_FILES
 from ..plots import plot_cka
-from ..runs import build_data, build_model, load_weights
+from ..runner import build_data, build_model, load_weights
 
 SEARCH_DESCRIPTION = (
     "Rank candidate students for a teacher without training them (DisWOT): each randomly initialised candidate "

@@ -19,14 +19,14 @@ from ..engine.rundir import RUN_CONFIG
 from ..engine.runtime import is_main_process, resolve_device, seed_everything
 from ..errors import ConfigError
 from ..registry import LM_LOSSES
-from ..runs import run_lm
+from ..runner import run_lm
 from ..tasks.lm.cache import open_cache
 from ..tasks.lm.config import LMModelConfig, LMRunConfig
 from ..tasks.lm.metrics import evaluate_lm
 from ..tasks.lm.models import load_trained, require_transformers
 from ..tasks.lm.speculative import benchmark_draft, time_generation
 from ..tasks.lm.task import load_data, make_model
-from .runs import start_run
+from .train import start_run
 
 OVERRIDES = "Overrides are KEY=VALUE pairs applied to the YAML, e.g. train.steps=200 losses.0.temperature=2."
 

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..engine.checkpoint import read_weights
+from ..engine.optim import descend
 from ..engine.runtime import atomic_write, resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..models import MODELS, convnet, create_model  # noqa: F401  (convnet registers ConvNet-3, the default)
@@ -245,11 +246,7 @@ class Condenser(ABC):
         return self.real.per_class(self.ipc)[0].clone()
 
     def update(self, loss: torch.Tensor) -> None:
-        for optimizer in self.optimizers():
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for optimizer in self.optimizers():
-            optimizer.step()
+        descend(self.optimizers(), loss)
         self.after_update()
 
     def new_network(self, name: Optional[str] = None, options: Optional[dict] = None) -> nn.Module:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from ..engine.optim import descend
 from ..errors import ConfigError
 from ..registry import register_condenser
 from .base import Condenser, EvalProtocol, fyi_expand, nearest_ipc
@@ -144,10 +145,7 @@ class DC(Condenser):
                 x, y = images[index], labels[index]
                 if self.fyi:  # FYI's BatchAug in the inner loop: the batch plus a full batch of its flips
                     x, y = fyi_expand(x, y, 1)
-                loss = F.cross_entropy(network(self.dsa.augment(x)), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                descend([optimizer], F.cross_entropy(network(self.dsa.augment(x)), y))
 
 
 @register_condenser("dsa", paper=DSA_PAPER)

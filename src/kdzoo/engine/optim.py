@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -88,6 +88,16 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
         group.update({key: before[key] for key in IMPLEMENTATION_KEYS if key in before})
 
 
+def descend(optimizers: Sequence[torch.optim.Optimizer], loss: torch.Tensor) -> None:
+    """One plain update outside the Trainer's loop (a condenser's synthetic images, DC's inner network): the
+    optimizers' gradients freed, `loss` back-propagated, each optimizer stepped."""
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+
+
 class LearningRate:
     """Sets the scheduled learning rate before each step, in place when it is a tensor."""
 
@@ -120,4 +130,4 @@ class OptimizerSlot:
 
 
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "build_optimizer", "parameter_groups", "optimizer_state",
-           "load_optimizer_state", "LearningRate", "OptimizerSlot"]
+           "load_optimizer_state", "descend", "LearningRate", "OptimizerSlot"]

@@ -18,6 +18,7 @@ or checkpoint, so the last checkpoint on disk is the last good one.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import csv
 import math
@@ -172,7 +173,7 @@ class Run:
                          self.run_dir)
 
 
-class Task:
+class Task(abc.ABC):
     """What a kind of run supplies to the `Trainer`; the Trainer drives it and owns the loop.
 
     Required: `setup` (models to `trainer.device`, data; set `steps_per_epoch` and `total_steps`), `schedule`,
@@ -187,24 +188,26 @@ class Task:
     steps_per_epoch: int = 0
     total_steps: int = 0
 
+    @abc.abstractmethod
     def setup(self, trainer: "Trainer") -> None:
-        raise NotImplementedError
+        """Models on `trainer.device` (wrapped on several processes), data; `steps_per_epoch`, `total_steps`."""
 
+    @abc.abstractmethod
     def schedule(self, trainer: "Trainer") -> Callable[[int], float]:
         """The learning rate of each (0-based) optimizer step."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def build_steps(self, trainer: "Trainer") -> list[StepGroup]:
-        raise NotImplementedError
+        """The optimizer steps: a `TrainStep` and its learning rate per group of runs."""
 
+    @abc.abstractmethod
     def batches(self, trainer: "Trainer", epoch: int, first_step: int) -> Iterable[Iterable[StepBatch]]:
         """The optimizer steps of `epoch` from global step `first_step` on, each an iterable of its micro-batches
         (prepared lazily, just before each forward)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def evaluate(self, trainer: "Trainer", index: int) -> dict[str, float]:
         """Run `index`'s evaluation metrics (keys prefixed, e.g. ``test_top1``), on every process."""
-        raise NotImplementedError
 
     def before_loop(self, trainer: "Trainer") -> list[int]:
         """Work before the first epoch of a new run (e.g. methods' init stages); the runs whose checkpoint is then

@@ -84,7 +84,7 @@ class Method(nn.Module, abc.ABC):
     - ``needs_peers``: True for a method that reads the other students' outputs (``ctx.peer_logits``, mutual
       learning); a run then needs a ``peers:`` section.
     - ``ground_truth_weight``: the name of the option that weighs the labels (1) against the teacher (0), for a
-      method whose loss mixes the two; ``rounds:`` (kdzoo.runs.rounds) trains a teacher-less first round with it at 1,
+      method whose loss mixes the two; ``rounds:`` (kdzoo.runner.rounds) trains a teacher-less first round with it at 1,
       and may estimate it each later round when written as ``estimate``.  An instance at 1 reads no teacher.
     - ``teacher_train_mode``: True for a method whose reference runs the (frozen) teacher with batch-statistics
       BatchNorm during training (OFD); the Distiller then puts the teacher in train mode while it trains.

@@ -8,7 +8,7 @@ f_{t-1} the previous round's student (the teacher), as the authors' ``self_disti
 (1-alpha) times ``F.mse_loss`` against the teacher's softmax; alpha weights the ground truth; 0.6 in their README's
 command).  Up to a constant the loss is the squared error to the mixed target alpha*y + (1-alpha)*softmax(f_{t-1}),
 so it trains toward the mix the paper analyses.  Rounds come from ``rounds:`` in a run config
-(``kdzoo.runs.rounds``); round 1 has no teacher and trains on the labels with this loss at alpha = 1, as the
+(``kdzoo.runner.rounds``); round 1 has no teacher and trains on the labels with this loss at alpha = 1, as the
 authors' step 0.
 
 The paper's weight: in its kernel setting the round-t fit is affine in alpha, f_t(alpha) = f_t(0) +
@@ -61,7 +61,7 @@ def optimal_ground_truth_weight(labels_fit: torch.Tensor, teacher_fit: torch.Ten
                  layers="logits only",
                  paper="Borup & Andersen 2021, Even your Teacher Needs Guidance (iterative self-distillation)")
 class ISD(Method):
-    """`alpha`: the weight of the ground truth, or ``estimate`` (the default): `kdzoo.runs.rounds` sets it in each round
+    """`alpha`: the weight of the ground truth, or ``estimate`` (the default): `kdzoo.runner.rounds` sets it in each round
     from `optimal_ground_truth_weight` (the authors' README command fixes 0.6).  At alpha 1 no teacher is read,
     so a teacher-less first round trains on the labels with this same loss, as the authors' step 0.
 

@@ -8,8 +8,8 @@ from ..config import RunConfig, TeacherConfig, load_config
 from ..engine.rundir import prepare_run_dir, removed_if_failed, run_dir_path
 from ..engine.runtime import is_main_process
 from ..engine.trainer import FitResult
-from ..runs import evaluate_target, teacher_run, train_run
-from ..runs.demo import run_demo
+from ..runner import evaluate_target, teacher_run, train_run
+from ..runner.demo import run_demo
 
 EPILOG_OVERRIDES = ("Overrides are KEY=VALUE pairs applied to the YAML, e.g. train.lr=0.1 train.epochs=5 "
                     "methods.0.temperature=2.")
