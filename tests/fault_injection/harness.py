@@ -13,6 +13,7 @@ CPU cores); `test_fault_injection.py` runs every scenario with fewer cases in th
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import multiprocessing
@@ -415,8 +416,9 @@ def write_lm_configs(workdir: Path) -> tuple[str, str]:
 
 def kill_lm(workdir: Path, n: int, seed: int = 2) -> Row:
     """kill -9 of ``kdzoo lm distill`` at optimizer steps and inside checkpoint writes, then --resume: the exported
-    model must be bit-identical (SHA-256 of model.safetensors) to an uninterrupted run's."""
-    row = Row("kill -9 during kdzoo lm distill, then --resume", "model.safetensors bit-identical, no temp left")
+    model must be bit-identical (SHA-256 of model.safetensors) to an uninterrupted run's, and so must the rows of
+    metrics.csv (timings aside: the epoch's sums are in a checkpoint written between evaluations)."""
+    row = Row("kill -9 during kdzoo lm distill, then --resume", "model.safetensors and metrics bit-identical, no temp")
     teacher_config, config = write_lm_configs(workdir)
     outcome = run_child(cli("lm", "train", teacher_config), workdir)
     reference_dir = workdir / "lm-reference"
@@ -426,6 +428,11 @@ def kill_lm(workdir: Path, n: int, seed: int = 2) -> Row:
         row.record(False, "reference", outcome.output[-500:])
         return row
     reference = digest(reference_dir / "model" / "model.safetensors")
+
+    def metrics(run_dir: Path) -> list[dict]:
+        rows = csv.DictReader(open(run_dir / "metrics.csv"))
+        return [{k: v for k, v in r.items() if k not in ("seconds", "tokens_per_s")} for r in rows]
+
     rng = random.Random(seed)
     phases = ["half", "before-rename", "after-rename"]
     for i in range(n):
@@ -448,8 +455,10 @@ def kill_lm(workdir: Path, n: int, seed: int = 2) -> Row:
             row.record(False, case, f"resume failed: {done.output[-400:]}")
             continue
         same = digest(run_dir / "model" / "model.safetensors") == reference
-        row.record(same and not temporaries(run_dir), case + ("" if killed else " (finished before the kill)"),
-                   f"identical={same} temporaries={temporaries(run_dir)}")
+        same_metrics = metrics(run_dir) == metrics(reference_dir)
+        row.record(same and same_metrics and not temporaries(run_dir),
+                   case + ("" if killed else " (finished before the kill)"),
+                   f"identical={same} metrics={same_metrics} temporaries={temporaries(run_dir)}")
     return row
 
 

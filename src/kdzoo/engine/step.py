@@ -163,9 +163,12 @@ class DeviceMeters:
     def end_step(self) -> None:
         self.step.add_(1)
 
-    def state(self) -> dict:
-        return {"keys": self.keys, "sums": self.sums.cpu(), "correct": self.correct.cpu(), "bad": self.bad.cpu(),
-                "first_bad": self.first_bad.cpu(), "step": self.step.cpu(), "seen": self.seen,
+    def state(self, group=None) -> dict:
+        """The sums so far (with a `Distributed` group: over every process, a collective), for a checkpoint."""
+        flat, first_bad = self._totals(group)
+        sums, (correct, bad, seen) = flat[:-3], flat[-3:].tolist()
+        return {"keys": self.keys, "sums": sums.cpu(), "correct": torch.tensor(int(correct)),
+                "bad": torch.tensor(bad), "first_bad": first_bad.cpu(), "step": self.step.cpu(), "seen": int(seen),
                 "has_logits": self.has_logits}
 
     def load(self, state: dict) -> None:
@@ -173,9 +176,8 @@ class DeviceMeters:
         for name in ("sums", "correct", "bad", "first_bad", "step"):
             setattr(self, name, state[name].to(self.device))
 
-    def read(self, group=None) -> MeterReading:
-        """Everything in one transfer to the host (a synchronisation); with a `Distributed` group, summed over
-        its processes first (the first bad step is the earliest of any process)."""
+    def _totals(self, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sums, correct, bad, seen) as one flat tensor and the first bad step, over the group's processes."""
         flat = torch.cat([self.sums, self.correct.float().view(1), self.bad.view(1),
                           torch.full((1,), float(self.seen), device=self.device)])
         first_bad = self.first_bad.clone()
@@ -184,6 +186,12 @@ class DeviceMeters:
             first_bad = torch.where(first_bad < 0, torch.iinfo(torch.long).max, first_bad)
             group.all_reduce_min(first_bad)
             first_bad = torch.where(first_bad == torch.iinfo(torch.long).max, -1, first_bad)
+        return flat, first_bad
+
+    def read(self, group=None) -> MeterReading:
+        """Everything in one transfer to the host (a synchronisation); with a `Distributed` group, summed over
+        its processes first (the first bad step is the earliest of any process)."""
+        flat, first_bad = self._totals(group)
         values = flat.tolist()
         sums, correct, bad, seen = values[:-3], values[-3], values[-2], int(values[-1])
         n = max(seen, 1)

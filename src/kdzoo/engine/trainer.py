@@ -410,9 +410,10 @@ class Trainer:
         for g in self.groups:
             for k, m in zip(g.run_indices, g.step.new_epoch(len(g.run_indices), self.step)):
                 meters[k] = m
-        if self._resume_meters is not None:  # a checkpoint inside this epoch: its sums so far
-            for m, state in zip(meters, self._resume_meters):
-                m.load(state)
+        if self._resume_meters is not None:  # a checkpoint inside this epoch: its sums so far, over every process
+            if self.group.is_main:
+                for m, state in zip(meters, self._resume_meters):
+                    m.load(state)
             self._resume_meters = None
         offset = self.step - epoch * self.steps_per_epoch
         batches = self.task.batches(self, epoch, self.step)
@@ -482,11 +483,13 @@ class Trainer:
         run = self.runs[k]
         if run.checkpoint_path is None:
             return
-        state = run.checkpoint(epoch, self.step)
-        if meters is not None:
-            state["meters"] = meters.state()
-        if self.group.is_main:
-            save_checkpoint(run.checkpoint_path, state)
+        totals = meters.state(self.group) if meters is not None else None  # summed over processes: a collective
+        if self.group.is_main or run.sharded is not None:  # gathering shards takes every process too
+            state = run.checkpoint(epoch, self.step)
+            if totals is not None:
+                state["meters"] = totals
+            if self.group.is_main:
+                save_checkpoint(run.checkpoint_path, state)
         self.group.barrier()
         self._notify("on_checkpoint", k, epoch)
 
