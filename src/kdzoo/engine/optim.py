@@ -6,8 +6,9 @@
   honoured (see `step.TrainStep`);
 - compiled: foreach with a 0-d tensor learning rate, which torch.compile turns into a few generated kernels and
   a CUDA graph replays with the current rate (AdamW also capturable: its step counter on the device);
-- CPU eager, and AdamW compiled on the CPU (a foreach AdamW takes a tensor lr only when capturable, which the
-  CPU is not): torch's default implementation with a float learning rate, the update left uncompiled.
+- CPU eager, AdamW compiled on the CPU (a foreach AdamW takes a tensor lr only when capturable, which the CPU
+  is not), and FSDP2-sharded (DTensor) parameters: torch's default implementation with a float learning rate,
+  the update left uncompiled.
 """
 from __future__ import annotations
 
@@ -48,7 +49,10 @@ def build_optimizer(params: Iterable[nn.Parameter], spec: OptimizerSpec, device:
     first = next((p for g in groups for p in g["params"]), None)
     device = device or (first.device if first is not None else torch.device("cpu"))
     on_cuda = device.type == "cuda"
-    if compile_mode != "off" and (spec.name == "sgd" or on_cuda):
+    sharded = any(hasattr(p, "device_mesh") for g in groups for p in g["params"])  # DTensors of FSDP2
+    if sharded:
+        kind = {}
+    elif compile_mode != "off" and (spec.name == "sgd" or on_cuda):
         kind = {"foreach": True, **({"capturable": True} if spec.name == "adamw" else {})}
     elif on_cuda:
         kind = {"fused": True}

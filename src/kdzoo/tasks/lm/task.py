@@ -236,9 +236,7 @@ class LMTask(Task):
     def build_steps(self, trainer: Trainer) -> list[StepGroup]:
         tc = self.cfg.train
         spec = OptimizerSpec("adamw", tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas), decay_1d=False)
-        sharded = self.fsdp  # its parameters are DTensors
-        # a sharded module keeps torch's default optimizer implementation
-        optimizer = build_optimizer(self.step_module.parameters(), spec, None if sharded else trainer.device)
+        optimizer = build_optimizer(self.step_module.parameters(), spec, trainer.device)
         if trainer.runs[0].sharded is not None:
             trainer.runs[0].sharded.optimizer = optimizer
         wrapped = self.wrapped
