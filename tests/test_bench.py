@@ -55,7 +55,22 @@ def test_every_row_is_complete():
     data = load()
     for table in data["distillation"].values():
         assert all(len(row["values"]) == len(table["pairs"]) for row in table["rows"].values())
-        assert all(row["source"] in data["sources"] for row in table["rows"].values())
+        for row in table["rows"].values():
+            sources = row["source"] if isinstance(row["source"], list) else [row["source"]] * len(table["pairs"])
+            assert len(sources) == len(table["pairs"]) and set(sources) <= set(data["sources"])
+
+
+def test_dense_published_pairs_with_a_source_per_column():
+    """The issue's figures: CWD PSPNet R101 -> R18 on Cityscapes, CWD GFL R101 -> R50 and FGD on COCO."""
+    assert lookup("cwd", "cityscapes", teacher="pspnet_r101", student="pspnet_r18") == 75.54
+    assert lookup("student", "cityscapes", teacher="pspnet_r101", student="pspnet_r18") == 74.87
+    assert lookup("teacher", "cityscapes", teacher="pspnet_r101", student="pspnet_r18") == 79.76
+    gfl = reference("teacher", "coco", teacher="gfl_r101", student="gfl_r50")
+    retina = reference("teacher", "coco", teacher="retinanet_x101", student="retinanet_r50")
+    assert (gfl.value, retina.value) == (44.7, 41.0) and "mmrazor" in gfl.source and "FGD" in retina.source
+    assert lookup("cwd", "coco", teacher="gfl_r101", student="gfl_r50") == 41.9
+    assert lookup("fgd", "coco", teacher="retinanet_x101", student="retinanet_r50") == 40.7
+    assert lookup("fgd", "coco", teacher="gfl_r101", student="gfl_r50") is None
 
 
 # ---------------------------------------------------------------- specs and presets

@@ -8,7 +8,7 @@ import yaml
 
 from kdzoo.config import RunConfig, load_config
 from kdzoo.methods import METHODS, create_method
-from tiny_setup import cli_train_first_epoch_losses
+from tiny_setup import cli_train_first_epoch_losses, dense_run_config
 
 TESTS = Path(__file__).parent
 CONFIGS = TESTS.parent / "configs"
@@ -41,6 +41,13 @@ def example_configs(name: str) -> list:
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_every_method_has_a_valid_recipe_for_each_standard_pair(name):
+    if METHODS.get(name).meta["family"] == "dense":  # dense prediction: its recipes are configs/dense/**
+        recipes = [p for p in sorted(CONFIGS.glob("dense/**/*.yaml"))
+                   if re.search(rf"\bname: {name}\b", p.read_text())]
+        assert recipes, f"{name}: no configs/dense/**/*.yaml uses it"
+        for path in recipes:
+            load_config(RunConfig, path)
+        return
     if METHODS.get(name).meta["family"] == "scheme":  # training schemes: an example config instead of the tables
         examples = example_configs(name)
         assert examples, f"{name}: no configs/examples/*.yaml uses it"
@@ -59,6 +66,10 @@ def test_every_method_has_a_valid_recipe_for_each_standard_pair(name):
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_every_method_trains_two_steps_through_the_cli(name, tmp_path):
     """resnet14 -> resnet8 (CIFAR zoo, published taps incl. pre-activations) on generated data."""
+    if METHODS.get(name).meta["family"] == "dense":  # scenes, on the smallest segmenters / detectors
+        losses = cli_train_first_epoch_losses(tmp_path, name, dense_run_config(name))
+        assert losses and all(v == v and abs(v) < float("inf") for v in losses.values()), losses
+        return
     method = {"name": name}
     if name in ("ft", "ab", "fsp"):
         method["init_epochs"] = 1  # exercise the init stage, kept short

@@ -78,6 +78,16 @@ def test_methods_name_states_default_layers_of_a_feature_method(capsys):
     assert "student_layer" in out and "default stage:2" in out
 
 
+@pytest.mark.parametrize("name, words", [("good_student", "our reading"), ("sad", "group channel pruning"),
+                                         ("head_kd", "no positive-anchor assigner")])
+def test_methods_name_says_where_a_method_is_part_of_its_paper_or_our_reading(name, words, capsys):
+    assert main(["methods", name]) == 0
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "implements: " in flat and words in flat
+    assert main(["methods", "cwd"]) == 0
+    assert "implements: " not in capsys.readouterr().out  # a whole method says nothing
+
+
 def test_unknown_method_name_is_one_line_with_close_matches(capsys):
     assert main(["methods", "dkdd"]) == 2
     err = capsys.readouterr().err.strip()

@@ -30,6 +30,7 @@ from kdzoo.methods.relation.pkt import pkt_loss
 from kdzoo.methods.relation.rkd import rkd_angle_loss, rkd_distance_loss
 from kdzoo.methods.relation.sp import sp_loss
 from kdzoo.models import create_model
+from tiny_setup import dense_distiller
 
 # tools/make_configs.py's eight standard CIFAR-100 pairs (teacher, student).
 PAIRS = [("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"),
@@ -356,7 +357,11 @@ def test_every_method_under_cpu_bf16_autocast_agrees_with_float32(name):
     adapters in bf16 where autocast puts them): finite losses within bf16's precision of the float32 ones."""
     if METHODS.get(name).obj.needs_peers:
         pytest.skip("reads other students' outputs: tests/test_schemes_peers.py runs it under bf16 autocast")
-    distiller, images, labels, index = mixed_precision_distiller(name)
+    if METHODS.get(name).meta["family"] == "dense":  # a segmenter / detector pair on scenes
+        distiller, images, labels = dense_distiller(name)
+        index = torch.arange(len(images))
+    else:
+        distiller, images, labels, index = mixed_precision_distiller(name)
     distiller.eval()  # fixed BN statistics and memories: both passes see the same model
     method = distiller.methods[name]
     drawn = getattr(method, "batches_drawn", None)

@@ -34,7 +34,7 @@ def _labels(ax) -> list[str]:
 def test_run_figure_plots_each_loss_term_both_accuracies_and_the_teacher_line():
     import matplotlib.pyplot as plt
 
-    fig = run_figure(HISTORY, teacher_top1=87.5)
+    fig = run_figure(HISTORY, teacher_score=87.5)
     ax_loss, ax_acc = fig.axes
     assert _labels(ax_loss) == ["total (train)", "ce (train)", "kd (train)", "test cross-entropy (unweighted)"]
     assert _labels(ax_acc) == ["train top-1", "test top-1", "teacher test top-1 87.50%"]
@@ -55,7 +55,7 @@ def test_run_figure_plots_each_loss_term_both_accuracies_and_the_teacher_line():
 
 
 def test_plot_run_writes_a_png_of_the_expected_size(tmp_path):
-    plot_run(HISTORY, tmp_path / "curves.png", teacher_top1=90.0, title="run")
+    plot_run(HISTORY, tmp_path / "curves.png", teacher_score=90.0, title="run")
     with Image.open(tmp_path / "curves.png") as image:
         assert image.format == "PNG" and image.size == (1210, 550)  # 11 x 5 inches at 110 dpi
 

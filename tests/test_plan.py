@@ -31,7 +31,7 @@ def test_plan_names_layers_shapes_adapter_and_weights():
     student, teacher = _tiny_pair()
     x = torch.randn(2, 3, 16, 16)
     methods = [create_method("kd"), create_method("fitnet"), create_method("at")]
-    plan = distillation_plan(Distiller(student, teacher, methods, example_input=x), teacher_top1=87.5,
+    plan = distillation_plan(Distiller(student, teacher, methods, example_input=x), teacher_score=("test top-1", 87.5),
                              student_name="tiny:cnn w4", teacher_name="tiny:cnn w8")
     lines = plan.splitlines()
     assert "- teacher: tiny:cnn w8, test top-1 87.50%" in lines

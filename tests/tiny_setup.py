@@ -6,7 +6,7 @@ from kdzoo.cli import main
 from kdzoo.config import TrainConfig
 from kdzoo.data import build_dataset, input_example
 from kdzoo.distiller import Distiller
-from kdzoo.methods import create_method
+from kdzoo.methods import METHODS, create_method
 from kdzoo.models import create_model
 
 
@@ -45,3 +45,47 @@ def cli_train_first_epoch_losses(tmp_path, name: str, config: dict) -> dict[str,
     rows = (tmp_path / name / "metrics.csv").read_text().splitlines()
     values = dict(zip(rows[0].split(","), rows[1].split(",")))
     return {k: float(v) for k, v in values.items() if k.startswith("loss_")}
+
+
+# Dense methods (segmentation / detection): the smallest pair each can distil, on 32 px scenes.
+DENSE_MODELS = {
+    "segmentation": ({"name": "seg:tiny", "options": {"width": 4}}, {"name": "seg:tiny", "options": {"width": 8}}),
+    "detection": ({"name": "det:fcos", "options": {"width": 4, "image_size": 32}},
+                  {"name": "det:fcos", "options": {"width": 8, "image_size": 32}}),
+}
+SEGFORMER_PAIR = ({"name": "hf:segformer", "options": {"variant": "tiny"}},
+                  {"name": "hf:segformer", "options": {"variant": "tiny", "hidden_sizes": [16, 32, 64, 128]}})
+
+
+def dense_task(name: str) -> str:
+    """The task a dense method is tried on: segmentation where it distils segmenters, else detection."""
+    return "segmentation" if "segmentation" in METHODS.get(name).obj.tasks else "detection"
+
+
+def dense_run_config(name: str) -> dict:
+    """A `kdzoo train` config that runs dense method `name` on its smallest pair (peers for peer methods)."""
+    task = dense_task(name)
+    student, teacher = SEGFORMER_PAIR if name == "transkd" else DENSE_MODELS[task]
+    config = {"task": task, "student": student, "teacher": teacher, "methods": [{"name": name}],
+              "data": {"name": "scenes", "options": {"image_size": 32, "train_size": 8, "test_size": 4}},
+              "train": {"epochs": 1, "batch_size": 4, "lr": 0.01, "progress": False, "device": "cpu"}}
+    if METHODS.get(name).obj.needs_peers:  # a CNN and a transformer teaching each other
+        config["peers"] = [SEGFORMER_PAIR[0]]
+        del config["teacher"]
+    return config
+
+
+def dense_distiller(name: str, batch_size: int = 4):
+    """(distiller, images, targets) for dense method `name` on its pair of `dense_run_config`, seeded."""
+    from kdzoo.data import make_loader
+    from kdzoo.distiller import TrainingData
+
+    config = dense_run_config(name)
+    data = build_dataset("scenes", task=config["task"], **config["data"]["options"])
+    torch.manual_seed(10)
+    student, teacher = (create_model(spec["name"], num_classes=11, **spec["options"])
+                        for spec in (config["student"], config["teacher"]))
+    distiller = Distiller(student, teacher, [create_method(name)], example_input=input_example(data),
+                          data=TrainingData.of(data))
+    images, targets, _ = next(iter(make_loader(data.train, batch_size, shuffle=False)))
+    return distiller, images, targets

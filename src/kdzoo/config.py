@@ -152,6 +152,8 @@ class RunConfig:
     # train the student this many times, round r+1 taught by round r's student (kdzoo.runner.rounds)
     rounds: int = 1
     stages: list[StageConfig] = field(default_factory=list)  # empty: one stage, the run itself
+    # what is learnt: classification, segmentation (kdzoo.tasks); None: what the dataset's labels are
+    task: Optional[str] = None
 
     def stage_config(self, index: int, student_weights: Optional[str] = None) -> "RunConfig":
         """Stage `index` as a run of its own (no stages), its student starting from `student_weights`."""
@@ -221,6 +223,7 @@ class TeacherConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs"
     name: Optional[str] = None
+    task: Optional[str] = None  # as RunConfig.task
 
     def validate(self) -> None:
         self.train.validate()

@@ -13,8 +13,9 @@ from torch import nn
 from .data import DataSplits, labels_of
 from .data.semi import UNLABELLED
 from .errors import ConfigError
+from .methods import METHODS
 from .methods.base import Context, Method, Setup
-from .taps import Layout, Taps, discover_layout, get_module, probe, split_tap
+from .taps import Layout, Taps, discover_layout, get_module, predictions_tap, probe, split_tap, trains_on_targets
 
 
 @dataclass
@@ -28,11 +29,13 @@ class TrainingData:
     dataset: Any = None
     held_out: Any = None
     cache_dir: Optional[Path] = None
+    task: Optional[str] = None  # what the labels are (`DataSplits.task`; None: unsaid, unchecked)
 
     @classmethod
     def of(cls, splits: DataSplits, cache_dir: Optional[Path] = None) -> "TrainingData":
         """All of it from a `DataSplits`."""
-        return cls(len(splits.train), labels_of(splits.train), splits.train, splits.held_out, cache_dir)
+        labels = labels_of(splits.train) if splits.task != "detection" else None  # detection: boxes, not labels
+        return cls(len(splits.train), labels, splits.train, splits.held_out, cache_dir, splits.task)
 
 
 @dataclass
@@ -59,6 +62,11 @@ class Distiller(nn.Module):
 
     Labels of -1 mark unlabelled samples: the cross-entropy term ignores them (zero for a batch with none).
     `data` tells the methods about the training data (`TrainingData.of(splits)`).
+
+    A detector (torchvision's) trains on its targets and returns its own losses: the labels of a batch are then
+    its targets (one dict of boxes and labels per image), the student's losses replace the cross-entropy (weighed
+    by `ce_weight`), and the logits methods read are its dense head's class logits (B, anchors, classes), tapped
+    where its layout says (`Layout.predictions`).
     """
 
     def __init__(self, student: nn.Module, teacher: Union[nn.Module, Mapping[str, nn.Module], None] = None,
@@ -71,6 +79,7 @@ class Distiller(nn.Module):
         names = list(named)
         self.student = student
         self.teacher = named[names[0]] if names else None  # the first teacher: read by default, fed by TeacherFeed
+        self.trains_on_targets = trains_on_targets(student)
         self.teacher_name = names[0] if names else None
         self.other_teachers = nn.ModuleDict({n: named[n] for n in names[1:]})
         self.methods = nn.ModuleDict(_unique_names(methods))
@@ -85,13 +94,23 @@ class Distiller(nn.Module):
                                   f"({', '.join(names) or 'none'})")
             if method.reads_all_teachers and method.teacher_taps:
                 raise ConfigError(f"method {key} reads every teacher's logits, so it cannot tap teacher features")
-            if method.reads_labels and data.labels is not None and bool((data.labels == UNLABELLED).any()):
+            if data.task is not None and data.task not in method.tasks:
+                able = [n for n in METHODS.names() if data.task in METHODS.get(n).obj.tasks]
+                raise ConfigError(f"method {key} distils {' and '.join(sorted(method.tasks))}, not {data.task} "
+                                  f"(methods for {data.task}: {', '.join(able)})")
+            if (method.reads_labels and data.task in (None, "classification") and data.labels is not None
+                    and bool((data.labels == UNLABELLED).any())):
                 raise ConfigError(f"method {key} reads every sample's label, but some training samples are unlabelled "
                                   "(data.labelled_fraction < 1): use methods that read none there (e.g. kd, ssld, dho)")
         self.ce_weight = ce_weight if ce_weight is not None else _default_ce_weight(methods)
 
         self._student_paths: dict[str, str] = {}  # tap spec -> module tap
         self._teacher_paths_by_name: dict[str, dict[str, str]] = {n: {} for n in names}
+        if predictions_tap(student) is not None:  # a detector's class logits, read from its head
+            self._student_paths[PREDICTIONS] = predictions_tap(student)
+        for name, model in named.items():
+            if predictions_tap(model) is not None and self._reads_logits(name):
+                self._teacher_paths_by_name[name][PREDICTIONS] = predictions_tap(model)
         self._teacher_paths: dict[str, str] = self._teacher_paths_by_name.get(self.teacher_name, {})
         self._student_shapes: dict[str, torch.Size] = {}  # tap spec -> feature shape (probe batch included)
         self._teacher_shapes_by_name: dict[str, dict[str, torch.Size]] = {n: {} for n in names}
@@ -137,6 +156,9 @@ class Distiller(nn.Module):
             for spec in method.teacher_taps:
                 self._teacher_paths_by_name.setdefault(name, {})[spec] = layout.resolve(spec)
         s_feats, logits = probe(self.student, example, self._student_paths.values())
+        logits = logits_of(logits, example)
+        if PREDICTIONS in self._student_paths:
+            logits = s_feats[self._student_paths[PREDICTIONS]].movedim(-1, 1)  # (B, classes, anchors)
         t_feats = {n: probe(teachers[n], example, paths.values())[0] if paths else {}
                    for n, paths in self._teacher_paths_by_name.items()}
         self._student_shapes = {spec: s_feats[path].shape for spec, path in self._student_paths.items()}
@@ -146,7 +168,8 @@ class Distiller(nn.Module):
             name = self.method_teacher(method)
             paths = self._teacher_paths_by_name.get(name, {})
             setup = Setup(dict(self._student_shapes), dict(self._teacher_shapes_by_name.get(name, {})),
-                          num_classes=logits.shape[1], num_samples=data.num_samples, train_labels=data.labels,
+                          num_classes=logits.shape[1] if logits is not None else 0,  # 0: a two-stage detector's
+                          num_samples=data.num_samples, train_labels=data.labels,        # classes are per proposal
                           student=self.student, teacher=teachers.get(name), student_paths=dict(self._student_paths),
                           teacher_paths=dict(paths), example_input=example,
                           train_data=data.dataset, cache_dir=data.cache_dir, held_out_data=data.held_out)
@@ -253,13 +276,17 @@ class Distiller(nn.Module):
             taps = self._other_teacher_taps[name]
         # the references switch the teacher's BatchNorm to batch statistics in training alone; evaluation is eval
         return teacher_forward(teacher, images, taps, self.training and self._batch_statistics(name),
-                               stop_after_taps=not self._reads_logits(name)
+                               stop_after_taps=not self._needs_output(name)
                                and bool(self._teacher_paths_by_name[name]))
 
     @property
     def reads_teacher_logits(self) -> bool:
-        """Whether some method reads the (first) teacher's logits; if none does, its forward ends at its last tap."""
-        return self._reads_logits(self.teacher_name)
+        """Whether the (first) teacher's forward must reach its output: some method reads its logits and they are
+        not tapped (a detector's are, in its head); if not, its forward ends at its last tap."""
+        return self._needs_output(self.teacher_name)
+
+    def _needs_output(self, name: Optional[str]) -> bool:
+        return self._reads_logits(name) and PREDICTIONS not in self._teacher_paths_by_name.get(name, {})
 
     def _reads_logits(self, name: Optional[str]) -> bool:
         return any(m.needs_teacher and (m.reads_all_teachers
@@ -279,6 +306,7 @@ class Distiller(nn.Module):
         compiled step never specialises on it.  `method`: the view that method reads (its own teacher's
         logits and features); default the first teacher's."""
         epoch = torch.as_tensor(epoch, dtype=torch.float32, device=images.device)
+        student_losses: dict[str, torch.Tensor] = {}
         given = dict(teacher_outputs) if isinstance(teacher_outputs, Mapping) else (
             {self.teacher_name: teacher_outputs} if teacher_outputs is not None else {})
         outputs: dict[str, TeacherOutputs] = {}
@@ -288,6 +316,9 @@ class Distiller(nn.Module):
         logits_by_name = {name: out.logits for name, out in outputs.items()}
         feats_by_name = {name: {spec: out.feature(path) for spec, path in self._teacher_paths_by_name[name].items()}
                          for name, out in outputs.items()}
+        for name, feats in feats_by_name.items():  # a detector's class logits were tapped in its head
+            if PREDICTIONS in feats:
+                logits_by_name[name] = feats.pop(PREDICTIONS)
         teacher_logits = logits_by_name.get(self.teacher_name)
         teacher_feats = feats_by_name.get(self.teacher_name, {})
         if student_logits is None:
@@ -295,25 +326,34 @@ class Distiller(nn.Module):
             student_images = images
             for each in self.methods.values():  # e.g. masked patches; the teacher saw the clean batch
                 student_images = each.student_input(student_images)
-            student_logits = self.student(student_images)
+            if self.trains_on_targets and self.student.training:  # a detector: its own losses on the targets
+                student_losses = dict(self.student(student_images, labels))
+                output = None
+            else:
+                output = self.student(student_images)
             student_feats = self._student_taps.collect()
             student_feats = {spec: student_feats[path] for spec, path in self._student_paths.items()}
+            tapped = student_feats.pop(PREDICTIONS, None)
+            student_logits = tapped if tapped is not None else logits_of(output, images)
         elif self._student_paths:
             raise ConfigError("student_logits given, but a method reads student features "
                               f"({', '.join(self._student_paths)}): run the student through the distiller")
         else:
             student_feats = {}
         ctx = Context(student_logits, teacher_logits, labels, student_feats, teacher_feats, index, epoch,
-                      logits_by_name, feats_by_name)
+                      logits_by_name, feats_by_name, student_losses=student_losses)
         return self._view(ctx, method) if method is not None else ctx
 
     def _view(self, ctx: Context, method: Method) -> Context:
-        """`ctx` as `method` reads it: its own teacher's logits and features."""
+        """`ctx` as `method` reads it: its own teacher's logits and features; dense predictions (logits maps) as
+        a batch of positions, unless the method reads maps."""
         name = self.method_teacher(method)
-        if name == self.teacher_name or name not in ctx.teacher_logits_by_name:
-            return ctx
-        return dataclasses.replace(ctx, teacher_logits=ctx.teacher_logits_by_name[name],
-                                   teacher=ctx.teacher_features_by_name.get(name, {}))
+        if name != self.teacher_name and name in ctx.teacher_logits_by_name:
+            ctx = dataclasses.replace(ctx, teacher_logits=ctx.teacher_logits_by_name[name],
+                                      teacher=ctx.teacher_features_by_name.get(name, {}))
+        if ctx.student_logits is not None and ctx.student_logits.dim() == 4 and not method.reads_maps:
+            ctx = position_view(ctx)
+        return ctx
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, index: Optional[torch.Tensor] = None,
                 epoch: float | torch.Tensor = 0.0,
@@ -327,12 +367,49 @@ class Distiller(nn.Module):
         """The named, weighted losses on one context: the cross-entropy and every method's terms (a term named
         twice is prefixed with its method's name)."""
         losses = {}
-        if self.ce_weight:
+        if ctx.student_losses:  # a detector's own losses (classification, box regression, ...)
+            losses.update({key: self.ce_weight * value for key, value in ctx.student_losses.items()})
+        elif self.ce_weight and not self.trains_on_targets:  # a detector in eval mode has no losses of its own
             losses["ce"] = self.ce_weight * labelled_cross_entropy(ctx.student_logits, ctx.labels)
         for name, method in self.methods.items():
             for key, value in method(self._view(ctx, method)).items():
                 losses[key if key not in losses else f"{name}.{key}"] = value
         return losses
+
+
+def logits_of(output, images: torch.Tensor) -> Optional[torch.Tensor]:
+    """A model's prediction as one tensor: torchvision's segmentation dict (``out``), a transformers output
+    (``.logits``), or the tensor itself; dense logits smaller than the images (SegFormer's, at 1/4) are resized to
+    them bilinearly, as the mask they are compared with.  None for a detector's list of detections (its logits are
+    tapped in its head instead)."""
+    if output is None or isinstance(output, (list, tuple)):
+        return None
+    if isinstance(output, Mapping):
+        output = output["out"]
+    elif not isinstance(output, torch.Tensor) and hasattr(output, "logits"):
+        output = output.logits
+    if output.dim() == 4 and images.dim() == 4 and output.shape[-2:] != images.shape[-2:]:
+        output = F.interpolate(output, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    return output
+
+
+def positions(maps: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B * H * W, C): each position a sample."""
+    return maps.movedim(1, -1).reshape(-1, maps.shape[1])
+
+
+def position_view(ctx: Context) -> Context:
+    """A dense context as a batch of positions: logits (B * H * W, C), labels (B * H * W,), so a method made for
+    classification (KD, DIST, ...) distils every pixel; features are left as maps."""
+    return dataclasses.replace(
+        ctx, student_logits=positions(ctx.student_logits),
+        teacher_logits=positions(ctx.teacher_logits) if ctx.teacher_logits is not None else None,
+        labels=ctx.labels.reshape(-1), index=None,
+        teacher_logits_by_name={k: positions(v) for k, v in ctx.teacher_logits_by_name.items() if v is not None},
+        peer_logits=tuple(positions(p) for p in ctx.peer_logits))
+
+
+PREDICTIONS = "predictions"  # the tap spec of a detector's class logits (in its head), set apart from method taps
 
 
 def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -405,7 +482,7 @@ def teacher_forward(teacher: nn.Module, images: torch.Tensor, taps: Optional[Tap
         else:
             teacher.eval()
             logits = teacher(images)
-    return TeacherOutputs(logits, taps.collect() if taps is not None else {})
+    return TeacherOutputs(logits_of(logits, images), taps.collect() if taps is not None else {})
 
 
 def _unique_names(methods: Sequence[Method]) -> dict[str, Method]:

@@ -14,6 +14,7 @@ from .engine.runtime import atomic_write, lazy_import
 matplotlib.use("Agg")  # headless, chosen before pyplot loads
 plt = lazy_import("matplotlib.pyplot")
 ticker = lazy_import("matplotlib.ticker")
+patches = lazy_import("matplotlib.patches")
 
 
 def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> None:
@@ -38,10 +39,13 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") 
     plt.close(fig)
 
 
-def run_figure(history: list[dict], teacher_top1: Optional[float] = None, title: str = "") -> plt.Figure:
+def run_figure(history: list[dict], teacher_score: Optional[float] = None, title: str = "",
+               score: tuple[str, str] = ("top1", "top-1")) -> plt.Figure:
     """One run's curves: left, the training loss and each of its terms (the ``loss_*`` columns of
-    metrics.csv: cross-entropy and every method's weighted term) with the test cross-entropy; right, train
-    and test top-1 with the teacher's test top-1 as a dashed reference line when it is known."""
+    metrics.csv: cross-entropy and every method's weighted term) with the test cross-entropy; right, the task's
+    score (`score`: its column suffix and its name, e.g. ``("miou", "mIoU")``) in training (``train_<key>``, when
+    recorded) and on the test split, with the teacher's test score as a dashed reference line when it is known."""
+    key, name = score
     # legends go under the axes, where they never hide a curve; constrained layout makes room for them
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
     epochs = [row["epoch"] for row in history]
@@ -54,22 +58,22 @@ def run_figure(history: list[dict], teacher_top1: Optional[float] = None, title:
         series += [(f"{name} (train)", key, {}) for name, key in zip(names, terms)]
     series += [("test cross-entropy (unweighted)", "test_loss", dict(color="gray", linestyle="--"))]
     plotted = []
-    for label, key, style in series:
-        points = [(row["epoch"], row[key]) for row in history if _finite(row.get(key))]
+    for label, column, style in series:
+        points = [(row["epoch"], row[column]) for row in history if _finite(row.get(column))]
         if points:
             ax_loss.plot(*zip(*points), marker="o" if len(points) < 15 else None, markersize=3, label=label, **style)
             plotted += [v for _, v in points]
     positive = bool(plotted) and min(plotted) > 0
     ax_loss.set(xlabel="epoch", ylabel="loss (weighted terms)", title="loss terms", yscale="log" if positive else "linear")
 
-    for label, key, style in (("train top-1", "train_top1", dict(color="tab:blue", linestyle=":")),
-                              ("test top-1", "test_top1", dict(color="tab:blue", linewidth=2))):
-        points = [(row["epoch"], row[key]) for row in history if _finite(row.get(key))]
+    for label, column, style in ((f"train {name}", f"train_{key}", dict(color="tab:blue", linestyle=":")),
+                                 (f"test {name}", f"test_{key}", dict(color="tab:blue", linewidth=2))):
+        points = [(row["epoch"], row[column]) for row in history if _finite(row.get(column))]
         if points:
             ax_acc.plot(*zip(*points), marker="o" if len(points) < 15 else None, markersize=3, label=label, **style)
-    if teacher_top1 is not None and _finite(teacher_top1):
-        ax_acc.axhline(teacher_top1, color="tab:red", linestyle="--", label=f"teacher test top-1 {teacher_top1:.2f}%")
-    ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy", ylim=(0, 102))
+    if teacher_score is not None and _finite(teacher_score):
+        ax_acc.axhline(teacher_score, color="tab:red", linestyle="--", label=f"teacher test {name} {teacher_score:.2f}%")
+    ax_acc.set(xlabel="epoch", ylabel=f"{name} (%)", title=name, ylim=(0, 102))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
@@ -82,9 +86,10 @@ def run_figure(history: list[dict], teacher_top1: Optional[float] = None, title:
     return fig
 
 
-def plot_run(history: list[dict], path: str | Path, teacher_top1: Optional[float] = None, title: str = "") -> None:
+def plot_run(history: list[dict], path: str | Path, teacher_score: Optional[float] = None, title: str = "",
+             score: tuple[str, str] = ("top1", "top-1")) -> None:
     """`run_figure` saved as a PNG (a run directory's curves.png)."""
-    fig = run_figure(history, teacher_top1, title)
+    fig = run_figure(history, teacher_score, title, score)
     try:
         fig.savefig(path, dpi=110)
     finally:
@@ -226,4 +231,90 @@ def plot_cka(maps: dict[str, np.ndarray], teacher_taps: Sequence[str], student_t
     _save(fig, path)
 
 
-__all__ = ["plot_curves", "plot_run", "run_figure", "grid_figure", "plot_grid", "plot_bench", "plot_cka"]
+def class_palette(num_classes: int) -> np.ndarray:
+    """(num_classes, 3) RGB colours in [0, 1], distinct for up to 20 classes (tab20, strong shades first), then
+    repeating; class 0 of a segmentation is its background and is never painted."""
+    cmap = plt.get_cmap("tab20")
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))
+    return np.array([cmap(order[c % 20])[:3] for c in range(num_classes)], dtype=np.float32)
+
+
+def display_images(images) -> np.ndarray:
+    """Normalised images (N, C, H, W) stretched to [0, 1] per image, RGB, (N, H, W, 3), for showing."""
+    images = np.asarray(images, dtype=np.float32)
+    low = images.min(axis=(1, 2, 3), keepdims=True)
+    high = images.max(axis=(1, 2, 3), keepdims=True)
+    images = (images - low) / np.maximum(high - low, 1e-6)
+    images = images.transpose(0, 2, 3, 1)
+    return np.repeat(images, 3, axis=3) if images.shape[3] == 1 else images[..., :3]
+
+
+def _panel_grid(rows: int, columns: Sequence[str], cell: float = 1.6, title: str = ""):
+    fig, axes = plt.subplots(rows, len(columns), figsize=(cell * len(columns), cell * rows + 0.9), squeeze=False,
+                             layout="constrained")
+    for ax, name in zip(axes[0], columns):
+        ax.set_title(name, fontsize=9)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig, axes
+
+
+def _class_legend(fig, palette: np.ndarray, names: Sequence[str], first: int) -> None:
+    handles = [patches.Patch(color=palette[c], label=names[c]) for c in range(first, len(names))]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), fontsize=7, frameon=False)
+
+
+def plot_masks(images, columns: dict[str, np.ndarray], path: str | Path, class_names: Sequence[str],
+               title: str = "", opacity: float = 0.85) -> None:
+    """Segmentations side by side: one row per image, the image first, then each of `columns` (name -> masks
+    (N, H, W) of class indices, e.g. ground truth, teacher, student) painted in its classes' colours over the
+    image dimmed to grey, so the colours read as the legend's; class 0 (background) and -1 (unlabelled) are left
+    unpainted.  `images`: (N, C, H, W), any normalisation."""
+    shown = display_images(images)
+    palette = class_palette(len(class_names))
+    fig, axes = _panel_grid(len(shown), ["image", *columns], title=title)
+    for row, image in enumerate(shown):
+        axes[row, 0].imshow(image, interpolation="nearest")
+        grey = np.repeat(image.mean(axis=2, keepdims=True), 3, axis=2) * 0.6
+        for col, masks in enumerate(columns.values(), start=1):
+            mask = np.asarray(masks[row])
+            colours = palette[np.clip(mask, 0, len(palette) - 1)]
+            overlay = np.where((mask > 0)[..., None], (1 - opacity) * grey + opacity * colours, grey)
+            axes[row, col].imshow(np.clip(overlay, 0, 1), interpolation="nearest")
+    _class_legend(fig, palette, list(class_names), first=1)
+    _save(fig, path)
+
+
+def plot_boxes(images, columns: dict[str, list[dict]], path: str | Path, class_names: Sequence[str],
+               title: str = "", min_score: float = 0.3) -> None:
+    """Detections side by side: one row per image, one column per entry of `columns` (name -> per image a dict of
+    ``boxes`` (n, 4) xyxy pixels, ``labels`` (n,) indices into `class_names` and, for predictions, ``scores``;
+    boxes scoring under `min_score` are not drawn), each box in its class's colour with its name and score."""
+    shown = display_images(images)
+    palette = class_palette(len(class_names))
+    fig, axes = _panel_grid(len(shown), list(columns), title=title)
+    for row, image in enumerate(shown):
+        for col, targets in enumerate(columns.values()):
+            ax = axes[row, col]
+            ax.imshow(image, interpolation="nearest")
+            target = targets[row]
+            scores = target.get("scores")
+            for k, (box, label) in enumerate(zip(np.asarray(target["boxes"]), np.asarray(target["labels"]))):
+                score = None if scores is None else float(scores[k])
+                if score is not None and score < min_score:
+                    continue
+                colour = palette[int(label) % len(palette)]
+                x0, y0, x1, y1 = box
+                ax.add_patch(patches.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
+                                                          edgecolor=colour, linewidth=1.2))
+                text = class_names[int(label)] + ("" if score is None else f" {score:.2f}")
+                ax.text(x0, y0 - 1, text, fontsize=5, color="white", va="bottom",
+                        bbox=dict(facecolor=colour, edgecolor="none", pad=0.5, alpha=0.85))
+    _class_legend(fig, palette, list(class_names), first=1)
+    _save(fig, path)
+
+
+__all__ = ["plot_curves", "plot_run", "run_figure", "grid_figure", "plot_grid", "plot_bench", "plot_cka", "plot_masks",
+           "plot_boxes", "class_palette", "display_images"]

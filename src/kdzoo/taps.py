@@ -7,7 +7,9 @@ more than once in one forward (torchvision's shared ``relu`` in a BasicBlock) ke
 Symbolic taps are resolved per model against its layout: ``"stage:2"`` (third stage output, counted
 from the stem), ``"stage:-1"``, ``"penultimate"`` (the feature that enters the classifier) and any
 extra list a model family publishes, e.g. ``"preact:-1"``.  Layouts are discovered automatically
-(see `discover_layout`) unless the model class publishes ``kdzoo_taps``.
+(see `discover_layout`) unless the model class publishes ``kdzoo_taps``.  A dense model (a segmenter, whose last
+layer is a conv, not a Linear) also has ``"decoder:0"`` (the feature entering its classifier, as ``"penultimate"``)
+and ``"logits:0"`` (the classifier's output, before any upsampling to the image).
 
 Token models (ViT, DeiT, MLP-Mixer/ResMLP) give (B, N, C) features instead of (B, C, H, W) maps.  Their
 layout's stages are transformer/MLP blocks (a stem, then the ends of up to four equal groups of blocks;
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -30,12 +32,23 @@ INPUT_SUFFIX = ":input"
 
 
 def split_tap(tap: str) -> tuple[str, bool]:
-    """``"a.b:input"`` -> ``("a.b", True)``; ``"a.b"`` -> ``("a.b", False)``."""
+    """``"a.b:input"`` -> ``("a.b", True)``; ``"a.b"`` -> ``("a.b", False)``; ``"head[cls_logits]"`` (an entry of a
+    module's dict output) -> ``("head", False)``."""
+    tap = split_key(tap)[0]
     if tap.endswith(INPUT_SUFFIX):
         return tap[: -len(INPUT_SUFFIX)], True
     if ":" in tap:
         raise ConfigError(f"tap {tap!r}: only the suffix ':input' is understood after a module path")
     return tap, False
+
+
+def split_key(tap: str) -> tuple[str, Optional[str]]:
+    """``"head[cls_logits]"`` -> ``("head", "cls_logits")``: the entry of a module's dict output (a detector's head
+    returns its logits and boxes in one dict); a tap without brackets has no key."""
+    if tap.endswith("]") and "[" in tap:
+        base, _, key = tap[:-1].partition("[")
+        return base, key
+    return tap, None
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:
@@ -75,7 +88,7 @@ class Taps:
                 copy = bool(getattr(module, "inplace", False))
                 self._handles.append(module.register_forward_pre_hook(self._input_hook(tap, copy)))
             else:
-                self._handles.append(module.register_forward_hook(self._output_hook(tap)))
+                self._handles.append(module.register_forward_hook(self._output_hook(tap, split_key(tap)[1])))
 
     def _store(self, tap: str, value) -> None:
         if not isinstance(value, torch.Tensor):
@@ -91,8 +104,14 @@ class Taps:
 
         return hook
 
-    def _output_hook(self, tap: str):
+    def _output_hook(self, tap: str, key: Optional[str] = None):
         def hook(module, inputs, output):
+            if key is not None:
+                if not isinstance(output, Mapping) or key not in output:
+                    raise ConfigError(f"tap {tap!r}: {type(module).__name__} returns "
+                                      + (f"the keys {', '.join(map(str, output))}" if isinstance(output, Mapping)
+                                         else f"a {type(output).__name__}, not a dict"))
+                output = output[key]
             self._store(tap, output)
 
         return hook
@@ -143,6 +162,10 @@ class Layout:
     extra: dict[str, list[str]] = field(default_factory=dict)
     num_prefix_tokens: int = 0
     image_size: Optional[tuple[int, int]] = None
+    # where the model's predictions are when its output is not them: a detector returns boxes after NMS (or its
+    # losses in training), so its dense head's class logits (B, anchors, classes) are tapped, e.g.
+    # "head[cls_logits]"; None: the output is the prediction (logits)
+    predictions: Optional[str] = None
 
     def prefix_of(self, num_tokens: int) -> int:
         """The prefix tokens of a sequence of `num_tokens`: the model's count, or 0 for a sequence the prefix
@@ -176,7 +199,10 @@ class Layout:
         if spec == "penultimate":
             return self.penultimate
         kind, sep, index = spec.partition(":")
-        if sep and index.lstrip("-").isdigit() and (kind == "stage" or kind in self.extra):
+        if sep and index.lstrip("-").isdigit():
+            if kind != "stage" and kind not in self.extra:  # e.g. "fpn:0" on a segmenter, "logits:0" on a detector
+                kinds = ", ".join(["stage", *self.extra, "penultimate"])
+                raise ConfigError(f"tap {spec!r}: this model has no {kind!r} taps (it has: {kinds})")
             taps = self.stages if kind == "stage" else self.extra[kind]
             i = int(index)
             if not -len(taps) <= i < len(taps):
@@ -299,9 +325,11 @@ def probe(model: nn.Module, example: torch.Tensor, taps: Iterable[str]) -> tuple
 
 
 def _record_calls(model: nn.Module, example: torch.Tensor):
-    """Completion-ordered (path, output shape) of every module call, and the last Linear's path."""
+    """Completion-ordered (path, output shape) of every module call, and the paths of the last Linear and of the
+    last Conv2d called."""
     records: dict[str, tuple[int, ...]] = {}
     last_linear: list[str] = []
+    last_conv: list[str] = []
     handles = []
     for path, module in model.named_modules():
         if not path:
@@ -310,6 +338,8 @@ def _record_calls(model: nn.Module, example: torch.Tensor):
         def hook(mod, inputs, output, path=path):
             if isinstance(mod, nn.Linear):
                 last_linear.append(path)
+            elif isinstance(mod, nn.Conv2d):
+                last_conv.append(path)
             if isinstance(output, torch.Tensor) and path not in records:
                 records[path] = tuple(output.shape[1:])
 
@@ -323,7 +353,7 @@ def _record_calls(model: nn.Module, example: torch.Tensor):
         model.train(was_training)
         for h in handles:
             h.remove()
-    return records, (last_linear[-1] if last_linear else None)
+    return records, (last_linear[-1] if last_linear else None), (last_conv[-1] if last_conv else None)
 
 
 def discover_layout(model: nn.Module, example: torch.Tensor) -> Layout:
@@ -335,6 +365,8 @@ def discover_layout(model: nn.Module, example: torch.Tensor) -> Layout:
     global pools (1x1 outputs) and 2-D outputs are not stages.
     """
     image_size = tuple(example.shape[-2:]) if example.dim() == 4 else None
+    if trains_on_targets(model):
+        return detector_layout(model, image_size)
     published = getattr(model, "kdzoo_taps", None)
     if published:
         extra = {k: list(v) for k, v in published.items()
@@ -342,7 +374,7 @@ def discover_layout(model: nn.Module, example: torch.Tensor) -> Layout:
         prefix = published.get("num_prefix_tokens", published_prefix_tokens(model) or 0)
         return Layout(list(published["stages"]), published["penultimate"], extra, int(prefix), image_size)
 
-    records, last_linear = _record_calls(model, example)
+    records, last_linear, last_conv = _record_calls(model, example)
     modules = dict(model.named_modules())
     blocks = _token_blocks(records, modules)
     if blocks:
@@ -385,8 +417,51 @@ def discover_layout(model: nn.Module, example: torch.Tensor) -> Layout:
         start = end + 1
     if not stages:
         raise ConfigError(f"{type(model).__name__}: found no feature maps to use as stages; name taps explicitly")
+    if last_linear is None and last_conv is not None:
+        # a dense model (segmenter): its last conv is the classifier, its input the decoder's feature
+        decoder = f"{last_conv}{INPUT_SUFFIX}"
+        return Layout(stages, decoder, {"decoder": [decoder], "logits": [last_conv]}, image_size=image_size)
     penultimate = f"{last_linear}{INPUT_SUFFIX}" if last_linear else stages[-1]
     return Layout(stages, penultimate, image_size=image_size)
+
+
+def trains_on_targets(model: nn.Module) -> bool:
+    """Whether `model` trains on targets and returns its losses (torchvision's detectors: ``model(images,
+    targets)`` in train mode), instead of returning logits for a cross-entropy."""
+    return type(model).__module__.startswith("torchvision.models.detection")
+
+
+def predictions_tap(model: nn.Module) -> Optional[str]:
+    """Where a detector's class logits are (its dense head's ``cls_logits``); None for a model whose output is its
+    prediction, and for a two-stage detector (no dense class logits)."""
+    if trains_on_targets(model) and getattr(model, "head", None) is not None:
+        return "head[cls_logits]"
+    return None
+
+
+def detector_layout(model: nn.Module, image_size: Optional[tuple[int, int]] = None) -> Layout:
+    """A torchvision detector's layout, from its structure: ``stage:i`` the backbone's returned stages
+    (``backbone.body.layer2`` ...), ``fpn:i`` the FPN's output levels (``backbone.fpn.layer_blocks.i``, finest
+    first), and for a single-stage detector (RetinaNet, FCOS, SSD) ``head_logits:0`` / ``head_boxes:0`` its dense
+    head's class logits (B, anchors, classes) and box regression, the class logits being its predictions.  A
+    two-stage detector (Faster R-CNN) has no dense class logits: its methods read features."""
+    backbone = model.backbone
+    body = getattr(backbone, "body", None)
+    if body is not None and hasattr(body, "return_layers"):
+        stages = [f"backbone.body.{name}" for name in body.return_layers]
+    elif isinstance(getattr(backbone, "features", None), nn.Sequential):  # SSD: a chain of feature blocks
+        stages = [f"backbone.features.{i}" for i in range(len(backbone.features))]
+    else:
+        stages = []
+    extra = {}
+    fpn = getattr(backbone, "fpn", None)
+    if fpn is not None:
+        extra["fpn"] = [f"backbone.fpn.layer_blocks.{i}" for i in range(len(fpn.layer_blocks))]
+    predictions = predictions_tap(model)
+    if predictions is not None:
+        extra.update(head_logits=[predictions], head_boxes=["head[bbox_regression]"])
+    penultimate = (extra.get("fpn") or stages or [""])[-1]
+    return Layout(stages, penultimate, extra, image_size=image_size, predictions=predictions)
 
 
 MAX_TOKEN_STAGES = 4  # groups of blocks a token model's stages close, as the four stages of a CNN or a Swin

@@ -48,10 +48,15 @@ def _check(data: dict) -> None:
             width = len(table[columns_key])
             for method, row in table["rows"].items():
                 where = f"{DATA_FILE}: {section}.{dataset}.rows.{method}"
-                if row["source"] not in sources:
-                    raise ConfigError(f"{where}: unknown source {row['source']!r}")
                 if len(row["values"]) != width:
                     raise ConfigError(f"{where}: {len(row['values'])} values for {width} {columns_key}")
+                # one source for the row, or one per column where a row's figures come from different papers
+                row_sources = row["source"] if isinstance(row["source"], list) else [row["source"]]
+                if isinstance(row["source"], list) and len(row_sources) != width:
+                    raise ConfigError(f"{where}: {len(row_sources)} sources for {width} {columns_key}")
+                unknown = [name for name in row_sources if name not in sources]
+                if unknown:
+                    raise ConfigError(f"{where}: unknown source {unknown[0]!r}")
 
 
 def _bare(name: Optional[str]) -> str:
@@ -62,7 +67,8 @@ def _reference(row: dict, index: int) -> Optional[Reference]:
     value = row["values"][index]
     if value is None:
         return None
-    source = load()["sources"][row["source"]]
+    name = row["source"][index] if isinstance(row["source"], list) else row["source"]
+    source = load()["sources"][name]
     return Reference(float(value), source["name"], source["reports"])
 
 

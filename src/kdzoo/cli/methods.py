@@ -82,6 +82,8 @@ def describe_entry(entry, is_method: bool, width: int) -> list[str]:
     lines = [f"{entry.name}{f' ({family})' if family else ''}: {entry.description or '(no description)'}"]
     if entry.paper:
         lines += wrapped("paper: ", entry.paper)
+    if entry.meta.get("scope"):  # where the method is part of its paper, or our reading of it
+        lines += wrapped("implements: ", entry.meta["scope"])
     if is_method:
         cross = {"yes": "yes, made for pairs of different families (CNN, ViT, MLP)",
                  "logits": "any pair (reads logits only)", "no": "features of one family (same-family pairs)"}

@@ -72,8 +72,7 @@ def start_run(args, config: Any, runner: Callable[..., FitResult]) -> tuple[Path
 def _run(args, cls: type, runner: Callable[..., FitResult]) -> int:
     run_dir, result = start_run(args, load_config(cls, args.config, args.overrides), runner)
     if is_main_process():
-        print(f"done: last top-1 {result.last_top1:.2f}%, best {result.best_top1:.2f}% (epoch {result.best_epoch}), "
-              f"{result.seconds:.1f}s; weights in {run_dir}")
+        print(f"done: {result.describe()}, {result.seconds:.1f}s; weights in {run_dir}")
     return 0
 
 
@@ -87,6 +86,5 @@ def cmd_teacher(args) -> int:
 
 def cmd_eval(args) -> int:
     result = evaluate_target(args.target, args.overrides, args.device)
-    print(f"{result['target']}: {result['model']} on {result['dataset']} test: top-1 {result['top1']:.2f}%  "
-          f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")
+    print(f"{result['target']}: {result['model']} on {result['dataset']} test: {result['summary']}")
     return 0

@@ -55,6 +55,8 @@ class DataSplits:
     in_channels: int
     image_size: tuple[int, int]
     held_out: Optional[Dataset] = None  # labelled samples kept out of training (data.held_out_fraction)
+    task: str = "classification"  # what the labels are: classes, masks (segmentation) or boxes (detection)
+    class_names: Optional[tuple[str, ...]] = None  # for per-class scores and pictures (None: the indices)
 
 
 def build_dataset(name: str, **options) -> DataSplits:

@@ -117,9 +117,11 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
         n = len(dataset)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         return _TensorBatches(dataset, batch_size, order, drop_last)
-    if not isinstance(dataset, (WithIndex, PILItems)):
+    # a dataset whose items carry their index already and batch in their own way (detection targets: one dict of
+    # boxes per image) says so with `yields_index` and `collate_batch`
+    if not (isinstance(dataset, (WithIndex, PILItems)) or getattr(dataset, "yields_index", False)):
         dataset = WithIndex(dataset)
     pin_memory = device is not None and torch.device(device).type == "cuda"
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       num_workers=placement.num_workers, drop_last=drop_last, pin_memory=pin_memory,
-                      persistent_workers=False)
+                      persistent_workers=False, collate_fn=getattr(dataset, "collate_batch", None))

@@ -83,6 +83,9 @@ class ShardedState:
         Distributed.load_full_state(self.module, self.optimizer, model_state, optimizer_state)
 
 
+METRIC_NAMES = {"test_top1": "top-1", "test_miou": "mIoU", "test_map": "mAP"}  # as `FitResult.describe` says them
+
+
 @dataclass
 class FitResult:
     """What a run ended with: its last evaluation (`metrics`), the best value of the task's metric and the epoch
@@ -94,6 +97,13 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     run_dir: Optional[Path] = None
+    metric: str = "test_top1"  # the key `best` follows (the task's metric)
+
+    def describe(self) -> str:
+        """``last top-1 71.20%, best 72.00% (epoch 9)``: the task's metric, last and best."""
+        name = METRIC_NAMES.get(self.metric, self.metric.removeprefix("test_"))
+        last = self.metrics.get(self.metric, float("nan"))
+        return f"last {name} {last:.2f}%, best {self.best:.2f}% (epoch {self.best_epoch})"
 
     @property
     def last_top1(self) -> float:
@@ -168,9 +178,9 @@ class Run:
         return (f"{self.label}loss is not finite at epoch {bad // steps_per_epoch + 1}, step {bad + 1} "
                 f"(epoch means: {reading.describe()}){where}; try a lower train.lr or smaller method weights")
 
-    def result(self, started: float) -> FitResult:
+    def result(self, started: float, metric: str) -> FitResult:
         return FitResult(dict(self.last), self.best, self.best_epoch, self.history, time.perf_counter() - started,
-                         self.run_dir)
+                         self.run_dir, metric)
 
 
 class Task(abc.ABC):
@@ -371,7 +381,7 @@ class Trainer:
             self.task.finish(self)
             for k in range(len(self.runs)):
                 self._notify("on_train_end", k)
-            return [run.result(self.started) for run in self.runs]
+            return [run.result(self.started, self.task.metric) for run in self.runs]
         finally:
             self.task.close()
             self.group.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +32,10 @@ class Context:
     teacher_features_by_name: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     # the other students' logits (detached, in peer order) when students are trained together as peers
     peer_logits: tuple[torch.Tensor, ...] = ()
+    # the other students' tapped features (detached, tap spec -> map, in peer order), for methods that read them
+    peer_features: tuple[dict[str, torch.Tensor], ...] = ()
+    # the student's own training losses when it computes them from the labels (a detector on its targets)
+    student_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def warmup_factor(epoch: torch.Tensor | float, warmup_epochs: float) -> torch.Tensor | float:
@@ -82,7 +86,8 @@ class Method(nn.Module, abc.ABC):
     - ``student_taps`` / ``teacher_taps``: tap specs read from ``ctx.student`` / ``ctx.teacher``;
       instances may override them from their own hyper-parameters.
     - ``needs_peers``: True for a method that reads the other students' outputs (``ctx.peer_logits``, mutual
-      learning); a run then needs a ``peers:`` section.
+      learning; ``ctx.peer_features``, their maps at the method's own ``student_taps``); a run then needs a
+      ``peers:`` section.
     - ``ground_truth_weight``: the name of the option that weighs the labels (1) against the teacher (0), for a
       method whose loss mixes the two; ``rounds:`` (kdzoo.runner.rounds) trains a teacher-less first round with it at 1,
       and may estimate it each later round when written as ``estimate``.  An instance at 1 reads no teacher.
@@ -96,6 +101,11 @@ class Method(nn.Module, abc.ABC):
       teacher's logits the Distiller stops the teacher's forward after its deepest tapped layer.
     - ``reads_labels``: True for a method whose loss reads ``ctx.labels``; it cannot train on unlabelled samples
       (label -1), and the Distiller says so before training.
+    - ``tasks``: the tasks the method distils (`kdzoo.tasks`): classification alone unless it makes sense per pixel
+      (KD, DIST, AT, FitNet also distil segmenters) or was made for dense prediction; a run refuses the others.
+    - ``reads_maps``: True for a method that reads dense predictions as maps (logits (B, C, H, W), masks (B, H, W):
+      channel-wise or pair-wise distillation).  Every other method sees a dense batch as positions (logits
+      (B * H * W, C), `kdzoo.distiller.position_view`), so a classification method distils each pixel.
     """
 
     ce_weight: ClassVar[Optional[float]] = None
@@ -107,6 +117,8 @@ class Method(nn.Module, abc.ABC):
     ground_truth_weight: ClassVar[Optional[str]] = None
     reads_teacher_logits: ClassVar[bool] = True
     reads_labels: bool = False
+    reads_maps: ClassVar[bool] = False
+    tasks: ClassVar[frozenset[str]] = frozenset({"classification"})
     student_taps: tuple[str, ...] = ()
     teacher_taps: tuple[str, ...] = ()
 
@@ -115,6 +127,11 @@ class Method(nn.Module, abc.ABC):
 
     def build(self, setup: Setup) -> None:
         """Create learnable parts from feature shapes and data facts.  Default: none."""
+
+    def build_peers(self, peer_shapes: Sequence[dict[str, torch.Size]]) -> None:
+        """Create learnable parts that read the other students' features (``Context.peer_features``) when students
+        train as peers: `peer_shapes` holds each other student's tap spec -> feature shape (batch dimension
+        included), in peer order.  Called once by `kdzoo.tasks.classification.PeerDistiller`.  Default: none."""
 
     def init_stage(self, student: nn.Module) -> Optional[InitStage]:
         """An optional stage to run before distillation; see `InitStage`.  Default: none."""

@@ -6,6 +6,7 @@ by torchvision or timm on first use; see ``pretrained.py``, whose `replace_head`
 """
 from __future__ import annotations
 
+import inspect
 from typing import Union
 
 from torch import nn
@@ -13,7 +14,8 @@ from torch import nn
 from ..engine.runtime import lazy_import
 from ..errors import ConfigError
 from ..registry import MODELS, register_model, unknown_name_message
-from . import cifar_mobilenetv2, cifar_resnet, cifar_shufflenet, cifar_vgg, cifar_wrn, convnet, mlp, tiny, vit  # noqa: F401  (registers its models)  # noqa: F401  # noqa: F401  (ViT / MLP students for 32x32 inputs)
+from . import (cifar_mobilenetv2, cifar_resnet, cifar_shufflenet, cifar_vgg, cifar_wrn, convnet, detection,  # noqa: F401
+               mlp, segformer, segmentation, tiny, vit)  # (each registers its models)
 from .pretrained import check_weights_name, replace_head, timm_pretrained, torchvision_pretrained
 
 torchvision = lazy_import("torchvision")
@@ -69,9 +71,18 @@ def _torchvision_model(arch: str, num_classes: int, in_channels: int, options: d
         raise ConfigError(unknown_name_message("torchvision model", arch, names))
     if in_channels != 3:
         raise ConfigError(f"torchvision model {arch!r} expects 3 input channels, the data has {in_channels}")
+    if takes_backbone_weights(arch):  # segmenters and detectors: no ImageNet backbone download unless asked
+        options = {"weights_backbone": None, **options}
     if pretrained:
         return torchvision_pretrained(arch, pretrained, num_classes, options)
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)
+
+
+def takes_backbone_weights(arch: str) -> bool:
+    """Whether torchvision's builder of `arch` has a ``weights_backbone`` argument (its dense models), which
+    defaults to downloading ImageNet weights; kdzoo defaults it to None (``weights_backbone: IMAGENET1K_V1`` in
+    the model's options asks for them)."""
+    return "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(arch)).parameters
 
 
 def _timm_model(arch: str, num_classes: int, in_channels: int, options: dict,

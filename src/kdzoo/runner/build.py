@@ -16,10 +16,23 @@ from ..models import create_model
 from ..models.inherit import inherit_weights
 from ..models.weights import LoadReport
 from ..models.weights import load_weights as load_model_weights
+from ..registry import DATASETS, TASKS, unknown_name_message
 
 
-def build_data(cfg: DataConfig) -> DataSplits:
-    data = build_dataset(cfg.name, **cfg.options)
+def build_data(cfg: DataConfig, task: Optional[str] = None) -> DataSplits:
+    """The dataset a config names.  `task` (the config's ``task:``): a dataset with a ``task`` option (``scenes``)
+    is built for it unless its options say otherwise; the labels must be that task's."""
+    options = dict(cfg.options)
+    if task is not None:
+        tasks = [name for name in TASKS.names() if name != "lm"]
+        if task not in tasks:
+            raise ConfigError(unknown_name_message("task", task, tasks))
+        if cfg.name in DATASETS and "task" in DATASETS.get(cfg.name).defaults:
+            options.setdefault("task", task)
+    data = build_dataset(cfg.name, **options)
+    if task is not None and data.task != task:
+        raise ConfigError(f"task: {task!r}, but data {cfg.name!r} holds {data.task} labels"
+                          + (" (data.options.task)" if "task" in cfg.options else ""))
     if cfg.labelled_fraction < 1 or cfg.held_out_fraction > 0:
         data = withhold_labels(data, cfg.labelled_fraction, cfg.held_out_fraction, cfg.label_seed)
     return data
@@ -55,7 +68,8 @@ def load_weights(model: nn.Module, path: str | Path, where: str = "") -> LoadRep
 def model_meta(cfg: ModelConfig, data: DataSplits, data_cfg: DataConfig) -> dict:
     """What an exported model records so `kdzoo eval` can rebuild it: its name, options and dataset."""
     return {"model": cfg.name, "options": cfg.options, "num_classes": data.num_classes,
-            "in_channels": data.in_channels, "data": {"name": data_cfg.name, "options": data_cfg.options}}
+            "in_channels": data.in_channels, "data": {"name": data_cfg.name, "options": data_cfg.options},
+            "task": data.task}
 
 
 def build_methods(cfg: RunConfig) -> list[Method]:

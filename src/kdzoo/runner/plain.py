@@ -13,7 +13,7 @@ from ..engine.rundir import RUN_CONFIG, SUMMARY
 from ..engine.runtime import atomic_write, is_main_process, seed_everything
 from ..engine.trainer import Callback, FitResult
 from ..errors import ConfigError
-from ..tasks.classification import Distillable, FitOptions, fit, read_summary, write_plan
+from ..tasks.classification import Distillable, FitOptions, fit, read_summary, task_class, write_plan
 from .build import build_data, build_model, model_meta
 from .resume import report_changes, verify_checkpoint, verify_resume_config
 
@@ -25,7 +25,7 @@ def run_distiller(cfg: RunConfig, run_dir: Path, build: Callable[[RunConfig, Dat
     seed alone, the config saved, `fit`.  `data`: splits the caller built (a round holding samples out);
     `callbacks(distiller)`: in place of `fit`'s default ones."""
     notes = verify_resume_config(cfg, run_dir) if resume else []
-    data = data if data is not None else build_data(cfg.data)
+    data = data if data is not None else build_data(cfg.data, cfg.task)
     seed_everything(cfg.train.seed)  # initial weights depend on the seed alone
     distiller = build(cfg, data, run_dir)
     if resume:
@@ -34,11 +34,13 @@ def run_distiller(cfg: RunConfig, run_dir: Path, build: Callable[[RunConfig, Dat
     if is_main_process():  # under torchrun rank 0 alone writes
         save_config(cfg, run_dir / RUN_CONFIG)
         if isinstance(distiller, Distiller):  # students trained as peers have no teacher's layers to show
-            write_plan(distiller, data.test, run_dir, cfg.train.device, cfg.student.name,  # before the first step
-                       cfg.teacher.name if cfg.teacher else None, verbose)
-        teacher_top1 = teacher_run_accuracy(cfg)
-        if teacher_top1 is not None and not resume:  # curves.png draws it as the reference line
-            record_summary(run_dir, teacher_top1=teacher_top1)
+            write_plan(distiller, data.test, run_dir, cfg.train.device,  # before the first step
+                       (cfg.student.name, cfg.teacher.name if cfg.teacher else None), verbose,
+                       task_class(data).score_model)
+        key = task_class(data).score[0]
+        teacher_score = teacher_run_accuracy(cfg, key)
+        if teacher_score is not None and not resume:  # curves.png draws it as the reference line
+            record_summary(run_dir, **{f"teacher_{key}": teacher_score})
     options = FitOptions(export_meta=model_meta(cfg.student, data, cfg.data),
                          callbacks=callbacks(distiller) if callbacks is not None else None)
     return fit(distiller, data, cfg.train, run_dir, resume=resume, verbose=verbose, options=options)
@@ -47,7 +49,7 @@ def run_distiller(cfg: RunConfig, run_dir: Path, build: Callable[[RunConfig, Dat
 def teacher_run(cfg: TeacherConfig, run_dir: Path, resume: bool = False, verbose: bool = True) -> FitResult:
     """``kdzoo teacher``: the config's model trained alone; its weights are RUN_DIR/model.safetensors."""
     notes = verify_resume_config(cfg, run_dir) if resume else []
-    data = build_data(cfg.data)
+    data = build_data(cfg.data, cfg.task)
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, data)
     distiller = Distiller(model)
@@ -64,9 +66,9 @@ def teacher_run(cfg: TeacherConfig, run_dir: Path, resume: bool = False, verbose
     return result
 
 
-def teacher_run_accuracy(cfg: RunConfig) -> Optional[float]:
-    """The teacher's test top-1 when ``teacher.weights`` is (a file of) a kdzoo run directory whose
-    summary.json reports it, on the same dataset as this run; else None."""
+def teacher_run_accuracy(cfg: RunConfig, key: str = "top1") -> Optional[float]:
+    """The teacher's test score (``last_<key>``: top-1, mIoU) when ``teacher.weights`` is (a file of) a kdzoo run
+    directory whose summary.json reports it, on the same dataset as this run; else None."""
     if cfg.teacher is None or not cfg.teacher.weights:
         return None
     path = Path(cfg.teacher.weights)
@@ -76,7 +78,7 @@ def teacher_run_accuracy(cfg: RunConfig) -> Optional[float]:
         data = read_yaml(folder / RUN_CONFIG).get("data", {})
     except (OSError, ValueError, ConfigError):
         return None
-    top1 = summary.get("last_top1") if isinstance(summary, dict) else None
+    top1 = summary.get(f"last_{key}") if isinstance(summary, dict) else None
     where_only = ("root", "cache_dir", "download")  # where the data is read from, not what it is
 
     def same_data(section: Any) -> tuple:

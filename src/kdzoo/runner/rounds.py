@@ -169,7 +169,7 @@ def train_rounds(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: b
     elif is_main_process():
         save_config(cfg, run_dir / RUN_CONFIG)
         save_checkpoint(run_dir / CHECKPOINT, progress)
-    data = build_data(cfg.data)
+    data = build_data(cfg.data, cfg.task)
     holdout: Optional[Dataset] = None
     if options:
         data, holdout = split_holdout(data, cfg.train.seed)

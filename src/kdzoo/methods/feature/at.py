@@ -51,6 +51,7 @@ class AT(Method):
     """
 
     ce_weight = 1.0
+    tasks = frozenset({"classification", "segmentation"})  # per pixel on a segmenter
     student_layout: Optional[Layout] = None  # set by choose_taps; None: tokens' grid guessed from their count
     teacher_layout: Optional[Layout] = None
 

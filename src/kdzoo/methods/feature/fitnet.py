@@ -39,6 +39,7 @@ class FitNet(Method):
     """
 
     ce_weight = 1.0
+    tasks = frozenset({"classification", "segmentation"})  # per pixel on a segmenter
 
     def __init__(self, weight: NonNegative = 100.0, student_layer: str = "stage:2", teacher_layer: str = "stage:2",
                  normalize_layers: bool = False):

@@ -61,6 +61,7 @@ class DIST(Method):
     """
 
     ce_weight = 1.0
+    tasks = frozenset({"classification", "segmentation"})  # per pixel on a segmenter
 
     def __init__(self, beta: NonNegative = 2.0, gamma: NonNegative = 2.0, temperature: Positive = 4.0, standardize: bool = False):
         super().__init__()

@@ -42,6 +42,7 @@ class KD(Method):
     """
 
     ce_weight = 0.1
+    tasks = frozenset({"classification", "segmentation"})  # per pixel on a segmenter
 
     def __init__(self, weight: NonNegative = 0.9, temperature: Positive = 4.0, standardize: bool = False):
         super().__init__()

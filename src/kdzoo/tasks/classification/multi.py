@@ -31,7 +31,7 @@ from ...engine.stacked import StackedModels
 from ...engine.step import TrainStep, mark_static
 from ...engine.trainer import FitResult, StepGroup, Trainer
 from ...errors import ConfigError
-from .task import ClassificationTask, FitOptions, has_init_stage, optimizer_spec, separate_steps, train_runs
+from .task import ClassificationTask, FitOptions, has_init_stage, optimizer_spec, separate_steps, task_class, train_runs
 
 
 def stacking_obstacle(distillers: Sequence[Distiller]) -> Optional[str]:
@@ -137,8 +137,8 @@ def fit_many(distillers: Sequence[nn.Module], data: DataSplits, cfg: TrainConfig
     use_stack = stack is not False and obstacle is None
     options = options or FitOptions()
     labels = [f"[{Path(r).name if r is not None else f'student {k}'}] " for k, r in enumerate(run_dirs)]
-    task = ClassificationTask(distillers, data, cfg, options.teacher_cache,
-                              stacked_steps if use_stack else separate_steps)
+    task = task_class(data)(distillers, data, cfg, options.teacher_cache,
+                            stacked_steps if use_stack else separate_steps)
     return train_runs(task, run_dirs, resume=resume, verbose=verbose, options=options, labels=labels)
 
 

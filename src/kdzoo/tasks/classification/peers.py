@@ -3,7 +3,9 @@ students of any architectures.
 
 Each student has its own `Distiller` (its taps, its methods and their adapters, no teacher).  One forward runs
 every student on the batch, then gives each student's methods a `Context` whose ``peer_logits`` are the other
-students' logits, detached: a student's loss trains that student alone, and its peers are constants in it.
+students' logits and ``peer_features`` their tapped features, detached: a student's loss trains that student alone,
+and its peers are constants in it.  A method's adapters onto the other students' features are built from their
+shapes (`Method.build_peers`) when the students are put together.
 
 One optimizer steps all students on the sum of their losses.  Because the peers are detached, the gradient of
 that sum with respect to student k is the gradient of student k's own loss, and SGD and AdamW update each
@@ -63,6 +65,10 @@ class PeerDistiller(nn.Module):
                 stage = method.init_stage(d.student)
                 if stage is not None and stage.epochs > 0:
                     raise ConfigError(f"peers: method {name} has an init stage, which peers do not run")
+        for k, d in enumerate(distillers):  # adapters that read the other students' features
+            others = [other.student_shapes for j, other in enumerate(distillers) if j != k]
+            for method in d.methods.values():
+                method.build_peers(others)
         self.distillers = nn.ModuleList(distillers)
         self.student = PeerModels([d.student for d in distillers])
         self.teacher = None
@@ -89,9 +95,11 @@ class PeerDistiller(nn.Module):
             raise ConfigError("peers: students trained as peers run through their own distillers")
         contexts = [d.context(images, labels, index, epoch) for d in self.distillers]
         detached = [ctx.student_logits.detach() for ctx in contexts]
+        features = [{spec: feature.detach() for spec, feature in ctx.student.items()} for ctx in contexts]
         losses: dict[str, torch.Tensor] = {}
         for k, (d, ctx) in enumerate(zip(self.distillers, contexts)):
-            ctx = dataclasses.replace(ctx, peer_logits=tuple(detached[:k] + detached[k + 1:]))
+            ctx = dataclasses.replace(ctx, peer_logits=tuple(detached[:k] + detached[k + 1:]),
+                                      peer_features=tuple(features[:k] + features[k + 1:]))
             losses.update({f"{key}_{k}": value for key, value in d.losses(ctx).items()})
         return DistillOutput(contexts[0].student_logits, losses)
 
@@ -101,9 +109,10 @@ class PeerDistiller(nn.Module):
 
 
 class PeerCallback(Callback):
-    """Per epoch with a test evaluation: each other student's test top-1 as ``test_top1_k`` (in metrics.csv and
-    the console line's row).  At the end: every student exported as student_k.safetensors with its own metadata,
-    the first also as student.safetensors, and summary.json with every student's last and best accuracy.
+    """Per epoch with a test evaluation: each other student's test score (the task's: top-1, a segmenter's mIoU)
+    as ``test_top1_k`` / ``test_miou_k`` (in metrics.csv and the console line's row).  At the end: every student
+    exported as student_k.safetensors with its own metadata, the first also as student.safetensors, and
+    summary.json with every student's last and best score.
     Put it before the metrics callback so the rows it extends are the ones written."""
 
     def __init__(self, metas: Sequence[dict]):
@@ -113,14 +122,20 @@ class PeerCallback(Callback):
         return list(run.modules["student"].peers)
 
     def on_epoch_end(self, trainer, run, row, improved):
-        if "test_top1" not in row:
+        key = trainer.task.score[0]
+        if f"test_{key}" not in row:
             return
-        row["test_top1_0"] = row["test_top1"]
-        cfg = trainer.task.cfg
+        row[f"test_{key}_0"] = row[f"test_{key}"]
         for k, model in enumerate(self._models(run)[1:], start=1):
-            metrics = evaluate(model, trainer.task.data.test, batch_size=max(cfg.batch_size, 256),
-                               device=trainer.device, amp=cfg.amp)
-            row[f"test_top1_{k}"] = metrics["top1"]
+            row[f"test_{key}_{k}"] = self._score(trainer, model)
+
+    @staticmethod
+    def _score(trainer, model: nn.Module) -> float:
+        task, cfg = trainer.task, trainer.task.cfg
+        if task.score[0] == "top1":
+            return evaluate(model, task.data.test, batch_size=max(cfg.batch_size, 256), device=trainer.device,
+                            amp=cfg.amp)["top1"]
+        return task.score_model(model, task.data.test)[1]  # the task's own score (a segmenter's mIoU)
 
     def on_train_end(self, trainer, run):
         if run.run_dir is None or not run.history:
@@ -129,18 +144,21 @@ class PeerCallback(Callback):
         for k, (model, meta) in enumerate(zip(models, self.metas)):
             export_weights(run.run_dir / f"student_{k}.safetensors", model, meta)
         export_weights(run.run_dir / "student.safetensors", models[0], self.metas[0])
-        write_peer_summary(run.run_dir, run.history, len(models))
+        write_peer_summary(run.run_dir, run.history, len(models), trainer.task.score[0])
 
 
-def write_peer_summary(run_dir: Path, history: list[dict], count: int) -> None:
-    rows = [row for row in history if "test_top1_0" in row]
+def write_peer_summary(run_dir: Path, history: list[dict], count: int, key: str = "top1") -> None:
+    """summary.json of students trained as peers: the first student's last and best ``key`` score (top1, miou)
+    and every student's."""
+    rows = [row for row in history if f"test_{key}_0" in row]
     students = []
     for k in range(count):
-        values = [row[f"test_top1_{k}"] for row in rows if f"test_top1_{k}" in row]
-        students.append({"last_top1": values[-1] if values else None, "best_top1": max(values) if values else None})
+        values = [row[f"test_{key}_{k}"] for row in rows if f"test_{key}_{k}" in row]
+        students.append({f"last_{key}": values[-1] if values else None,
+                         f"best_{key}": max(values) if values else None})
     final = history[-1]
-    summary = {"last_top1": students[0]["last_top1"], "best_top1": students[0]["best_top1"], "students": students,
-               "epochs": final["epoch"], "seconds": final["seconds"]}
+    summary = {f"last_{key}": students[0][f"last_{key}"], f"best_{key}": students[0][f"best_{key}"],
+               "students": students, "epochs": final["epoch"], "seconds": final["seconds"]}
     text = json.dumps(summary, indent=2)
     atomic_write(run_dir / "summary.json", lambda tmp: tmp.write_text(text))
 

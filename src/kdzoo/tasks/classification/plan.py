@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numbers
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -20,22 +20,22 @@ from ...engine.runtime import atomic_write, resolve_device
 from ...methods import METHODS
 from .evaluation import evaluate
 
-__all__ = ["distillation_plan", "write_plan", "describe_adapter", "loss_weights", "other_options"]
+__all__ = ["distillation_plan", "write_plan", "top1_score", "ModelScore", "describe_adapter", "loss_weights", "other_options"]
 PLAN_FILE = "plan.md"
 
 WEIGHT_NAMES = ("weight", "alpha", "beta", "gamma")  # DKD's alpha/beta, DIST's beta/gamma weigh their terms
 
 
-def distillation_plan(distiller: Distiller, teacher_top1: Optional[float] = None, student_name: Optional[str] = None,
-                      teacher_name: Optional[str] = None) -> str:
+def distillation_plan(distiller: Distiller, teacher_score: Optional[tuple[str, float]] = None,
+                      student_name: Optional[str] = None, teacher_name: Optional[str] = None) -> str:
     """A Markdown plan of `distiller`: per method, the student and teacher layers (module paths) with their
-    shapes (batch dimension left out), the adapter between them, and the loss weights; with `teacher_top1`
-    the teacher's test top-1 (%)."""
+    shapes (batch dimension left out), the adapter between them, and the loss weights; with `teacher_score`
+    the teacher's test score, e.g. ``("test top-1", 87.5)`` (%)."""
     student = student_name or type(distiller.student).__name__
     lines = ["# Distillation plan", ""]
     if distiller.teacher is not None:
         teacher = teacher_name or type(distiller.teacher).__name__
-        score = f", test top-1 {teacher_top1:.2f}%" if teacher_top1 is not None else ""
+        score = f", {teacher_score[0]} {teacher_score[1]:.2f}%" if teacher_score is not None else ""
         lines.append(f"- teacher: {teacher}{score}")
         for other, module in list(distiller.teachers.items())[1:]:  # several named teachers
             lines.append(f"- teacher {other!r}: {type(module).__name__}")
@@ -73,16 +73,26 @@ def distillation_plan(distiller: Distiller, teacher_top1: Optional[float] = None
     return "\n".join(lines) + "\n"
 
 
+def top1_score(model: nn.Module, test_data) -> tuple[str, float]:
+    """A classifier's score for the plan: its test top-1."""
+    return "test top-1", evaluate(model, test_data)["top1"]
+
+
+ModelScore = Callable[[nn.Module, object], tuple[str, float]]  # (model, test split) -> (what, value in %)
+
+
 def write_plan(distiller: Distiller, test_data, run_dir: Optional[Path] = None, device: Optional[str] = None,
-               student_name: Optional[str] = None, teacher_name: Optional[str] = None, verbose: bool = True) -> str:
-    """Evaluate the teacher on `test_data` (on `device`, else where it is), then print the plan and write it to
-    ``run_dir/plan.md``."""
-    teacher_top1 = None
+               names: tuple[Optional[str], Optional[str]] = (None, None), verbose: bool = True,
+               score: ModelScore = top1_score) -> str:
+    """Score the teacher on `test_data` (on `device`, else where it is; `score`: the task's, test top-1 by
+    default), then print the plan and write it to ``run_dir/plan.md``.  `names`: the student's and the teacher's
+    factory names."""
+    teacher_score = None
     if distiller.teacher is not None and test_data is not None:
         if device is not None:
             distiller.teacher.to(resolve_device(device))  # where training puts it anyway
-        teacher_top1 = evaluate(distiller.teacher, test_data)["top1"]
-    plan = distillation_plan(distiller, teacher_top1, student_name, teacher_name)
+        teacher_score = score(distiller.teacher, test_data)
+    plan = distillation_plan(distiller, teacher_score, *names)
     if verbose:
         print(plan, end="")
     if run_dir is not None:

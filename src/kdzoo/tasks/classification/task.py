@@ -33,9 +33,9 @@ from ...engine.trainer import (Callback, ConsoleLog, FitResult, LoopConfig, Metr
                                Trainer)
 from ...errors import ConfigError, TrainingDiverged
 from ...plots import plot_run
-from ...registry import register_task
+from ...registry import TASKS, register_task
 from .evaluation import evaluate, evaluation_model
-from .plan import write_plan
+from .plan import top1_score, write_plan
 from .teacher_feed import TeacherCache, TeacherFeed
 
 EVALUATION_MODEL = "student_with_heads.safetensors"  # exported when a method changes how predictions are made
@@ -142,9 +142,20 @@ class ClassificationTask(Task):
     """Distillers (or plain students) trained on the same labelled batches; see the module's docstring."""
 
     metric = "test_top1"
+    score = ("top1", "top-1")  # the metric's column suffix and name (summary.json's last_/best_/teacher_ keys)
     higher_is_better = True
     log_axis = "epoch"
     unit = "img"
+    score_model = staticmethod(top1_score)  # (model, test split) -> (what, %): the teacher's line in plan.md
+
+    @staticmethod
+    def test_scores(model: nn.Module, data: DataSplits) -> dict[str, float]:
+        """`model`'s scores on the whole test split (``kdzoo eval``): top-1, top-5 (%) and the loss."""
+        return evaluate(model, data.test)
+
+    @staticmethod
+    def scores_line(scores: dict[str, float]) -> str:
+        return f"top-1 {scores['top1']:.2f}%  top-5 {scores['top5']:.2f}%  loss {scores['loss']:.4f}"
 
     def __init__(self, distillers: Sequence[Distillable], data: DataSplits, cfg: TrainConfig,
                  teacher_cache: Optional[TeacherCache] = None, build_steps: StepBuilder = separate_steps):
@@ -195,7 +206,12 @@ class ClassificationTask(Task):
             if self.feed is not None and self.feed.active:
                 with autocast_for(trainer.device, cfg.amp):
                     teacher_outputs = self.feed(images, index)
-            yield [StepBatch((images, labels, index, teacher_outputs), len(labels), labels)]
+            yield [self.micro_batch((images, labels, index, teacher_outputs))]
+
+    def micro_batch(self, inputs: tuple) -> StepBatch:
+        """(images, labels, index, teacher outputs) as the step takes them: a sample per label."""
+        labels = inputs[1]
+        return StepBatch(inputs, len(labels), labels)
 
     @contextlib.contextmanager
     def session(self, trainer: Trainer):
@@ -236,6 +252,10 @@ class ClassificationTask(Task):
     def close(self) -> None:
         for distiller in self.distillers:
             distiller.close()  # no hook stays on a student or a teacher after training
+
+    def default_callbacks(self, distiller, run_dir: Optional[Path], meta: dict, verbose: bool) -> list[Callback]:
+        """A run's callbacks when the caller gives none (`default_callbacks`); a task adds its own pictures."""
+        return default_callbacks(distiller, run_dir, meta, verbose)
 
     # ------------------------------------------------------------------ init stages
 
@@ -295,7 +315,7 @@ class ClassificationTask(Task):
         def batches():
             for batch in loader:
                 images, labels, index = self.to_device(trainer, batch)
-                yield [StepBatch((images, labels, index, None), len(labels), labels)]
+                yield [self.micro_batch((images, labels, index, None))]
 
         trainer.run_pass(batches(), [group], PassSpec(len(loader), f"{name} init {epoch + 1}/{epochs}",
                                                       epoch_offset=0.0), check)
@@ -324,7 +344,7 @@ class ExportWeights(Callback):
             if model is not self.distiller.student:  # the student with the heads a method trained, as scored
                 export_weights(run.run_dir / EVALUATION_MODEL, model,
                                {**self.meta, "evaluation_model": type(model).__name__})
-            write_summary(run.run_dir, run.history, run.best, run.best_epoch)
+            write_summary(run.run_dir, run.history, (run.best, run.best_epoch), trainer.task.score)
 
 
 class RunRecord(Callback):
@@ -341,8 +361,8 @@ class RunRecord(Callback):
         save_config(trainer.task.cfg, run.run_dir / TRAIN_CONFIG)
         distiller = self.distiller
         if isinstance(distiller, Distiller) and (distiller.teacher is not None or len(distiller.methods)):
-            write_plan(distiller, trainer.task.data.test, run.run_dir, verbose=self.verbose,
-                       student_name=self.meta.get("model"))
+            write_plan(distiller, trainer.task.data.test, run.run_dir, names=(self.meta.get("model"), None),
+                       verbose=self.verbose, score=trainer.task.score_model)
 
 
 class EvalModeCheck(Callback):
@@ -403,16 +423,24 @@ def default_callbacks(distiller, run_dir: Optional[Path], meta: dict, verbose: b
     return callbacks
 
 
-def write_summary(run_dir: Path, history: list[dict], best: float, best_epoch: int) -> None:
-    """summary.json and a learning-curve plot.  Facts a run recorded in summary.json before training (the
-    teacher's test accuracy, ``teacher_top1``) are kept, and the teacher's is drawn as a reference line."""
+def write_summary(run_dir: Path, history: list[dict], best: tuple[float, int],
+                  score: tuple[str, str] = ("top1", "top-1")) -> None:
+    """summary.json and a learning-curve plot.  `best`: the best value of the task's metric and its epoch;
+    `score`: the metric's column suffix and name (``test_<key>`` in the rows; ``last_<key>`` and ``best_<key>`` in
+    the summary, e.g. last_top1 and last_top5 for a classifier).  Facts a run recorded in summary.json before
+    training (the teacher's test score, ``teacher_<key>``) are kept, and the teacher's is drawn as a reference
+    line."""
     final = history[-1]
-    summary = {**read_summary(run_dir),
-               "last_top1": final.get("test_top1"), "last_top5": final.get("test_top5"), "best_top1": best,
-               "best_epoch": best_epoch, "epochs": final["epoch"], "seconds": final["seconds"]}
+    key = score[0]
+    last = {f"last_{k[len('test_'):]}": v for k, v in final.items() if k.startswith("test_") and k != "test_loss"}
+    summary = {**read_summary(run_dir), **last, f"last_{key}": final.get(f"test_{key}"), f"best_{key}": best[0],
+               "best_epoch": best[1], "epochs": final["epoch"], "seconds": final["seconds"]}
+    if key == "top1":
+        summary.setdefault("last_top5", None)
     text = json.dumps(summary, indent=2)
     atomic_write(run_dir / SUMMARY, lambda tmp: tmp.write_text(text))
-    plot_run(history, run_dir / "curves.png", teacher_top1=summary.get("teacher_top1"), title=run_dir.name)
+    plot_run(history, run_dir / "curves.png", teacher_score=summary.get(f"teacher_{key}"), title=run_dir.name,
+             score=score)
 
 
 def read_summary(run_dir: Path) -> dict:
@@ -452,7 +480,7 @@ def fit(distiller: Distillable, data: DataSplits, cfg: TrainConfig, run_dir: Opt
     options = options or FitOptions()
     many = replace(options, export_meta=[options.export_meta],
                    callbacks=[options.callbacks] if options.callbacks is not None else None)
-    task = ClassificationTask([distiller], data, cfg, options.teacher_cache)
+    task = task_class(data)([distiller], data, cfg, options.teacher_cache)
     return train_runs(task, [run_dir], resume=resume, verbose=verbose, options=many)[0]
 
 
@@ -471,10 +499,24 @@ def train_runs(task: ClassificationTask, run_dirs: Sequence[Optional[str | Path]
             for d, run_dir, label in zip(distillers, run_dirs, labels)]
     callbacks = options.callbacks
     if callbacks is None:
-        callbacks = [default_callbacks(d, run.run_dir, meta, verbose) for d, run, meta in zip(distillers, runs, metas)]
+        callbacks = [task.default_callbacks(d, run.run_dir, meta, verbose)
+                     for d, run, meta in zip(distillers, runs, metas)]
     trainer = Trainer(task, loop_config(task.cfg), runs, resume=resume, callbacks=callbacks,
                       on_step=options.on_step, verbose=verbose)
     return trainer.run()
+
+
+def task_class(data: DataSplits) -> type[ClassificationTask]:
+    """The task that trains on `data`: the registered task its `task` names (classification, segmentation), which
+    `fit` and `fit_many` then run."""
+    if data.task == "classification":
+        return ClassificationTask
+    found = TASKS.get(data.task).obj if data.task in TASKS else None
+    if not (isinstance(found, type) and issubclass(found, ClassificationTask)):
+        tasks = [t.name for t in TASKS if isinstance(t.obj, type) and issubclass(t.obj, ClassificationTask)]
+        raise ConfigError(f"data {data.name!r} holds {data.task} labels, which fit cannot train (tasks it can: "
+                          f"{', '.join(tasks)})")
+    return found
 
 
 def _class_meta(student: nn.Module) -> dict:
@@ -484,4 +526,4 @@ def _class_meta(student: nn.Module) -> dict:
 
 __all__ = ["fit", "train_runs", "evaluate", "evaluation_model", "FitOptions", "ClassificationTask", "Distillable",
            "separate_steps", "scaled_lr", "lr_schedule", "default_callbacks", "ExportWeights", "RunRecord",
-           "EvalModeCheck", "write_summary", "read_summary", "EVALUATION_MODEL", "TRAIN_CONFIG"]
+           "EvalModeCheck", "write_summary", "read_summary", "task_class", "EVALUATION_MODEL", "TRAIN_CONFIG"]

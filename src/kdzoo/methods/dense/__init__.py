@@ -1,0 +1,1 @@
+"""Methods made for dense prediction (segmentation, detection): they read logits and features as maps."""
