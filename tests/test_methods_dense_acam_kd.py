@@ -1,7 +1,6 @@
 """ACAM-KD on dense maps (Lan & Tian, ICCV 2025) against the paper's equations written out with loops."""
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 
@@ -10,9 +9,6 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from kdzoo.config import TrainConfig
-from kdzoo.data import build_dataset, input_example
-from kdzoo.distiller import Distiller, TrainingData
 from kdzoo.errors import ConfigError
 from kdzoo.methods import create_method
 from kdzoo.methods.base import Context, Setup
@@ -24,9 +20,8 @@ from kdzoo.methods.dense.acam_kd import (  # registers "acam_kd"
     channel_selection_masks,
     spatial_selection_masks,
 )
-from kdzoo.models import create_model
 from kdzoo.registry import METHODS
-from kdzoo.tasks.classification import fit
+from tiny_setup import train_tiny_segmenter
 
 DOUBLE = torch.float64
 
@@ -256,21 +251,8 @@ def test_one_mask_has_no_diversity_term_and_bad_options_are_refused():
         ACAMKDDense().build(setup_for({"logits:0": (2, 16)}, {"logits:0": (2, 11, 4, 4)}))
 
 
-def train(methods, tmp_path=None):
-    torch.manual_seed(0)
-    data = build_dataset("scenes", image_size=32, train_size=16, test_size=8)
-    student = create_model("seg:tiny", num_classes=11, width=4)
-    teacher = create_model("seg:tiny", num_classes=11, width=8)
-    before = copy.deepcopy(student.state_dict())
-    distiller = Distiller(student, teacher, methods, example_input=input_example(data), data=TrainingData.of(data))
-    config = TrainConfig(epochs=1, batch_size=8, lr=0.01, progress=False, device="cpu")
-    result = fit(distiller, data, config, verbose=False, run_dir=tmp_path)
-    changed = any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
-    return result.history[-1], changed
-
-
 def test_end_to_end_segmentation_training(tmp_path):
-    row, changed = train([create_method("acam_kd")], tmp_path)
+    row, changed = train_tiny_segmenter([create_method("acam_kd")], tmp_path)
     assert math.isfinite(row["loss_acam_kd"]) and row["loss_acam_kd"] > 0
     assert math.isfinite(row["loss_acam_kd_diversity"])
     assert "test_miou" in row and changed
@@ -280,5 +262,5 @@ def test_end_to_end_segmentation_training(tmp_path):
 def test_end_to_end_on_two_levels_with_different_widths():
     method = create_method("acam_kd", num_masks=4, student_layers=["stage:2", "decoder:0"],
                            teacher_layers=["stage:2", "decoder:0"])
-    row, changed = train([method])
+    row, changed = train_tiny_segmenter([method])
     assert math.isfinite(row["loss_acam_kd"]) and row["loss_acam_kd"] > 0 and changed

@@ -1,7 +1,6 @@
 """Pair-wise distillation (structured KD, Liu et al. 2019) against the authors' formula written out with loops."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -9,9 +8,6 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from kdzoo.config import TrainConfig
-from kdzoo.data import build_dataset, input_example
-from kdzoo.distiller import Distiller, TrainingData
 from kdzoo.errors import ConfigError
 from kdzoo.methods import create_method
 from kdzoo.methods.base import Setup
@@ -20,9 +16,8 @@ from kdzoo.methods.dense.pairwise import (  # registers "pairwise"
     pairwise_similarity_loss,
     pool_to_patches,
 )
-from kdzoo.models import create_model
 from kdzoo.registry import METHODS
-from kdzoo.tasks.classification import fit
+from tiny_setup import train_tiny_segmenter
 
 EPS = 1e-8  # the authors' L2(): norm + 1e-8
 
@@ -159,27 +154,14 @@ def test_build_refuses_maps_the_scale_cannot_cut():
     build_with(PairWise(), (2, 4, 16, 16), (2, 8, 16, 16))  # the tiny segmenter's decoder at 32 x 32 images
 
 
-def train(methods, tmp_path=None):
-    torch.manual_seed(0)
-    data = build_dataset("scenes", image_size=32, train_size=16, test_size=8)
-    student = create_model("seg:tiny", num_classes=11, width=4)
-    teacher = create_model("seg:tiny", num_classes=11, width=8)
-    before = copy.deepcopy(student.state_dict())
-    distiller = Distiller(student, teacher, methods, example_input=input_example(data), data=TrainingData.of(data))
-    config = TrainConfig(epochs=1, batch_size=8, lr=0.01, progress=False, device="cpu")
-    result = fit(distiller, data, config, verbose=False, run_dir=tmp_path)
-    changed = any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
-    return result.history[-1], changed
-
-
 def test_end_to_end_segmentation_training(tmp_path):
-    row, changed = train([create_method("pairwise")], tmp_path)
+    row, changed = train_tiny_segmenter([create_method("pairwise")], tmp_path)
     assert math.isfinite(row["loss_pairwise"]) and row["loss_pairwise"] > 0
     assert "test_miou" in row and changed
     assert "decoder" in (tmp_path / "plan.md").read_text()
 
 
 def test_end_to_end_with_the_pixel_wise_term_as_kd():
-    row, changed = train([create_method("kd", temperature=1.0), create_method("pairwise")])
+    row, changed = train_tiny_segmenter([create_method("kd", temperature=1.0), create_method("pairwise")])
     assert math.isfinite(row["loss_kd"]) and math.isfinite(row["loss_pairwise"]) and row["loss_pairwise"] > 0
     assert changed

@@ -1,13 +1,16 @@
 """Tiny models, data and recipes shared by the trainer tests (seconds on a CPU)."""
+import copy
+
 import torch
 import yaml
 
 from kdzoo.cli import main
 from kdzoo.config import TrainConfig
-from kdzoo.data import build_dataset, input_example
-from kdzoo.distiller import Distiller
+from kdzoo.data import build_dataset, input_example, make_loader
+from kdzoo.distiller import Distiller, TrainingData
 from kdzoo.methods import METHODS, create_method
 from kdzoo.models import create_model
+from kdzoo.tasks.classification import fit
 
 
 def tiny_data(train_size: int = 48):
@@ -77,9 +80,6 @@ def dense_run_config(name: str) -> dict:
 
 def dense_distiller(name: str, batch_size: int = 4):
     """(distiller, images, targets) for dense method `name` on its pair of `dense_run_config`, seeded."""
-    from kdzoo.data import make_loader
-    from kdzoo.distiller import TrainingData
-
     config = dense_run_config(name)
     data = build_dataset("scenes", task=config["task"], **config["data"]["options"])
     torch.manual_seed(10)
@@ -89,3 +89,18 @@ def dense_distiller(name: str, batch_size: int = 4):
                           data=TrainingData.of(data))
     images, targets, _ = next(iter(make_loader(data.train, batch_size, shuffle=False)))
     return distiller, images, targets
+
+
+def train_tiny_segmenter(methods, tmp_path=None) -> tuple[dict, bool]:
+    """One epoch of a seg:tiny width-4 student under a width-8 teacher with `methods` on 32 px scenes: (the last
+    metrics row, whether the student's weights changed)."""
+    torch.manual_seed(0)
+    data = build_dataset("scenes", image_size=32, train_size=16, test_size=8)
+    student = create_model("seg:tiny", num_classes=11, width=4)
+    teacher = create_model("seg:tiny", num_classes=11, width=8)
+    before = copy.deepcopy(student.state_dict())
+    distiller = Distiller(student, teacher, methods, example_input=input_example(data), data=TrainingData.of(data))
+    config = TrainConfig(epochs=1, batch_size=8, lr=0.01, progress=False, device="cpu")
+    result = fit(distiller, data, config, verbose=False, run_dir=tmp_path)
+    changed = any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+    return result.history[-1], changed

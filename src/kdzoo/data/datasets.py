@@ -15,7 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal, Optional, Sequence, Union
+from typing import Callable, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -213,22 +213,30 @@ def _decode_chunk(paths: list[str], size: tuple[int, int]) -> np.ndarray:
     return np.stack([_decode_image(path, size) for path in paths])
 
 
-def decode_image_files(paths: list[str], size: tuple[int, int], desc: str = "decoding") -> np.ndarray:
-    """Decode image files to uint8 (N, 3, H, W); large sets in worker processes, with a progress bar."""
-    out = np.empty((len(paths), 3, *size), dtype=np.uint8)
-    chunks = [paths[i:i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
+def decode_in_processes(items: list, decode_chunk: Callable[[list], np.ndarray], item_shape: tuple[int, ...],
+                        chunk_size: int, desc: str = "decoding") -> np.ndarray:
+    """uint8 (N, *item_shape) of `items` (file paths, (image, mask) pairs, ...) decoded `chunk_size` at a time by
+    `decode_chunk` (picklable: a module-level function or a partial of one); large sets in worker processes, with
+    a progress bar."""
+    out = np.empty((len(items), *item_shape), dtype=np.uint8)
+    chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
     workers = min(len(chunks), os.cpu_count() or 1, 16)
     with contextlib.ExitStack() as stack:
         mapper = map
         if workers > 1:  # PIL decoding holds the GIL: processes, not threads
             mapper = stack.enter_context(ProcessPoolExecutor(workers)).map
-        bar = stack.enter_context(tqdm(total=len(paths), desc=desc, unit="img", disable=len(chunks) < 2))
+        bar = stack.enter_context(tqdm(total=len(items), desc=desc, unit="img", disable=len(chunks) < 2))
         start = 0
-        for block in mapper(partial(_decode_chunk, size=size), chunks):
+        for block in mapper(decode_chunk, chunks):
             out[start:start + len(block)] = block
             start += len(block)
             bar.update(len(block))
     return out
+
+
+def decode_image_files(paths: list[str], size: tuple[int, int], desc: str = "decoding") -> np.ndarray:
+    """Decode image files to uint8 (N, 3, H, W); large sets in worker processes, with a progress bar."""
+    return decode_in_processes(paths, partial(_decode_chunk, size=size), (3, *size), DECODE_CHUNK, desc)
 
 
 def _decode_image_folder(folder, size: tuple[int, int], desc: str) -> DecodedSplit:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Literal, Optional, Sequence
@@ -31,13 +30,12 @@ from xml.etree import ElementTree
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..engine.runtime import lazy_import
 from ..errors import ConfigError
 from ..registry import PositiveInt, register_dataset
 from .cache import DecodedSplit, cached_decode
-from .datasets import IMAGENET_MEAN, IMAGENET_STD, DataSplits
+from .datasets import IMAGENET_MEAN, IMAGENET_STD, DataSplits, decode_in_processes
 from .loaders import TensorData
 from .scenes import DetectionData
 
@@ -76,20 +74,7 @@ def _decode_pair_chunk(pairs: list[tuple[str, str]], size: int) -> np.ndarray:
 
 def decode_pairs(pairs: list[tuple[str, str]], size: int, desc: str = "decoding") -> np.ndarray:
     """Image + mask files as uint8 (N, 4, size, size); many in worker processes, with a progress bar."""
-    out = np.empty((len(pairs), 4, size, size), dtype=np.uint8)
-    chunks = [pairs[i:i + PAIRS_PER_TASK] for i in range(0, len(pairs), PAIRS_PER_TASK)]
-    workers = min(len(chunks), os.cpu_count() or 1, 16)
-    with contextlib.ExitStack() as stack:
-        mapper = map
-        if workers > 1:  # PIL decoding holds the GIL: processes, not threads
-            mapper = stack.enter_context(ProcessPoolExecutor(workers)).map
-        bar = stack.enter_context(tqdm(total=len(pairs), desc=desc, unit="img", disable=len(chunks) < 2))
-        start = 0
-        for block in mapper(partial(_decode_pair_chunk, size=size), chunks):
-            out[start:start + len(block)] = block
-            start += len(block)
-            bar.update(len(block))
-    return out
+    return decode_in_processes(pairs, partial(_decode_pair_chunk, size=size), (4, size, size), PAIRS_PER_TASK, desc)
 
 
 def _require_files(name: str, paths: Sequence[str], key: str) -> None:
