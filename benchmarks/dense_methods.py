@@ -66,8 +66,9 @@ def command(path: Path, overrides: list[str]) -> list[str]:
 
 
 def run_cell(path: Path, out: Path, name: str, overrides: list[str], threads: int) -> float:
-    """One training run into out/name (skipped where its summary exists); its wall seconds (0 when skipped)."""
-    if (out / name / "summary.json").is_file():
+    """One training run into out/name (skipped where it finished before); its wall seconds (0 when skipped).
+    out/name.seconds is written once the process has exited cleanly: the mark of a finished run."""
+    if finished(out, name):
         return 0.0
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     args = command(path, [*overrides, f"output_dir={out}", f"name={name}"])
@@ -80,6 +81,10 @@ def run_cell(path: Path, out: Path, name: str, overrides: list[str], threads: in
     seconds = time.perf_counter() - started
     (out / f"{name}.seconds").write_text(f"{seconds:.1f}\n")  # the whole run: start-up, training, evaluation
     return seconds
+
+
+def finished(out: Path, name: str) -> bool:
+    return (out / f"{name}.seconds").is_file()
 
 
 def last_score(run_dir: Path, key: str) -> float:
@@ -99,7 +104,7 @@ def ensure_teacher(path: Path, threads: int) -> Path:
     """Train a teacher recipe into its own output folder unless its weights are there; its run folder."""
     config = yaml.safe_load(path.read_text())
     run_dir = Path(config["output_dir"]) / config["name"]
-    if not (run_dir / "summary.json").is_file():
+    if not (run_dir / "model.safetensors").is_file():  # exported when a teacher run ends (also by hand)
         print(f"training the teacher {path.name} -> {run_dir} (once)", flush=True)
         run_cell(path, run_dir.parent, run_dir.name, [], max(threads, 2))
     return run_dir
@@ -113,15 +118,14 @@ def verdict(delta: float, spread: float) -> str:
 
 def scores_of(out: Path, row: str, seeds: int, column: str) -> tuple[list[float], list[float]]:
     """A row's last-epoch scores and seconds over the seeds it has finished."""
-    done = [out / f"{row}_s{seed}" for seed in range(seeds) if (out / f"{row}_s{seed}" / "summary.json").is_file()]
-    walls = [run.parent / f"{run.name}.seconds" for run in done]
+    done = [out / f"{row}_s{seed}" for seed in range(seeds) if finished(out, f"{row}_s{seed}")]
     return ([last_score(run, column) for run in done],
-            [float(wall.read_text()) for wall in walls if wall.is_file()])
+            [float((out / f"{run.name}.seconds").read_text()) for run in done])
 
 
 def table(task: str, rows: list[str], out: Path, seeds: int, teachers: dict[str, float]) -> str:
     key, label = SCORE[task]
-    if not any((out / f"{row}_s0" / "summary.json").is_file() for row in rows):
+    if not any(finished(out, f"{row}_s0") for row in rows):
         return f"{task}: no runs yet in {out}"
     lines = [f"### {task} on the offline scenes ({label} %, last epoch, whole test split; "
              f"mean +- std over {seeds} seeds)", ""]
@@ -162,7 +166,7 @@ def pictures(task: str, rows: list[str], out: Path, teacher_dirs: list[Path]) ->
         models["teacher"], data = loaded.model, loaded.data
     for row in rows:
         run_dir = out / f"{row}_s0"
-        if (run_dir / "summary.json").is_file():
+        if finished(out, run_dir.name):
             peers_first = run_dir / "student_0.safetensors"  # a peer run: its first student (the CNN)
             loaded = load_target(peers_first if peers_first.is_file() else run_dir, device="cpu")
             models[f"{row} alone".replace("student alone", "alone") if row in BASELINES else row] = loaded.model
