@@ -13,7 +13,7 @@ from ...errors import ConfigError
 from ...registry import NonNegative, PositiveInt, register_method
 from ...taps import Layout, get_module, map_to_tokens, split_tap, stage_taps
 from ..base import Context, Method
-from ..feature.reviewkd import hcl_terms
+from ..feature.reviewkd import AttentionFusion, hcl_terms
 
 __all__ = ["cross_selective_fusion_loss", "patch_embedding_alignment_loss", "CrossSelectiveFusion",
            "GlobalLocalMixer", "EmbeddingAssistant", "TransKD"]
@@ -43,7 +43,7 @@ def patch_embedding_alignment_loss(projected: Sequence[torch.Tensor], teacher_em
                for student, teacher, weight in zip(projected, teacher_embeddings, weights))
 
 
-class CrossSelectiveFusion(nn.Module):
+class CrossSelectiveFusion(AttentionFusion):
     """One level of CSF (the authors' ``SK``): the student's stage map, 1x1 conv + BN to `mid_channels`, is fused
     with the deeper level's fused feature (nearest-upsampled to its size) by selective-kernel channel attention:
     the two are summed, globally average-pooled, squeezed (1x1 conv to max(mid // 16, 32), BN, ReLU) and excited
@@ -54,23 +54,15 @@ class CrossSelectiveFusion(nn.Module):
     normalise one sample; so does this module.  Where the teacher's map is another size than the student's (never in
     the paper: the MiT stages share their strides), the fused feature is resized to it (nearest) before the 3x3 conv.
 
-    Returns (output compared with the teacher, fused feature passed to the next shallower level)."""
+    Returns (output compared with the teacher, fused feature passed to the next shallower level): ReviewKD's ABF
+    (`AttentionFusion`, whose reduce/resize/project it shares) with the selective-kernel fusion instead."""
 
-    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, out_size: Sequence[int], fuse: bool):
-        super().__init__()
-        self.out_size = tuple(out_size)
-        self.reduce = nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels))
-        self.project = nn.Sequential(nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False),
-                                     nn.BatchNorm2d(out_channels))
-        for conv in (self.reduce[0], self.project[0]):
-            nn.init.kaiming_uniform_(conv.weight, a=1)  # the authors' init
-        self.fuse = fuse
-        if fuse:
-            hidden = max(mid_channels // SQUEEZE_REDUCTION, SQUEEZE_MIN)
-            self.squeeze = nn.Sequential(nn.Conv2d(mid_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden),
-                                         nn.ReLU())
-            self.squeeze_single = nn.Sequential(nn.Conv2d(mid_channels, hidden, 1, bias=False), nn.ReLU())
-            self.excite = nn.ModuleList(nn.Conv2d(hidden, mid_channels, 1) for _ in range(2))
+    def build_fusion(self, mid_channels: int) -> None:
+        hidden = max(mid_channels // SQUEEZE_REDUCTION, SQUEEZE_MIN)
+        self.squeeze = nn.Sequential(nn.Conv2d(mid_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden),
+                                     nn.ReLU())
+        self.squeeze_single = nn.Sequential(nn.Conv2d(mid_channels, hidden, 1, bias=False), nn.ReLU())
+        self.excite = nn.ModuleList(nn.Conv2d(hidden, mid_channels, 1) for _ in range(2))
 
     def branch_weights(self, branches: torch.Tensor) -> torch.Tensor:
         """(B, 2, C, 1, 1) channel weights of the two stacked (B, 2, C, h, w) branches, summing to 1 per channel."""
@@ -78,15 +70,9 @@ class CrossSelectiveFusion(nn.Module):
         squeezed = (self.squeeze_single if branches.shape[0] == 1 else self.squeeze)(pooled)
         return torch.stack([excite(squeezed) for excite in self.excite], 1).softmax(1)
 
-    def forward(self, x: torch.Tensor, deeper: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.reduce(x)
-        if self.fuse:
-            deeper = F.interpolate(deeper, size=x.shape[-2:], mode="nearest")
-            branches = torch.stack([x, deeper], 1)
-            x = (branches * self.branch_weights(branches)).sum(1)
-        if tuple(x.shape[-2:]) != self.out_size:
-            x = F.interpolate(x, size=self.out_size, mode="nearest")
-        return self.project(x), x
+    def combine(self, x: torch.Tensor, deeper: torch.Tensor) -> torch.Tensor:
+        branches = torch.stack([x, deeper], 1)
+        return (branches * self.branch_weights(branches)).sum(1)
 
 
 class GlobalLocalMixer(nn.Module):

@@ -46,7 +46,8 @@ class AttentionFusion(nn.Module):
     """ABF: the student's feature, 1x1 conv + BN to `mid_channels`, is fused with the deeper level's fused
     feature (nearest-upsampled to its size) through two sigmoid attention maps computed from both; the
     result is resized (nearest) to the teacher's size and a 3x3 conv + BN maps it to the teacher's width.
-    Returns (output for the loss, fused feature for the next shallower level)."""
+    Returns (output for the loss, fused feature for the next shallower level).  Subclasses change the fusion
+    rule alone (`build_fusion`, `combine`: TransKD's selective-kernel CSF)."""
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, out_size: Sequence[int], fuse: bool):
         super().__init__()
@@ -54,16 +55,25 @@ class AttentionFusion(nn.Module):
         self.reduce = nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels))
         self.project = nn.Sequential(nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False),
                                      nn.BatchNorm2d(out_channels))
-        self.attention = nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid()) if fuse else None
         for conv in (self.reduce[0], self.project[0]):
             nn.init.kaiming_uniform_(conv.weight, a=1)  # the authors' init
+        self.fuse = fuse
+        self.attention: Optional[nn.Module] = None  # ABF's; the deepest level fuses nothing
+        if fuse:
+            self.build_fusion(mid_channels)
+
+    def build_fusion(self, mid_channels: int) -> None:
+        self.attention = nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid())
+
+    def combine(self, x: torch.Tensor, deeper: torch.Tensor) -> torch.Tensor:
+        """The fused feature of this level's `x` and the deeper level's (already at x's size)."""
+        w = self.attention(torch.cat([x, deeper], dim=1))
+        return x * w[:, :1] + deeper * w[:, 1:]
 
     def forward(self, x: torch.Tensor, deeper: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.reduce(x)
-        if self.attention is not None:
-            deeper = F.interpolate(deeper, size=x.shape[-2:], mode="nearest")
-            w = self.attention(torch.cat([x, deeper], dim=1))
-            x = x * w[:, :1] + deeper * w[:, 1:]
+        if self.fuse:
+            x = self.combine(x, F.interpolate(deeper, size=x.shape[-2:], mode="nearest"))
         if tuple(x.shape[-2:]) != self.out_size:
             x = F.interpolate(x, size=self.out_size, mode="nearest")
         return self.project(x), x
