@@ -11,6 +11,7 @@ finished (summary.json present) is read back, not trained again.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import json
 import statistics
 import sys
@@ -24,7 +25,7 @@ VARIANTS = [("student alone", "student_alone_cpu"), ("forward KL", "forward_kl_c
 def run_one(config: str, name: str, overrides: list[str]) -> dict:
     from kdzoo.config import load_config
     from kdzoo.tasks.lm.config import LMRunConfig
-    from kdzoo.tasks.lm.train import run_lm
+    from kdzoo.runner import run_lm
 
     cfg = load_config(LMRunConfig, config, overrides + [f"name={name}", "train.progress=false"])
     run_dir = Path(cfg.output_dir) / name
@@ -52,7 +53,8 @@ def main() -> int:
     jobs = [(label, stem, seed) for label, stem in VARIANTS for seed in range(args.seeds)]
     # the offline cache is captured once, before the parallel runs could race for it
     run_one(str(configs / "topk_offline_cpu.yaml"), "topk_offline_cpu_s0", extra + ["train.seed=0"])
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+    # spawned, not forked: a fork after torch's thread pool ran (the teacher, above) can hang the child
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {(label, seed): pool.submit(run_one, str(configs / f"{stem}.yaml"), f"{stem}_s{seed}",
                                               extra + [f"train.seed={seed}"]) for label, stem, seed in jobs}
         results = {key: f.result()["final"] for key, f in futures.items()}

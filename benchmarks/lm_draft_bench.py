@@ -32,7 +32,7 @@ def main() -> int:
 
     from kdzoo.tasks.lm.models import load_trained
     from kdzoo.tasks.lm.speculative import benchmark_draft, time_generation
-    from kdzoo.tasks.lm.train import load_data
+    from kdzoo.tasks.lm.task import load_data
     from kdzoo.config import load_config
     from kdzoo.tasks.lm.config import LMRunConfig
 

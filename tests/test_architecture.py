@@ -7,7 +7,8 @@ import grimp
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "kdzoo"
-OPTIONAL_EXTRAS = ("timm", "transformers", "tokenizers", "peft", "diffusers", "open_clip", "pycocotools", "torchmetrics")
+OPTIONAL_EXTRAS = ("timm", "transformers", "tokenizers", "peft", "diffusers", "open_clip", "pycocotools", "torchmetrics",
+                   "liger_kernel")  # liger_kernel: Triton kernels used on CUDA when installed
 
 
 def _functions():

@@ -6,6 +6,7 @@ import pytest
 
 from kdzoo.config import RunConfig, TeacherConfig, load_config, read_yaml
 from kdzoo.tasks.lm.config import LMRunConfig
+from kdzoo.tasks.lm.draft_task import FeatureDraftRunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -13,8 +14,8 @@ CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_every_config_is_valid(path):
-    if path.parent.name == "lm":  # `kdzoo lm` recipes: language-model runs, their own dataclass
-        cls = LMRunConfig
+    if path.parent.name == "lm":  # `kdzoo lm` recipes: language-model runs (or feature-draft heads), own dataclasses
+        cls = FeatureDraftRunConfig if "target" in read_yaml(path) else LMRunConfig
     else:
         cls = TeacherConfig if "model" in read_yaml(path) else RunConfig
     load_config(cls, path)

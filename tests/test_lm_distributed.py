@@ -19,6 +19,7 @@ def _run(args, env_extra=None):
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
 def _config(tmp_path, name, parallel):
@@ -34,14 +35,18 @@ def _config(tmp_path, name, parallel):
     return str(path)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])
 def test_torchrun_matches_one_process(tmp_path, parallel):
     from kdzoo.engine.checkpoint import load_checkpoint
 
     _run([sys.executable, "-m", "kdzoo", "lm", "distill", _config(tmp_path, "one", parallel)])
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "kdzoo",
-          "lm", "distill", _config(tmp_path, "two", parallel)])
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m",
+                "kdzoo", "lm", "distill", _config(tmp_path, "two", parallel)])
+    if parallel == "fsdp":  # the teacher is sharded like the student, not replicated: each process holds half
+        line = next(x for x in out.splitlines() if x.startswith("fsdp: "))
+        for part in line[len("fsdp: "):].split(", "):
+            here, total = (int(v.replace(",", "")) for v in part.split()[1:4:2])
+            assert here < 0.6 * total, line
     one = load_checkpoint(tmp_path / "runs" / "one" / "checkpoint.pt")["trainable"]
     two = load_checkpoint(tmp_path / "runs" / "two" / "checkpoint.pt")["trainable"]
     for key in one:

@@ -79,7 +79,7 @@ def test_every_registered_lm_loss_trains_the_student_never_the_teacher(name, tok
                                            "intermediate_size": 48}, tokenizer, eager_attention=True)
     teacher.requires_grad_(False)
     options = {"attention_weight": 1.0} if name == "minilm" else {}
-    loss_module = create_lm_loss(name, student.config, teacher.config, **options)
+    loss_module = create_lm_loss(name, student.config, teacher.config, tokenizer, tokenizer, **options)
     step = StudentStep(student, {name: loss_module}, ce_weight=0.0)
     ids = torch.randint(0, len(tokenizer), (2, 12))
     attention = torch.ones_like(ids, dtype=torch.bool)
@@ -118,7 +118,7 @@ def test_offline_cache_bytes_resume_and_loss_against_dense(tmp_path, tokenizer):
     assert cache.complete and cache.num_shards > 1
     # an interrupted capture resumes: drop a shard, capture again, same numbers
     before = cache.lookup(torch.tensor([33, 1]))
-    (tmp_path / "c" / "logprobs_00001.npy").unlink()
+    cache.shard_path(1).unlink()
     reopened = open_cache(teacher, data.train, vocab, 16, 2.0, 32, tmp_path / "c")
     assert reopened.complete_shards() == [s for s in range(cache.num_shards) if s != 1]
     reopened.capture(teacher, data.train, batch_size=8, progress=False)
@@ -168,7 +168,7 @@ def test_distill_online_offline_and_generated_end_to_end(tmp_path, teacher_dir, 
     assert main(["lm", "cache", off]) == 0  # capture alone first; distill then finds the cache complete
     assert "32 bytes/token" in capsys.readouterr().out  # top-8 x (uint16 index + float16 value)
     assert main(["lm", "distill", off]) == 0
-    assert list((tmp_path / "runs" / "lm_cache").glob("*/logprobs_00000.npy"))
+    assert list((tmp_path / "runs" / "lm_cache").glob("*/shard-00000-of-*.safetensors"))
     seq = _write(tmp_path / "seq.yaml", _student_cfg(tmp_path, teacher_dir, losses=[], ce_weight=1.0,
                                                      generation={"fraction": 1.0, "source": "teacher",
                                                                  "prompt_len": 4, "max_new_tokens": 6,

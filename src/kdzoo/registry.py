@@ -390,7 +390,7 @@ METHODS = Registry("method")
 MODELS = Registry("model", skip_args=("num_classes", "in_channels"))
 DATASETS = Registry("dataset")
 CONDENSERS = Registry("condenser", skip_args=("data", "ipc"))
-LM_LOSSES = Registry("lm loss", skip_args=("student_config", "teacher_config"))
+LM_LOSSES = Registry("lm loss", skip_args=("student_config", "teacher_config", "student_tokenizer", "teacher_tokenizer"))
 TASKS = Registry("task", skip_args=("*",))  # Task classes: built by their runs, no options of their own
 
 register_method = METHODS.register

@@ -5,6 +5,9 @@
     kdzoo lm cache CONFIG                      capture the teacher's top-k cache only (resumable)
     kdzoo lm eval RUN [--teacher RUN]          held-out perplexity, KL to the teacher, top-1 agreement
     kdzoo lm speculate TARGET DRAFT [DRAFT..]  acceptance rate and speed-up of assisted generation
+    kdzoo lm draft CONFIG [KEY=VALUE ...]      a feature-level draft head (EAGLE/FSPAD) for a target
+    kdzoo lm passk RUN [RUN ...]               pass@k on generated arithmetic problems
+    kdzoo lm serve RUN_DIR                     a model on the OpenAI completions API (logprobs)
     kdzoo lm losses                            the registered LM losses with their defaults
 """
 from __future__ import annotations
@@ -20,12 +23,17 @@ from ..engine.runtime import is_main_process, resolve_device, seed_everything
 from ..errors import ConfigError
 from ..registry import LM_LOSSES
 from ..runner import run_lm
-from ..tasks.lm.cache import open_cache
+from ..tasks.lm.cache import open_offline_cache
 from ..tasks.lm.config import LMModelConfig, LMRunConfig
+from ..tasks.lm.draft_head import (benchmark_feature_draft, is_feature_draft, lm_head_digest, load_feature_draft,
+                                   time_speculative)
 from ..tasks.lm.metrics import evaluate_lm
 from ..tasks.lm.models import load_trained, require_transformers
 from ..tasks.lm.speculative import benchmark_draft, time_generation
 from ..tasks.lm.task import load_data, make_model
+from .lm_draft import add_draft_parser
+from .lm_passk import add_passk_parser
+from .lm_serve import add_serve_parser
 from .train import start_run
 
 OVERRIDES = "Overrides are KEY=VALUE pairs applied to the YAML, e.g. train.steps=200 losses.0.temperature=2."
@@ -68,10 +76,14 @@ def add_lm_parser(subparsers) -> argparse.ArgumentParser:
     p = lm_sub.add_parser("speculate", help="acceptance rate and speed-up of drafts in assisted generation",
                           description="For each DRAFT: how many of its proposed tokens TARGET accepts under greedy "
                                       "speculative decoding, and the wall-clock time of target.generate(..., "
-                                      "assistant_model=draft) against the target alone. Prompts are the first "
-                                      "tokens of the target run's held-out rows.")
+                                      "assistant_model=draft) against the target alone. A feature-draft run "
+                                      "directory (kdzoo lm draft: an EAGLE/FSPAD head) is timed in kdzoo's own "
+                                      "KV-cached draft-then-verify loop against the target alone in the same loop "
+                                      "(generate cannot run a feature head); its target calls include the prefill. "
+                                      "Prompts are the first tokens of the target run's held-out rows.")
     p.add_argument("target", help="target model: kdzoo lm run directory")
-    p.add_argument("drafts", nargs="+", help="draft models: kdzoo lm run directories (same tokenizer)")
+    p.add_argument("drafts", nargs="+", help="draft models: kdzoo lm run directories (same tokenizer) or feature-draft "
+                                             "run directories (kdzoo lm draft) trained for TARGET")
     p.add_argument("--prompts", type=int, default=8, help="number of prompts (default 8)")
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
     p.add_argument("--new-tokens", type=int, default=48, help="tokens generated per prompt (default 48)")
@@ -80,6 +92,9 @@ def add_lm_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.set_defaults(func=cmd_lm_speculate)
 
+    add_draft_parser(lm_sub)
+    add_passk_parser(lm_sub)
+    add_serve_parser(lm_sub)
     p = lm_sub.add_parser("losses", help="list the registered LM losses", description="Registered LM losses.")
     p.set_defaults(func=cmd_lm_losses)
     lm.set_defaults(func=lambda args: lm.print_help() or 0)
@@ -121,14 +136,13 @@ def cmd_lm_cache(args) -> int:
     device = resolve_device(cfg.train.device)
     teacher = make_model(cfg.teacher, data.tokenizer, False, "teacher").to(device).eval()
     vocab = teacher.get_output_embeddings().weight.shape[0]
-    cache = open_cache(teacher, data.train, vocab, cfg.offline.top_k, cfg.offline.temperature, cfg.offline.shard_size,
-                       cfg.offline.cache_dir, cfg.output_dir)
+    cache = open_offline_cache(teacher, data.train, vocab, cfg.offline, cfg.output_dir)
     with torch.no_grad():
         cache.capture(teacher, data.train, batch_size=cfg.train.batch_size, device=device,
                       progress=cfg.train.progress)
     tokens = int(data.train.attention_mask.sum())
-    print(f"cache {cache.directory}: {len(data.train)} rows, top-{cache.top_k}, {cache.bytes_per_token} bytes/token "
-          f"({cache.disk_bytes() / max(tokens, 1):.1f} on disk incl. headers; dense float32 logits: {vocab * 4})")
+    print(f"cache {cache.directory}: {len(data.train)} rows, {cache.describe()} ({cache.disk_bytes() / max(tokens, 1):.1f}"
+          f" bytes/token on disk incl. headers; dense float32 logits: {vocab * 4})")
     return 0
 
 
@@ -167,13 +181,28 @@ def cmd_lm_speculate(args) -> int:
                for i in range(min(args.prompts, len(data.val)))]
     baseline, _ = time_generation(target, prompts, args.new_tokens, repeats=args.repeats)
     print(f"target {args.target}: {len(prompts)} prompts x {args.new_tokens} tokens greedy in {baseline:.3f}s")
-    print(f"{'draft':<40} {'accept':>7} {'tok/call':>8} {'seconds':>8} {'speed-up':>8} {'same':>5}")
+    print("accept: share of drafted tokens the target kept; accepted length: tokens per target call (accepted + the "
+          "target's own); same: share of outputs identical to the target's alone")
+    print(f"{'draft':<40} {'accept':>7} {'acc. len':>8} {'seconds':>8} {'speed-up':>8} {'same':>5}")
+    own_loop = None  # the target alone in the feature heads' loop, timed once
     for path in args.drafts:
-        draft, _ = load_trained(path, tokenizer)
-        with torch.no_grad():
-            row = benchmark_draft(target, draft.to(device), prompts, args.new_tokens, args.draft_tokens,
-                                  args.repeats, baseline)
-        print(f"{path:<40} {row['acceptance_rate']:>7.3f} {row['tokens_per_target_call']:>8.2f} "
+        if is_feature_draft(path):
+            head = load_feature_draft(path, target).to(device)
+            if head.meta.get("target_digest") not in (None, lm_head_digest(target)):
+                print(f"note: {path} was trained for another target ({head.meta.get('target')})")
+            if own_loop is None:
+                own_loop = time_speculative(target, prompts, args.new_tokens, repeats=args.repeats)
+                print(f"target alone in kdzoo's cached loop (the feature heads' baseline): {own_loop[0]:.3f}s")
+            row = benchmark_feature_draft(target, head, prompts, args.new_tokens, args.draft_tokens, args.repeats,
+                                          own_loop)
+            label = f"{path} (feature head)"
+        else:
+            draft, _ = load_trained(path, tokenizer)
+            with torch.no_grad():
+                row = benchmark_draft(target, draft.to(device), prompts, args.new_tokens, args.draft_tokens,
+                                      args.repeats, baseline)
+            label = path
+        print(f"{label:<40} {row['acceptance_rate']:>7.3f} {row['tokens_per_target_call']:>8.2f} "
               f"{row['assisted_seconds']:>8.3f} {row['speedup']:>8.2f} {row['identical_outputs']:>5.2f}")
     return 0
 
@@ -181,5 +210,8 @@ def cmd_lm_speculate(args) -> int:
 def cmd_lm_losses(args) -> int:
     for entry in LM_LOSSES:
         defaults = ", ".join(f"{k}={v}" for k, v in entry.defaults.items())
-        print(f"{entry.name:<11} {entry.meta.get('family', ''):<9} {defaults:<70} {entry.paper}")
+        print(f"{entry.name:<11} {entry.meta.get('family', ''):<15} {defaults:<70} {entry.paper}")
+        if entry.meta.get("scope"):
+            print(f"{'':<11} implements: {entry.meta['scope']}")
+    print("kdzoo methods --lm NAME describes one loss with its options.")
     return 0

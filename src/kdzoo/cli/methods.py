@@ -9,8 +9,9 @@ from ..condense import CONDENSERS
 from ..data.datasets import DATASETS
 from ..methods import METHODS
 from ..models import MODELS
-from ..registry import describe_type
+from ..registry import LM_LOSSES, describe_type
 from ..tasks import TASKS
+from ..tasks.lm import create_lm_loss  # noqa: F401  (the LM losses register on import)
 
 
 def add_methods_parser(sub) -> argparse.ArgumentParser:
@@ -19,19 +20,20 @@ def add_methods_parser(sub) -> argparse.ArgumentParser:
                                    "teacher, whether it suits pairs of different architectures, what it does). "
                                    "With NAME: its description, options with defaults and meanings, the layers "
                                    "it reads by default and its paper.")
-    p.add_argument("name", nargs="?", default=None, help="a method (or, with --models/--datasets/--condensers, "
+    p.add_argument("name", nargs="?", default=None, help="a method (or, with --models/--datasets/--condensers/--lm, "
                                                           "an entry of that list) to describe")
     p.add_argument("--models", action="store_true", help="list registered models instead")
     p.add_argument("--datasets", action="store_true", help="list registered datasets instead")
     p.add_argument("--condensers", action="store_true", help="list dataset-distillation methods instead")
     p.add_argument("--tasks", action="store_true", help="list the tasks (kinds of model) kdzoo distils instead")
+    p.add_argument("--lm", action="store_true", help="list the language-model losses (kdzoo lm) instead")
     p.set_defaults(func=cmd_methods)
     return p
 
 
 def cmd_methods(args) -> int:
     registry = (MODELS if args.models else DATASETS if args.datasets else CONDENSERS if args.condensers
-                else TASKS if args.tasks else METHODS)
+                else TASKS if args.tasks else LM_LOSSES if args.lm else METHODS)
     width = _terminal_width()
     if args.name is not None:
         print("\n".join(describe_entry(registry.get(args.name), registry is METHODS, width)))
@@ -79,7 +81,8 @@ def describe_entry(entry, is_method: bool, width: int) -> list[str]:
         return textwrap.wrap(text, width, initial_indent=label, subsequent_indent=" " * len(label)) or [label]
 
     family = entry.meta.get("family", "")
-    lines = [f"{entry.name}{f' ({family})' if family else ''}: {entry.description or '(no description)'}"]
+    summary = entry.description or " ".join((entry.obj.__doc__ or "").strip().split("\n\n")[0].split())
+    lines = [f"{entry.name}{f' ({family})' if family else ''}: {summary or '(no description)'}"]
     if entry.paper:
         lines += wrapped("paper: ", entry.paper)
     if entry.meta.get("scope"):  # where the method is part of its paper, or our reading of it

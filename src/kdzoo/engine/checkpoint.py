@@ -32,12 +32,23 @@ _HEADER = len(MAGIC) + 8 + 32
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    data = buffer.getvalue()
-    header = MAGIC + len(data).to_bytes(8, "little") + hashlib.sha256(data).digest()
+    """Write the payload after a header (magic, payload length, SHA-256), streamed: torch.save writes straight to
+    the file and the hash is read back in blocks, so no copy of the serialised payload is held in memory (with a
+    large model and its optimizer state that copy, thrice over, was the run's peak memory)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w+b") as f:
+            f.write(bytes(_HEADER))  # placeholder, filled in once the payload's length and hash are known
+            torch.save(payload, f)
+            size = f.tell() - _HEADER
+            f.seek(_HEADER)
+            digest = hashlib.sha256()
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+            f.seek(0)
+            f.write(MAGIC + size.to_bytes(8, "little") + digest.digest())
+
     with naming_path(path):
-        atomic_write(path, lambda tmp: tmp.write_bytes(header + data))
+        atomic_write(path, write)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from ...registry import check_options
 from .objectives import LM_LOSSES
 
 ARCHS = ("llama", "gpt2")
+LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": None}  # target_modules None: peft's per-arch
 
 
 def _choice(where: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -31,10 +32,32 @@ class LMModelConfig:
     arch: Optional[str] = None  # llama | gpt2
     options: dict[str, Any] = field(default_factory=dict)
     revision: Optional[str] = None  # hub revision (branch, tag or commit) for a hub name
+    # a teacher reachable only as a server (OpenAI-compatible completions with logprobs, e.g. vLLM or kdzoo lm serve):
+    endpoint: Optional[str] = None  # http://host:port (or .../v1)
+    model: Optional[str] = None  # the served model's name
+    top_k: int = 20  # logprobs asked per position (servers cap it, often at 20)
+    served: dict[str, Any] = field(default_factory=dict)  # client options: max_retries, requests_per_second, timeout,
+    # rows_per_request, api_key_env, cache_dir (default OUTPUT_DIR/served_cache: each row is asked once)
+    lora: Optional[dict[str, Any]] = None  # student only: {r, alpha, dropout, target_modules} through peft
+    freeze_embeddings: bool = False  # student only: input embeddings (and a tied head) stay as loaded
 
     def validate(self, where: str) -> None:
+        if self.endpoint is not None:
+            if where != "teacher":
+                raise ConfigError(f"{where}.endpoint: only a teacher can be served")
+            if self.name is not None or self.arch is not None:
+                raise ConfigError("teacher: give 'endpoint' (a served teacher) or 'name'/'arch', not both")
+            if not self.model:
+                raise ConfigError("teacher.model: the served model's name is required with teacher.endpoint")
+            return
         if (self.name is None) == (self.arch is None):
             raise ConfigError(f"{where}: give exactly one of 'name' (hub name or directory) or 'arch' (llama, gpt2)")
+        if where != "model" and (self.lora is not None or self.freeze_embeddings):
+            raise ConfigError(f"{where}.lora / freeze_embeddings: only the trained model (the student) takes them")
+        if self.lora is not None:
+            if not isinstance(self.lora, dict):
+                raise ConfigError(f"model.lora: expected a mapping like {{r: 8, alpha: 16}}, got {self.lora!r}")
+            check_options("model.lora", self.lora, LORA_DEFAULTS)
         if self.arch is not None:
             _choice(f"{where}.arch", self.arch, ARCHS)
         elif self.options:
@@ -89,6 +112,10 @@ class LMTrainConfig:
     parallel: str = "ddp"  # ddp | fsdp (torch.distributed.fsdp.fully_shard on student and teacher) under torchrun
     progress: bool = True
     log_every: int = 10
+    # positions per chunk of the chunked losses (kdzoo.tasks.lm.chunked); unset: chunked with an automatic size
+    # when a micro-batch's logits would exceed 64 MiB in float32, else unchunked; 0: never chunked
+    chunk_tokens: Optional[int] = None
+    liger: bool = True  # chunked on CUDA with Liger-Kernel installed: its fused linear JSD for a lone dense logit loss
 
     def validate(self) -> None:
         _choice("train.schedule", self.schedule, ("cosine", "constant"))
@@ -100,6 +127,8 @@ class LMTrainConfig:
         for key in ("lr", "weight_decay", "warmup_steps", "min_lr", "max_grad_norm", "eval_batches"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.chunk_tokens is not None and self.chunk_tokens < 0:
+            raise ConfigError(f"train.chunk_tokens: must be >= 0 (0: unchunked), got {self.chunk_tokens}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"train.batch_size: {self.batch_size} does not split into grad_accum={self.grad_accum}")
         if len(self.betas) != 2:
@@ -108,17 +137,25 @@ class LMTrainConfig:
 
 @dataclass
 class OfflineConfig:
-    """The teacher's top-k logits captured once to disk (`kdzoo.lm.cache`) instead of running it every step."""
+    """The teacher's next-token distributions captured once to disk (`kdzoo.tasks.lm.cache`) instead of running it
+    every step: its top-k log-probabilities (mode topk), or tokens drawn from it with their frequencies (mode sample:
+    random-sampling KD, Anshumann et al. 2025, an unbiased estimate of the teacher for the forward KL)."""
 
     enabled: bool = False
-    top_k: int = 32
+    mode: str = "topk"  # topk | sample
+    top_k: int = 32  # mode topk: tokens kept per position
+    samples: int = 50  # mode sample: draws per position, with replacement (the distinct ones are stored)
+    seed: int = 0  # mode sample: draws seeded by (seed, row), not train.seed, so students of every seed share a cache
     temperature: float = 1.0  # the tempered teacher the cache stores; the losses must use the same temperature
-    cache_dir: Optional[str] = None  # default: OUTPUT_DIR/lm_cache/<key of teacher and data>
+    cache_dir: Optional[str] = None  # default: OUTPUT_DIR/lm_cache/<key of teacher, data and these settings>
     shard_size: int = 256  # sequences per file
 
     def validate(self) -> None:
+        _choice("offline.mode", self.mode, ("topk", "sample"))
         if self.top_k < 1:
             raise ConfigError(f"offline.top_k: must be >= 1, got {self.top_k}")
+        if not 1 <= self.samples <= 65535:
+            raise ConfigError(f"offline.samples: must lie in [1, 65535], got {self.samples}")
         if self.temperature <= 0:
             raise ConfigError(f"offline.temperature: must be > 0, got {self.temperature}")
         if self.shard_size < 1:
@@ -172,6 +209,15 @@ class LMRunConfig:
         self.generation.validate()
         if self.ce_weight < 0:
             raise ConfigError(f"ce_weight: must be >= 0, got {self.ce_weight}")
+        served = self.teacher is not None and self.teacher.endpoint is not None
+        if served and self.tokenizer.name in (None, "bpe", "byte"):
+            raise ConfigError("tokenizer.name: a served teacher's token ids must be the student's: name the served "
+                              "model's tokenizer (hub name or directory)")
+        if served and self.offline.enabled:
+            raise ConfigError("offline.enabled: a served teacher is cached already (teacher.served.cache_dir)")
+        if self.offline.enabled and self.offline.mode == "sample" and any(
+                loss.name != "forward_kl" for loss in self.losses):
+            raise ConfigError("offline.mode=sample estimates the forward KL only: use losses [forward_kl]")
         for i, loss in enumerate(self.losses):
             try:
                 entry = LM_LOSSES.get(loss.name)
@@ -183,10 +229,20 @@ class LMRunConfig:
             if self.offline.enabled and not entry.obj.works_offline:
                 raise ConfigError(f"losses[{i}] ({loss.name}) needs the teacher's activations, which the offline "
                                   "cache does not keep; use it online (offline.enabled=false)")
+            if served and not entry.obj.works_offline:
+                raise ConfigError(f"losses[{i}] ({loss.name}) needs the teacher's activations, which a served "
+                                  "teacher does not give")
             temperature = loss.options.get("temperature", entry.defaults.get("temperature"))
+            if served and temperature not in (None, 1, 1.0):
+                raise ConfigError(f"losses[{i}] ({loss.name}): a served teacher's logprobs are at temperature 1 "
+                                  f"(a top-k cannot be re-tempered exactly), got temperature {temperature}")
             if self.offline.enabled and temperature is not None and temperature != self.offline.temperature:
                 raise ConfigError(f"losses[{i}] ({loss.name}): temperature {temperature} differs from the cache's "
                                   f"offline.temperature {self.offline.temperature}")
+        cross = any(getattr(LM_LOSSES.get(loss.name).obj, "cross_tokenizer", False) for loss in self.losses)
+        if cross and self.generation.fraction > 0 and self.generation.source == "teacher":
+            raise ConfigError("generation.source=teacher: the teacher writes its own tokens, which a cross-tokenizer "
+                              "student cannot train on; use source: student (on-policy)")
         if (self.offline.enabled or self.generation.fraction > 0) and self.teacher is None:
             raise ConfigError("offline and generation need a teacher: add a 'teacher:' section")
         if self.offline.enabled and self.generation.fraction > 0:

@@ -18,6 +18,7 @@ import torch
 
 from ...engine.checkpoint import tensors_digest
 from ...errors import ConfigError
+from .arithmetic import arithmetic_texts, parse_spec
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 
@@ -32,6 +33,8 @@ def corpus_texts(corpus: str, max_chars: Optional[int] = None) -> list[str]:
             raise ConfigError(f"data.corpus 'fortunes': no fortune files in {FORTUNES_DIR} "
                               "(apt-get install fortunes), or use corpus: pydoc")
         texts = [t.strip() for p in files for t in p.read_text(errors="replace").split("\n%\n") if t.strip()]
+    elif corpus.split(":")[0] == "arithmetic":  # generated problems "37+58=95", see kdzoo.tasks.lm.arithmetic
+        texts = arithmetic_texts(parse_spec(corpus))
     else:
         path = Path(corpus)
         if path.is_file():

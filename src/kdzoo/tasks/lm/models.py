@@ -9,6 +9,7 @@ its tokenizer in ``tokenizer/``).
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import shutil
@@ -22,7 +23,7 @@ from torch import nn
 from ...errors import CheckpointError, ConfigError
 
 EOS = "<|endoftext|>"
-MODEL_DIR, TOKENIZER_DIR = "model", "tokenizer"
+MODEL_DIR, TOKENIZER_DIR, ADAPTER_DIR = "model", "tokenizer", "adapter"
 
 
 def require_transformers():
@@ -152,6 +153,46 @@ def save_pretrained(model: nn.Module, tokenizer, run_dir: Path) -> None:
             obj.save_pretrained(str(staging))
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
+
+
+def adapt_student(model: nn.Module, spec: Any) -> nn.Module:
+    """The student as configured to train: input embeddings frozen (`freeze_embeddings`; a tied head with them),
+    and/or LoRA adapters on a frozen base through peft (`lora: {r, alpha, dropout, target_modules}`; unset target
+    modules: peft's defaults for the architecture, e.g. q_proj/v_proj in Llama)."""
+    if spec.freeze_embeddings:
+        model.get_input_embeddings().requires_grad_(False)
+    if spec.lora is None:
+        return model
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("model.lora needs peft: pip install 'kdzoo[lm]'") from None
+    options = dict(spec.lora)  # keys checked by LMModelConfig.validate
+    config = peft.LoraConfig(r=int(options.get("r", 8)), lora_alpha=float(options.get("alpha", 16)),
+                             lora_dropout=float(options.get("dropout", 0.0)),
+                             target_modules=options.get("target_modules"), task_type="CAUSAL_LM")
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as err:
+        raise ConfigError(f"model.lora: {_first_line(err)}") from None
+
+
+def is_peft(model: nn.Module) -> bool:
+    return callable(getattr(model, "merge_and_unload", None))
+
+
+def export_student(model: nn.Module, tokenizer, run_dir: Path) -> None:
+    """``run_dir/model`` and ``run_dir/tokenizer`` (`save_pretrained`); a LoRA student is written with its adapters
+    merged into the weights (a plain transformers model), and the adapters alone in ``run_dir/adapter``."""
+    if not is_peft(model):
+        save_pretrained(model, tokenizer, run_dir)
+        return
+    final, staging = run_dir / ADAPTER_DIR, run_dir / f".{ADAPTER_DIR}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging))
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    save_pretrained(copy.deepcopy(model).merge_and_unload(), tokenizer, run_dir)
 
 
 def value_projection(model: nn.Module, layer: int) -> tuple[str, Optional[int]]:

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError
 from ...registry import LM_LOSSES, register_lm_loss
 from . import alignment, losses
+from .sampled import sampled_kl_per_token
 
 
 @dataclass
@@ -28,12 +30,51 @@ class SparseTeacher:
 
 
 @dataclass
+class SampledTeacher:
+    """Random-sampling KD's view of the teacher (Anshumann et al. 2025): tokens drawn from the teacher's tempered
+    distribution and their weights, an unbiased estimate of its probabilities (>= 0, summing to 1; 0 in unused slots)."""
+
+    indices: torch.Tensor  # (..., k)
+    weights: torch.Tensor  # (..., k)
+
+
+@dataclass
+class TeacherChunk:
+    """The teacher at N distilled positions, in whichever form this run has it."""
+
+    logits: Optional[torch.Tensor] = None  # (N, V_teacher) raw logits
+    sparse: Optional[SparseTeacher] = None  # fields (N, k)
+    sampled: Optional[SampledTeacher] = None  # fields (N, k)
+
+    @classmethod
+    def from_context(cls, ctx: "LMContext") -> "TeacherChunk":
+        """A whole (batch, seq) context's teacher, flattened to (batch * seq, ...)."""
+        flat = lambda x: None if x is None else x.reshape(-1, *x.shape[2:])  # noqa: E731
+        sparse = ctx.sparse_teacher
+        if sparse is not None:
+            sparse = SparseTeacher(flat(sparse.indices), flat(sparse.logits), flat(sparse.logsumexp))
+        sampled = ctx.sampled_teacher
+        if sampled is not None:
+            sampled = SampledTeacher(flat(sampled.indices), flat(sampled.weights))
+        return cls(flat(ctx.teacher_logits), sparse, sampled)
+
+    def select(self, index: torch.Tensor) -> "TeacherChunk":
+        """The rows `index` of every part."""
+        pick = lambda x: None if x is None else x[index]  # noqa: E731
+        sparse = self.sparse and SparseTeacher(pick(self.sparse.indices), pick(self.sparse.logits),
+                                               pick(self.sparse.logsumexp))
+        sampled = self.sampled and SampledTeacher(pick(self.sampled.indices), pick(self.sampled.weights))
+        return TeacherChunk(pick(self.logits), sparse, sampled)
+
+
+@dataclass
 class LMContext:
     student_logits: torch.Tensor  # (batch, seq, vocab)
     mask: torch.Tensor  # (batch, seq) bool: positions whose next-token distribution is distilled
     attention_mask: torch.Tensor  # (batch, seq): real tokens
     teacher_logits: Optional[torch.Tensor] = None
     sparse_teacher: Optional[SparseTeacher] = None
+    sampled_teacher: Optional[SampledTeacher] = None
     student_hidden: Optional[tuple[torch.Tensor, ...]] = None  # transformers' hidden_states: embeddings, layer 1..L
     teacher_hidden: Optional[tuple[torch.Tensor, ...]] = None
     student_attentions: Optional[tuple[torch.Tensor, ...]] = None
@@ -63,7 +104,27 @@ def _num_layers(config: Any) -> int:
     return int(config.num_hidden_layers)
 
 
-class _Divergence(LMObjective):
+class TokenObjective(LMObjective):
+    """A loss that is ``weight`` times the mean, over distilled positions, of a per-position term of the student's
+    logits and the teacher's view at that position (`per_token`).  Written per position so the engine can feed it
+    a chunk of tokens at a time (`kdzoo.tasks.lm.chunked`): no (batch, seq, vocab) tensor is needed."""
+
+    cross_tokenizer: ClassVar[bool] = False  # True: __init__ also receives student_tokenizer=, teacher_tokenizer=
+    weight: float = 1.0
+
+    def per_token(self, student_logits: torch.Tensor, teacher: TeacherChunk) -> torch.Tensor:
+        """(N, V) float32 student logits -> (N,) per-position loss (temperature scaling in, `weight` out)."""
+        raise NotImplementedError
+
+    def forward(self, ctx: LMContext) -> torch.Tensor:
+        """The whole batch as one chunk: the unchunked path, over full (batch, seq, vocab) logits."""
+        teacher = TeacherChunk.from_context(ctx)
+        vocab = ctx.student_logits.shape[-1]
+        per_position = self.per_token(ctx.student_logits.float().reshape(-1, vocab), teacher)
+        return self.weight * losses.masked_mean(per_position.view(ctx.mask.shape), ctx.mask)
+
+
+class _Divergence(TokenObjective):
     kind: ClassVar[str] = ""
 
     def __init__(self, weight: float = 1.0, temperature: float = 1.0, student_config=None, teacher_config=None):
@@ -75,25 +136,47 @@ class _Divergence(LMObjective):
     def beta(self) -> float:
         return 0.5
 
-    def forward(self, ctx: LMContext) -> torch.Tensor:
-        kinds = {"forward_kl": (losses.forward_kl_loss, losses.sparse_forward_kl_loss),
-                 "reverse_kl": (losses.reverse_kl_loss, losses.sparse_reverse_kl_loss),
-                 "tvd": (losses.total_variation_loss, losses.sparse_total_variation_loss)}
-        extra = {}
-        if self.kind == "jsd":
-            dense, sparse = losses.generalized_jsd_loss, losses.sparse_generalized_jsd_loss
-            extra = {"beta": self.beta()}
-        else:
-            dense, sparse = kinds[self.kind]
-        if ctx.teacher_logits is not None:
-            value = dense(ctx.student_logits, ctx.teacher_logits, ctx.mask, temperature=self.temperature, **extra)
-        elif ctx.sparse_teacher is not None:
-            t = ctx.sparse_teacher
-            value = sparse(ctx.student_logits, t.indices, t.logits, t.logsumexp, ctx.mask,
-                           temperature=self.temperature, **extra)
+    def per_token(self, student_logits: torch.Tensor, teacher: TeacherChunk) -> torch.Tensor:
+        t = self.temperature
+        if teacher.logits is not None:
+            if teacher.logits.shape != student_logits.shape:
+                raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                                 f"{tuple(teacher.logits.shape)} differ (same tokenizer and vocabulary size needed; "
+                                 "losses uld or gold distil across tokenizers)")
+            log_q = F.log_softmax(student_logits.float() / t, dim=-1)
+            log_p = F.log_softmax(teacher.logits.detach().float() / t, dim=-1)  # the teacher is a fixed target
+        elif teacher.sparse is not None:
+            s = teacher.sparse
+            log_p, log_q = losses.sparse_log_probs(student_logits, s.indices, s.logits, s.logsumexp, t)
+        elif teacher.sampled is not None:
+            if self.kind != "forward_kl":
+                raise ConfigError(f"{self.kind}: a sampled teacher cache (offline.mode=sample) estimates the forward "
+                                  "KL only; use forward_kl or offline.mode=topk")
+            return sampled_kl_per_token(student_logits, teacher.sampled.indices, teacher.sampled.weights, t)
         else:
             raise ConfigError(f"{self.kind}: no teacher logits in this batch")
-        return self.weight * value
+        return losses.token_divergence(self.kind, log_p, log_q, self.beta()) * t ** 2
+
+    def per_token_and_grad(self, student_logits: torch.Tensor, teacher: TeacherChunk
+                           ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(per-position loss, its gradient with respect to `student_logits`) in closed form, for the chunked
+        path's speed: forward KL T^2 KL(p||q) has gradient T (q - p); reverse KL T^2 KL(q||p) has gradient
+        T q (log q - log p - KL(q||p)).  None where no closed form is written (autograd is used then)."""
+        kind = {"jsd": {0.0: "forward_kl", 1.0: "reverse_kl"}.get(self.beta())}.get(self.kind, self.kind)
+        if teacher.logits is None or kind not in ("forward_kl", "reverse_kl"):
+            return None
+        t = self.temperature
+        scaled = (lambda x: x.float()) if t == 1.0 else (lambda x: x.float() / t)  # noqa: E731
+        log_q = F.log_softmax(scaled(student_logits), dim=-1)
+        log_p = F.log_softmax(scaled(teacher.logits), dim=-1)
+        if kind == "forward_kl":  # in place where it is safe: these are chunk-sized (tokens x vocab) tensors
+            p = log_p.exp()
+            loss = (p * log_p.sub_(log_q)).sum(-1) * t ** 2
+            return loss, log_q.exp_().sub_(p).mul_(t)
+        q = log_q.exp()
+        log_ratio = log_q.sub_(log_p)
+        kl = (q * log_ratio).sum(-1, keepdim=True)
+        return kl.squeeze(-1) * t ** 2, q * (log_ratio - kl) * t
 
 
 @register_lm_loss("forward_kl", family="logit", paper="Hinton et al. 2015, Distilling the Knowledge in a Neural Network")
@@ -151,7 +234,7 @@ class HiddenAlignment(LMObjective):
 
     def forward(self, ctx: LMContext) -> torch.Tensor:
         fn = alignment.hidden_mse_loss if self.loss == "mse" else alignment.hidden_cosine_loss
-        total = ctx.student_logits.new_zeros(())
+        total = ctx.mask.new_zeros((), dtype=torch.float32)
         for (s, t), proj in zip(self.pairs, self.projections):
             total = total + fn(proj(ctx.student_hidden[s].float()), ctx.teacher_hidden[t].float(), ctx.attention_mask)
         return self.weight * total / len(self.pairs)
@@ -191,7 +274,7 @@ class MiniLM(LMObjective):
         return bool(options.get("attention_weight", 1.0))
 
     def forward(self, ctx: LMContext) -> torch.Tensor:
-        total = ctx.student_logits.new_zeros(())
+        total = ctx.mask.new_zeros((), dtype=torch.float32)
         if self.attention_weight:
             total = total + self.attention_weight * alignment.attention_kl_loss(
                 ctx.student_attentions[self.student_layer], ctx.teacher_attentions[self.teacher_layer],
@@ -203,8 +286,13 @@ class MiniLM(LMObjective):
         return self.weight * total
 
 
-def create_lm_loss(name: str, student_config: Any = None, teacher_config: Any = None, **options: Any) -> LMObjective:
+def create_lm_loss(name: str, student_config: Any = None, teacher_config: Any = None, student_tokenizer: Any = None,
+                   teacher_tokenizer: Any = None, **options: Any) -> LMObjective:
+    """A registered LM loss; cross-tokenizer losses also get both tokenizers."""
+    if getattr(LM_LOSSES.get(name).obj, "cross_tokenizer", False):
+        options.update(student_tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer)
     return LM_LOSSES.build(name, student_config=student_config, teacher_config=teacher_config, **options)
 
 
-__all__ = ["LM_LOSSES", "register_lm_loss", "create_lm_loss", "LMContext", "SparseTeacher", "LMObjective"]
+__all__ = ["LM_LOSSES", "register_lm_loss", "create_lm_loss", "LMContext", "SparseTeacher", "SampledTeacher",
+           "TeacherChunk", "LMObjective", "TokenObjective"]

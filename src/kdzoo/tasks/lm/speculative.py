@@ -35,6 +35,19 @@ class SpeculativeStats:
     def tokens_per_target_call(self) -> float:
         return self.new_tokens / max(self.target_calls, 1)
 
+    def verify(self, drafted: torch.Tensor, verified: torch.Tensor, room: int) -> tuple[torch.Tensor, int]:
+        """Greedy verification of one round: the longest prefix of the (1, k) `drafted` tokens the target chose
+        itself (`verified`, its choices after each prefix, (1, >= k+1)), then the target's own next token, at most
+        `room` tokens; counted here.  Returns (tokens kept, drafted tokens accepted)."""
+        k = drafted.shape[1]
+        matches = int((verified[0, :k] == drafted[0]).long().cumprod(0).sum())
+        keep = torch.cat([drafted[:, :matches], verified[:, matches:matches + 1]], dim=1)[:, :room]
+        self.proposed += k
+        self.accepted += matches
+        self.target_calls += 1
+        self.new_tokens += keep.shape[1]
+        return keep, matches
+
 
 @torch.no_grad()
 def _greedy_next(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -58,14 +71,9 @@ def greedy_acceptance(target: nn.Module, draft: nn.Module, prompts: list[torch.T
             drafted = proposal[:, ids.shape[1]:]
             # the target's own choice after each prefix: positions len-1 .. len+k-1 of one pass over the proposal
             verified = target(input_ids=proposal).logits[:, ids.shape[1] - 1:].argmax(-1)
-            matches = int((verified[0, :k] == drafted[0]).long().cumprod(0).sum())
-            keep = torch.cat([drafted[:, :matches], verified[:, matches:matches + 1]], dim=1)[:, : max_new_tokens - produced]
+            keep, _ = stats.verify(drafted, verified, max_new_tokens - produced)
             ids = torch.cat([ids, keep], dim=1)
             produced += keep.shape[1]
-            stats.proposed += k
-            stats.accepted += matches
-            stats.target_calls += 1
-            stats.new_tokens += keep.shape[1]
     return stats
 
 
