@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from kdzoo.config import RunConfig, TeacherConfig, load_config, read_yaml
+from kdzoo.tasks.diffusion.config import DiffusionDistillConfig, DiffusionRunConfig
 from kdzoo.tasks.lm.config import LMRunConfig
 from kdzoo.tasks.lm.draft_task import FeatureDraftRunConfig
 
@@ -16,6 +17,8 @@ CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 def test_every_config_is_valid(path):
     if path.parent.name == "lm":  # `kdzoo lm` recipes: language-model runs (or feature-draft heads), own dataclasses
         cls = FeatureDraftRunConfig if "target" in read_yaml(path) else LMRunConfig
+    elif path.parent.name == "diffusion":  # `kdzoo diffusion` recipes: teachers and distilled students
+        cls = DiffusionDistillConfig if "teacher" in read_yaml(path) else DiffusionRunConfig
     else:
         cls = TeacherConfig if "model" in read_yaml(path) else RunConfig
     load_config(cls, path)

@@ -318,3 +318,45 @@ def plot_boxes(images, columns: dict[str, list[dict]], path: str | Path, class_n
 
 __all__ = ["plot_curves", "plot_run", "run_figure", "grid_figure", "plot_grid", "plot_bench", "plot_cka", "plot_masks",
            "plot_boxes", "class_palette", "display_images"]
+
+
+def plot_sample_rows(rows: dict[str, object], path: str | Path, title: str = "", cell: float = 0.9) -> None:
+    """Generated images in labelled rows (name -> (N, C, H, W) in [-1, 1]), e.g. one row per number of sampling
+    steps, teacher and students: the same column is the same starting noise and class in every row."""
+    names = list(rows)
+    count = max(len(np.asarray(v)) for v in rows.values())
+    fig, axes = plt.subplots(len(names), count, figsize=(cell * count + 1.6, cell * len(names) + 0.6), squeeze=False,
+                             layout="constrained")
+    for r, name in enumerate(names):
+        images = (np.clip(np.asarray(rows[name], dtype=np.float32), -1, 1) + 1) / 2
+        images = images.transpose(0, 2, 3, 1)
+        images = np.repeat(images, 3, axis=3) if images.shape[3] == 1 else images[..., :3]
+        for c in range(count):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c < len(images):
+                ax.imshow(images[c], interpolation="nearest")
+        axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def plot_metric_vs_steps(rows: list[dict], path: str | Path, metric: str = "fid", title: str = "") -> None:
+    """One line per run of `metric` against the number of sampling steps (log-scaled axis), e.g. FID vs steps for
+    a teacher and its few-step students."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
+    for run in dict.fromkeys(r["run"] for r in rows):
+        points = sorted((r["steps"], r[metric]) for r in rows if r["run"] == run)
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=Path(str(run)).name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel(metric.upper() if metric in ("fid", "kid_mean") else metric)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    _save(fig, path)

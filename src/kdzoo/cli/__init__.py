@@ -21,6 +21,7 @@ from ..errors import KdzooError
 from .analysis import add_cka_parser, add_search_parser
 from .bench import add_bench_parser
 from .condense import add_condense_parser
+from .diffusion import add_diffusion_parser
 from .lm import add_lm_parser
 from .methods import add_methods_parser
 from .train import add_run_parsers
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parsers(sub)
     add_condense_parser(sub)
     add_lm_parser(sub)
+    add_diffusion_parser(sub)
     add_bench_parser(sub)
     add_search_parser(sub)
     add_cka_parser(sub)

@@ -125,3 +125,17 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       num_workers=placement.num_workers, drop_last=drop_last, pin_memory=pin_memory,
                       persistent_workers=False, collate_fn=getattr(dataset, "collate_batch", None))
+
+
+def batch_rows(step: int, batch_size: int, num_rows: int, seed: int) -> torch.Tensor:
+    """Row indices of optimizer step `step`: a fresh permutation per pass over the data, seeded by (seed, pass),
+    so a resumed run draws exactly the batches the uninterrupted one would."""
+    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
+    passes, offsets = positions // num_rows, positions % num_rows
+    out = torch.empty(batch_size, dtype=torch.long)
+    for p in passes.unique().tolist():
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + p)
+        order = torch.randperm(num_rows, generator=generator)
+        chosen = passes == p
+        out[chosen] = order[offsets[chosen]]
+    return out

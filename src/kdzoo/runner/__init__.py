@@ -8,6 +8,8 @@ from ..config import RunConfig
 from ..engine.trainer import FitResult
 from .build import build_data, build_distiller, build_methods, build_model, load_weights, model_meta
 from .evaluate import evaluate_target, load_target
+from .diffusion import run_diffusion, run_diffusion_distill
+from .tasks import run_task
 from .lm import run_feature_draft, run_lm
 from .peers import train_peers
 from .plain import record_summary, run_distiller, teacher_run, teacher_run_accuracy
@@ -27,7 +29,7 @@ def train_run(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: bool
     return run_distiller(cfg, run_dir, build_distiller, resume=resume, verbose=verbose)
 
 
-__all__ = ["train_run", "run_distiller", "teacher_run", "run_lm", "run_feature_draft", "train_stages", "train_peers", "train_rounds",
+__all__ = ["train_run", "run_distiller", "teacher_run", "run_lm", "run_feature_draft", "run_diffusion", "run_diffusion_distill", "run_task", "train_stages", "train_peers", "train_rounds",
            "evaluate_target", "load_target", "build_data", "build_model", "build_methods", "build_distiller", "load_weights",
            "model_meta", "record_summary", "teacher_run_accuracy", "verify_resume_config", "verify_checkpoint",
            "stage_dir", "RESUMABLE"]

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ...engine.checkpoint import tensors_digest
+from ...data.loaders import batch_rows  # noqa: F401  (the LM task's batch order)
 from ...errors import ConfigError
 from .arithmetic import arithmetic_texts, parse_spec
 
@@ -129,15 +130,3 @@ def loss_mask(attention_mask: torch.Tensor, prompt_len: int = 0) -> torch.Tensor
     return mask
 
 
-def batch_rows(step: int, batch_size: int, num_rows: int, seed: int) -> torch.Tensor:
-    """Row indices of optimizer step `step`: a fresh permutation per pass over the data, seeded by (seed, pass),
-    so a resumed run draws exactly the batches the uninterrupted one would."""
-    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
-    passes, offsets = positions // num_rows, positions % num_rows
-    out = torch.empty(batch_size, dtype=torch.long)
-    for p in passes.unique().tolist():
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + p)
-        order = torch.randperm(num_rows, generator=generator)
-        chosen = passes == p
-        out[chosen] = order[offsets[chosen]]
-    return out
