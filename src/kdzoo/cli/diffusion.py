@@ -34,31 +34,26 @@ def add_diffusion_parser(subparsers) -> argparse.ArgumentParser:
         epilog="Example (CPU, minutes): kdzoo diffusion teacher configs/diffusion/digits_teacher.yaml && "
                "kdzoo diffusion sample runs/diffusion/digits_teacher --steps 1 2 4 50")
     sub = top.add_subparsers(dest="diffusion_command", metavar="SUBCOMMAND")
-    p = sub.add_parser("teacher", help="train a diffusion model on a dataset (the many-step teacher)",
-                       description="Train a diffusers UNet to denoise the config's dataset. The run directory gets "
-                                   "config.yaml, metrics.csv (held-out denoising loss), checkpoint.pt (exact "
-                                   "--resume), the model as a diffusers pipeline folder (unet/, scheduler/, "
-                                   "model_index.json), samples.png and summary.json.",
-                       epilog="Overrides are KEY=VALUE pairs applied to the YAML, e.g. train.steps=500.")
-    p.add_argument("config", help="YAML config file (see configs/diffusion/)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--run-dir", default=None, help="run directory (default: OUTPUT_DIR/NAME)")
-    p.add_argument("--resume", action="store_true", help="continue the run in the run directory exactly")
-    p.set_defaults(func=cmd_diffusion_teacher)
-
-    p = sub.add_parser("distill", help="distil a few-step student from a diffusion teacher run",
-                       description="A student (a copy of the teacher's UNet unless model: names a smaller one) trained "
-                                   "from the teacher run with a registered diffusion method (kdzoo methods "
-                                   "--diffusion). The run directory is a diffusers pipeline folder of the student, with "
-                                   "samples.png (teacher at N and K steps beside the student at K steps) and "
-                                   "metrics.csv (val_gap: mean squared gap between the student's K-step and the "
-                                   "teacher's N-step samples from the same noise).",
-                       epilog="Overrides are KEY=VALUE pairs applied to the YAML, e.g. method.options.student_steps=2.")
-    p.add_argument("config", help="YAML config file (see configs/diffusion/)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--run-dir", default=None, help="run directory (default: OUTPUT_DIR/NAME)")
-    p.add_argument("--resume", action="store_true", help="continue the run in the run directory exactly")
-    p.set_defaults(func=cmd_diffusion_distill)
+    runs = {"teacher": ("train a diffusion model on a dataset (the many-step teacher)",
+                        "Train a diffusers UNet to denoise the config's dataset. The run directory gets config.yaml, "
+                        "metrics.csv (held-out denoising loss), checkpoint.pt (exact --resume), the model as a "
+                        "diffusers pipeline folder (unet/, scheduler/, model_index.json), samples.png and summary.json.",
+                        "train.steps=500", cmd_diffusion_teacher),
+            "distill": ("distil a few-step student from a diffusion teacher run",
+                        "A student (a copy of the teacher's UNet unless model: names a smaller one) trained from the "
+                        "teacher run with a registered diffusion method (kdzoo methods --diffusion). The run directory "
+                        "is a diffusers pipeline folder of the student, with samples.png (teacher at N and K steps "
+                        "beside the student at K steps) and metrics.csv (val_gap: mean squared gap between the "
+                        "student's K-step and the teacher's N-step samples from the same noise).",
+                        "method.student_steps=2", cmd_diffusion_distill)}
+    for name, (helptext, description, example, func) in runs.items():
+        p = sub.add_parser(name, help=helptext, description=description,
+                           epilog=f"Overrides are KEY=VALUE pairs applied to the YAML, e.g. {example}.")
+        p.add_argument("config", help="YAML config file (see configs/diffusion/)")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+        p.add_argument("--run-dir", default=None, help="run directory (default: OUTPUT_DIR/NAME)")
+        p.add_argument("--resume", action="store_true", help="continue the run in the run directory exactly")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("sample", help="a grid of samples, one row per number of DDIM steps",
                        description="Sample a diffusion run (or any diffusers pipeline folder with a UNet2DModel) with "
