@@ -42,6 +42,18 @@ def test_published_values_and_sources():
         reference("kd", "cifar100")
 
 
+def test_published_diffusion_figures():
+    from kdzoo.bench.published import diffusion_claims, diffusion_reference
+
+    consistency = diffusion_reference("consistency", "cifar10", 1)
+    assert consistency.value == 3.55 and "Consistency Models" in consistency.source
+    assert diffusion_reference("progressive", "cifar10", 4).value == 3.0
+    assert diffusion_reference("progressive", "cifar10", 1) is None and diffusion_reference("ctm", "digits", 1) is None
+    claims = diffusion_claims()
+    assert claims["swiftbrush"][0] == 16.67 and "COCO-30K" in claims["swiftbrush"][1]
+    assert claims["laptop_diff"][0] == 4.0 and "8.2%" in claims["laptop_diff"][1]
+
+
 def test_condense_copy_agrees_with_the_data_file():
     """condense/evaluate.py still carries its own table until it reads this one; they must agree."""
     from kdzoo.condense.evaluate import PUBLISHED_CIFAR10

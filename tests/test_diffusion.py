@@ -144,3 +144,30 @@ def test_distill_a_few_step_student_resumes_exactly_and_evaluates(tmp_path, teac
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] in
             ([str(teacher_run)], [str(run)])]
     assert len(rows) == 2 and all(float(r[2]) > 0 for r in rows)
+
+
+def test_a_plain_diffusers_pipeline_folder_is_a_teacher(tmp_path, teacher_run, capsys):
+    import shutil
+
+    pipeline = tmp_path / "pipeline"  # what DDIMPipeline.save_pretrained writes: no kdzoo config, no image range
+    for part in ("unet", "scheduler"):
+        shutil.copytree(teacher_run / part, pipeline / part)
+    shutil.copy(teacher_run / "model_index.json", pipeline)
+    options = {"student_steps": 2, "num_ddim_timesteps": 10}
+    config = _distill_config(tmp_path, pipeline, "student", "consistency", options, steps=1)
+    assert main(["diffusion", "distill", config]) == 2
+    assert "plain diffusers pipeline; name the dataset" in capsys.readouterr().err
+    data = yaml.safe_load(open(config))
+    data["data"] = {"dataset": "digits", "options": {"image_size": 8}}
+    (tmp_path / "student.yaml").write_text(yaml.safe_dump(data))
+    assert main(["diffusion", "distill", config]) == 0
+    run = tmp_path / "student"
+    assert main(["diffusion", "eval", str(run), "--steps", "1", "--samples", "16", "--classifier-epochs", "1",
+                 "--classifier-dir", str(tmp_path / "fc")]) == 0
+    assert any(line.startswith(str(run)) for line in capsys.readouterr().out.splitlines())
+    data["teacher"] = str(teacher_run)  # a kdzoo run brings its own data: a different `data` is refused
+    data["data"] = {"dataset": "digits", "options": {"image_size": 16}}
+    data["name"] = "other"
+    (tmp_path / "student.yaml").write_text(yaml.safe_dump(data))
+    assert main(["diffusion", "distill", config]) == 2
+    assert "leave data unset" in capsys.readouterr().err

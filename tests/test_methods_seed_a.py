@@ -15,10 +15,10 @@ from torch import nn
 from torch.testing import assert_close
 
 from kdzoo.cli import main
-from kdzoo.data import TensorData, build_dataset, input_example
+from kdzoo.data import TensorData
 from kdzoo.distiller import Distiller, TrainingData
 from kdzoo.errors import ConfigError
-from kdzoo.methods import Context, create_method
+from kdzoo.methods import create_method
 from kdzoo.methods.feature import nd, residual
 from kdzoo.methods.logit import nkd, uskd
 from kdzoo.methods.relation import affinity

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from torch import nn
 from torch.testing import assert_close
 
 from kdzoo.config import RunConfig, load_config

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from kdzoo.cli import main, os_error_message
 from kdzoo.errors import CheckpointError, ConfigError
-from kdzoo.engine.checkpoint import HASH_KEY, export_weights, read_weights, save_checkpoint
+from kdzoo.engine.checkpoint import export_weights, read_weights, save_checkpoint
 
 SYNTH = {"name": "synthetic", "options": {"num_classes": 4, "image_size": 8, "train_size": 32, "test_size": 16}}
 FAST = {"epochs": 1, "batch_size": 16, "lr": 0.05, "progress": False, "device": "cpu", "save_every": 1}

@@ -3,6 +3,7 @@
     from kdzoo.bench.published import lookup, reference
     lookup("dkd", "cifar100", teacher="cifar:resnet32x4", student="cifar:resnet8x4")   # 76.32
     lookup("dm", "cifar10", ipc=10)                                                     # 48.9
+    diffusion_reference("consistency", "cifar10", steps=1).value                        # 3.55 (FID)
     reference("dkd", "cifar100", teacher="resnet32x4", student="resnet8x4").source     # mdistiller README
 
 Model names may carry the zoo prefix (``cifar:``); a dataset, pair, method or IPC the tables do not hold
@@ -29,6 +30,7 @@ class Reference:
     value: float
     source: str  # the README or paper, as the data file names it
     reports: str  # "last" or "best" epoch (distillation), "final" (dataset distillation)
+    model: Optional[str] = None  # the evaluation network where a table's rows differ (None: the table's own)
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,7 +45,7 @@ def load() -> dict:
 def _check(data: dict) -> None:
     """Every row names a known source and has one value per column (a broken edit fails loudly)."""
     sources = data["sources"]
-    for section, columns_key in (("distillation", "pairs"), ("condensation", "ipc")):
+    for section, columns_key in (("distillation", "pairs"), ("condensation", "ipc"), ("diffusion", "steps")):
         for dataset, table in data[section].items():
             width = len(table[columns_key])
             for method, row in table["rows"].items():
@@ -57,6 +59,9 @@ def _check(data: dict) -> None:
                 unknown = [name for name in row_sources if name not in sources]
                 if unknown:
                     raise ConfigError(f"{where}: unknown source {unknown[0]!r}")
+    for method, claim in data["diffusion_claims"].items():
+        if claim["source"] not in sources:
+            raise ConfigError(f"{DATA_FILE}: diffusion_claims.{method}: unknown source {claim['source']!r}")
 
 
 def _bare(name: Optional[str]) -> str:
@@ -69,7 +74,7 @@ def _reference(row: dict, index: int) -> Optional[Reference]:
         return None
     name = row["source"][index] if isinstance(row["source"], list) else row["source"]
     source = load()["sources"][name]
-    return Reference(float(value), source["name"], source["reports"])
+    return Reference(float(value), source["name"], source["reports"], row.get("model"))
 
 
 def distillation_reference(method: str, dataset: str, teacher: str, student: str) -> Optional[Reference]:
@@ -85,12 +90,29 @@ def distillation_reference(method: str, dataset: str, teacher: str, student: str
 
 
 def condensation_reference(method: str, dataset: str, ipc: int) -> Optional[Reference]:
-    """ConvNet-3 test accuracy of a dataset-distillation `method` at `ipc` images per class."""
+    """Test accuracy of a dataset-distillation `method` at `ipc` images per class: ConvNet-3 unless the
+    reference's `model` names another evaluation network."""
     table = load()["condensation"].get(dataset.lower())
     if table is None or ipc not in table["ipc"]:
         return None
     row = table["rows"].get(method)
     return _reference(row, table["ipc"].index(ipc)) if row is not None else None
+
+
+def diffusion_reference(method: str, dataset: str, steps: int) -> Optional[Reference]:
+    """Published FID of a few-step diffusion `method` sampled with `steps` network evaluations."""
+    table = load()["diffusion"].get(dataset.lower())
+    if table is None or steps not in table["steps"]:
+        return None
+    row = table["rows"].get(method)
+    return _reference(row, table["steps"].index(steps)) if row is not None else None
+
+
+def diffusion_claims() -> dict[str, tuple[float, str, str]]:
+    """{method: (value, what it measures, source)} for published diffusion figures outside the steps tables."""
+    sources = load()["sources"]
+    return {method: (float(claim["value"]), claim["metric"], sources[claim["source"]]["name"])
+            for method, claim in load()["diffusion_claims"].items()}
 
 
 def reference(method: str, dataset: str, *, teacher: Optional[str] = None, student: Optional[str] = None,
@@ -111,8 +133,10 @@ def lookup(method: str, dataset: str, *, teacher: Optional[str] = None, student:
 
 
 def published_accuracy(method: str, dataset: str, ipc: int) -> Optional[float]:
-    """Dataset distillation's published accuracy, the signature ``kdzoo.condense.evaluate`` uses."""
-    return lookup(method, dataset, ipc=ipc)
+    """Dataset distillation's published ConvNet-3 accuracy, the signature ``kdzoo.condense.evaluate`` uses (rows
+    evaluated with another network, e.g. SRe2L's ResNet-18, give None: they do not compare with a ConvNet-3 run)."""
+    found = condensation_reference(method, dataset, ipc)
+    return found.value if found is not None and found.model is None else None
 
 
 def distillation_pairs(dataset: str) -> list[tuple[str, str]]:
@@ -127,4 +151,5 @@ def distillation_methods(dataset: str) -> list[str]:
 
 
 __all__ = ["Reference", "load", "reference", "lookup", "distillation_reference", "condensation_reference",
+           "diffusion_reference", "diffusion_claims",
            "published_accuracy", "distillation_pairs", "distillation_methods"]

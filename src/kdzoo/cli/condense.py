@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..condense.base import SyntheticSet, build_condenser
+from ..condense.ddranking import CLI_OPTIONS as DDRANKING_OPTIONS, DDRankingOptions, ddranking_scores, format_ddranking
 from ..condense.evaluate import EvalOptions, evaluate_synthetic, format_results, published_accuracy
 from ..condense.run import run_condenser
 from ..config import apply_overrides
@@ -27,7 +28,8 @@ from ..registry import CONDENSERS, DATASETS, check_options, check_value, option_
 OVERRIDES_HELP = ("method options, e.g. lr_img=1 fyi=true committee_labels=true zca=true normalize=cifar10 "
                   "model_options.width=64; "
                   "data.OPTION=VALUE for the dataset (data.root=/data/cifar); eval.OPTION=VALUE for the "
-                  "evaluation (eval.epochs=300 eval.augment=false eval.models=[convnet:convnet3,cifar:resnet20])")
+                  "evaluation (eval.epochs=300 eval.augment=false eval.models=[convnet:convnet3,cifar:resnet20]); "
+                  "ddranking.OPTION=VALUE with --protocol ddranking (ddranking.real_accuracy=84.8 ddranking.rounds=5)")
 EVAL_OPTIONS = tuple(f.name for f in dataclasses.fields(EvalOptions))
 
 
@@ -62,6 +64,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--num-eval", type=int, default=20, help="fresh networks per evaluated architecture (default 20)")
     p.add_argument("--no-eval", action="store_true", help="only distil; skip the evaluation")
+    p.add_argument("--protocol", choices=("accuracy", "ddranking"), default="accuracy",
+                   help="accuracy: test accuracy of fresh networks (default); ddranking: DD-Ranking's HLR, IOR and "
+                        "label-robust score beside it (--num-eval rounds)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--help-options", action="store_true", help="print the method's options with defaults and exit")
 
@@ -98,6 +103,7 @@ def cmd_condense(args) -> int:
             print(f"  {key} = {value!r}")
         return 0
     options, data_options, eval_options = parse_overrides(args.overrides)
+    ranking_options = _ddranking_options(options.pop("ddranking", {}), args.protocol)
     check_options("evaluation", eval_options, {k: None for k in EVAL_OPTIONS})
     # Every option is checked before any data is read or any iteration runs.
     for flag, value in (("--ipc", args.ipc), ("--checkpoint-every", args.checkpoint_every), ("--num-eval", args.num_eval)):
@@ -130,6 +136,15 @@ def cmd_condense(args) -> int:
           f"{'soft' if synthetic.soft else 'hard'} labels) in {out}")
     if args.no_eval:
         return 0
+    if args.protocol == "ddranking":
+        ranking = DDRankingOptions(evaluation=EvalOptions(**eval_options), **{"rounds": args.num_eval, **ranking_options})
+        scores = ddranking_scores(synthetic, data, ranking, device=args.device, progress=not args.quiet)
+        report = {"method": args.method, "dataset": args.dataset, "ipc": args.ipc, "protocol": "ddranking",
+                  "ddranking": {name: s.to_dict() for name, s in scores.items()}}
+        text = json.dumps(report, indent=1)
+        atomic_write(out / "evaluation.json", lambda tmp: tmp.write_text(text))
+        print(format_ddranking(scores, args.method, args.dataset, args.ipc))
+        return 0
     eval_options.setdefault("num_models", args.num_eval)
     results = evaluate_synthetic(synthetic, data, EvalOptions(**eval_options), device=args.device,
                                  progress=not args.quiet)
@@ -140,6 +155,17 @@ def cmd_condense(args) -> int:
     atomic_write(out / "evaluation.json", lambda tmp: tmp.write_text(text))
     print(format_results(results, args.method, args.dataset, args.ipc))
     return 0
+
+
+def _ddranking_options(options, protocol: str) -> dict:
+    """ddranking.OPTION=VALUE overrides against `DDRankingOptions`' annotations (only with --protocol ddranking)."""
+    if not isinstance(options, dict):
+        raise ConfigError(f"override ddranking={options!r}: use ddranking.OPTION=VALUE")
+    if options and protocol != "ddranking":
+        raise ConfigError(f"ddranking.{next(iter(options))}: only with --protocol ddranking")
+    check_options("ddranking", options, {k: None for k in DDRANKING_OPTIONS})
+    hints = option_hints(DDRankingOptions, list(DDRANKING_OPTIONS))
+    return {key: check_value(f"ddranking.{key}", value, hints[key]) for key, value in options.items()}
 
 
 def _check_eval_options(options: dict) -> dict:

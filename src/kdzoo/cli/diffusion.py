@@ -18,9 +18,13 @@ from ..errors import ConfigError
 from ..plots import plot_metric_vs_steps, plot_sample_rows
 from ..runner import run_diffusion, run_diffusion_distill
 from ..tasks.diffusion.config import DiffusionDistillConfig, DiffusionRunConfig
-from ..tasks.diffusion.models import load_pipeline, require_diffusers, sample
-from ..tasks.diffusion.report import EvalOptions, evaluate_runs, format_table
+from ..tasks.diffusion.models import require_diffusers
+from ..tasks.diffusion.report import EvalOptions, evaluate_runs, format_table, run_sampler
 from .train import start_run
+
+
+LEAD_HELP = ("hybrid sampling (Distilling Diversity and Control, Gandikota & Bau 2025): for a distilled student, its "
+             "teacher takes the first K network evaluations of the student's sampler (default 0: the student alone)")
 
 
 def add_diffusion_parser(subparsers) -> argparse.ArgumentParser:
@@ -55,16 +59,18 @@ def add_diffusion_parser(subparsers) -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true", help="continue the run in the run directory exactly")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("sample", help="a grid of samples, one row per number of DDIM steps",
-                       description="Sample a diffusion run (or any diffusers pipeline folder with a UNet2DModel) with "
-                                   "deterministic DDIM at each number of steps, from the same noise and classes in "
-                                   "every row, and save the grid as a PNG.")
+    p = sub.add_parser("sample", help="a grid of samples, one row per number of steps",
+                       description="Sample a diffusion run (or any diffusers pipeline folder with a UNet2DModel) at "
+                                   "each number of steps, from the same noise and classes in every row, and save the "
+                                   "grid as a PNG: deterministic DDIM for a teacher or pipeline folder, the method's "
+                                   "own sampler for a distilled student.")
     p.add_argument("run", help="diffusion run directory or diffusers pipeline folder")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 50], help="numbers of steps (default 1 2 4 8 50)")
     p.add_argument("--count", type=int, default=20, help="images per row (default 20; classes cycle)")
     p.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
     p.add_argument("--out", default=None, help="PNG path (default RUN/samples_<seed>.png)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--teacher-lead", type=int, default=0, metavar="K", help=LEAD_HELP)
     p.set_defaults(func=cmd_diffusion_sample)
     p = sub.add_parser("eval", help="FID / KID / precision / recall of runs at several numbers of steps",
                        description="Sample each run (teachers with DDIM, students with their method's sampler) at each "
@@ -79,6 +85,10 @@ def add_diffusion_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--classifier-dir", default="runs/feature_classifiers", help="where feature classifiers are kept")
     p.add_argument("--classifier-epochs", type=int, default=15, help="epochs of the feature classifier (default 15)")
+    p.add_argument("--features", choices=("classifier", "inception"), default="classifier",
+                   help="feature space: classifier (trained here on the same data; default) or inception (FID's "
+                        "Inception-v3; needs torch-fidelity and its weights, downloaded on first use)")
+    p.add_argument("--teacher-lead", type=int, default=0, metavar="K", help=LEAD_HELP)
     p.add_argument("--plot", default=None, help="also draw FID against steps into this PNG")
     p.set_defaults(func=cmd_diffusion_eval)
     top.set_defaults(func=lambda args: top.print_help() or 0)
@@ -107,17 +117,19 @@ def cmd_diffusion_distill(args) -> int:
 
 
 def cmd_diffusion_sample(args) -> int:
-    unet, scheduler_config, _ = load_pipeline(args.run)
-    if any(s < 1 for s in args.steps) or args.count < 1:
-        raise ConfigError(f"--steps {args.steps} and --count {args.count} must be >= 1")
-    device = resolve_device(args.device)
-    unet.to(device)
-    classes = unet.config.num_class_embeds
+    if any(s < 1 for s in args.steps) or args.count < 1 or args.teacher_lead < 0:
+        raise ConfigError(f"--steps {args.steps} and --count {args.count} must be >= 1, --teacher-lead >= 0")
+    draw, unet_config, max_steps = run_sampler(args.run, str(resolve_device(args.device)), args.teacher_lead)
+    steps = [s for s in args.steps if max_steps is None or s <= max_steps]
+    if not steps:
+        raise ConfigError(f"--steps {args.steps}: {args.run}'s method samples with at most {max_steps} step(s)")
+    classes = unet_config.num_class_embeds
     labels = torch.arange(args.count) % classes if classes else None
-    rows = {f"{s} step{'s' * (s > 1)}": sample(unet, scheduler_config, labels, s, torch.Generator().manual_seed(args.seed),
-                                               count=args.count).cpu() for s in args.steps}
+    rows = {f"{s} step{'s' * (s > 1)}": draw(labels, s, torch.Generator().manual_seed(args.seed), args.count).cpu()
+            for s in steps}
     out = Path(args.out) if args.out else Path(args.run) / f"samples_{args.seed}.png"
-    plot_sample_rows(rows, out, title=f"{Path(args.run).name}: DDIM, same noise and class per column")
+    lead = f", teacher for the first {args.teacher_lead}" if args.teacher_lead else ""
+    plot_sample_rows(rows, out, title=f"{Path(args.run).name}: same noise and class per column{lead}")
     print(f"samples: {out} ({len(rows)} rows x {args.count})")
     return 0
 
@@ -125,8 +137,10 @@ def cmd_diffusion_sample(args) -> int:
 def cmd_diffusion_eval(args) -> int:
     if any(s < 1 for s in args.steps) or args.samples < 0:
         raise ConfigError(f"--steps {args.steps} must be >= 1 and --samples {args.samples} >= 0")
+    if args.teacher_lead < 0:
+        raise ConfigError(f"--teacher-lead {args.teacher_lead} must be >= 0")
     options = EvalOptions(tuple(args.steps), args.samples, args.seed, str(resolve_device(args.device)),
-                          args.classifier_dir, args.classifier_epochs)
+                          args.classifier_dir, args.classifier_epochs, args.features, args.teacher_lead)
     rows = evaluate_runs(args.runs, options)
     print(format_table(rows))
     if args.plot:

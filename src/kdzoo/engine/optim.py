@@ -112,10 +112,11 @@ class LearningRate:
     def set(self, step: int) -> float:
         lr = self.schedule(step)
         for group in self.optimizer.param_groups:
+            scaled = lr * group.get("lr_scale", 1.0)  # a group trained at a multiple of the rate (e.g. a score model)
             if not isinstance(group["lr"], torch.Tensor):
-                group["lr"] = lr
+                group["lr"] = scaled
             elif lr != self._filled:  # a step schedule changes it rarely: no kernel launch otherwise
-                group["lr"].fill_(lr)  # the value travels as a kernel argument, not a copy from the host
+                group["lr"].fill_(scaled)  # the value travels as a kernel argument, not a copy from the host
         self._filled = lr
         return lr
 

@@ -47,7 +47,7 @@ def flat_config(config: Any) -> dict[str, Any]:
         name = section.get("name") if isinstance(section, dict) else None
         if isinstance(name, str) and not name.startswith(EXTERNAL_PREFIXES) and name in MODELS:
             section["options"] = {**MODELS.get(name).defaults, **section["options"]}
-    section = data.get("data", {})
+    section = data.get("data") or {}  # a diffusion distill config leaves `data` unset (None) for a kdzoo teacher
     if isinstance(section.get("name"), str) and section["name"] in DATASETS:
         section["options"] = {**DATASETS.get(section["name"]).defaults, **section["options"]}
     for key, registry in (("methods", METHODS), ("losses", LM_LOSSES)):

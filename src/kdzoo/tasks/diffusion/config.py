@@ -108,9 +108,12 @@ class DiffusionDistillConfig:
     """A few-step student distilled from a diffusion teacher run (``kdzoo diffusion distill``): the student starts
     as a copy of the teacher (same UNet) unless `model` names a smaller one; data and noise are the teacher's."""
 
-    teacher: str  # a kdzoo diffusion run directory (its config.yaml gives data and noise)
+    teacher: str  # a kdzoo diffusion run directory (its config.yaml gives data and noise) or a diffusers pipeline
     method: MethodConfig  # a registered diffusion method with options (kdzoo methods --diffusion)
     model: Optional[UNetConfig] = None  # unset: the teacher's architecture and weights
+    # the data, when the teacher is a plain diffusers pipeline folder (its noise comes from its scheduler config);
+    # unset for a kdzoo teacher run, whose own data is used
+    data: Optional[DiffusionDataConfig] = None
     train: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)
     teacher_steps: int = 50  # the teacher's sampling steps the student is compared with
     output_dir: str = "runs/diffusion"

@@ -239,6 +239,44 @@ def load_feature_classifier(path: str | Path, device: str = "auto",
     return features
 
 
+class InceptionFeatures(nn.Module):
+    """The 2048-d pool features of FID's Inception-v3 (torch-fidelity's port of the TensorFlow graph, as
+    torchmetrics uses it) for images in [-1, 1]: mapped to uint8 [0, 255], grey images repeated to RGB; the
+    network resizes to 299 itself.  `network` takes (N, 3, H, W) uint8 and returns (N, 2048)."""
+
+    num_features = 2048
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "InceptionFeatures":
+        return self  # always eval: a metric's features must not depend on the mode
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        if images.shape[1] not in (1, 3):
+            raise ConfigError(f"Inception features take grey or RGB images, got {images.shape[1]} channels")
+        pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        if pixels.shape[1] == 1:
+            pixels = pixels.repeat(1, 3, 1, 1)
+        return self.network(pixels).reshape(len(images), -1).double()
+
+
+def load_inception_features(device: str = "cpu") -> InceptionFeatures:
+    """FID's Inception-v3 through torchmetrics (needs torch-fidelity and its weights, downloaded on first use);
+    a one-line ConfigError when either is missing, e.g. offline."""
+    try:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+        network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
+    except (ImportError, ModuleNotFoundError, OSError, RuntimeError) as err:
+        raise ConfigError(f"--features inception: FID's Inception-v3 is not available ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else 'no detail'}); it needs "
+                          "pip install torch-fidelity and its weights (downloaded from GitHub on first use). "
+                          "Use --features classifier offline") from None
+    return InceptionFeatures(network).to(resolve_device(device))
+
+
 # ---------------------------------------------------------------- the metrics
 
 
@@ -353,7 +391,7 @@ def image_metrics(real: Tensor, fake: Tensor, features: nn.Module, kid_subset: i
                            kid_subset, kid_subsets, nearest_k, seed)
 
 
-__all__ = ["ClassifierFeatures", "train_feature_classifier", "load_feature_classifier", "read_classifier_record",
+__all__ = ["ClassifierFeatures", "InceptionFeatures", "load_inception_features", "train_feature_classifier", "load_feature_classifier", "read_classifier_record",
            "describe_classifier", "classifier_key", "training_range", "extract_features", "GivenFeatures",
            "frechet_distance", "kernel_distance", "knn_radii", "manifold_coverage", "precision_recall",
            "feature_metrics", "image_metrics", "torchmetrics_classes", "CLASSIFIER_RECORD", "CLASSIFIER_RECIPE"]

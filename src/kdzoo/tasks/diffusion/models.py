@@ -4,7 +4,8 @@ the images' range, DDIM sampling with any number of steps, and run folders that 
 A run directory holds ``unet/`` and ``scheduler/`` with ``model_index.json`` (``DDIMPipeline.from_pretrained(RUN)``
 reads it) and ``image_range.json``: the per-channel minimum and maximum of the training images in the dataset's
 normalisation, which map them affinely onto [-1, 1] (the range the model learns) and back (for a classifier
-trained on the dataset as kdzoo loads it).
+trained on the dataset as kdzoo loads it).  A layer-pruned UNet (`kdzoo.tasks.diffusion.pruning`) also leaves
+``unet/kdzoo_pruned.json``, the removed layers, so `load_pipeline` rebuilds it pruned (diffusers alone cannot).
 """
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ...engine.runtime import atomic_write
 from ...errors import CheckpointError, ConfigError
 from .config import NoiseConfig, UNetConfig
+from .pruning import PRUNED_LAYERS_ATTR, remove_layers
 
 RANGE_FILE = "image_range.json"
+PRUNED_FILE = "kdzoo_pruned.json"  # in unet/: the layers a pruned UNet lacks
 
 
 def require_diffusers():
@@ -129,6 +133,12 @@ def save_pipeline(unet: nn.Module, scheduler, image_range: ImageRange, run_dir: 
     run_dir = Path(run_dir)
     pipeline = diffusers.DDIMPipeline(unet=unet, scheduler=ddim_scheduler(scheduler.config))
     pipeline.save_pretrained(str(run_dir))
+    pruned, pruned_file = getattr(unet, PRUNED_LAYERS_ATTR, None), run_dir / "unet" / PRUNED_FILE
+    if pruned:
+        layers = json.dumps(list(pruned))
+        atomic_write(pruned_file, lambda tmp: tmp.write_text(layers))
+    else:
+        pruned_file.unlink(missing_ok=True)  # a pruned UNet saved here before
     text = json.dumps({"low": image_range.low, "high": image_range.high})
     atomic_write(run_dir / RANGE_FILE, lambda tmp: tmp.write_text(text))
 
@@ -140,10 +150,31 @@ def load_pipeline(path: str | Path) -> tuple[nn.Module, Any, Optional[ImageRange
     path = Path(path)
     if not (path / "unet").is_dir():
         raise CheckpointError(f"{path}: not a diffusion run or pipeline folder (no unet/)")
-    unet = diffusers.UNet2DModel.from_pretrained(str(path / "unet"))
+    pruned_file = path / "unet" / PRUNED_FILE
+    if pruned_file.is_file():
+        unet = _load_pruned_unet(path / "unet", json.loads(pruned_file.read_text()))
+    else:
+        unet = diffusers.UNet2DModel.from_pretrained(str(path / "unet"))
     scheduler_dir = path / "scheduler"
     config = (diffusers.DDIMScheduler.load_config(str(scheduler_dir)) if scheduler_dir.is_dir()
               else diffusers.DDPMScheduler().config)
     found = path / RANGE_FILE
     image_range = ImageRange(**json.loads(found.read_text())) if found.is_file() else None
     return unet, config, image_range
+
+
+def _load_pruned_unet(unet_dir: Path, layers: list[str]) -> nn.Module:
+    """The UNet2DModel of `unet_dir`'s config with `layers` removed, then its saved weights loaded strictly (every
+    kept weight from the file, none left at random)."""
+    diffusers = require_diffusers()
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+
+    weights = unet_dir / SAFETENSORS_WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing (a pruned UNet is loaded from its safetensors weights)")
+    unet = remove_layers(diffusers.UNet2DModel.from_config(diffusers.UNet2DModel.load_config(str(unet_dir))), layers)
+    try:
+        unet.load_state_dict(load_file(str(weights)), strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{weights}: does not fit the UNet pruned of {PRUNED_FILE}'s layers: {err}") from None
+    return unet.eval()

@@ -31,8 +31,8 @@ from ...engine.trainer import LoopConfig, Run, StepGroup, Task, Trainer
 from ...errors import ConfigError
 from ...plots import plot_sample_rows
 from ...registry import DIFFUSION_METHODS, register_task
-from .config import DiffusionDistillConfig, DiffusionRunConfig
-from .method_base import DiffusionMethod
+from .config import DiffusionDistillConfig, DiffusionRunConfig, NoiseConfig
+from .method_base import DiffusionMethod, save_method_modules
 from .models import ImageRange, build_unet, load_pipeline, noise_scheduler, sample, save_pipeline, training_target
 
 CHECKPOINT_KEY = "unet"
@@ -109,6 +109,10 @@ class DiffusionTask(Task):
         tc, wrapped = self.cfg.train, self.wrapped
         spec = OptimizerSpec("adamw", tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999), decay_1d=False)
         optimizer = build_optimizer(self.unet.parameters(), spec, trainer.device)
+        for group in self.extra_parameter_groups():
+            lr = group["params"][0].new_tensor(tc.lr) if isinstance(optimizer.param_groups[0]["lr"], torch.Tensor) \
+                else tc.lr
+            optimizer.add_param_group({**group, "lr": lr * group.get("lr_scale", 1.0)})
 
         def forward(*inputs):  # the micro-batch's inputs, then the fractional epoch (unused)
             return [(None, wrapped(*inputs[:-1]))]
@@ -118,6 +122,10 @@ class DiffusionTask(Task):
                          clip_parameters=list(self.unet.parameters()),
                          sync=lambda last: Distributed.gradient_sync(wrapped, last))
         return [StepGroup(step, LearningRate(optimizer, trainer.schedule), [0], [OptimizerSlot(optimizer)])]
+
+    def extra_parameter_groups(self) -> list[dict]:
+        """Optimizer groups trained beside the UNet (none for a teacher)."""
+        return []
 
     def train_mode(self) -> None:
         self.unet.train()
@@ -189,6 +197,10 @@ class MethodStep(nn.Module):
         super().__init__()
         self.student, self.seed, self.rank = student, seed, rank
         self.__dict__["method"] = method  # checkpointed by the task under its own key
+        # the networks the method trains beside the student (a score model, adapters): the same Parameter objects,
+        # registered here so that DDP averages their gradients too
+        self.method_parameters = nn.ParameterList([p for group in method.parameter_groups() for p in group["params"]
+                                                   if p.requires_grad])
 
     def forward(self, clean, labels, step: int) -> dict[str, torch.Tensor]:
         return self.method.loss(clean, labels, _generator(self.seed, step, self.rank), step)
@@ -206,6 +218,7 @@ class DistillTask(DiffusionTask):
         super().__init__(teacher_cfg, splits, student)
         self.distill_cfg, self.teacher, self.method = cfg, teacher, method
         self.cfg = dataclasses.replace(teacher_cfg, train=cfg.train)  # the teacher's data and noise, this run's train
+        self.unet = method.prepare_student(student, teacher, self.scheduler, self.train_x, self.train_y)
         tc = cfg.train
         self.steps_per_epoch, self.total_steps = min(tc.eval_every, tc.steps), tc.steps
         self.reference: Optional[torch.Tensor] = None
@@ -220,6 +233,14 @@ class DistillTask(DiffusionTask):
                         else self.step_module)
         trainer.runs[0].modules[CHECKPOINT_KEY] = self.unet
         trainer.runs[0].modules["method"] = self.method
+
+    def extra_parameter_groups(self) -> list[dict]:
+        return [{**group, "params": [p for p in group["params"] if p.requires_grad]}
+                for group in self.method.parameter_groups()]
+
+    def train_mode(self) -> None:
+        self.unet.train()
+        self.method.train()
 
     def micro_batch(self, step: int) -> StepBatch:
         """Step `step`'s images; first the method's update after step `step - 1` (an EMA, a new round): done here,
@@ -255,6 +276,7 @@ class DistillTask(DiffusionTask):
         if not trainer.group.is_main:
             return
         save_pipeline(self.unet, self.scheduler, self.image_range, run.run_dir)
+        save_method_modules(self.method, run.run_dir)
         labels = torch.arange(min(self.splits.num_classes, 10)).repeat(2)
         noise = lambda: torch.Generator().manual_seed(0)  # noqa: E731  (the same noise in every row)
         k, n = self.method.student_steps, self.distill_cfg.teacher_steps
@@ -293,9 +315,39 @@ def teacher_config(run_dir: str | Path) -> DiffusionRunConfig:
     return from_dict(DiffusionRunConfig, read_yaml(path), str(path))
 
 
+def distill_teacher_config(cfg: DiffusionDistillConfig) -> DiffusionRunConfig:
+    """The teacher's data and noise: a kdzoo teacher run's config.yaml, or for a plain diffusers pipeline folder
+    the distill config's `data` and the noise of the folder's scheduler config."""
+    teacher = Path(cfg.teacher)
+    if (teacher / RUN_CONFIG).is_file():
+        found = teacher_config(teacher)
+        if cfg.data is not None and cfg.data != found.data:
+            raise ConfigError(f"data: the teacher run {teacher} was trained on {found.data.dataset} "
+                              f"{found.data.options}; leave data unset (it is for plain diffusers pipeline teachers)")
+        return found
+    scheduler_dir = teacher / "scheduler"
+    if not (teacher / "unet").is_dir() or not scheduler_dir.is_dir():
+        raise ConfigError(f"teacher {teacher}: neither a kdzoo diffusion run (no {RUN_CONFIG}) nor a diffusers "
+                          "pipeline folder (unet/ and scheduler/)")
+    if cfg.data is None:
+        raise ConfigError(f"data: the teacher {teacher} is a plain diffusers pipeline; name the dataset it models "
+                          "(data: {dataset: ..., options: {...}})")
+    try:
+        scheduler = json.loads((scheduler_dir / "scheduler_config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"teacher {teacher}: unreadable scheduler/scheduler_config.json ({err})") from None
+    if scheduler.get("trained_betas") is not None:
+        raise ConfigError(f"teacher {teacher}: its scheduler has trained_betas; kdzoo needs a named beta_schedule")
+    noise = NoiseConfig(num_train_timesteps=int(scheduler.get("num_train_timesteps", 1000)),
+                        beta_schedule=scheduler.get("beta_schedule", "linear"),
+                        prediction_type=scheduler.get("prediction_type", "epsilon"))
+    noise.validate()
+    return DiffusionRunConfig(data=cfg.data, noise=noise)
+
+
 def build_distill_task(cfg: DiffusionDistillConfig, device: torch.device) -> DistillTask:
     """The teacher (frozen), a student starting as a copy of it (or a fresh `cfg.model`), and the method."""
-    teacher_cfg = teacher_config(cfg.teacher)
+    teacher_cfg = distill_teacher_config(cfg)
     splits = build_dataset(teacher_cfg.data.dataset, **teacher_cfg.data.options)
     teacher, _, _ = load_pipeline(cfg.teacher)
     seed_everything(cfg.train.seed)
@@ -312,4 +364,4 @@ def build_distill_task(cfg: DiffusionDistillConfig, device: torch.device) -> Dis
 
 
 __all__ = ["DiffusionTask", "DistillTask", "DenoiseStep", "MethodStep", "build_diffusion_task", "build_distill_task",
-           "teacher_config", "loop_config", "dataset_images", "CHECKPOINT_KEY"]
+           "teacher_config", "distill_teacher_config", "loop_config", "dataset_images", "CHECKPOINT_KEY"]

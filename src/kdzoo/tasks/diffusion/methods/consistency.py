@@ -24,8 +24,8 @@ from torch import nn
 from ....errors import ConfigError
 from ....registry import Positive, PositiveInt, UnitInterval, register_diffusion_method
 from ..method_base import DiffusionMethod
-from .schedule_math import (add_noise, alpha_sigma, ddim_step, frozen_copy, per_sample, unet_output,
-                            x0_eps_from_output)
+from .schedule_math import (add_noise, alpha_sigma, ddim_step, frozen_copy, per_sample, renoising_sample,
+                            unet_output, x0_eps_from_output)
 
 SIGMA_DATA = 0.5  # LCM's sigma_data of the boundary scalings
 
@@ -180,19 +180,7 @@ class ConsistencyDistillation(DiffusionMethod):
         config = self.student.config
         count = len(labels) if labels is not None else count
         shape = (count, config.in_channels, config.sample_size, config.sample_size)
-        device = next(self.student.parameters()).device
-        cumprod = self.alphas_cumprod.to(device)
+        cumprod = self.alphas_cumprod.to(next(self.student.parameters()).device)
         timesteps = lcm_timesteps(len(cumprod), self.num_ddim_timesteps, steps).tolist()
-        x = torch.randn(shape, generator=generator).to(device)
-        was_training = self.student.training
-        self.student.eval()
-        try:
-            for i, t in enumerate(timesteps):
-                now = torch.full((count,), t, dtype=torch.long, device=device)
-                x = self.consistency(self.student, x, now, labels)
-                if i + 1 < len(timesteps):
-                    later = torch.full_like(now, timesteps[i + 1])
-                    x = add_noise(x, torch.randn(shape, generator=generator).to(device), *alpha_sigma(cumprod, later))
-        finally:
-            self.student.train(was_training)
-        return x.clamp(-1, 1)
+        return renoising_sample(self.student, lambda x, now: self.consistency(self.student, x, now, labels), timesteps,
+                                shape, generator, cumprod)

@@ -11,7 +11,7 @@ Two small helpers the methods share sit at the end: a UNet's output in float32 a
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from ....errors import ConfigError
 CLEAN = -1  # the timestep "after" 0: the clean image
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
-__all__ = ["CLEAN", "PREDICTION_TYPES", "per_sample", "alpha_sigma", "add_noise", "velocity", "snr",
+__all__ = ["CLEAN", "PREDICTION_TYPES", "per_sample", "alpha_sigma", "add_noise", "velocity", "denoising_target", "renoising_sample", "snr",
            "x0_eps_from_output", "output_from_x0", "ddim_step", "trailing_timesteps", "unet_output", "frozen_copy"]
 
 
@@ -48,6 +48,17 @@ def add_noise(clean: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sig
 def velocity(clean: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """v = alpha_t eps - sigma_t x0 (Salimans & Ho; diffusers' `get_velocity`)."""
     return per_sample(alpha, clean) * noise - per_sample(sigma, clean) * clean
+
+
+def denoising_target(clean: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+                     prediction_type: str) -> torch.Tensor:
+    """What a UNet learns to output at x_t = alpha clean + sigma noise: the noise, the velocity or the clean image."""
+    _check_prediction(prediction_type)
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return velocity(clean, noise, alpha, sigma)
+    return clean
 
 
 def snr(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -115,6 +126,30 @@ def unet_output(unet: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
         raise ConfigError("the UNet is class-conditional (model.class_conditional) but the batch has no labels")
     class_labels = labels.to(noisy.device) if class_embeds else None
     return unet(noisy, timesteps.to(noisy.device), class_labels=class_labels).sample.float()
+
+
+@torch.no_grad()
+def renoising_sample(network: nn.Module, predict_clean: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     timesteps: list[int], shape: tuple[int, ...], generator: torch.Generator,
+                     alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Multistep consistency-style sampling: from noise, at each of `timesteps` (descending) predict the clean image
+    with ``predict_clean(x, t)`` and re-noise it to the next timestep with fresh noise from `generator` (CPU);
+    `network` is in eval mode meanwhile.  Images in [-1, 1]."""
+    device = alphas_cumprod.device
+    x = torch.randn(shape, generator=generator).to(device)
+    was_training = network.training
+    network.eval()
+    try:
+        for i, t in enumerate(timesteps):
+            now = torch.full((shape[0],), t, dtype=torch.long, device=device)
+            x = predict_clean(x, now)
+            if i + 1 < len(timesteps):
+                later = torch.full_like(now, timesteps[i + 1])
+                x = add_noise(x, torch.randn(shape, generator=generator).to(device),
+                              *alpha_sigma(alphas_cumprod, later))
+    finally:
+        network.train(was_training)
+    return x.clamp(-1, 1)
 
 
 def frozen_copy(network: nn.Module) -> nn.Module:
