@@ -3,7 +3,8 @@
 Writes into the output directory: ``synthetic.safetensors`` (images + labels), ``synthetic.png``
 (one row per class), ``evaluation.json`` and ``checkpoint.pt`` (every ``--checkpoint-every``
 iterations, so ``--resume`` continues an interrupted run); MTT/FTD keep their expert
-trajectories in ``experts/`` for reuse.
+trajectories in ``experts/`` for reuse; the decoupled methods (SRe2L, RDED, CV-DD, ...) keep their
+squeezed observer in ``observer.safetensors``, whose soft labels their evaluation replays.
 """
 from __future__ import annotations
 
@@ -36,12 +37,13 @@ EVAL_OPTIONS = tuple(f.name for f in dataclasses.fields(EvalOptions))
 def add_condense_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``condense`` subcommand to an ``add_subparsers()`` object (dispatches to `cmd_condense`)."""
     p = subparsers.add_parser(
-        "condense", help="distil a dataset into a few synthetic images per class (DC, DSA, DM, DataDAM, MTT, FTD)",
+        "condense", help="distil a dataset into a few synthetic images per class (matching: DC, DM, MTT, ...; "
+                         "squeeze-recover-relabel: SRe2L, RDED, CV-DD, ...; kdzoo methods --condensers lists them)",
         usage="kdzoo condense METHOD [options] [KEY=VALUE ...]", description=DESCRIPTION, epilog=EPILOG)
     # Options may come before or after METHOD and the overrides (argparse alone cannot mix a
     # positional list with options), so everything from METHOD on is parsed again in `cmd_condense`.
     p.add_argument("arguments", nargs=argparse.REMAINDER, metavar="METHOD [KEY=VALUE ...]",
-                   help="dc, dsa, dm, datadam, mtt or ftd, then " + OVERRIDES_HELP)
+                   help="a condenser (kdzoo methods --condensers), then " + OVERRIDES_HELP)
     _add_options(p)
     p.set_defaults(func=cmd_condense)
     return p
@@ -75,7 +77,7 @@ def _parse_arguments(args) -> argparse.Namespace:
     """METHOD, the overrides and any options given after METHOD (on top of those given before)."""
     parser = argparse.ArgumentParser(prog="kdzoo condense", usage="kdzoo condense METHOD [options] [KEY=VALUE ...]",
                                      description=DESCRIPTION, epilog=EPILOG)
-    parser.add_argument("method", help="dc, dsa, dm, datadam, mtt or ftd")
+    parser.add_argument("method", help="a condenser (kdzoo methods --condensers lists them)")
     parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help=OVERRIDES_HELP)
     _add_options(parser)
     given = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("arguments", "func", "command")})
@@ -126,6 +128,8 @@ def cmd_condense(args) -> int:
     options.setdefault("device", args.device)
     if "buffer_dir" in entry.defaults:
         options.setdefault("buffer_dir", str(out / "experts"))
+    if "observer_file" in entry.defaults:  # a squeezed observer is kept beside the set: the evaluation replays it
+        options.setdefault("observer_file", str(out / "observer.safetensors"))
 
     data = build_dataset(args.dataset, **data_options)
     condenser = build_condenser(args.method, data, args.ipc, **options)

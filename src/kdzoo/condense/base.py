@@ -42,6 +42,16 @@ class EvalProtocol:
     lr: float = 0.01
     learned_lr: bool = False  # trajectory matching learns the step size; evaluate with it
     batch_size: int = 256  # the references' batch_train
+    # The decoupled methods' protocol (SRe2L, RDED, CV-DD, ...): "online" trains on random resized crops (+ flip,
+    # + CutMix per batch) labelled by the set's observer (or committee) at `temperature`, with `optimizer` and
+    # `schedule`; "none" trains on the stored labels with DSA as above.
+    teacher_labels: str = "none"
+    temperature: float = 1.0
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    schedule: str = "step"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    mix: str = "cutmix"
 
 
 @dataclass
@@ -57,6 +67,9 @@ class SyntheticSet:
     learned_lr: Optional[float] = None
     meta: dict[str, Any] = field(default_factory=dict)
     space: Optional[InputSpace] = None
+    # The model whose soft labels the evaluation replays (a decoupled method's observer or committee; logits
+    # out).  Not saved with the set: its weights sit beside it (meta["observer"]["file"]).
+    teacher: Optional[nn.Module] = field(default=None, repr=False)
 
     @property
     def soft(self) -> bool:

@@ -25,6 +25,8 @@ from ..errors import ConfigError
 from ..registry import Positive, PositiveInt
 from .augment import DSA, DSA_STRATEGY
 from .base import EvalProtocol, SyntheticSet, build_network, classification_loss
+from .observer import observer_from_meta, soft_targets
+from .relabel import OnlineCrops
 from .space import pixel_tensors, split_tensors
 
 # CIFAR-10, ConvNet-3, test accuracy % (../shared/reference/published.md; DC/DSA from the
@@ -37,6 +39,9 @@ PUBLISHED_CIFAR10 = {
     "mtt": {1: 46.3, 10: 65.3, 50: 71.6},
     "datm": {1: 46.9, 10: 66.8, 50: 76.1},
 }
+
+
+TEACHER_LABELS = ("none", "online")
 
 
 def published_accuracy(method: str, dataset: str, ipc: int) -> Optional[float]:
@@ -59,7 +64,8 @@ class Sharpness:
         return {"sam_rho": self.rho, "sam_alpha": self.alpha, "sam_adaptive": self.adaptive}
 
 
-def network_gradient(base: nn.Module, sharpness: Sharpness = Sharpness(), perturb_eps: float = 1e-12) -> GradientFn:
+def network_gradient(base: nn.Module, sharpness: Sharpness = Sharpness(), perturb_eps: float = 1e-12,
+                     temperature: float = 1.0) -> GradientFn:
     """Gradient of one network's loss on one batch, as a pure function of (params, buffers, x, y).
 
     With `sharpness.rho` > 0 it is the sharpness-aware update direction of FTD's expert buffer (its GSAM
@@ -67,11 +73,15 @@ def network_gradient(base: nn.Module, sharpness: Sharpness = Sharpness(), pertur
     parameters moved by ``e``, and GSAM's decomposition ``g_s - alpha * (g - cos * |g| * g_s / |g_s|)``
     (cos the cosine of g and g_s).  ``e = rho * g / |g|`` (SAM) or, with `adaptive` (ASAM, the buffer's
     default), ``e = rho * w^2 * g / || |w| * g ||``.  `perturb_eps` is GSAM's 1e-12.
+
+    `temperature` T: the loss is cross-entropy of logits / T against the targets, which has the gradient of
+    SRe2L's KL(targets || softmax(logits / T)) with batch-mean reduction and no T^2 factor (soft targets at T).
     """
     sam_rho, sam_alpha = sharpness.rho, sharpness.alpha
 
     def loss(params, buffers, x, y):
-        return classification_loss(functional_call(base, (params, buffers), (x,)), y)
+        logits = functional_call(base, (params, buffers), (x,))
+        return classification_loss(logits if temperature == 1.0 else logits / temperature, y)
 
     plain = grad(loss)
     if sam_rho <= 0:
@@ -106,22 +116,38 @@ def accuracy(networks: StackedModels, images: torch.Tensor, labels: torch.Tensor
 
 
 def train_networks(networks: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor,
-                   settings: StackTraining, *, augment: Optional[DSA] = None, sharpness: Sharpness = Sharpness(),
-                   on_epoch: Optional[Callable[[int, dict], None]] = None, progress: Optional[str] = None
-                   ) -> StackedModels:
+                   settings: StackTraining, *, augment: Optional[DSA | OnlineCrops] = None,
+                   sharpness: Sharpness = Sharpness(), on_epoch: Optional[Callable[[int, dict], None]] = None,
+                   progress: Optional[str] = None, teacher: Optional[TeacherLabels] = None) -> StackedModels:
     """Train same-architecture `networks` on (images, labels) as `settings` says, stacked on the engine's
     stacked-models trainer (`kdzoo.engine.train_stack`): each network draws its own batch order and its own DSA
     operation, so the runs are as independent as if trained one by one.  `sharpness`: FTD's experts (see
     `network_gradient`).  `settings.vectorize` (default: on CUDA) runs the stack as one vmapped forward; on a CPU
     one network at a time is faster.  `on_epoch(epoch, params)` sees the stacked parameters at epoch 0 and after
-    every epoch; `progress`: a bar with this description."""
+    every epoch; `progress`: a bar with this description.  `teacher`: every augmented batch is relabelled with
+    the teacher's soft labels at its temperature, and the loss is taken at that temperature."""
     if len({type(n) for n in networks}) != 1:
         raise ConfigError("train_networks: all networks must share one architecture")
     vectorize = images.device.type == "cuda" if settings.vectorize is None else settings.vectorize
     stack = StackedModels(networks, vectorize=vectorize)
-    train_stack(stack, images, labels, settings, network_gradient(stack.template, sharpness),
-                augment.augment if augment is not None and augment.enabled else None, on_epoch, progress)
+    temperature = teacher.temperature if teacher is not None else 1.0
+    train_stack(stack, images, labels, settings, network_gradient(stack.template, sharpness, temperature=temperature),
+                augment.augment if augment is not None and getattr(augment, "enabled", True) else None, on_epoch,
+                progress, relabel=teacher.label if teacher is not None else None)
     return stack
+
+
+@dataclass(frozen=True)
+class TeacherLabels:
+    """Soft labels of a teacher at `temperature` (`observer.soft_targets`), asked in chunks of `chunk` inputs."""
+
+    teacher: nn.Module
+    temperature: float
+    chunk: int = 1024
+
+    @torch.no_grad()
+    def label(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([soft_targets(self.teacher, part, self.temperature) for part in x.split(self.chunk)])
 
 
 @dataclass
@@ -157,6 +183,34 @@ class EvalOptions:
     flip_batch: bool = False
     model_options: Optional[dict] = None
     vectorize: Optional[bool] = None
+    teacher_labels: Optional[str] = None  # "none": train on the stored labels even where the method relabels
+    temperature: Optional[Positive] = None
+
+
+def protocol_settings(protocol: EvalProtocol, options: EvalOptions, lr: float) -> StackTraining:
+    """The fresh networks' optimisation: the references' SGD with a step decay at half time, or the decoupled
+    methods' AdamW/cosine with weight decay on conv and linear weights only."""
+    epochs = protocol.epochs if options.epochs is None else options.epochs
+    batch_size = protocol.batch_size if options.batch_size is None else options.batch_size
+    if protocol.optimizer == "sgd" and protocol.schedule == "step":
+        return StackTraining(epochs, lr, batch_size=batch_size, decay_epoch=epochs // 2, flip_batch=options.flip_batch,
+                             vectorize=options.vectorize)
+    return StackTraining(epochs, lr, weight_decay=protocol.weight_decay, batch_size=batch_size,
+                         flip_batch=options.flip_batch, vectorize=options.vectorize, optimizer=protocol.optimizer,
+                         schedule=protocol.schedule, decay_weights_only=True)
+
+
+def evaluation_teacher(synthetic: SyntheticSet, protocol: EvalProtocol, options: EvalOptions,
+                       device: torch.device) -> Optional[TeacherLabels]:
+    """The teacher whose soft labels the evaluation replays (None: train on the set's labels)."""
+    mode = protocol.teacher_labels if options.teacher_labels is None else options.teacher_labels
+    if mode not in TEACHER_LABELS:
+        raise ConfigError(f"eval.teacher_labels: expected one of {', '.join(TEACHER_LABELS)}, got {mode!r}")
+    if mode == "none":
+        return None
+    teacher = synthetic.teacher if synthetic.teacher is not None else observer_from_meta(synthetic.meta, device)
+    temperature = protocol.temperature if options.temperature is None else options.temperature
+    return TeacherLabels(teacher.to(device).eval(), float(temperature))
 
 
 def evaluate_synthetic(synthetic: SyntheticSet, data, options: Optional[EvalOptions] = None, *, device: str = "auto",
@@ -166,20 +220,22 @@ def evaluate_synthetic(synthetic: SyntheticSet, data, options: Optional[EvalOpti
     network inputs, and the test images with it (the same normalisation or the same fitted ZCA whitening)."""
     options = options or EvalOptions()
     protocol = EvalProtocol(**synthetic.meta.get("eval", {}))
-    epochs = protocol.epochs if options.epochs is None else options.epochs
     lr = options.lr
     if lr is None:
         lr = synthetic.learned_lr if protocol.learned_lr and synthetic.learned_lr else protocol.lr
     augment = protocol.augment if options.augment is None else options.augment
-    batch_size = protocol.batch_size if options.batch_size is None else options.batch_size
-    dsa_strategy = options.dsa_strategy
-    if dsa_strategy is None:
-        stored = synthetic.meta.get("dsa_strategy") or synthetic.meta.get("options", {}).get("dsa_strategy")
-        dsa_strategy = stored or DSA_STRATEGY
-    dsa = DSA(dsa_strategy) if augment else None
     own_model = synthetic.meta.get("model", "convnet:convnet3")
     models = list(options.models or [own_model])
     torch_device = resolve_device(device)
+    teacher = evaluation_teacher(synthetic, protocol, options, torch_device)
+    if teacher is not None:  # the decoupled methods' crops (+ CutMix) in place of DSA
+        augmentation = OnlineCrops(tuple(protocol.crop_scale), mix=protocol.mix) if augment else None
+    else:
+        dsa_strategy = options.dsa_strategy
+        if dsa_strategy is None:
+            stored = synthetic.meta.get("dsa_strategy") or synthetic.meta.get("options", {}).get("dsa_strategy")
+            dsa_strategy = stored or DSA_STRATEGY
+        augmentation = DSA(dsa_strategy) if augment else None
     if synthetic.space is None:
         test_images, test_labels = (t.to(torch_device) for t in split_tensors(data.test))
     else:
@@ -188,16 +244,16 @@ def evaluate_synthetic(synthetic: SyntheticSet, data, options: Optional[EvalOpti
     images, labels = synthetic.inputs().to(torch_device), synthetic.labels.to(torch_device)
     num_classes = synthetic.meta.get("num_classes", data.num_classes)
     results = {}
-    settings = StackTraining(epochs, lr, batch_size=batch_size, decay_epoch=epochs // 2, flip_batch=options.flip_batch,
-                             vectorize=options.vectorize)
+    settings = protocol_settings(protocol, options, lr)
+    epochs = settings.epochs
     for name in models:
         model_options = options.model_options if options.model_options is not None else (
             synthetic.meta.get("model_options") if name == own_model else None)
         start = time.perf_counter()
         networks = [build_network(name, num_classes, images.shape[1], images.shape[2:], model_options, torch_device)
                     for _ in range(options.num_models)]
-        trained = train_networks(networks, images, labels, settings, augment=dsa,
-                                 progress=f"evaluate {name}" if progress else None)
+        trained = train_networks(networks, images, labels, settings, augment=augmentation,
+                                 progress=f"evaluate {name}" if progress else None, teacher=teacher)
         accuracies = (accuracy(trained, test_images, test_labels) * 100).tolist()
         if torch_device.type == "cuda":
             torch.cuda.synchronize(torch_device)

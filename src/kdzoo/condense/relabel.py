@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from ..engine.checkpoint import read_weights
 from ..engine.runtime import atomic_write
+from ..engine.stacked import schedule_factor
 from ..errors import CheckpointError, ConfigError
 
 FORMAT = "kdzoo.crop_labels"
@@ -172,8 +173,8 @@ class EpochDraw:
                          move(self.mix_box), move(self.mix_lam))
 
 
-def random_resized_crop_boxes(count: int, height: int, width: int, options: RelabelOptions,
-                              generator: torch.Generator) -> torch.Tensor:
+def random_resized_crop_boxes(count: int, height: int, width: int, options: "RelabelOptions | OnlineCrops",
+                              generator: Optional[torch.Generator]) -> torch.Tensor:
     """(count, 4) int64 boxes (top, left, height, width) drawn as torchvision's `RandomResizedCrop.get_params`:
     up to 10 tries of an area fraction ~ U(scale) and a log-uniform aspect ratio, the first box that fits wins;
     if none fits, the largest centred box whose ratio is clamped into `ratio`.  Vectorised over `count` (each
@@ -210,7 +211,8 @@ def random_resized_crop_boxes(count: int, height: int, width: int, options: Rela
     return torch.stack([top, left, h, w], 1)
 
 
-def cutmix_box(height: int, width: int, lam: float, generator: torch.Generator) -> tuple[int, int, int, int]:
+def cutmix_box(height: int, width: int, lam: float, generator: Optional[torch.Generator]
+               ) -> tuple[int, int, int, int]:
     """SRe2L/RDED's `rand_bbox` (relabel/utils_fkd.py), in row/column names: a box of int(side * sqrt(1 - lam))
     around a uniformly drawn centre, each half int(cut / 2), clipped to the image; (y1, x1, y2, x2)."""
     cut_rows, cut_cols = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
@@ -307,6 +309,47 @@ def make_crops(images: torch.Tensor, draw: EpochDraw, positions: slice) -> torch
         return torch.where(cutmix_masks(part.mix_box, tuple(images.shape[-2:])), crops[local], crops)
     lam = part.mix_lam.to(crops.dtype)[:, None, None, None]
     return lam * crops + (1 - lam) * crops[local]
+
+
+# --- online crops (labels computed by the teacher per batch, not stored) -------------------------------------------
+
+
+@dataclass(frozen=True)
+class OnlineCrops:
+    """The crops of the relabel protocol drawn afresh for every batch (RDED's and CV-DD's online relabelling;
+    SRe2L stores the same draws with their labels): per image a RandomResizedCrop (`scale`, `ratio`) resized back
+    and a flip with probability `flip_probability`, then per batch one `mix` (CutMix box or MixUp weight from
+    Beta(alpha, alpha)) with a random partner of the same batch.  `augment(x, groups=K)`: K batches, each mixed
+    within itself (one per stacked network), as `engine.stacked.train_stack` calls it."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_probability: float = 0.5
+    mix: str = "cutmix"
+    mix_alpha: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        RelabelOptions(epochs=1, batch_size=1, scale=tuple(self.scale), ratio=tuple(self.ratio),
+                       flip_probability=self.flip_probability, mix=self.mix, mix_alpha=self.mix_alpha).check()
+
+    def augment(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        n, size = len(x), tuple(x.shape[-2:])
+        boxes = random_resized_crop_boxes(n, *size, self, None)
+        crops = resized_crops(x, boxes, size)
+        flips = (torch.rand(n) < self.flip_probability).to(x.device)
+        crops = torch.where(flips[:, None, None, None], crops.flip(-1), crops)
+        if self.mix == "none":
+            return crops
+        alpha = self.mix_alpha or DEFAULT_MIX_ALPHA[self.mix]
+        per_group = n // groups
+        lams = torch.distributions.Beta(alpha, alpha).sample((groups,)).tolist()
+        partner = torch.cat([g * per_group + torch.randperm(per_group) for g in range(groups)]).to(x.device)
+        if self.mix == "mixup":
+            lam = torch.tensor(lams, dtype=crops.dtype, device=x.device).repeat_interleave(per_group)
+            lam = lam[:, None, None, None]
+            return lam * crops + (1 - lam) * crops[partner]
+        mix_box = torch.tensor([cutmix_box(*size, lam, None) for lam in lams]).repeat_interleave(per_group, 0)
+        return torch.where(cutmix_masks(mix_box.to(x.device), size), crops[partner], crops)
 
 
 # --- soft labels -------------------------------------------------------------------------------------------------
@@ -570,17 +613,10 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
-    """The learning-rate multiplier of `epoch` (stepped once per epoch, as their LambdaLR): SRe2L's `--cos`
-    0.5 (1 + cos(pi e / E)), RDED's 0.5 (1 + cos(pi e / 2E)), SRe2L's default 1 - e / E."""
-    if epoch > epochs:
-        return 0.0
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-    if schedule == "half_cosine":
-        return 0.5 * (1 + math.cos(math.pi * epoch / epochs / 2))
-    if schedule == "linear":
-        return 1 - epoch / epochs
-    raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    """The learning-rate multiplier of `epoch` for the crop-label schedules (see `engine.stacked.schedule_factor`)."""
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    return schedule_factor(schedule, epoch, epochs)
 
 
 def _optimizer(student: nn.Module, options: CropTrainOptions) -> torch.optim.Optimizer:

@@ -149,11 +149,36 @@ def set_gradients(stack: StackedModels, gradients: Tensors) -> None:
         tensor.grad = gradients[name].detach()
 
 
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("step", "cosine", "half_cosine", "linear")
+
+
+def schedule_factor(schedule: str, epoch: int, epochs: int, decay_epoch: Optional[int] = None,
+                    decay_factor: float = 0.1) -> float:
+    """The learning-rate multiplier of `epoch` (stepped once per epoch, as a LambdaLR): ``step`` x`decay_factor`
+    from `decay_epoch` on (DatasetCondensation's evaluation); SRe2L's ``--cos`` 0.5 (1 + cos(pi e / E)); RDED's
+    ``half_cosine`` 0.5 (1 + cos(pi e / 2E)); SRe2L's default ``linear`` 1 - e / E."""
+    if schedule == "step":
+        return decay_factor if decay_epoch is not None and epoch >= decay_epoch else 1.0
+    if epoch > epochs:
+        return 0.0
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    if schedule == "half_cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / epochs / 2))
+    if schedule == "linear":
+        return 1 - epoch / epochs
+    raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+
+
 @dataclass(frozen=True)
 class StackTraining:
-    """How `train_stack` trains: SGD (`lr`, `momentum`, `weight_decay`) for `epochs` over minibatches of
-    `batch_size`; after `decay_epoch` epochs the lr is multiplied by `decay_factor` and the momentum restarts
-    (as a new optimizer would); `flip_batch` appends the horizontal flip of every batch, drawing half as many."""
+    """How `train_stack` trains: `optimizer` (SGD with `momentum`, or AdamW with `betas`) at `lr` with
+    `weight_decay` for `epochs` over minibatches of `batch_size`.  `schedule` ``step``: after `decay_epoch` epochs
+    the lr is multiplied by `decay_factor` and the momentum restarts (as a new optimizer would); ``cosine``,
+    ``half_cosine``, ``linear``: `schedule_factor` per epoch (the decoupled dataset-distillation evaluations).
+    `decay_weights_only`: weight decay on conv/linear weights only (SRe2L's and RDED's parameter groups).
+    `flip_batch` appends the horizontal flip of every batch, drawing half as many."""
 
     epochs: int
     lr: float = 0.01
@@ -164,6 +189,31 @@ class StackTraining:
     decay_factor: float = 0.1
     flip_batch: bool = False
     vectorize: Optional[bool] = None  # a stack built for this training: one vmapped forward (default: on CUDA)
+    optimizer: str = "sgd"
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "step"
+    decay_weights_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+
+
+def stack_optimizer(stack: "StackedModels", settings: StackTraining) -> torch.optim.Optimizer:
+    """The optimizer over the stacked leaves (element-wise, so K optimizers in one).  Stacked tensors carry the
+    network dimension first, so a conv/linear weight has more than two dimensions here."""
+    if settings.decay_weights_only:
+        decay = [t for name, t in stack.params.items() if "weight" in name and t.dim() > 2]
+        rest = [t for name, t in stack.params.items() if not ("weight" in name and t.dim() > 2)]
+        groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+    else:
+        groups = [{"params": stack.parameters(), "weight_decay": settings.weight_decay}]
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas)
+    return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
 
 
 GradientFn = Callable[[Tensors, Tensors, torch.Tensor, torch.Tensor], Tensors]
@@ -171,14 +221,17 @@ GradientFn = Callable[[Tensors, Tensors, torch.Tensor, torch.Tensor], Tensors]
 
 def train_stack(stack: StackedModels, images: torch.Tensor, labels: torch.Tensor, settings: StackTraining,
                 gradient: GradientFn, augment: Optional[Callable[..., torch.Tensor]] = None,
-                on_epoch: Optional[Callable[[int, Tensors], None]] = None, progress: Optional[str] = None) -> None:
+                on_epoch: Optional[Callable[[int, Tensors], None]] = None, progress: Optional[str] = None,
+                relabel: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
     """Train every network of `stack` on (images, labels): each draws its own batch order, `augment(x, groups=K)`
-    (one draw per network's batch) transforms the K batches, `gradient(params, buffers, x, y)` (a torch.func
-    gradient of one network's loss) gives the per-network gradients, and one `torch.optim.SGD` over the stacks
-    updates them (element-wise, so the same update as one optimizer per network).  `on_epoch(epoch, params)` sees
-    the stacked parameters at epoch 0 and after every epoch; `progress`: a bar with this description."""
-    optimizer = torch.optim.SGD(stack.parameters(), lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay)
+    (one draw per network's batch) transforms the K batches, `relabel(x)` (a teacher's soft labels of the
+    augmented inputs, e.g. SRe2L/RDED's relabelling) replaces their labels when given, `gradient(params,
+    buffers, x, y)` (a torch.func gradient of one network's loss) gives the per-network gradients, and one
+    optimizer over the stacks updates them (element-wise, so the same update as one optimizer per network).
+    `on_epoch(epoch, params)` sees the stacked parameters at epoch 0 and after every epoch; `progress`: a bar
+    with this description."""
+    optimizer = stack_optimizer(stack, settings)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     count, n = len(stack), len(images)
     batch = max(1, settings.batch_size // 2 if settings.flip_batch else settings.batch_size)
     steps = math.ceil(n / batch)
@@ -189,6 +242,10 @@ def train_stack(stack: StackedModels, images: torch.Tensor, labels: torch.Tensor
 
     report(0)
     for epoch in tqdm(range(settings.epochs), desc=progress, disable=progress is None, leave=False, dynamic_ncols=True):
+        if settings.schedule != "step":
+            factor = schedule_factor(settings.schedule, epoch, settings.epochs)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * factor
         order = torch.rand(count, n, device=images.device).argsort(1)  # each network its own shuffle
         for s in range(steps):
             with torch.no_grad():  # torch.func.grad still differentiates inside; nothing else is recorded
@@ -198,13 +255,15 @@ def train_stack(stack: StackedModels, images: torch.Tensor, labels: torch.Tensor
                     x, y = torch.cat([x, x.flip(-1)], 1), torch.cat([y, y], 1)
                 if augment is not None:  # one draw per network's batch
                     x = augment(x.flatten(0, 1), groups=count).view_as(x)
+                if relabel is not None:
+                    y = relabel(x.flatten(0, 1)).view(*x.shape[:2], -1)
                 set_gradients(stack, stack.gradients(gradient, x, y))
             optimizer.step()
-        if settings.decay_epoch is not None and epoch + 1 == settings.decay_epoch:
+        if settings.schedule == "step" and settings.decay_epoch is not None and epoch + 1 == settings.decay_epoch:
             for group in optimizer.param_groups:
                 group["lr"] *= settings.decay_factor
             optimizer.state.clear()
         report(epoch + 1)
 
 
-__all__ = ["StackedModels", "StackTraining", "train_stack", "member", "loss_gradient", "set_gradients"]
+__all__ = ["StackedModels", "StackTraining", "train_stack", "stack_optimizer", "schedule_factor", "SCHEDULES", "member", "loss_gradient", "set_gradients"]
