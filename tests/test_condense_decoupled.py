@@ -10,6 +10,7 @@ from torch import nn
 
 import kdzoo.condense.decoupled as decoupled
 from kdzoo.condense import condense, evaluate_synthetic
+from kdzoo.condense.ddranking import DDRankingOptions, ddranking_scores
 from kdzoo.condense.decoupled import BatchNormStatistics, ObserverCondenser, bn_statistics_loss, clamp_to_pixels
 from kdzoo.condense.evaluate import EvalOptions, TeacherLabels, network_gradient
 from kdzoo.condense.observer import observer_from_meta
@@ -168,6 +169,19 @@ def test_the_evaluation_trains_on_the_teachers_labels_not_the_sets(data):
     with pytest.raises(ConfigError, match="teacher_labels"):
         evaluate_synthetic(synthetic, data, EvalOptions(num_models=1, epochs=1, teacher_labels="stored"),
                            device="cpu", progress=False)
+
+
+def test_ddranking_relabels_random_subsets_with_the_sets_teacher_and_drops_it_for_hard_labels(data):
+    synthetic = condense("test_bn_recover", data, 2, iterations=1, progress=False, **TINY)
+    synthetic.teacher = Constant(3, 4)
+    options = DDRankingOptions(EvalOptions(epochs=30, lr=0.01), rounds=2, real_accuracy=50.0)
+    scores = ddranking_scores(synthetic, data, options, device="cpu")["convnet:convnet3"]
+    _, test_labels = split_tensors(data.test)
+    share_of_class_3 = 100 * float((test_labels == 3).double().mean())
+    assert scores.soft
+    assert scores.random_any == pytest.approx([share_of_class_3] * 2)  # the random images took the teacher's labels
+    assert scores.syn_any == pytest.approx([share_of_class_3] * 2)
+    assert scores.hlr == pytest.approx([50.0 - a for a in scores.syn_hard])
 
 
 def test_soft_target_cross_entropy_at_t_has_the_gradient_of_sre2l_kl():

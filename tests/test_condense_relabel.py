@@ -13,8 +13,9 @@ from torch import nn
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
+from kdzoo.engine.stacked import StackedModels, StackTraining, stack_optimizer
 from kdzoo.condense.relabel import (CropLabels, CropTrainOptions, EpochDraw, RelabelOptions, crop_label_kl,
-                                    cutmix_box, decay_groups, dense_soft_labels, draw_epoch, evaluate_crop_labels,
+                                    cutmix_box, dense_soft_labels, draw_epoch, evaluate_crop_labels,
                                     file_bytes, generate_crop_labels, lr_factor, make_crops,
                                     random_resized_crop_boxes, resized_crops, soft_label_kl, top1_accuracy,
                                     top_k_probabilities, train_on_crop_labels)
@@ -156,9 +157,10 @@ def test_schedules_and_decay_groups():
     assert [lr_factor("cosine", e, 4) for e in (0, 2, 4)] == pytest.approx([1, 0.5, 0])
     assert lr_factor("half_cosine", 4, 4) == pytest.approx(0.5)  # RDED ends at half the rate
     assert lr_factor("linear", 1, 4) == pytest.approx(0.75)
-    net = tiny_cnn(0)
-    decay, no_decay = decay_groups(net, 0.01)
-    assert {p.dim() for p in decay["params"]} == {2, 4} and {p.dim() for p in no_decay["params"]} == {1}
+    stack = StackedModels([tiny_cnn(0)])  # stacked tensors carry the network dimension first
+    decay, no_decay = stack_optimizer(stack, StackTraining(1, optimizer="adamw", weight_decay=0.01,
+                                                           decay_weights_only=True)).param_groups
+    assert {p.dim() - 1 for p in decay["params"]} == {2, 4} and {p.dim() - 1 for p in no_decay["params"]} == {1}
     assert no_decay["weight_decay"] == 0.0
 
 

@@ -38,8 +38,9 @@ Where ours differs, on purpose or by reading:
   two ImageNet/Tiny-ImageNet ResNet-18 numbers; ours takes it as an option or trains ``real_models`` networks
   once for ``real_epochs`` (SGD, lr 0.01 decayed x0.1 at half time, no augmentation, as its
   REAL_DATA_TRAINING_CONFIG for ConvNet-3 CIFAR) and caches it.
-- Soft labels of the random images: the package labels them with a pre-trained teacher; a kdzoo set's soft labels
-  come from a committee that is not saved, so unless ``soft_labeller`` is given a committee with the set's
+- Soft labels of the random images: the package labels them with a pre-trained teacher.  A decoupled method's set
+  (SRe2L, RDED, ...) carries its teacher (the observer), which relabels the random subsets' crops exactly as the
+  set's own; its hard-label runs train without it.  A set with stored committee labels: the committee is not saved, so unless ``soft_labeller`` is given a committee with the set's
   recorded settings is trained again (our reading; see `committee_labeller`).
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ from ..engine.stacked import StackTraining
 from ..errors import ConfigError
 from ..registry import NonNegativeInt, Positive, PositiveInt, UnitInterval
 from .augment import DSA, DSA_STRATEGY
-from .base import SyntheticSet, build_network
+from .base import EvalProtocol, SyntheticSet, build_network
 from .evaluate import EvalOptions, accuracy, evaluate_synthetic, train_networks
 from .soft_labels import HOLDOUT_FRACTION, committee_members, vote
 from .space import pixel_tensors, split_tensors
@@ -259,10 +260,13 @@ def real_hard_accuracy(synthetic: SyntheticSet, models: list[str], options: DDRa
         if key not in _REAL_ACCURACY_CACHE:
             if real is None:
                 images, labels = _train_split(synthetic, run.data)
-                real = SyntheticSet(images, labels, meta=dict(synthetic.meta), space=synthetic.space)
+                # the full split trains with plain SGD and hard labels whatever the set's own protocol
+                meta = dict(synthetic.meta, eval=dataclasses.asdict(EvalProtocol()))
+                real = SyntheticSet(images, labels, meta=meta, space=synthetic.space)
             evaluation = dataclasses.replace(options.evaluation, models=[name], num_models=options.real_models,
                                              epochs=options.real_epochs, lr=options.real_lr, augment=False,
-                                             batch_size=options.real_batch_size, flip_batch=False)
+                                             batch_size=options.real_batch_size, flip_batch=False,
+                                             teacher_labels="none")
             result = evaluate_synthetic(real, run.data, evaluation, device=str(run.device), progress=run.progress)
             _REAL_ACCURACY_CACHE[key] = result[name].mean
         found[name] = _REAL_ACCURACY_CACHE[key]
@@ -316,7 +320,14 @@ def _random_subject(synthetic: SyntheticSet, real: tuple[torch.Tensor, torch.Ten
     if labeller is not None:
         targets = labeller(synthetic.space.to_input(chosen) if synthetic.space is not None else chosen)
     meta = {**synthetic.meta, "ddranking_random_subset": True}
-    return SyntheticSet(chosen, targets, learned_lr=None, meta=meta, space=synthetic.space)
+    return SyntheticSet(chosen, targets, learned_lr=None, meta=meta, space=synthetic.space, teacher=synthetic.teacher)
+
+
+def teacher_relabelled(synthetic: SyntheticSet, evaluation: EvalOptions) -> bool:
+    """Whether the set's protocol trains on a teacher's soft labels of every batch (SRe2L, RDED, ...): then its
+    "any labels" runs and the random subsets use that teacher, and the hard-label runs switch it off."""
+    mode = evaluation.teacher_labels or synthetic.meta.get("eval", {}).get("teacher_labels", "none")
+    return mode != "none"
 
 
 def ddranking_scores(synthetic: SyntheticSet, data, options: Optional[DDRankingOptions] = None, *,
@@ -341,8 +352,11 @@ def ddranking_scores(synthetic: SyntheticSet, data, options: Optional[DDRankingO
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(options.seed)
         hard_set = dataclasses.replace(synthetic, labels=hard)
-        syn_hard = _accuracies(hard_set, evaluation, grid if synthetic.soft else searches_syn, run)
-        syn_any = _accuracies(synthetic, evaluation, searches_syn, run) if synthetic.soft else syn_hard
+        relabelled = teacher_relabelled(synthetic, options.evaluation)
+        hard_only = dataclasses.replace(evaluation, teacher_labels="none")
+        syn_hard = _accuracies(hard_set, hard_only, grid if synthetic.soft or relabelled else searches_syn, run)
+        syn_any = (_accuracies(synthetic, evaluation, searches_syn, run) if synthetic.soft or relabelled
+                   else syn_hard)
         labeller = None
         if synthetic.soft:
             labeller = options.soft_labeller or committee_labeller(synthetic, data, torch_device, progress)
@@ -358,7 +372,7 @@ def ddranking_scores(synthetic: SyntheticSet, data, options: Optional[DDRankingO
             no_augment["syn"] = _accuracies(synthetic, plain, searches_syn, run)
             no_augment["random"] = _per_round(subjects, dataclasses.replace(plain, num_models=1), grid, run)
         real_hard = real_hard_accuracy(synthetic, models, options, run)
-    return {name: _scores(name, synthetic.soft, real_hard[name], syn_hard[name], syn_any[name], random_any[name],
+    return {name: _scores(name, synthetic.soft or relabelled, real_hard[name], syn_hard[name], syn_any[name], random_any[name],
                           {k: v[name] for k, v in no_augment.items()}, options) for name in models}
 
 

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from ..engine.checkpoint import read_weights
 from ..engine.runtime import atomic_write
-from ..engine.stacked import schedule_factor
+from ..engine.stacked import StackedModels, StackTraining, loss_gradient, schedule_factor, train_stack
 from ..errors import CheckpointError, ConfigError
 
 FORMAT = "kdzoo.crop_labels"
@@ -601,29 +601,11 @@ def _as_labels(labels: "CropLabels | str | Path") -> CropLabels:
     return labels if isinstance(labels, CropLabels) else CropLabels.load(labels)
 
 
-def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """SRe2L's and RDED's `get_parameters`: weight decay on parameters named ``weight`` with more than one
-    dimension (conv and linear weights), none on biases and normalisation parameters."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        (decay if "weight" in name and parameter.dim() > 1 else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
     """The learning-rate multiplier of `epoch` for the crop-label schedules (see `engine.stacked.schedule_factor`)."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     return schedule_factor(schedule, epoch, epochs)
-
-
-def _optimizer(student: nn.Module, options: CropTrainOptions) -> torch.optim.Optimizer:
-    groups = decay_groups(student, options.weight_decay)
-    if options.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=options.lr, momentum=options.momentum)
-    return torch.optim.AdamW(groups, lr=options.lr, betas=options.betas)
 
 
 def _label_epochs_used(labels: CropLabels, epochs: Optional[int]) -> int:
@@ -642,32 +624,35 @@ def _batches(labels: CropLabels) -> list[slice]:
 def train_on_crop_labels(student: nn.Module, images: torch.Tensor, labels: "CropLabels | str | Path",
                          options: Optional[CropTrainOptions] = None,
                          on_batch: Optional[Callable[[int, torch.Tensor], None]] = None) -> nn.Module:
-    """Train `student` (on `images`' device) on the stored crops: epoch e replays label epoch e batch by batch
-    in the stored order and batch size, each crop rebuilt from its stored box, flip and mix (no teacher needed),
-    and descends `soft_label_kl` at the labels' temperature.  Returns the student in eval mode.  `on_batch(epoch,
-    crops)` sees every batch of inputs (for checks)."""
+    """Train `student` (on `images`' device) on the stored crops with the engine's stacked trainer
+    (`engine.stacked.train_stack`): epoch e replays label epoch e batch by batch in the stored order and batch
+    size, each crop rebuilt from its stored box, flip and mix (no teacher needed), and descends `soft_label_kl` at
+    the labels' temperature; weight decay on conv/linear weights only (SRe2L's and RDED's parameter groups).
+    Returns the student in eval mode.  `on_batch(epoch, crops)` sees every batch of inputs (for checks)."""
     options = options or CropTrainOptions()
     options.check()
     labels = _as_labels(labels)
     labels.check_images(images)
     epochs = _label_epochs_used(labels, options.epochs)
-    optimizer = _optimizer(student, options)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(options.schedule, e, epochs))
     temperature = labels.spec.temperature
-    student.train()
-    for epoch in tqdm(range(epochs), desc="train on crop labels", disable=not options.progress, leave=False,
-                      dynamic_ncols=True):
+    settings = StackTraining(epochs, options.lr, momentum=options.momentum, weight_decay=options.weight_decay,
+                             optimizer=options.optimizer, betas=options.betas, schedule=options.schedule,
+                             decay_weights_only=True, vectorize=False)
+
+    def batches(epoch: int):
         draw = labels.draw(epoch).to(images.device)
         for positions in _batches(labels):
             crops = make_crops(images, draw, positions)
             if on_batch is not None:
                 on_batch(epoch, crops)
-            targets = labels.targets(epoch, positions, options.fill).to(images.device)
-            loss = soft_label_kl(student(crops), targets, temperature, options.temperature_squared)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
+            yield crops, labels.targets(epoch, positions, options.fill).to(images.device)
+
+    stack = StackedModels([student.train()], vectorize=False)
+    gradient = loss_gradient(stack.template, lambda logits, targets: soft_label_kl(
+        logits, targets, temperature, options.temperature_squared))
+    train_stack(stack, images, torch.zeros(len(images), device=images.device), settings, gradient,
+                progress="train on crop labels" if options.progress else None, batches=batches)
+    stack.write_back()
     return student.eval()
 
 

@@ -10,7 +10,7 @@ set such as CIFAR-10: 5000), so each class can supply its share.  Which samples 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Annotated
+from typing import Optional, Annotated
 
 import torch
 
@@ -61,4 +61,23 @@ def _subset(dataset, index: torch.Tensor):
                        dataset.resident)
 
 
-__all__ = ["ImbalanceFactor", "long_tail_counts", "long_tailed"]
+def balanced_subset(splits, train_per_class: int, test_per_class: Optional[int] = None, seed: int = 0):
+    """`splits` with at most `train_per_class` training (and `test_per_class` test) images of every class, drawn at
+    random with `seed`: a CPU-sized slice of a dataset that keeps its classes balanced."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def cut(dataset, per_class: int, what: str):
+        if not isinstance(dataset, (TensorData, UInt8Images)):
+            raise ConfigError(f"{what}: {splits.name}'s split ({type(dataset).__name__}) is not held in memory")
+        labels = torch.as_tensor(dataset.labels, dtype=torch.long)
+        order = torch.randperm(len(labels), generator=generator)
+        keep = [order[labels[order] == cls][:per_class] for cls in range(splits.num_classes)]
+        return _subset(dataset, torch.cat(keep).sort().values)
+
+    if train_per_class < 1 or (test_per_class is not None and test_per_class < 1):
+        raise ConfigError(f"balanced_subset: images per class must be >= 1, got {train_per_class}, {test_per_class}")
+    test = splits.test if test_per_class is None else cut(splits.test, test_per_class, "test_per_class")
+    return replace(splits, train=cut(splits.train, train_per_class, "train_per_class"), test=test)
+
+
+__all__ = ["ImbalanceFactor", "long_tail_counts", "long_tailed", "balanced_subset"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -222,14 +222,16 @@ GradientFn = Callable[[Tensors, Tensors, torch.Tensor, torch.Tensor], Tensors]
 def train_stack(stack: StackedModels, images: torch.Tensor, labels: torch.Tensor, settings: StackTraining,
                 gradient: GradientFn, augment: Optional[Callable[..., torch.Tensor]] = None,
                 on_epoch: Optional[Callable[[int, Tensors], None]] = None, progress: Optional[str] = None,
-                relabel: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+                relabel: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                batches: Optional[Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]] = None) -> None:
     """Train every network of `stack` on (images, labels): each draws its own batch order, `augment(x, groups=K)`
     (one draw per network's batch) transforms the K batches, `relabel(x)` (a teacher's soft labels of the
     augmented inputs, e.g. SRe2L/RDED's relabelling) replaces their labels when given, `gradient(params,
     buffers, x, y)` (a torch.func gradient of one network's loss) gives the per-network gradients, and one
     optimizer over the stacks updates them (element-wise, so the same update as one optimizer per network).
     `on_epoch(epoch, params)` sees the stacked parameters at epoch 0 and after every epoch; `progress`: a bar
-    with this description."""
+    with this description.  `batches(epoch)`, when given, yields the epoch's (x, y) itself, shared by every network
+    (stored crops with their labels, SRe2L/FKD), in place of the per-network shuffle of (images, labels)."""
     optimizer = stack_optimizer(stack, settings)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     count, n = len(stack), len(images)
@@ -246,13 +248,9 @@ def train_stack(stack: StackedModels, images: torch.Tensor, labels: torch.Tensor
             factor = schedule_factor(settings.schedule, epoch, settings.epochs)
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * factor
-        order = torch.rand(count, n, device=images.device).argsort(1)  # each network its own shuffle
-        for s in range(steps):
+        for x, y in (_shared(batches(epoch), count) if batches is not None else
+                     _shuffled(images, labels, count, batch, steps, settings.flip_batch)):
             with torch.no_grad():  # torch.func.grad still differentiates inside; nothing else is recorded
-                index = order[:, s * batch:(s + 1) * batch]
-                x, y = images[index], labels[index]
-                if settings.flip_batch:
-                    x, y = torch.cat([x, x.flip(-1)], 1), torch.cat([y, y], 1)
                 if augment is not None:  # one draw per network's batch
                     x = augment(x.flatten(0, 1), groups=count).view_as(x)
                 if relabel is not None:
@@ -264,6 +262,26 @@ def train_stack(stack: StackedModels, images: torch.Tensor, labels: torch.Tensor
                 group["lr"] *= settings.decay_factor
             optimizer.state.clear()
         report(epoch + 1)
+
+
+def _shuffled(images: torch.Tensor, labels: torch.Tensor, count: int, batch: int, steps: int, flip_batch: bool
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of (K, batch, ...) minibatches, each network its own shuffle (and flips appended)."""
+    order = torch.rand(count, len(images), device=images.device).argsort(1)
+    for s in range(steps):
+        with torch.no_grad():
+            index = order[:, s * batch:(s + 1) * batch]
+            x, y = images[index], labels[index]
+            if flip_batch:
+                x, y = torch.cat([x, x.flip(-1)], 1), torch.cat([y, y], 1)
+        yield x, y
+
+
+def _shared(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Given batches, the same one for each of the K networks (expanded, not copied)."""
+    for x, y in batches:
+        yield x.unsqueeze(0).expand(count, *x.shape), y.unsqueeze(0).expand(count, *y.shape)
 
 
 __all__ = ["StackedModels", "StackTraining", "train_stack", "stack_optimizer", "schedule_factor", "SCHEDULES", "member", "loss_gradient", "set_gradients"]
