@@ -41,10 +41,10 @@ METHOD_OPTIONS = {
     "infer": {"iterations": 300},
     "nrr_dd": {},
     "krr_st": {"iterations": 200},
-    "smooth_mtt": {"iterations": 200, "num_experts": 4, "expert_train_epochs": 6, "max_start_epoch": 2,
+    "ast": {"iterations": 200, "num_experts": 4, "expert_train_epochs": 6, "max_start_epoch": 2,
                    "syn_steps": 10, "experts_together": 4},
 }
-DEFAULT_METHODS = ["random", "sre2l", "rded", "cv_dd", "infer", "nrr_dd", "smooth_mtt"]
+DEFAULT_METHODS = ["random", "sre2l", "rded", "cv_dd", "infer", "nrr_dd", "ast"]
 
 
 def cifar_root(args) -> Path:

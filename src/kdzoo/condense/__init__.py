@@ -27,6 +27,7 @@ from .dc import DC, DSAMatching
 from .dm import DM, dm_loss
 from .evaluate import EvalResult, evaluate_synthetic, format_results, train_networks
 from .ftd import FTD
+from .smooth_mtt import AST
 from .mtt import MTT, ExpertBuffer, trajectory_loss
 from .run import condense, run_condenser
 from .space import InputSpace
@@ -34,6 +35,6 @@ from .space import InputSpace
 __all__ = [
     "CONDENSERS", "Condenser", "register_condenser", "build_condenser", "condense", "run_condenser",
     "SyntheticSet", "EvalProtocol", "EvalResult", "evaluate_synthetic", "format_results", "train_networks",
-    "DSA", "DSAParams", "DSA_STRATEGY", "DC", "DSAMatching", "DM", "DataDAM", "MTT", "FTD", "ExpertBuffer",
+    "DSA", "DSAParams", "DSA_STRATEGY", "DC", "DSAMatching", "DM", "DataDAM", "MTT", "FTD", "AST", "ExpertBuffer",
     "InputSpace", "dm_loss", "datadam_loss", "trajectory_loss",
 ]
