@@ -40,11 +40,11 @@ METHOD_OPTIONS = {
     "cv_dd": {"iterations": 300},
     "infer": {"iterations": 300},
     "nrr_dd": {},
-    "krr_st": {"iterations": 200},
+    "krr_st": {"iterations": 200, "target_epochs": 10, "outer_batch": 256, "target_arch": "convnet:convnet3"},
     "ast": {"iterations": 200, "num_experts": 4, "expert_train_epochs": 6, "max_start_epoch": 2,
                    "syn_steps": 10, "experts_together": 4},
 }
-DEFAULT_METHODS = ["random", "sre2l", "rded", "cv_dd", "infer", "nrr_dd", "ast"]
+DEFAULT_METHODS = ["random", "sre2l", "rded", "cv_dd", "infer", "nrr_dd", "ast", "krr_st"]
 
 
 def cifar_root(args) -> Path:
@@ -124,6 +124,8 @@ def run_cell(args, method: str, ipc: int) -> dict:
         synthetic = run_condenser(condenser, progress=False)
     seconds = time.perf_counter() - start - observer_seconds
     save_grid(synthetic, out / f"{method}-ipc{ipc}.png", getattr(data.train, "classes", None))
+    if synthetic.meta.get("targets") == "representations":
+        return transfer_cell(args, synthetic, data, method, ipc, seconds)
     protocol = EvalProtocol(**synthetic.meta.get("eval", {}))
     evaluation = EvalOptions(epochs=args.eval_epochs if protocol.teacher_labels != "none" else args.hard_epochs)
     ranking = DDRankingOptions(evaluation, rounds=args.seeds, real_accuracy=args.real_accuracy, seed=0)
@@ -137,6 +139,21 @@ def run_cell(args, method: str, ipc: int) -> dict:
             "accuracy": summary["syn_any"], "hard": summary["syn_hard"], "random": summary["random_any"],
             "hlr": summary["hlr"], "ior": summary["ior"], "label_bytes": own_bytes, "crop_label_bytes": crop_bytes,
             "eval_epochs": evaluation.epochs}
+
+
+def transfer_cell(args, synthetic, data, method: str, ipc: int, seconds: float) -> dict:
+    """KRR-ST's own protocol: pre-train on (images, target representations), fine-tune on the labelled slice, beside
+    the same fine-tuning from scratch (its labels are representations, so DD-Ranking's scores do not apply)."""
+    from kdzoo.condense.krrst import TransferOptions, transfer_accuracy
+    options = TransferOptions(num_models=args.seeds, pretrain_epochs=args.eval_epochs, probe_steps=args.probe_steps)
+    results = transfer_accuracy(synthetic, data, options, device=args.device)
+    pretrained, scratch = results["krr_st"], results["scratch"]
+    return {"method": method, "ipc": ipc, "images": len(synthetic.images), "seconds": seconds,
+            "seconds_per_image": seconds / len(synthetic.images), "observer_seconds": 0.0,
+            "labels": "representations", "accuracy": (pretrained.mean, pretrained.std), "hard": None,
+            "random": (scratch.mean, scratch.std), "hlr": None, "ior": None,
+            "label_bytes": synthetic.labels.element_size() * synthetic.labels.numel(), "crop_label_bytes": 0,
+            "eval_epochs": args.eval_epochs, "transfer": True}
 
 
 def real_accuracy(args) -> float:
@@ -157,6 +174,8 @@ def real_accuracy(args) -> float:
 
 
 def fmt(value) -> str:
+    if value is None:
+        return "-"
     mean, std = value
     return f"{mean:.1f} ± {std:.1f}"
 
@@ -171,7 +190,9 @@ def table(rows: list[dict], real: float) -> str:
                       f"{r['crop_label_bytes']:,}" if r["crop_label_bytes"] else "-"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
-    return text + f"\nfull slice, hard labels (Acc(real, hard) for HLR): {real:.1f} %"
+    return text + (f"\nfull slice, hard labels (Acc(real, hard) for HLR): {real:.1f} %\n"
+                   "KRR-ST rows (labels: representations): accuracy after pre-training on the set and fine-tuning on "
+                   "the slice; 'random real' column: the same fine-tuning from scratch")
 
 
 def published_lines(methods: list[str], ipcs: list[int]) -> str:
@@ -201,6 +222,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-epochs", type=int, default=300, help="epochs of the soft-label protocols")
     parser.add_argument("--hard-epochs", type=int, default=300, help="epochs of the hard-label protocols")
     parser.add_argument("--real-epochs", type=int, default=30)
+    parser.add_argument("--probe-steps", type=int, default=500, help="KRR-ST: fine-tuning steps on the slice")
     parser.add_argument("--real-accuracy", type=float, default=None, help="skip training on the full slice")
     parser.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE")
     parser.add_argument("--jobs", type=int, default=1)

@@ -14,8 +14,11 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
 from ..condense.base import SyntheticSet, build_condenser
 from ..condense.ddranking import CLI_OPTIONS as DDRANKING_OPTIONS, DDRankingOptions, ddranking_scores, format_ddranking
+from ..condense.krrst import TransferOptions, format_transfer, transfer_accuracy
 from ..condense.evaluate import EvalOptions, evaluate_synthetic, format_results, published_accuracy
 from ..condense.run import run_condenser
 from ..config import apply_overrides
@@ -106,6 +109,7 @@ def cmd_condense(args) -> int:
         return 0
     options, data_options, eval_options = parse_overrides(args.overrides)
     ranking_options = _ddranking_options(options.pop("ddranking", {}), args.protocol)
+    transfer_options = _transfer_options(options.pop("transfer", {}))
     check_options("evaluation", eval_options, {k: None for k in EVAL_OPTIONS})
     # Every option is checked before any data is read or any iteration runs.
     for flag, value in (("--ipc", args.ipc), ("--checkpoint-every", args.checkpoint_every), ("--num-eval", args.num_eval)):
@@ -136,9 +140,19 @@ def cmd_condense(args) -> int:
     synthetic = run_condenser(condenser, checkpoint, args.checkpoint_every, args.resume, progress=not args.quiet)
     synthetic.save(out / "synthetic.safetensors")
     save_grid(synthetic, out / "synthetic.png", getattr(data.train, "classes", None))
-    print(f"{args.method}: {len(synthetic.images)} synthetic images ({args.ipc} per class, "
-          f"{'soft' if synthetic.soft else 'hard'} labels) in {out}")
+    representations = synthetic.meta.get("targets") == "representations"
+    kind = "target-representation" if representations else "soft" if synthetic.soft else "hard"
+    print(f"{args.method}: {len(synthetic.images)} synthetic images ({args.ipc} per class, {kind} labels) in {out}")
     if args.no_eval:
+        return 0
+    if representations:  # KRR-ST: pre-train on the set, then fine-tune on the labelled data (transfer protocol)
+        transfer = transfer_accuracy(synthetic, data, TransferOptions(num_models=args.num_eval, **transfer_options),
+                                     device=args.device, progress=not args.quiet)
+        report = {"method": args.method, "dataset": args.dataset, "ipc": args.ipc, "protocol": "transfer",
+                  "transfer": {name: r.to_dict() for name, r in transfer.items()}}
+        text = json.dumps(report, indent=1)
+        atomic_write(out / "evaluation.json", lambda tmp: tmp.write_text(text))
+        print(format_transfer(transfer, args.dataset))
         return 0
     if args.protocol == "ddranking":
         ranking = DDRankingOptions(evaluation=EvalOptions(**eval_options), **{"rounds": args.num_eval, **ranking_options})
@@ -172,6 +186,16 @@ def _ddranking_options(options, protocol: str) -> dict:
     return {key: check_value(f"ddranking.{key}", value, hints[key]) for key, value in options.items()}
 
 
+def _transfer_options(options) -> dict:
+    """transfer.OPTION=VALUE overrides (KRR-ST's transfer evaluation) against `TransferOptions`' annotations."""
+    if not isinstance(options, dict):
+        raise ConfigError(f"override transfer={options!r}: use transfer.OPTION=VALUE")
+    names = [f.name for f in dataclasses.fields(TransferOptions) if f.name != "num_models"]
+    check_options("transfer", options, {k: None for k in names})
+    hints = option_hints(TransferOptions, names)
+    return {key: check_value(f"transfer.{key}", value, hints[key]) for key, value in options.items()}
+
+
 def _check_eval_options(options: dict) -> dict:
     """Evaluation options against `EvalOptions`' annotations."""
     hints = option_hints(EvalOptions, list(EVAL_OPTIONS))
@@ -190,7 +214,10 @@ def save_grid(synthetic: SyntheticSet, path: Path, class_names: Optional[Sequenc
         mean, std = images.mean(), images.std().clamp_min(1e-8)
         shown = ((images - mean) / (5 * std) + 0.5).clamp(0, 1)
     labels = synthetic.labels.detach().cpu()
-    labels = labels.argmax(1) if synthetic.soft else labels
+    if synthetic.meta.get("targets") == "representations":  # regression targets: show images by position
+        labels = torch.arange(len(labels)) // (synthetic.meta.get("ipc") or len(labels))
+    else:
+        labels = labels.argmax(1) if synthetic.soft else labels
     ipc = synthetic.meta.get("ipc")
     title = f"{synthetic.meta.get('method', '')} {synthetic.meta.get('dataset', '')}".strip()
     title = f"{title}, {ipc} per class" if ipc else title

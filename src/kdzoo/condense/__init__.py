@@ -9,7 +9,8 @@ as the whole training set.
     results = evaluate_synthetic(synthetic, data, num_models=20)       # {"convnet:convnet3": EvalResult}
 
 Methods (registered in `CONDENSERS`, defaults beside each class): ``dc``, ``dsa``, ``dm``,
-``datadam``, ``mtt``, ``ftd``.  Options of every method: ``fyi=True`` (match flipped images too),
+``datadam``, ``mtt``, ``ftd``, ``krr_st`` (self-supervised; its labels are learned target
+representations, evaluated by `krrst.transfer_accuracy`).  Options of every method: ``fyi=True`` (match flipped images too),
 ``committee_labels=True`` (fixed soft labels voted once by a committee on the final images; not the
 per-batch relabelling of the committee-voting paper, see `soft_labels`), ``init="real" | "noise"``,
 ``dsa_strategy``, ``zca`` (kornia ZCA whitening, eps 0.1; on by default for MTT/FTD on CIFAR) and
@@ -27,6 +28,7 @@ from .dc import DC, DSAMatching
 from .dm import DM, dm_loss
 from .evaluate import EvalResult, evaluate_synthetic, format_results, train_networks
 from .ftd import FTD
+from .krrst import KRRST, TransferOptions, transfer_accuracy
 from .smooth_mtt import AST
 from .mtt import MTT, ExpertBuffer, trajectory_loss
 from .run import condense, run_condenser
@@ -36,5 +38,5 @@ __all__ = [
     "CONDENSERS", "Condenser", "register_condenser", "build_condenser", "condense", "run_condenser",
     "SyntheticSet", "EvalProtocol", "EvalResult", "evaluate_synthetic", "format_results", "train_networks",
     "DSA", "DSAParams", "DSA_STRATEGY", "DC", "DSAMatching", "DM", "DataDAM", "MTT", "FTD", "AST", "ExpertBuffer",
-    "InputSpace", "dm_loss", "datadam_loss", "trajectory_loss",
+    "InputSpace", "dm_loss", "datadam_loss", "trajectory_loss", "KRRST", "TransferOptions", "transfer_accuracy",
 ]
