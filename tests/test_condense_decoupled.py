@@ -271,3 +271,36 @@ def test_stacked_adamw_equals_one_adamw_per_network():
             F.cross_entropy(network(x[k]), y[k]).backward()
             single.step()
         assert torch.allclose(stack.params["weight"][k], network.weight, atol=1e-6)
+
+
+def test_dbr_is_an_evaluation_mode_for_any_set_with_a_teacher(data):
+    import kdzoo.condense.nrrdd  # noqa: F401  (registers the "dbr" mode)
+    synthetic = condense("test_bn_recover", data, 2, iterations=1, progress=False, **TINY)
+    results = evaluate_synthetic(synthetic, data, EvalOptions(num_models=2, epochs=2, teacher_labels="dbr"),
+                                 device="cpu", progress=False)
+    assert len(results["convnet:convnet3"].accuracies) == 2
+
+
+def test_online_crops_shuffle_patches_first():
+    image = torch.arange(16.0).view(1, 1, 4, 4)
+    out = OnlineCrops(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_probability=0.0, mix="none",
+                      patch_shuffle=2).augment(image)
+    patches = lambda x: sorted(x[0, 0, r:r + 2, c:c + 2].flatten().tolist() for r in (0, 2) for c in (0, 2))  # noqa: E731
+    assert patches(out) == patches(image)  # the same 2x2 patches, possibly moved
+
+
+def test_a_batch_specific_teacher_labels_each_networks_batch_whole():
+    class Recording(nn.Module):
+        batch_specific = True
+
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def forward(self, x):
+            self.sizes.append(len(x))
+            return torch.zeros(len(x), 3)
+
+    teacher = Recording()
+    TeacherLabels(teacher, 1.0, chunk=2).label(torch.randn(12, 5), groups=3)
+    assert teacher.sizes == [4, 4, 4]

@@ -27,11 +27,15 @@ from .datadam import DataDAM, datadam_loss
 from .dc import DC, DSAMatching
 from .dm import DM, dm_loss
 from .evaluate import EvalResult, evaluate_synthetic, format_results, train_networks
+from .cvdd import CVDD, Committee
 from .ftd import FTD
 from .krrst import KRRST, TransferOptions, transfer_accuracy
 from .smooth_mtt import AST
 from .mtt import MTT, ExpertBuffer, trajectory_loss
+from .nrrdd import NRRDD
+from .rded import RDED
 from .run import condense, run_condenser
+from .sre2l import SRe2L
 from .space import InputSpace
 
 __all__ = [
@@ -39,4 +43,5 @@ __all__ = [
     "SyntheticSet", "EvalProtocol", "EvalResult", "evaluate_synthetic", "format_results", "train_networks",
     "DSA", "DSAParams", "DSA_STRATEGY", "DC", "DSAMatching", "DM", "DataDAM", "MTT", "FTD", "AST", "ExpertBuffer",
     "InputSpace", "dm_loss", "datadam_loss", "trajectory_loss", "KRRST", "TransferOptions", "transfer_accuracy",
+    "SRe2L", "RDED", "CVDD", "Committee", "NRRDD",
 ]

@@ -52,6 +52,7 @@ class EvalProtocol:
     schedule: str = "step"
     crop_scale: tuple[float, float] = (0.08, 1.0)
     mix: str = "cutmix"
+    patch_shuffle: int = 1  # RDED with factor > 1: each image's factor x factor patches shuffled before its crop
 
 
 @dataclass

@@ -129,7 +129,13 @@ class ObserverCondenser(Condenser):
 
     @cached_property
     def observer_network(self) -> nn.Module:
-        """Built on first use (so a run's progress setting applies), then kept."""
+        """Built on first use (so a run's progress setting applies), then kept.  Squeezing it or reading it back
+        leaves the global random stream as it was, so a resumed run continues the same stream."""
+        devices = [self.torch_device] if self.torch_device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._build_observer()
+
+    def _build_observer(self) -> nn.Module:
         spec = self.observer_spec()
         if self.observer not in SOURCES:
             return load_observer(spec, self.torch_device)

@@ -41,7 +41,17 @@ PUBLISHED_CIFAR10 = {
 }
 
 
-TEACHER_LABELS = ("none", "online")
+# Evaluation modes whose students train their own way from the teacher (NRR-DD's "dbr"), registered by the method
+# that defines them: trainer(networks, images, labels, settings, teacher, crops, temperature, progress) -> stack.
+STUDENT_TRAINERS: dict[str, Callable[..., StackedModels]] = {}
+
+
+def register_student_trainer(mode: str, trainer: Callable[..., StackedModels]) -> None:
+    STUDENT_TRAINERS[mode] = trainer
+
+
+def teacher_label_modes() -> tuple[str, ...]:
+    return ("none", "online", *STUDENT_TRAINERS)
 
 
 def published_accuracy(method: str, dataset: str, ipc: int) -> Optional[float]:
@@ -142,12 +152,15 @@ class TeacherLabels:
     """Soft labels of a teacher at `temperature` (`observer.soft_targets`), asked in chunks of `chunk` inputs."""
 
     teacher: nn.Module
-    temperature: float
+    temperature: Optional[float]  # None only for a registered trainer that keeps its own
     chunk: int = 1024
 
     @torch.no_grad()
-    def label(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([soft_targets(self.teacher, part, self.temperature) for part in x.split(self.chunk)])
+    def label(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """Soft labels of `groups` consecutive batches; a teacher labelling with the statistics of its batch (CV-DD's
+        committee, ``batch_specific``) sees each batch whole, others see chunks of at most `chunk` inputs."""
+        parts = x.chunk(groups) if getattr(self.teacher, "batch_specific", False) else x.split(self.chunk)
+        return torch.cat([soft_targets(self.teacher, part, self.temperature) for part in parts])
 
 
 @dataclass
@@ -201,16 +214,19 @@ def protocol_settings(protocol: EvalProtocol, options: EvalOptions, lr: float) -
 
 
 def evaluation_teacher(synthetic: SyntheticSet, protocol: EvalProtocol, options: EvalOptions,
-                       device: torch.device) -> Optional[TeacherLabels]:
-    """The teacher whose soft labels the evaluation replays (None: train on the set's labels)."""
+                       device: torch.device) -> tuple[str, Optional[TeacherLabels]]:
+    """How the students learn (`teacher_labels` mode) and the teacher whose labels they replay (None: the set's
+    own labels).  A registered mode (NRR-DD's "dbr") keeps its own temperature unless `options` gives one."""
     mode = protocol.teacher_labels if options.teacher_labels is None else options.teacher_labels
-    if mode not in TEACHER_LABELS:
-        raise ConfigError(f"eval.teacher_labels: expected one of {', '.join(TEACHER_LABELS)}, got {mode!r}")
+    if mode not in teacher_label_modes():
+        raise ConfigError(f"eval.teacher_labels: expected one of {', '.join(teacher_label_modes())}, got {mode!r}")
     if mode == "none":
-        return None
+        return mode, None
     teacher = synthetic.teacher if synthetic.teacher is not None else observer_from_meta(synthetic.meta, device)
-    temperature = protocol.temperature if options.temperature is None else options.temperature
-    return TeacherLabels(teacher.to(device).eval(), float(temperature))
+    temperature = options.temperature
+    if temperature is None and mode == "online":
+        temperature = protocol.temperature
+    return mode, TeacherLabels(teacher.to(device).eval(), temperature)
 
 
 def evaluate_synthetic(synthetic: SyntheticSet, data, options: Optional[EvalOptions] = None, *, device: str = "auto",
@@ -227,9 +243,10 @@ def evaluate_synthetic(synthetic: SyntheticSet, data, options: Optional[EvalOpti
     own_model = synthetic.meta.get("model", "convnet:convnet3")
     models = list(options.models or [own_model])
     torch_device = resolve_device(device)
-    teacher = evaluation_teacher(synthetic, protocol, options, torch_device)
+    mode, teacher = evaluation_teacher(synthetic, protocol, options, torch_device)
     if teacher is not None:  # the decoupled methods' crops (+ CutMix) in place of DSA
-        augmentation = OnlineCrops(tuple(protocol.crop_scale), mix=protocol.mix) if augment else None
+        augmentation = (OnlineCrops(tuple(protocol.crop_scale), mix=protocol.mix, patch_shuffle=protocol.patch_shuffle)
+                        if augment else None)
     else:
         dsa_strategy = options.dsa_strategy
         if dsa_strategy is None:
@@ -252,8 +269,13 @@ def evaluate_synthetic(synthetic: SyntheticSet, data, options: Optional[EvalOpti
         start = time.perf_counter()
         networks = [build_network(name, num_classes, images.shape[1], images.shape[2:], model_options, torch_device)
                     for _ in range(options.num_models)]
-        trained = train_networks(networks, images, labels, settings, augment=augmentation,
-                                 progress=f"evaluate {name}" if progress else None, teacher=teacher)
+        bar = f"evaluate {name}" if progress else None
+        if mode in STUDENT_TRAINERS:
+            trained = STUDENT_TRAINERS[mode](networks, images, labels, settings, teacher.teacher, augmentation,
+                                             teacher.temperature, bar)
+        else:
+            trained = train_networks(networks, images, labels, settings, augment=augmentation, progress=bar,
+                                     teacher=teacher)
         accuracies = (accuracy(trained, test_images, test_labels) * 100).tolist()
         if torch_device.type == "cuda":
             torch.cuda.synchronize(torch_device)

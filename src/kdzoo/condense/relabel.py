@@ -311,6 +311,23 @@ def make_crops(images: torch.Tensor, draw: EpochDraw, positions: slice) -> torch
     return lam * crops + (1 - lam) * crops[local]
 
 
+def shuffle_patches(images: torch.Tensor, factor: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """RDED's evaluation `ShufflePatches` (validation/utils.py) for one batch drawn image by image: the `factor`
+    column strips in a random order, then the `factor` row strips in a random order (strips of size // factor,
+    the last one to the edge)."""
+    def strips(x: torch.Tensor, dim: int) -> list[torch.Tensor]:
+        step = x.shape[dim] // factor
+        return [x.narrow(dim, s * step, step if s < factor - 1 else x.shape[dim] - s * step) for s in range(factor)]
+
+    out = []
+    for image in images:
+        columns = strips(image, -1)
+        image = torch.cat([columns[p] for p in torch.randperm(factor, generator=generator).tolist()], -1)
+        rows = strips(image, -2)
+        out.append(torch.cat([rows[p] for p in torch.randperm(factor, generator=generator).tolist()], -2))
+    return torch.stack(out)
+
+
 # --- online crops (labels computed by the teacher per batch, not stored) -------------------------------------------
 
 
@@ -327,13 +344,18 @@ class OnlineCrops:
     flip_probability: float = 0.5
     mix: str = "cutmix"
     mix_alpha: Optional[float] = None
+    patch_shuffle: int = 1  # RDED: shuffle each image's factor x factor patches first (`shuffle_patches`)
 
     def __post_init__(self) -> None:
+        if self.patch_shuffle < 1:
+            raise ConfigError(f"patch_shuffle must be >= 1, got {self.patch_shuffle}")
         RelabelOptions(epochs=1, batch_size=1, scale=tuple(self.scale), ratio=tuple(self.ratio),
                        flip_probability=self.flip_probability, mix=self.mix, mix_alpha=self.mix_alpha).check()
 
     def augment(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
         n, size = len(x), tuple(x.shape[-2:])
+        if self.patch_shuffle > 1:
+            x = shuffle_patches(x, self.patch_shuffle)
         boxes = random_resized_crop_boxes(n, *size, self, None)
         crops = resized_crops(x, boxes, size)
         flips = (torch.rand(n) < self.flip_probability).to(x.device)

@@ -222,11 +222,12 @@ GradientFn = Callable[[Tensors, Tensors, torch.Tensor, torch.Tensor], Tensors]
 def train_stack(stack: StackedModels, images: torch.Tensor, labels: torch.Tensor, settings: StackTraining,
                 gradient: GradientFn, augment: Optional[Callable[..., torch.Tensor]] = None,
                 on_epoch: Optional[Callable[[int, Tensors], None]] = None, progress: Optional[str] = None,
-                relabel: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                relabel: Optional[Callable[..., torch.Tensor]] = None,
                 batches: Optional[Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]] = None) -> None:
     """Train every network of `stack` on (images, labels): each draws its own batch order, `augment(x, groups=K)`
-    (one draw per network's batch) transforms the K batches, `relabel(x)` (a teacher's soft labels of the
-    augmented inputs, e.g. SRe2L/RDED's relabelling) replaces their labels when given, `gradient(params,
+    (one draw per network's batch) transforms the K batches, `relabel(x, groups=K)` (a teacher's soft labels of
+    the augmented inputs, e.g. SRe2L/RDED's relabelling; `groups` tells a teacher with batch statistics where one
+    network's batch ends) replaces their labels when given, `gradient(params,
     buffers, x, y)` (a torch.func gradient of one network's loss) gives the per-network gradients, and one
     optimizer over the stacks updates them (element-wise, so the same update as one optimizer per network).
     `on_epoch(epoch, params)` sees the stacked parameters at epoch 0 and after every epoch; `progress`: a bar
@@ -254,7 +255,7 @@ def train_stack(stack: StackedModels, images: torch.Tensor, labels: torch.Tensor
                 if augment is not None:  # one draw per network's batch
                     x = augment(x.flatten(0, 1), groups=count).view_as(x)
                 if relabel is not None:
-                    y = relabel(x.flatten(0, 1)).view(*x.shape[:2], -1)
+                    y = relabel(x.flatten(0, 1), groups=count).view(*x.shape[:2], -1)
                 set_gradients(stack, stack.gradients(gradient, x, y))
             optimizer.step()
         if settings.schedule == "step" and settings.decay_epoch is not None and epoch + 1 == settings.decay_epoch:
