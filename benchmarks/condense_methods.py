@@ -35,11 +35,11 @@ sys.path.insert(0, str(ROOT / "src"))
 METHOD_OPTIONS = {
     "random": {},
     "dm": {"iterations": 400, "lr_img": 1.0},
-    "sre2l": {"iterations": 300},
+    "sre2l": {"batch_iterations": 200},
     "rded": {},
-    "cv_dd": {"iterations": 300},
-    "infer": {"iterations": 300},
-    "nrr_dd": {},
+    "cv_dd": {"batch_iterations": 200},
+    "infer": {},
+    "nrr_dd": {"iterations": 200},
     "krr_st": {"iterations": 200, "target_epochs": 10, "outer_batch": 256, "target_arch": "convnet:convnet3"},
     "ast": {"iterations": 200, "num_experts": 4, "expert_train_epochs": 6, "max_start_epoch": 2,
                    "syn_steps": 10, "experts_together": 4},
@@ -61,7 +61,8 @@ def cifar_root(args) -> Path:
 def load_data(args):
     from kdzoo.data import build_dataset
     from kdzoo.data.longtail import balanced_subset
-    data = build_dataset("imagefolder", root=str(cifar_root(args)), augment=False, mean="cifar10", std="cifar10")
+    data = build_dataset("imagefolder", root=str(cifar_root(args)), augment=False, mean="cifar10", std="cifar10",
+                         resident="true")
     return balanced_subset(data, args.train_per_class, args.test_per_class, seed=0)
 
 
@@ -81,6 +82,26 @@ def label_bytes(synthetic, protocol, seconds_budget: float = 60.0) -> tuple[int,
         return own, file_bytes(path)
 
 
+def observer_options(args) -> dict:
+    """One squeezed observer for every decoupled method and IPC (ConvNet-3 with BatchNorm at `--width`)."""
+    return {"observer_epochs": args.observer_epochs, "observer_options": {"norm": "batchnorm", "width": args.width},
+            "observer_file": str(Path(args.out).resolve() / "observer.safetensors")}
+
+
+def squeeze_once(args) -> float:
+    """Train (or read back) the shared observer before the cells start; its seconds."""
+    import torch
+    torch.set_num_threads(args.threads_main)
+    from kdzoo.condense import build_condenser
+    start = time.perf_counter()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    condenser = build_condenser("rded", load_data(args), 1, **observer_options(args),
+                                model_options={"width": args.width})
+    condenser.progress = True
+    condenser.observer_network
+    return time.perf_counter() - start
+
+
 def run_cell(args, method: str, ipc: int) -> dict:
     """Distil one (method, IPC) and score it; runs in its own process."""
     import torch
@@ -97,8 +118,7 @@ def run_cell(args, method: str, ipc: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     options = dict(METHOD_OPTIONS.get(method, {}))
     options.update(args.method_options.get(method, {}))
-    observer = {"observer_epochs": args.observer_epochs,
-                "observer_file": str(out / f"observer-ipc{ipc}-seed0.safetensors")}
+    observer = observer_options(args)
     torch.manual_seed(0)
     start = time.perf_counter()
     observer_seconds = 0.0
@@ -109,12 +129,15 @@ def run_cell(args, method: str, ipc: int) -> dict:
                            for c in range(data.num_classes)])
         synthetic = SyntheticSet(pixels[index], labels[index], meta={
             "method": "random", "dataset": data.name, "ipc": ipc, "num_classes": data.num_classes,
-            "model": "convnet:convnet3", "eval": dataclasses.asdict(EvalProtocol(epochs=args.hard_epochs))},
+            "model": "convnet:convnet3", "model_options": {"width": args.width},
+            "eval": dataclasses.asdict(EvalProtocol(epochs=args.hard_epochs))},
             space=space)
     else:
         from kdzoo.registry import CONDENSERS
-        if "observer" in CONDENSERS.get(method).defaults:
+        defaults = CONDENSERS.get(method).defaults
+        if "observer" in defaults:
             options = {**observer, **options}
+        options.setdefault("model_options", {"width": args.width})
         condenser = build_condenser(method, data, ipc, **options)
         if hasattr(condenser, "observer_network"):
             before = time.perf_counter()
@@ -127,7 +150,8 @@ def run_cell(args, method: str, ipc: int) -> dict:
     if synthetic.meta.get("targets") == "representations":
         return transfer_cell(args, synthetic, data, method, ipc, seconds)
     protocol = EvalProtocol(**synthetic.meta.get("eval", {}))
-    evaluation = EvalOptions(epochs=args.eval_epochs if protocol.teacher_labels != "none" else args.hard_epochs)
+    evaluation = EvalOptions(epochs=args.eval_epochs if protocol.teacher_labels != "none" else args.hard_epochs,
+                             model_options={"width": args.width})
     ranking = DDRankingOptions(evaluation, rounds=args.seeds, real_accuracy=args.real_accuracy, seed=0)
     scores = ddranking_scores(synthetic, data, ranking, device=args.device)
     (name, score), = scores.items()
@@ -167,7 +191,8 @@ def real_accuracy(args) -> float:
     pixels, labels, own = pixel_tensors(data.train)
     space = build_input_space(data.name, pixels, own, "auto", False, "real")
     full = SyntheticSet(pixels, labels, meta={"method": "full", "num_classes": data.num_classes,
-                                              "model": "convnet:convnet3"}, space=space)
+                                              "model": "convnet:convnet3", "model_options": {"width": args.width}},
+                        space=space)
     result = evaluate_synthetic(full, data, EvalOptions(num_models=1, epochs=args.real_epochs, augment=False,
                                                         batch_size=256), device=args.device, progress=False)
     return result["convnet:convnet3"].mean
@@ -216,15 +241,18 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     parser.add_argument("--ipc", nargs="+", type=int, default=[1, 10])
     parser.add_argument("--seeds", type=int, default=3, help="evaluation networks (DD-Ranking rounds) per set")
-    parser.add_argument("--train-per-class", type=int, default=500)
-    parser.add_argument("--test-per-class", type=int, default=200)
-    parser.add_argument("--observer-epochs", type=int, default=30)
+    parser.add_argument("--train-per-class", type=int, default=300)
+    parser.add_argument("--test-per-class", type=int, default=100)
+    parser.add_argument("--observer-epochs", type=int, default=20)
     parser.add_argument("--eval-epochs", type=int, default=300, help="epochs of the soft-label protocols")
     parser.add_argument("--hard-epochs", type=int, default=300, help="epochs of the hard-label protocols")
     parser.add_argument("--real-epochs", type=int, default=30)
     parser.add_argument("--probe-steps", type=int, default=500, help="KRR-ST: fine-tuning steps on the slice")
     parser.add_argument("--real-accuracy", type=float, default=None, help="skip training on the full slice")
     parser.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE")
+    parser.add_argument("--width", type=int, default=32, help="ConvNet-3 width of the observer and the evaluation "
+                                                                 "networks (the papers' 128 is slow on a CPU)")
+    parser.add_argument("--threads-main", type=int, default=2, help="threads of the squeeze before the cells")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
@@ -241,6 +269,7 @@ def main(argv=None) -> int:
     load_data(args)  # decode once (cached) before the workers start
     if args.real_accuracy is None:
         args.real_accuracy = real_accuracy(args)
+    print(f"observer squeezed in {squeeze_once(args):.0f} s", flush=True)
     cells = [(m, ipc) for ipc in args.ipc for m in args.methods]
     rows = []
     started = time.perf_counter()

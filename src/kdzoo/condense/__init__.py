@@ -29,6 +29,7 @@ from .dm import DM, dm_loss
 from .evaluate import EvalResult, evaluate_synthetic, format_results, train_networks
 from .cvdd import CVDD, Committee
 from .ftd import FTD
+from .infer import INFER
 from .krrst import KRRST, TransferOptions, transfer_accuracy
 from .smooth_mtt import AST
 from .mtt import MTT, ExpertBuffer, trajectory_loss
@@ -43,5 +44,5 @@ __all__ = [
     "SyntheticSet", "EvalProtocol", "EvalResult", "evaluate_synthetic", "format_results", "train_networks",
     "DSA", "DSAParams", "DSA_STRATEGY", "DC", "DSAMatching", "DM", "DataDAM", "MTT", "FTD", "AST", "ExpertBuffer",
     "InputSpace", "dm_loss", "datadam_loss", "trajectory_loss", "KRRST", "TransferOptions", "transfer_accuracy",
-    "SRe2L", "RDED", "CVDD", "Committee", "NRRDD",
+    "SRe2L", "RDED", "CVDD", "Committee", "NRRDD", "INFER",
 ]

@@ -80,14 +80,16 @@ class BatchNormStatistics:
         return first_multiplier * self.losses[0] + sum(self.losses[1:], torch.zeros_like(self.losses[0]))
 
 
-def squeeze(condenser: Condenser, spec: ObserverSpec, settings: StackTraining, progress: bool) -> nn.Module:
+def squeeze(condenser: Condenser, spec: ObserverSpec, settings: StackTraining, progress: bool,
+            seed: Optional[int] = None) -> nn.Module:
     """Train one `spec` network on the condenser's real images (its input space and DSA augmentation, SGD with a
     step decay at half time): the squeeze stage, our CPU-sized recipe (SRe2L trains its squeeze ResNets for
-    hundreds of epochs with crops and flips).  Depends on the condenser's seed only."""
+    hundreds of epochs with crops and flips).  Depends on `seed` only (default: the condenser's), so several
+    observers of one architecture differ by their seeds."""
     device = condenser.torch_device
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(condenser.seed)
+        torch.manual_seed(condenser.seed if seed is None else seed)
         network = new_observer(spec, device)
         stack = train_networks([network], condenser.real.images, condenser.real.labels, settings,
                                augment=condenser.dsa, progress=f"squeeze {spec.model}" if progress else None)
@@ -173,9 +175,10 @@ class ObserverCondenser(Condenser):
         return self.observer_network
 
     def result(self) -> SyntheticSet:
+        teacher = self.evaluation_teacher()  # first: a run of 0 iterations squeezes (and saves) the observer here
         synthetic = super().result()
         synthetic.meta["observer"] = self.observer_description()
-        synthetic.teacher = self.evaluation_teacher()
+        synthetic.teacher = teacher
         return synthetic
 
 

@@ -75,13 +75,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.stacked import StackTraining
 from ..errors import ConfigError
 from ..registry import NonNegative, NonNegativeInt, Positive, UnitInterval, register_condenser
 from .base import EvalProtocol, SyntheticSet, jsonable
-from .decoupled import SOFT_LABEL_EVAL, BatchNormStatistics, ObserverCondenser, clamp_to_pixels, cosine_lr
-from .evaluate import train_networks
-from .observer import SOURCES, ObserverSpec, frozen, load_observer, new_observer, read_saved_observer, save_observer
+from .decoupled import SOFT_LABEL_EVAL, BatchNormStatistics, ObserverCondenser, clamp_to_pixels, cosine_lr, squeeze
+from .observer import SOURCES, ObserverSpec, frozen, load_observer, read_saved_observer, save_observer
 
 INFER_PAPER = ("Zhang et al. 2025, Breaking Class Barriers: Efficient Dataset Distillation via Inter-Class Feature "
                "Compensator (ICLR)")
@@ -179,20 +177,6 @@ def ensemble_from_meta(meta: dict[str, Any], device: torch.device) -> LogitEnsem
                             member["in_channels"], tuple(member["image_size"]))
         members.append(load_observer(spec, device))
     return frozen(LogitEnsemble(members))
-
-
-def squeeze_with_seed(condenser: ObserverCondenser, spec: ObserverSpec, settings: StackTraining, seed: int,
-                      progress: bool) -> nn.Module:
-    """`decoupled.squeeze` with its own seed, so several observers of one architecture differ."""
-    device = condenser.torch_device
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        network = new_observer(spec, device)
-        stack = train_networks([network], condenser.real.images, condenser.real.labels, settings,
-                               augment=condenser.dsa, progress=f"squeeze {spec.model}" if progress else None)
-        stack.write_back()
-    return frozen(network)
 
 
 @register_condenser("infer", paper=INFER_PAPER)
@@ -342,7 +326,7 @@ class INFER(ObserverCondenser):
                 return saved
         if self.observer_epochs < 1:
             raise ConfigError(f"{self.registry_name}: observer=squeeze needs observer_epochs >= 1")
-        network = squeeze_with_seed(self, spec, self.squeeze_settings(), self.seed + index, self.progress)
+        network = squeeze(self, spec, self.squeeze_settings(), self.progress, seed=self.seed + index)
         if path is not None:
             save_observer(path, network, meta)
         return network
@@ -428,5 +412,4 @@ class INFER(ObserverCondenser):
 
 
 __all__ = ["INFER", "INFER_EVAL", "ufc_groups", "grouped_bn_statistics_loss", "compensator_loss", "roll_groups",
-           "ensemble_soft_labels", "GroupedBatchNormStatistics", "LogitEnsemble", "ensemble_from_meta",
-           "squeeze_with_seed"]
+           "ensemble_soft_labels", "GroupedBatchNormStatistics", "LogitEnsemble", "ensemble_from_meta"]

@@ -109,6 +109,9 @@ def read_saved_observer(path: str | Path, spec: ObserverSpec, meta: dict[str, An
 def observer_from_meta(meta: dict[str, Any], device: torch.device) -> nn.Module:
     """The observer a synthetic set's metadata names (its `file`), for the soft-label evaluation."""
     description = meta.get("observer")
+    if description and description.get("ensemble"):  # INFER: several observers, their logits averaged
+        from .infer import ensemble_from_meta
+        return ensemble_from_meta(meta, device)
     if description and description.get("committee"):  # CV-DD: several members, each in its own file
         from .cvdd import committee_from_meta
         return committee_from_meta(meta, device)
