@@ -233,7 +233,8 @@ def committee_from_meta(meta: dict[str, Any], device: torch.device) -> Committee
 # --- the condenser ---------------------------------------------------------------------------------------------
 
 
-@register_condenser("cv_dd", paper=CVDD_PAPER)
+@register_condenser("cv_dd", paper=CVDD_PAPER,
+                    scope="committee recover (prior-weighted BN/CE losses) and per-batch committee relabelling as in Jiacheng8/CV-DD; ours: members are seeds (or committee= architectures) trained here, priors are held-out accuracies, init from random real images")
 @dataclass(eq=False)
 class CVDD(SRe2L):
     """SRe2L's per-batch recover against a committee's voters, relabelled per batch by the whole committee (see

@@ -179,7 +179,8 @@ def ensemble_from_meta(meta: dict[str, Any], device: torch.device) -> LogitEnsem
     return frozen(LogitEnsemble(members))
 
 
-@register_condenser("infer", paper=INFER_PAPER)
+@register_condenser("infer", paper=INFER_PAPER,
+                    scope="universal feature compensators over groups of real images with an observer ensemble, as zhangxin-xd/UFC; evaluated with the INFER+Dyn protocol (online relabelling); the static interpolated-label protocol is not implemented; observers are zoo stand-ins for the authors' ResNet-18/MobileNetV2/EfficientNet/ShuffleNet")
 @dataclass(eq=False)
 class INFER(ObserverCondenser):
     """Universal feature compensators added to real images (see the module docstring).  `ipc` is the storage

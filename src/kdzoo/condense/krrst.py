@@ -316,7 +316,8 @@ class ModelPool:
 
 # --- the condenser ------------------------------------------------------------------------------
 
-@register_condenser("krr_st", paper=KRRST_PAPER)
+@register_condenser("krr_st", paper=KRRST_PAPER,
+                    scope="the method as in db-Lee/selfsup_dd (KRR on learned target representations, model pool, transfer evaluation); ours: target_model=train is a Barlow Twins stand-in trained here for the authors' pretrained ResNet-18")
 @dataclass(eq=False)
 class KRRST(Condenser):
     """KRR-ST.  The saved set's `labels` are the learned target representations Y_s (float, (N, D)) and its meta

@@ -253,10 +253,14 @@ def train_dbr_networks(networks: Sequence[nn.Module], images: torch.Tensor, labe
 # --- the condenser -------------------------------------------------------------------------------------------------
 
 
-@register_condenser("nrr_dd", paper=NRR_PAPER)
+@register_condenser("nrr_dd", paper=NRR_PAPER,
+                    scope="OUR READING of the paper's abstract and figure (the authors' code could not be read here): CAM-chosen crops, refinement of the non-critical region by CE + BN matching, and DBR (two distances per instance) as the evaluation mode eval.teacher_labels=dbr")
 @dataclass(eq=False)
 class NRRDD(RDED):
-    """Options (beyond RDED's candidate crops and the observer's):
+    """RDED's candidate crops chosen by CAM share and low confidence, stitched, then refined outside their critical
+    (high-CAM) regions by cross-entropy + BN-statistics matching.
+
+    Options:
     iterations: refinement steps of the non-critical regions (0: the CIDD selection only)
     lr_img: the refinement's Adam learning rate (SRe2L's recover lr)
     momentum_img: the refinement's Adam first beta (SRe2L's 0.5; the second is 0.9)

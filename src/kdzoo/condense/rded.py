@@ -182,7 +182,8 @@ class ClassCandidates:
 # --- the condenser -------------------------------------------------------------------------------------------------
 
 
-@register_condenser("rded", paper=RDED_PAPER)
+@register_condenser("rded", paper=RDED_PAPER,
+                    scope="the whole method as in LINs-lab/RDED (observer-scored crops, stitched factor x factor, online relabelling with patch shuffling); ours: crops cut from network inputs, test images not resized/centre-cropped")
 @dataclass(eq=False)
 class RDED(ObserverCondenser):
     """Options (beyond the observer's):

@@ -297,7 +297,8 @@ def unroll_momentum_student(student: MomentumStudent, w0: torch.Tensor,
     return w, kept
 
 
-@register_condenser("ast", paper=AST_PAPER)
+@register_condenser("ast", paper=AST_PAPER,
+                    scope="all five parts (smooth experts with clipping loss and gradient penalty, representative init, balanced inner loss, intermediate matching, weight perturbation) as shenjiyuan123/AST; ours: per-dataset values from the authors' scripts (their table was not available), every part on by default, our own k-means")
 @dataclass(eq=False)
 class AST(MTT):
     """MTT with smooth experts, representative initialisation, a balanced inner loss, intermediate matching,

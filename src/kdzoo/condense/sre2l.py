@@ -181,7 +181,8 @@ def recover_terms(network: nn.Module, view: torch.Tensor, targets: torch.Tensor,
 # --- the condenser ---------------------------------------------------------------------------------------------
 
 
-@register_condenser("sre2l", paper=SRE2L_PAPER)
+@register_condenser("sre2l", paper=SRE2L_PAPER,
+                    scope="the whole method (squeeze, BN-statistics recover with the authors' per-dataset schedule, relabel); ours: the squeeze model is a CPU-sized ConvNet-3 with BatchNorm unless observer= names one, relabelling is online per crop (the stored per-crop file is kdzoo.condense.relabel), the CIFAR evaluation uses resized crops in place of RandomCrop(32, 4)")
 @dataclass(eq=False)
 class SRe2L(ObserverCondenser):
     """SRe2L's recover stage on the observer, batch by batch (see the module docstring).  Options left None
