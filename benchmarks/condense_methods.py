@@ -283,9 +283,12 @@ def main(argv=None) -> int:
                 print(f"[{done}/{len(cells)}] skipped: {err}", flush=True)
                 continue
             rows.append(row)
+            if args.json:  # written as the cells finish, so a stopped run keeps what it measured
+                Path(args.json).write_text(json.dumps({"real_accuracy": args.real_accuracy, "rows": rows}, indent=1))
             elapsed = time.perf_counter() - started
-            print(f"[{done}/{len(cells)}] {row['method']} ipc {row['ipc']}: {fmt(row['accuracy'])} % "
-                  f"({elapsed / 60:.1f} min, ~{elapsed / done * (len(cells) - done) / 60:.1f} min left)", flush=True)
+            print(f"[{done}/{len(cells)}] {row['method']} ipc {row['ipc']}: {fmt(row['accuracy'])} % (random real "
+                  f"{fmt(row['random'])}, HLR {fmt(row['hlr'])}, IOR {fmt(row['ior'])}; {elapsed / 60:.1f} min, "
+                  f"~{elapsed / done * (len(cells) - done) / 60:.1f} min left)", flush=True)
     rows.sort(key=lambda r: (r["ipc"], args.methods.index(r["method"])))
     print()
     print(table(rows, args.real_accuracy))
