@@ -14,7 +14,7 @@ from kdzoo.condense.ddranking import DDRankingOptions, ddranking_scores
 from kdzoo.condense.decoupled import BatchNormStatistics, ObserverCondenser, bn_statistics_loss, clamp_to_pixels
 from kdzoo.condense.evaluate import EvalOptions, TeacherLabels, network_gradient
 from kdzoo.condense.observer import observer_from_meta
-from kdzoo.condense.relabel import OnlineCrops
+from kdzoo.condense.relabel import LogitMix, OnlineCrops
 from kdzoo.condense.space import InputSpace, split_tensors
 from kdzoo.data import build_dataset
 from kdzoo.engine.stacked import StackedModels, StackTraining, schedule_factor, stack_optimizer
@@ -304,3 +304,35 @@ def test_a_batch_specific_teacher_labels_each_networks_batch_whole():
     teacher = Recording()
     TeacherLabels(teacher, 1.0, chunk=2).label(torch.randn(12, 5), groups=3)
     assert teacher.sizes == [4, 4, 4]
+
+
+def test_static_label_mixing_is_the_softmax_of_the_interpolated_logits():
+    """INFER's val_static.py: target = softmax((lam l_i + (1 - lam) l_j) / T) from the stored logits."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5, dtype=torch.float64)
+    stored = torch.softmax(logits / 30.0, -1)
+    x = torch.arange(6, dtype=torch.float64).view(6, 1, 1, 1).expand(6, 1, 2, 2).contiguous()
+    mixed_x, mixed_y = LogitMix()(x, stored, groups=2)
+    for row in range(6):
+        value, found = mixed_x[row, 0, 0, 0], False
+        for partner in range(3 * (row // 3), 3 * (row // 3) + 3):  # partners come from the row's own batch
+            if partner == row:
+                found = found or (bool(torch.isclose(value, x[row, 0, 0, 0]))
+                                  and torch.allclose(mixed_y[row].double(), stored[row], atol=1e-6))
+                continue
+            lam = (value - x[partner, 0, 0, 0]) / (x[row, 0, 0, 0] - x[partner, 0, 0, 0])
+            if 0 <= lam <= 1:
+                expected = torch.softmax((lam * logits[row] + (1 - lam) * logits[partner]) / 30.0, -1)
+                found = found or torch.allclose(mixed_y[row].double(), expected, atol=1e-6)
+        assert found
+
+
+def test_the_static_mode_trains_on_the_stored_soft_labels(data):
+    synthetic = condense("test_bn_recover", data, 2, iterations=1, progress=False, **TINY)
+    synthetic.labels = F.one_hot(torch.full((len(synthetic.labels),), 2), 4).float() * 0.97 + 0.01
+    synthetic.teacher = None
+    results = evaluate_synthetic(synthetic, data, EvalOptions(num_models=2, epochs=30, lr=0.01, teacher_labels="static",
+                                                              temperature=1.0), device="cpu", progress=False)
+    _, test_labels = split_tensors(data.test)
+    share_of_class_2 = 100 * float((test_labels == 2).double().mean())
+    assert results["convnet:convnet3"].accuracies == pytest.approx([share_of_class_2] * 2)

@@ -180,9 +180,11 @@ def test_the_authors_defaults():
     assert defaults["init"] == "real" and len(defaults["observer_model"].split(",")) == 4
     assert (infer.R_BN_CIFAR, infer.R_BN_IMAGENET) == (1.0, 0.01)
     protocol = infer.INFER.EVAL
-    assert (protocol.teacher_labels, protocol.mix, protocol.temperature) == ("online", "mixup", 30.0)
+    assert (protocol.teacher_labels, protocol.mix, protocol.temperature) == ("static", "mixup", 30.0)
     assert (protocol.epochs, protocol.batch_size, protocol.lr, protocol.optimizer, protocol.weight_decay,
-            protocol.schedule) == (80, 64, 1e-3, "adamw", 0.01, "cosine")
+            protocol.schedule) == (400, 64, 1e-3, "adamw", 0.01, "cosine")
+    dynamic = infer.INFER_DYN_EVAL  # INFER+Dyn: the same, relabelled online, 80 epochs
+    assert (dynamic.teacher_labels, dynamic.epochs, dynamic.temperature) == ("online", 80, 30.0)
     # crop_scale (1, 1): the online crop keeps the whole image (the authors translate instead; see the docstring)
     images = torch.randn(8, 3, 16, 16)
     whole = OnlineCrops(protocol.crop_scale, flip_probability=0.0, mix="none")

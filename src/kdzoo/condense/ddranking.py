@@ -61,6 +61,7 @@ from ..registry import NonNegativeInt, Positive, PositiveInt, UnitInterval
 from .augment import DSA, DSA_STRATEGY
 from .base import EvalProtocol, SyntheticSet, build_network
 from .evaluate import EvalOptions, accuracy, evaluate_synthetic, train_networks
+from .observer import observer_from_meta, soft_targets
 from .soft_labels import HOLDOUT_FRACTION, committee_members, vote
 from .space import pixel_tensors, split_tensors
 
@@ -310,6 +311,23 @@ def committee_labeller(synthetic: SyntheticSet, data, device: torch.device, prog
     return label
 
 
+def teacher_labeller(synthetic: SyntheticSet, device: torch.device) -> Optional[Labeller]:
+    """Soft labels for real images from the set's own teacher at its protocol's temperature (INFER's static labels
+    are that teacher's softmax on the un-augmented images); None when the set has no teacher."""
+    if synthetic.teacher is None and not (synthetic.meta.get("observer") or {}).get("file") and not (
+            synthetic.meta.get("observer") or {}).get("ensemble"):
+        return None
+    teacher = synthetic.teacher if synthetic.teacher is not None else observer_from_meta(synthetic.meta, device)
+    temperature = EvalProtocol(**synthetic.meta.get("eval", {})).temperature
+
+    def label(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([soft_targets(teacher.to(device), part.to(device), temperature).cpu()
+                              for part in x.split(1024)])
+
+    return label
+
+
 def _random_subject(synthetic: SyntheticSet, real: tuple[torch.Tensor, torch.Tensor], per_class: torch.Tensor,
                     generator: torch.Generator, labeller: Optional[Labeller]) -> SyntheticSet:
     """A random real subset (same count per class as the set) as a set in the synthetic set's space and protocol,
@@ -359,7 +377,8 @@ def ddranking_scores(synthetic: SyntheticSet, data, options: Optional[DDRankingO
                    else syn_hard)
         labeller = None
         if synthetic.soft:
-            labeller = options.soft_labeller or committee_labeller(synthetic, data, torch_device, progress)
+            labeller = (options.soft_labeller or teacher_labeller(synthetic, torch_device)
+                        or committee_labeller(synthetic, data, torch_device, progress))
         real = _train_split(synthetic, data)
         per_class = torch.bincount(hard, minlength=num_classes)
         one_each = dataclasses.replace(evaluation, num_models=1)

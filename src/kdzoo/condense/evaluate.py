@@ -26,7 +26,7 @@ from ..registry import Positive, PositiveInt
 from .augment import DSA, DSA_STRATEGY
 from .base import EvalProtocol, SyntheticSet, build_network, classification_loss
 from .observer import observer_from_meta, soft_targets
-from .relabel import OnlineCrops
+from .relabel import LogitMix, OnlineCrops
 from .space import pixel_tensors, split_tensors
 
 # CIFAR-10, ConvNet-3, test accuracy % (../shared/reference/published.md; DC/DSA from the
@@ -51,7 +51,9 @@ def register_student_trainer(mode: str, trainer: Callable[..., StackedModels]) -
 
 
 def teacher_label_modes() -> tuple[str, ...]:
-    return ("none", "online", *STUDENT_TRAINERS)
+    """none: the set's labels with DSA; online: a teacher's soft labels of every augmented batch; static: the set's
+    stored soft labels, mixed with their inputs in log space (INFER); and the registered trainers' modes."""
+    return ("none", "online", "static", *STUDENT_TRAINERS)
 
 
 def published_accuracy(method: str, dataset: str, ipc: int) -> Optional[float]:
@@ -128,22 +130,25 @@ def accuracy(networks: StackedModels, images: torch.Tensor, labels: torch.Tensor
 def train_networks(networks: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor,
                    settings: StackTraining, *, augment: Optional[DSA | OnlineCrops] = None,
                    sharpness: Sharpness = Sharpness(), on_epoch: Optional[Callable[[int, dict], None]] = None,
-                   progress: Optional[str] = None, teacher: Optional[TeacherLabels] = None) -> StackedModels:
+                   progress: Optional[str] = None, teacher: Optional[TeacherLabels] = None,
+                   label_mix: Optional[LogitMix] = None, temperature: Optional[float] = None) -> StackedModels:
     """Train same-architecture `networks` on (images, labels) as `settings` says, stacked on the engine's
     stacked-models trainer (`kdzoo.engine.train_stack`): each network draws its own batch order and its own DSA
     operation, so the runs are as independent as if trained one by one.  `sharpness`: FTD's experts (see
     `network_gradient`).  `settings.vectorize` (default: on CUDA) runs the stack as one vmapped forward; on a CPU
     one network at a time is faster.  `on_epoch(epoch, params)` sees the stacked parameters at epoch 0 and after
     every epoch; `progress`: a bar with this description.  `teacher`: every augmented batch is relabelled with
-    the teacher's soft labels at its temperature, and the loss is taken at that temperature."""
+    the teacher's soft labels at its temperature, and the loss is taken at that temperature.  `label_mix`: inputs
+    and stored soft labels mixed together (INFER's static labels) with the loss at `temperature`."""
     if len({type(n) for n in networks}) != 1:
         raise ConfigError("train_networks: all networks must share one architecture")
     vectorize = images.device.type == "cuda" if settings.vectorize is None else settings.vectorize
     stack = StackedModels(networks, vectorize=vectorize)
-    temperature = teacher.temperature if teacher is not None else 1.0
+    if temperature is None:
+        temperature = teacher.temperature if teacher is not None else 1.0
     train_stack(stack, images, labels, settings, network_gradient(stack.template, sharpness, temperature=temperature),
                 augment.augment if augment is not None and getattr(augment, "enabled", True) else None, on_epoch,
-                progress, relabel=teacher.label if teacher is not None else None)
+                progress, relabel=teacher.label if teacher is not None else None, mix=label_mix)
     return stack
 
 
@@ -220,7 +225,7 @@ def evaluation_teacher(synthetic: SyntheticSet, protocol: EvalProtocol, options:
     mode = protocol.teacher_labels if options.teacher_labels is None else options.teacher_labels
     if mode not in teacher_label_modes():
         raise ConfigError(f"eval.teacher_labels: expected one of {', '.join(teacher_label_modes())}, got {mode!r}")
-    if mode == "none":
+    if mode in ("none", "static"):
         return mode, None
     teacher = synthetic.teacher if synthetic.teacher is not None else observer_from_meta(synthetic.meta, device)
     temperature = options.temperature
@@ -244,7 +249,14 @@ def evaluate_synthetic(synthetic: SyntheticSet, data, options: Optional[EvalOpti
     models = list(options.models or [own_model])
     torch_device = resolve_device(device)
     mode, teacher = evaluation_teacher(synthetic, protocol, options, torch_device)
-    if teacher is not None:  # the decoupled methods' crops (+ CutMix) in place of DSA
+    label_mix = None
+    if mode == "static":  # crops without mixing; the stored labels mix with their inputs
+        if not synthetic.soft:
+            raise ConfigError("eval.teacher_labels=static needs a set with soft labels")
+        augmentation = OnlineCrops(tuple(protocol.crop_scale), mix="none") if augment else None
+        label_mix = LogitMix()
+        teacher_temperature = options.temperature or protocol.temperature
+    elif teacher is not None:  # the decoupled methods' crops (+ CutMix) in place of DSA
         augmentation = (OnlineCrops(tuple(protocol.crop_scale), mix=protocol.mix, patch_shuffle=protocol.patch_shuffle)
                         if augment else None)
     else:
@@ -275,7 +287,8 @@ def evaluate_synthetic(synthetic: SyntheticSet, data, options: Optional[EvalOpti
                                              teacher.temperature, bar)
         else:
             trained = train_networks(networks, images, labels, settings, augment=augmentation, progress=bar,
-                                     teacher=teacher)
+                                     teacher=teacher, label_mix=label_mix,
+                                     temperature=teacher_temperature if label_mix is not None else None)
         accuracies = (accuracy(trained, test_images, test_labels) * 100).tolist()
         if torch_device.type == "cuda":
             torch.cuda.synchronize(torch_device)

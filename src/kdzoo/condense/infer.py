@@ -47,11 +47,10 @@ per epoch, batch 64:
     labels" that keeps the stored soft labels to one vector per image);
   * INFER+Dyn (val_dyn.py, 80 epochs on CIFAR, README: epochs cut by 1 / (M + 1)): the teacher relabels every mixed
     batch.
-kdzoo's evaluation can replay only the second ("online" soft labels of each augmented batch), so `EVAL` is
-INFER+Dyn's protocol; the static labels are what the set stores (`labels`: softmax of the observers' mean logits
-/ 30 on the final images; at T = 30 so their logs keep the logits up to a per-image constant, i.e. exactly what a
-static-label evaluation needs to interpolate).  NOT implemented: the static-label evaluation itself (needs a mode
-in `evaluate.py`), the RandomCrop(padding 4) translation (kdzoo's online crops are RandomResizedCrop; `crop_scale`
+`EVAL` is INFER's static protocol (``teacher_labels="static"``: the set's stored labels, softmax of the observers'
+mean logits / 30 on the final images, mixed in log space with their MixUp partners, which is the softmax of the
+interpolated logits); INFER+Dyn is ``eval.teacher_labels=online eval.epochs=80`` (`INFER_DYN_EVAL`).  NOT implemented:
+the RandomCrop(padding 4) translation (kdzoo's online crops are RandomResizedCrop; `crop_scale`
 (1, 1) keeps the whole image and only flips), AdamW weight decay on every parameter (kdzoo decays conv/linear
 weights only), the authors' ResNet-18 student (the set's `model` is what is evaluated), JPEG storage of the images,
 the EfficientNet-specific dropped BN hook (``loss_packed_features[2].pop(1)``), and the reference saving x + u from
@@ -89,9 +88,12 @@ DEFAULT_OBSERVERS = "cifar:resnet20,cifar:mobile_half,convnet:convnet3,cifar:Shu
 IMAGENET_CLASSES = 1000
 R_BN_CIFAR, R_BN_IMAGENET = 1.0, 0.01  # sh/ufc_cifar.sh --r-bn 1; README's ImageNet command --r-bn 0.01
 
-# val_dyn.py (INFER+Dyn) on CIFAR: 80 epochs, batch 64, AdamW 1e-3 / wd 0.01, cosine, MixUp 0.8, T 30.
-INFER_EVAL = dataclasses.replace(SOFT_LABEL_EVAL, epochs=80, batch_size=64, temperature=30.0, crop_scale=(1.0, 1.0),
-                                 mix="mixup")
+# val_static.py (INFER) on CIFAR: 400 epochs, batch 64, AdamW 1e-3 / wd 0.01, cosine, MixUp 0.8 of the stored labels
+# (interpolated in logit space), T 30.  val_dyn.py (INFER+Dyn): the same with the batch relabelled online, 80 epochs
+# (INFER_DYN_EVAL; eval.teacher_labels=online eval.epochs=80).
+INFER_EVAL = dataclasses.replace(SOFT_LABEL_EVAL, epochs=400, batch_size=64, temperature=30.0, crop_scale=(1.0, 1.0),
+                                 mix="mixup", teacher_labels="static")
+INFER_DYN_EVAL = dataclasses.replace(INFER_EVAL, epochs=80, teacher_labels="online")
 
 
 def ufc_groups(ipc: int, num_classes: int, observers: int) -> int:
@@ -180,7 +182,7 @@ def ensemble_from_meta(meta: dict[str, Any], device: torch.device) -> LogitEnsem
 
 
 @register_condenser("infer", paper=INFER_PAPER,
-                    scope="universal feature compensators over groups of real images with an observer ensemble, as zhangxin-xd/UFC; evaluated with the INFER+Dyn protocol (online relabelling); the static interpolated-label protocol is not implemented; observers are zoo stand-ins for the authors' ResNet-18/MobileNetV2/EfficientNet/ShuffleNet")
+                    scope="universal feature compensators over groups of real images with an observer ensemble, as zhangxin-xd/UFC; evaluated with INFER's static labels mixed in logit space (val_static.py; INFER+Dyn's online relabelling: eval.teacher_labels=online eval.epochs=80); observers are zoo stand-ins for the authors' ResNet-18/MobileNetV2/EfficientNet/ShuffleNet")
 @dataclass(eq=False)
 class INFER(ObserverCondenser):
     """Universal feature compensators added to real images (see the module docstring).  `ipc` is the storage
@@ -412,5 +414,5 @@ class INFER(ObserverCondenser):
         return synthetic
 
 
-__all__ = ["INFER", "INFER_EVAL", "ufc_groups", "grouped_bn_statistics_loss", "compensator_loss", "roll_groups",
+__all__ = ["INFER", "INFER_EVAL", "INFER_DYN_EVAL", "ufc_groups", "grouped_bn_statistics_loss", "compensator_loss", "roll_groups",
            "ensemble_soft_labels", "GroupedBatchNormStatistics", "LogitEnsemble", "ensemble_from_meta"]

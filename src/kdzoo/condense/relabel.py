@@ -374,6 +374,32 @@ class OnlineCrops:
         return torch.where(cutmix_masks(mix_box.to(x.device), size), crops[partner], crops)
 
 
+@dataclass(frozen=True)
+class LogitMix:
+    """MixUp of stored soft labels, per network's batch (INFER's static labels, ufc_validation/val_static.py): one
+    lam ~ Beta(alpha, alpha) and a random partner in the same batch per batch; inputs mix linearly, the target is
+    softmax(lam log p_i + (1 - lam) log p_j), which is the authors' softmax of the interpolated stored logits at the
+    labels' temperature.  `__call__(x, y, groups=K)`, as `engine.stacked.train_stack`'s `mix` hook."""
+
+    alpha: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not self.alpha > 0:
+            raise ConfigError(f"mix alpha must be positive, got {self.alpha}")
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        if not y.is_floating_point():
+            raise ConfigError("static label mixing needs soft labels (N, classes); this set has class indices")
+        per_group = len(x) // groups
+        lam = torch.distributions.Beta(self.alpha, self.alpha).sample((groups,)).repeat_interleave(per_group)
+        partner = torch.cat([g * per_group + torch.randperm(per_group) for g in range(groups)]).to(x.device)
+        lam = lam.to(x.device, x.dtype)
+        mixed_x = lam.view(-1, *[1] * (x.dim() - 1)) * x + (1 - lam.view(-1, *[1] * (x.dim() - 1))) * x[partner]
+        log_p = y.float().clamp_min(1e-12).log()
+        mixed_y = torch.softmax(lam[:, None] * log_p + (1 - lam[:, None]) * log_p[partner], -1)
+        return mixed_x, mixed_y
+
+
 # --- soft labels -------------------------------------------------------------------------------------------------
 
 

@@ -223,7 +223,8 @@ def train_stack(stack: StackedModels, images: torch.Tensor, labels: torch.Tensor
                 gradient: GradientFn, augment: Optional[Callable[..., torch.Tensor]] = None,
                 on_epoch: Optional[Callable[[int, Tensors], None]] = None, progress: Optional[str] = None,
                 relabel: Optional[Callable[..., torch.Tensor]] = None,
-                batches: Optional[Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]] = None) -> None:
+                batches: Optional[Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]] = None,
+                mix: Optional[Callable[..., tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
     """Train every network of `stack` on (images, labels): each draws its own batch order, `augment(x, groups=K)`
     (one draw per network's batch) transforms the K batches, `relabel(x, groups=K)` (a teacher's soft labels of
     the augmented inputs, e.g. SRe2L/RDED's relabelling; `groups` tells a teacher with batch statistics where one
@@ -232,7 +233,9 @@ def train_stack(stack: StackedModels, images: torch.Tensor, labels: torch.Tensor
     optimizer over the stacks updates them (element-wise, so the same update as one optimizer per network).
     `on_epoch(epoch, params)` sees the stacked parameters at epoch 0 and after every epoch; `progress`: a bar
     with this description.  `batches(epoch)`, when given, yields the epoch's (x, y) itself, shared by every network
-    (stored crops with their labels, SRe2L/FKD), in place of the per-network shuffle of (images, labels)."""
+    (stored crops with their labels, SRe2L/FKD), in place of the per-network shuffle of (images, labels).
+    `mix(x, y, groups=K)` mixes inputs and their labels together within each network's batch (INFER's static
+    labels), after `augment` and before `relabel`."""
     optimizer = stack_optimizer(stack, settings)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     count, n = len(stack), len(images)
@@ -254,6 +257,9 @@ def train_stack(stack: StackedModels, images: torch.Tensor, labels: torch.Tensor
             with torch.no_grad():  # torch.func.grad still differentiates inside; nothing else is recorded
                 if augment is not None:  # one draw per network's batch
                     x = augment(x.flatten(0, 1), groups=count).view_as(x)
+                if mix is not None:
+                    mixed_x, mixed_y = mix(x.flatten(0, 1), y.flatten(0, 1), groups=count)
+                    x, y = mixed_x.view_as(x), mixed_y.view(*y.shape[:2], *mixed_y.shape[1:])
                 if relabel is not None:
                     y = relabel(x.flatten(0, 1), groups=count).view(*x.shape[:2], -1)
                 set_gradients(stack, stack.gradients(gradient, x, y))
