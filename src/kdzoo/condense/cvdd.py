@@ -75,7 +75,8 @@ from ..registry import NonNegativeInt, Positive, PositiveInt, register_condenser
 from .base import EvalProtocol, jsonable, nearest_ipc
 from .decoupled import SOFT_LABEL_EVAL
 from .evaluate import accuracy, train_networks
-from .observer import ObserverSpec, frozen, load_observer, new_observer, read_saved_observer, save_observer
+from .observer import (ObserverSpec, frozen, load_observer, new_observer, read_saved_observer, register_teacher_loader,
+                       save_observer)
 from .soft_labels import HOLDOUT_FRACTION, committee_members
 from .sre2l import RecoverSettings, SRe2L, table_row
 
@@ -424,6 +425,9 @@ class CVDD(SRe2L):
     def evaluation_protocol(self) -> EvalProtocol:
         schedules = table_row(CVDD_SCHEDULES, self.data.name, self.image_size)
         return dataclasses.replace(self.EVAL, schedule=nearest_ipc(schedules, self.ipc))
+
+
+register_teacher_loader("committee", committee_from_meta)
 
 
 __all__ = ["CVDD", "Committee", "committee_from_meta", "committee_logits", "prior_weights", "batch_statistics",

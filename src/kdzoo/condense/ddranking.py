@@ -61,7 +61,7 @@ from ..registry import NonNegativeInt, Positive, PositiveInt, UnitInterval
 from .augment import DSA, DSA_STRATEGY
 from .base import EvalProtocol, SyntheticSet, build_network
 from .evaluate import EvalOptions, accuracy, evaluate_synthetic, train_networks
-from .observer import observer_from_meta, soft_targets
+from .observer import has_saved_teacher, observer_from_meta, soft_targets
 from .soft_labels import HOLDOUT_FRACTION, committee_members, vote
 from .space import pixel_tensors, split_tensors
 
@@ -314,8 +314,7 @@ def committee_labeller(synthetic: SyntheticSet, data, device: torch.device, prog
 def teacher_labeller(synthetic: SyntheticSet, device: torch.device) -> Optional[Labeller]:
     """Soft labels for real images from the set's own teacher at its protocol's temperature (INFER's static labels
     are that teacher's softmax on the un-augmented images); None when the set has no teacher."""
-    if synthetic.teacher is None and not (synthetic.meta.get("observer") or {}).get("file") and not (
-            synthetic.meta.get("observer") or {}).get("ensemble"):
+    if synthetic.teacher is None and not has_saved_teacher(synthetic.meta):
         return None
     teacher = synthetic.teacher if synthetic.teacher is not None else observer_from_meta(synthetic.meta, device)
     temperature = EvalProtocol(**synthetic.meta.get("eval", {})).temperature

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from ..engine.stacked import StackTraining
+from ..engine.stacked import StackedModels, StackTraining
 from ..errors import ConfigError
 from ..registry import NonNegativeInt, Positive, PositiveInt
 from .base import Condenser, EvalProtocol, SyntheticSet, jsonable
@@ -157,7 +157,6 @@ class ObserverCondenser(Condenser):
 
     def observer_accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         """Top-1 % of the observer on network inputs (e.g. the test split mapped through `self.space`)."""
-        from ..engine.stacked import StackedModels
         stack = StackedModels([self.observer_network])
         return float(accuracy(stack.eval(), images.to(self.torch_device), labels.to(self.torch_device))[0]) * 100
 

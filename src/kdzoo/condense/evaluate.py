@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from ..engine.runtime import resolve_device
-from ..engine.stacked import GradientFn, StackedModels, StackTraining, train_stack
+from ..engine.stacked import GradientFn, StackedModels, StackHooks, StackTraining, train_stack
 from ..errors import ConfigError
 from ..registry import Positive, PositiveInt
 from .augment import DSA, DSA_STRATEGY
@@ -127,28 +127,57 @@ def accuracy(networks: StackedModels, images: torch.Tensor, labels: torch.Tensor
     return (networks.predict(images).argmax(-1) == labels).float().mean(1)
 
 
+def _stack(networks: Sequence[nn.Module], images: torch.Tensor, settings: StackTraining) -> StackedModels:
+    if len({type(n) for n in networks}) != 1:
+        raise ConfigError("train_networks: all networks must share one architecture")
+    vectorize = images.device.type == "cuda" if settings.vectorize is None else settings.vectorize
+    return StackedModels(networks, vectorize=vectorize)
+
+
+def _augment_fn(augment: Optional[DSA | OnlineCrops]) -> Optional[Callable[..., torch.Tensor]]:
+    return augment.augment if augment is not None and getattr(augment, "enabled", True) else None
+
+
 def train_networks(networks: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor,
                    settings: StackTraining, *, augment: Optional[DSA | OnlineCrops] = None,
                    sharpness: Sharpness = Sharpness(), on_epoch: Optional[Callable[[int, dict], None]] = None,
-                   progress: Optional[str] = None, teacher: Optional[TeacherLabels] = None,
-                   label_mix: Optional[LogitMix] = None, temperature: Optional[float] = None) -> StackedModels:
+                   progress: Optional[str] = None) -> StackedModels:
     """Train same-architecture `networks` on (images, labels) as `settings` says, stacked on the engine's
     stacked-models trainer (`kdzoo.engine.train_stack`): each network draws its own batch order and its own DSA
     operation, so the runs are as independent as if trained one by one.  `sharpness`: FTD's experts (see
     `network_gradient`).  `settings.vectorize` (default: on CUDA) runs the stack as one vmapped forward; on a CPU
     one network at a time is faster.  `on_epoch(epoch, params)` sees the stacked parameters at epoch 0 and after
-    every epoch; `progress`: a bar with this description.  `teacher`: every augmented batch is relabelled with
-    the teacher's soft labels at its temperature, and the loss is taken at that temperature.  `label_mix`: inputs
-    and stored soft labels mixed together (INFER's static labels) with the loss at `temperature`."""
-    if len({type(n) for n in networks}) != 1:
-        raise ConfigError("train_networks: all networks must share one architecture")
-    vectorize = images.device.type == "cuda" if settings.vectorize is None else settings.vectorize
-    stack = StackedModels(networks, vectorize=vectorize)
+    every epoch; `progress`: a bar with this description."""
+    stack = _stack(networks, images, settings)
+    train_stack(stack, images, labels, settings, network_gradient(stack.template, sharpness),
+                StackHooks(augment=_augment_fn(augment), on_epoch=on_epoch), progress)
+    return stack
+
+
+@dataclass(frozen=True)
+class StudentRecipe:
+    """Where the fresh networks' targets come from: `teacher` relabels every augmented batch at its temperature
+    (the decoupled methods' online protocol), or `label_mix` mixes the stored soft labels with their inputs (INFER's
+    static labels); the loss is taken at `temperature` (the teacher's when None)."""
+
+    augment: Optional[DSA | OnlineCrops] = None
+    teacher: Optional["TeacherLabels"] = None
+    label_mix: Optional[LogitMix] = None
+    temperature: Optional[float] = None
+
+
+def train_students(networks: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor,
+                   settings: StackTraining, recipe: StudentRecipe, progress: Optional[str] = None) -> StackedModels:
+    """`train_networks` with the targets of `recipe` (a teacher's soft labels per batch, or mixed stored soft labels)
+    and the soft-label cross-entropy at their temperature (SRe2L's KL without T^2)."""
+    stack = _stack(networks, images, settings)
+    temperature = recipe.temperature
     if temperature is None:
-        temperature = teacher.temperature if teacher is not None else 1.0
-    train_stack(stack, images, labels, settings, network_gradient(stack.template, sharpness, temperature=temperature),
-                augment.augment if augment is not None and getattr(augment, "enabled", True) else None, on_epoch,
-                progress, relabel=teacher.label if teacher is not None else None, mix=label_mix)
+        temperature = recipe.teacher.temperature if recipe.teacher is not None else 1.0
+    hooks = StackHooks(augment=_augment_fn(recipe.augment), mix=recipe.label_mix,
+                       relabel=recipe.teacher.label if recipe.teacher is not None else None)
+    train_stack(stack, images, labels, settings, network_gradient(stack.template, temperature=temperature), hooks,
+                progress)
     return stack
 
 
@@ -249,13 +278,13 @@ def evaluate_synthetic(synthetic: SyntheticSet, data, options: Optional[EvalOpti
     models = list(options.models or [own_model])
     torch_device = resolve_device(device)
     mode, teacher = evaluation_teacher(synthetic, protocol, options, torch_device)
-    label_mix = None
+    label_mix, static_temperature = None, None
     if mode == "static":  # crops without mixing; the stored labels mix with their inputs
         if not synthetic.soft:
             raise ConfigError("eval.teacher_labels=static needs a set with soft labels")
         augmentation = OnlineCrops(tuple(protocol.crop_scale), mix="none") if augment else None
         label_mix = LogitMix()
-        teacher_temperature = options.temperature or protocol.temperature
+        static_temperature = options.temperature or protocol.temperature
     elif teacher is not None:  # the decoupled methods' crops (+ CutMix) in place of DSA
         augmentation = (OnlineCrops(tuple(protocol.crop_scale), mix=protocol.mix, patch_shuffle=protocol.patch_shuffle)
                         if augment else None)
@@ -285,10 +314,11 @@ def evaluate_synthetic(synthetic: SyntheticSet, data, options: Optional[EvalOpti
         if mode in STUDENT_TRAINERS:
             trained = STUDENT_TRAINERS[mode](networks, images, labels, settings, teacher.teacher, augmentation,
                                              teacher.temperature, bar)
+        elif mode == "none":
+            trained = train_networks(networks, images, labels, settings, augment=augmentation, progress=bar)
         else:
-            trained = train_networks(networks, images, labels, settings, augment=augmentation, progress=bar,
-                                     teacher=teacher, label_mix=label_mix,
-                                     temperature=teacher_temperature if label_mix is not None else None)
+            recipe = StudentRecipe(augmentation, teacher, label_mix, static_temperature)
+            trained = train_students(networks, images, labels, settings, recipe, bar)
         accuracies = (accuracy(trained, test_images, test_labels) * 100).tolist()
         if torch_device.type == "cuda":
             torch.cuda.synchronize(torch_device)

@@ -78,7 +78,8 @@ from ..errors import ConfigError
 from ..registry import NonNegative, NonNegativeInt, Positive, UnitInterval, register_condenser
 from .base import EvalProtocol, SyntheticSet, jsonable
 from .decoupled import SOFT_LABEL_EVAL, BatchNormStatistics, ObserverCondenser, clamp_to_pixels, cosine_lr, squeeze
-from .observer import SOURCES, ObserverSpec, frozen, load_observer, read_saved_observer, save_observer
+from .observer import (SOURCES, ObserverSpec, frozen, load_observer, read_saved_observer, register_teacher_loader,
+                       save_observer)
 
 INFER_PAPER = ("Zhang et al. 2025, Breaking Class Barriers: Efficient Dataset Distillation via Inter-Class Feature "
                "Compensator (ICLR)")
@@ -412,6 +413,9 @@ class INFER(ObserverCondenser):
         synthetic.meta["labels"] = {"kind": "static", "temperature": self.EVAL.temperature,
                                     "teacher": "mean logits of the observers on the final images"}
         return synthetic
+
+
+register_teacher_loader("ensemble", ensemble_from_meta)
 
 
 __all__ = ["INFER", "INFER_EVAL", "INFER_DYN_EVAL", "ufc_groups", "grouped_bn_statistics_loss", "compensator_loss", "roll_groups",

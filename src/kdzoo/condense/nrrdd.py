@@ -55,7 +55,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from ..engine.optim import descend
-from ..engine.stacked import GradientFn, StackedModels, StackTraining, train_stack
+from ..engine.stacked import GradientFn, StackedModels, StackHooks, StackTraining, train_stack
 from ..errors import ConfigError
 from ..registry import NonNegative, NonNegativeInt, Positive, UnitInterval, register_condenser
 from ..taps import Taps, discover_layout
@@ -245,8 +245,8 @@ def train_dbr_networks(networks: Sequence[nn.Module], images: torch.Tensor, labe
     stack = StackedModels(networks, vectorize=vectorize)
     batches = DBRBatches(dataclasses.replace(dbr, teacher=dbr.teacher.eval()))
     train_stack(stack, with_label_plane(images, labels), labels, settings,
-                dbr_gradient(stack.template, dbr.weight, dbr.temperature), batches.augment, progress=progress,
-                relabel=batches.relabel)
+                dbr_gradient(stack.template, dbr.weight, dbr.temperature),
+                StackHooks(augment=batches.augment, relabel=batches.relabel), progress)
     return stack
 
 

@@ -18,14 +18,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from ..engine.checkpoint import read_weights, write_weights
 from ..errors import CheckpointError, ConfigError
-from ..models import create_model
+from ..models import MODELS, create_model
 from ..models.weights import load_weights
 
 SOURCES = ("squeeze", "pretrained")  # or a path
@@ -46,7 +46,6 @@ class ObserverSpec:
 
     def model_options(self) -> dict:
         options = dict(self.options or {})
-        from ..models import MODELS
         if self.model in MODELS and "image_size" in MODELS.get(self.model).defaults:
             options.setdefault("image_size", tuple(self.image_size))
         return options
@@ -106,15 +105,27 @@ def read_saved_observer(path: str | Path, spec: ObserverSpec, meta: dict[str, An
     return frozen(model)
 
 
+# Loaders of teachers made of several saved networks (CV-DD's "committee", INFER's "ensemble"), registered by the
+# method that records them under that key of meta["observer"].
+TEACHER_LOADERS: dict[str, Callable[[dict, torch.device], nn.Module]] = {}
+
+
+def register_teacher_loader(key: str, loader: Callable[[dict, torch.device], nn.Module]) -> None:
+    TEACHER_LOADERS[key] = loader
+
+
+def has_saved_teacher(meta: dict[str, Any]) -> bool:
+    """Whether a set's metadata names teacher files `observer_from_meta` can load."""
+    description = meta.get("observer") or {}
+    return bool(description.get("file") or any(description.get(key) for key in TEACHER_LOADERS))
+
+
 def observer_from_meta(meta: dict[str, Any], device: torch.device) -> nn.Module:
     """The observer a synthetic set's metadata names (its `file`), for the soft-label evaluation."""
     description = meta.get("observer")
-    if description and description.get("ensemble"):  # INFER: several observers, their logits averaged
-        from .infer import ensemble_from_meta
-        return ensemble_from_meta(meta, device)
-    if description and description.get("committee"):  # CV-DD: several members, each in its own file
-        from .cvdd import committee_from_meta
-        return committee_from_meta(meta, device)
+    for key, loader in TEACHER_LOADERS.items():  # several networks, each in its own file
+        if description and description.get(key):
+            return loader(meta, device)
     if not description or not description.get("file"):
         raise ConfigError("this set is evaluated with its observer's soft labels, but no observer file is recorded; "
                           "pass teacher=MODEL to evaluate_synthetic (or eval.teacher_labels=none for hard labels)")
@@ -138,4 +149,5 @@ def soft_targets(teacher: nn.Module, x: torch.Tensor, temperature: float) -> tor
 
 
 __all__ = ["ObserverSpec", "SOURCES", "new_observer", "load_observer", "save_observer", "read_saved_observer",
-           "observer_from_meta", "frozen", "soft_targets"]
+           "observer_from_meta", "frozen", "soft_targets", "register_teacher_loader", "has_saved_teacher",
+           "TEACHER_LOADERS"]

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from ..engine.checkpoint import read_weights
 from ..engine.runtime import atomic_write
-from ..engine.stacked import StackedModels, StackTraining, loss_gradient, schedule_factor, train_stack
+from ..engine.stacked import StackedModels, StackHooks, StackTraining, loss_gradient, schedule_factor, train_stack
 from ..errors import CheckpointError, ConfigError
 
 FORMAT = "kdzoo.crop_labels"
@@ -699,7 +699,7 @@ def train_on_crop_labels(student: nn.Module, images: torch.Tensor, labels: "Crop
     gradient = loss_gradient(stack.template, lambda logits, targets: soft_label_kl(
         logits, targets, temperature, options.temperature_squared))
     train_stack(stack, images, torch.zeros(len(images), device=images.device), settings, gradient,
-                progress="train on crop labels" if options.progress else None, batches=batches)
+                StackHooks(batches=batches), "train on crop labels" if options.progress else None)
     stack.write_back()
     return student.eval()
 

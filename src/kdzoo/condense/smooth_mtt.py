@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad
 
-from ..engine.stacked import GradientFn, StackedModels, StackTraining, train_stack
+from ..engine.stacked import GradientFn, StackedModels, StackHooks, StackTraining, train_stack
 from ..errors import ConfigError
 from ..registry import NonNegative, NonNegativeInt, Positive, Range, register_condenser
 from .base import jsonable
@@ -403,7 +403,7 @@ class AST(MTT):
                 gradient = smooth_expert_gradient(stack.template, self.gradient_penalty,
                                                   channels if penalised else None, recorder.loss_scale)
                 train_stack(stack, images, self.real.labels, settings, gradient,
-                            augment if self.dsa.enabled else None, recorder,
+                            StackHooks(augment=augment if self.dsa.enabled else None, on_epoch=recorder),
                             f"experts {first + 1}-{first + count}/{self.num_experts}" if self.progress else None)
                 trajectories.extend(torch.stack(recorder.snapshots, 1).unbind(0))
         return trajectories

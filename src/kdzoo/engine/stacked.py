@@ -219,32 +219,40 @@ def stack_optimizer(stack: "StackedModels", settings: StackTraining) -> torch.op
 GradientFn = Callable[[Tensors, Tensors, torch.Tensor, torch.Tensor], Tensors]
 
 
+@dataclass(frozen=True)
+class StackHooks:
+    """What `train_stack` does to every batch besides the step.  `augment(x, groups=K)` transforms the K networks'
+    batches (one draw per network's batch); `mix(x, y, groups=K)` mixes inputs and their labels together within
+    each network's batch (INFER's static labels); `relabel(x, groups=K)` replaces the labels by a teacher's soft
+    labels of the augmented inputs (SRe2L/RDED's relabelling; `groups` tells a teacher with batch statistics where
+    one network's batch ends); `batches(epoch)` yields the epoch's (x, y) itself, shared by every network (stored
+    crops with their labels, SRe2L/FKD), in place of the per-network shuffle; `on_epoch(epoch, params)` sees the
+    stacked parameters at epoch 0 and after every epoch."""
+
+    augment: Optional[Callable[..., torch.Tensor]] = None
+    mix: Optional[Callable[..., tuple[torch.Tensor, torch.Tensor]]] = None
+    relabel: Optional[Callable[..., torch.Tensor]] = None
+    batches: Optional[Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]] = None
+    on_epoch: Optional[Callable[[int, Tensors], None]] = None
+
+
 def train_stack(stack: StackedModels, images: torch.Tensor, labels: torch.Tensor, settings: StackTraining,
-                gradient: GradientFn, augment: Optional[Callable[..., torch.Tensor]] = None,
-                on_epoch: Optional[Callable[[int, Tensors], None]] = None, progress: Optional[str] = None,
-                relabel: Optional[Callable[..., torch.Tensor]] = None,
-                batches: Optional[Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]] = None,
-                mix: Optional[Callable[..., tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
-    """Train every network of `stack` on (images, labels): each draws its own batch order, `augment(x, groups=K)`
-    (one draw per network's batch) transforms the K batches, `relabel(x, groups=K)` (a teacher's soft labels of
-    the augmented inputs, e.g. SRe2L/RDED's relabelling; `groups` tells a teacher with batch statistics where one
-    network's batch ends) replaces their labels when given, `gradient(params,
-    buffers, x, y)` (a torch.func gradient of one network's loss) gives the per-network gradients, and one
-    optimizer over the stacks updates them (element-wise, so the same update as one optimizer per network).
-    `on_epoch(epoch, params)` sees the stacked parameters at epoch 0 and after every epoch; `progress`: a bar
-    with this description.  `batches(epoch)`, when given, yields the epoch's (x, y) itself, shared by every network
-    (stored crops with their labels, SRe2L/FKD), in place of the per-network shuffle of (images, labels).
-    `mix(x, y, groups=K)` mixes inputs and their labels together within each network's batch (INFER's static
-    labels), after `augment` and before `relabel`."""
+                gradient: GradientFn, hooks: StackHooks = StackHooks(), progress: Optional[str] = None) -> None:
+    """Train every network of `stack` on (images, labels): each draws its own batch order, `hooks` transform the
+    batches (augmentation, mixing, relabelling), `gradient(params, buffers, x, y)` (a torch.func gradient of one
+    network's loss) gives the per-network gradients, and one optimizer over the stacks updates them (element-wise,
+    so the same update as one optimizer per network).  `progress`: a bar with this description."""
     optimizer = stack_optimizer(stack, settings)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     count, n = len(stack), len(images)
     batch = max(1, settings.batch_size // 2 if settings.flip_batch else settings.batch_size)
     steps = math.ceil(n / batch)
 
+    augment, mix, relabel, batches = hooks.augment, hooks.mix, hooks.relabel, hooks.batches
+
     def report(epoch: int) -> None:
-        if on_epoch:
-            on_epoch(epoch, {k: v.detach() for k, v in stack.params.items()})
+        if hooks.on_epoch:
+            hooks.on_epoch(epoch, {k: v.detach() for k, v in stack.params.items()})
 
     report(0)
     for epoch in tqdm(range(settings.epochs), desc=progress, disable=progress is None, leave=False, dynamic_ncols=True):
@@ -291,4 +299,4 @@ def _shared(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int
         yield x.unsqueeze(0).expand(count, *x.shape), y.unsqueeze(0).expand(count, *y.shape)
 
 
-__all__ = ["StackedModels", "StackTraining", "train_stack", "stack_optimizer", "schedule_factor", "SCHEDULES", "member", "loss_gradient", "set_gradients"]
+__all__ = ["StackedModels", "StackTraining", "StackHooks", "train_stack", "stack_optimizer", "schedule_factor", "SCHEDULES", "member", "loss_gradient", "set_gradients"]
