@@ -336,3 +336,11 @@ def test_the_static_mode_trains_on_the_stored_soft_labels(data):
     _, test_labels = split_tensors(data.test)
     share_of_class_2 = 100 * float((test_labels == 2).double().mean())
     assert results["convnet:convnet3"].accuracies == pytest.approx([share_of_class_2] * 2)
+
+
+def test_any_zoo_classifier_can_be_squeezed_as_the_observer(data):
+    condenser = CONDENSERS.build("test_bn_recover", data, 1, observer_model="cifar:resnet8", observer_options={},
+                                 observer_epochs=1, model_options={"width": 8})
+    assert type(condenser.observer_network).__name__ != "ConvNet" and not condenser.observer_network.training
+    assert 0.0 <= condenser.observer_accuracy(*split_tensors(data.test)) <= 100.0
+    condenser.step()  # BN matching through the ResNet's BatchNorm layers
