@@ -137,6 +137,9 @@ def run_cell(args, method: str, ipc: int) -> dict:
         defaults = CONDENSERS.get(method).defaults
         if "observer" in defaults:
             options = {**observer, **options}
+        if method == "infer":  # its own ensemble of four architectures, squeezed with their default options
+            options.pop("observer_options", None)
+            options["observer_file"] = str(Path(args.out).resolve() / "observer-infer.safetensors")
         options.setdefault("model_options", {"width": args.width})
         condenser = build_condenser(method, data, ipc, **options)
         if hasattr(condenser, "observer_network"):
