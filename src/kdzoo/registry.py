@@ -393,6 +393,7 @@ CONDENSERS = Registry("condenser", skip_args=("data", "ipc"))
 LM_LOSSES = Registry("lm loss", skip_args=("student_config", "teacher_config", "student_tokenizer", "teacher_tokenizer"))
 TASKS = Registry("task", skip_args=("*",))  # Task classes: built by their runs, no options of their own
 DIFFUSION_METHODS = Registry("diffusion method", skip_args=("scheduler",))
+CLIP_METHODS = Registry("clip method")
 
 register_method = METHODS.register
 register_model = MODELS.register
@@ -401,8 +402,9 @@ register_condenser = CONDENSERS.register
 register_lm_loss = LM_LOSSES.register
 register_task = TASKS.register
 register_diffusion_method = DIFFUSION_METHODS.register
+register_clip_method = CLIP_METHODS.register
 
 __all__ = ["Registry", "Entry", "Range", "Positive", "NonNegative", "Fraction", "PositiveInt", "NonNegativeInt", "UnitInterval",
            "check_options", "check_value", "describe_type", "register_method", "register_model", "register_dataset",
-           "register_condenser", "register_lm_loss", "register_task", "register_diffusion_method", "METHODS", "MODELS",
-           "DATASETS", "CONDENSERS", "LM_LOSSES", "TASKS", "DIFFUSION_METHODS"]
+           "register_condenser", "register_lm_loss", "register_task", "register_diffusion_method", "register_clip_method",
+           "METHODS", "MODELS", "DATASETS", "CONDENSERS", "LM_LOSSES", "TASKS", "DIFFUSION_METHODS", "CLIP_METHODS"]

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from ..errors import KdzooError
 from .analysis import add_cka_parser, add_search_parser
 from .bench import add_bench_parser
+from .clip import add_clip_parser
 from .condense import add_condense_parser
 from .diffusion import add_diffusion_parser
 from .lm import add_lm_parser
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_condense_parser(sub)
     add_lm_parser(sub)
     add_diffusion_parser(sub)
+    add_clip_parser(sub)
     add_bench_parser(sub)
     add_search_parser(sub)
     add_cka_parser(sub)

@@ -9,7 +9,7 @@ from ..condense import CONDENSERS
 from ..data.datasets import DATASETS
 from ..methods import METHODS
 from ..models import MODELS
-from ..registry import DIFFUSION_METHODS, LM_LOSSES, describe_type
+from ..registry import CLIP_METHODS, DIFFUSION_METHODS, LM_LOSSES, describe_type
 from ..tasks import TASKS
 from ..tasks.lm import create_lm_loss  # noqa: F401  (the LM losses register on import)
 
@@ -20,21 +20,23 @@ def add_methods_parser(sub) -> argparse.ArgumentParser:
                                    "teacher, whether it suits pairs of different architectures, what it does). "
                                    "With NAME: its description, options with defaults and meanings, the layers "
                                    "it reads by default and its paper.")
-    p.add_argument("name", nargs="?", default=None, help="a method (or, with --models/--datasets/--condensers/--lm/--diffusion, "
-                                                          "an entry of that list) to describe")
+    p.add_argument("name", nargs="?", default=None, help="a method (or, with --models/--datasets/--condensers/--lm/--diffusion/"
+                                                          "--clip, an entry of that list) to describe")
     p.add_argument("--models", action="store_true", help="list registered models instead")
     p.add_argument("--datasets", action="store_true", help="list registered datasets instead")
     p.add_argument("--condensers", action="store_true", help="list dataset-distillation methods instead")
     p.add_argument("--tasks", action="store_true", help="list the tasks (kinds of model) kdzoo distils instead")
     p.add_argument("--lm", action="store_true", help="list the language-model losses (kdzoo lm) instead")
     p.add_argument("--diffusion", action="store_true", help="list the diffusion distillation methods instead")
+    p.add_argument("--clip", action="store_true", help="list the CLIP (dual encoder) distillation methods instead")
     p.set_defaults(func=cmd_methods)
     return p
 
 
 def cmd_methods(args) -> int:
     registry = (MODELS if args.models else DATASETS if args.datasets else CONDENSERS if args.condensers
-                else TASKS if args.tasks else LM_LOSSES if args.lm else DIFFUSION_METHODS if args.diffusion else METHODS)
+                else TASKS if args.tasks else LM_LOSSES if args.lm else DIFFUSION_METHODS if args.diffusion
+                else CLIP_METHODS if args.clip else METHODS)
     width = _terminal_width()
     if args.name is not None:
         print("\n".join(describe_entry(registry.get(args.name), registry is METHODS, width)))

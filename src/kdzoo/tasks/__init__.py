@@ -5,6 +5,6 @@ batches (micro-batches with their teacher outputs), its evaluation and the words
 `kdzoo.engine.Task` and ``docs/adding-a-task.md``.
 """
 from ..registry import TASKS
-from . import classification, dense, diffusion, lm  # noqa: F401  (register the tasks)
+from . import classification, clip, dense, diffusion, lm  # noqa: F401  (register the tasks)
 
 __all__ = ["TASKS"]
