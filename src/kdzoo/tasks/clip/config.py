@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from ...config import MethodConfig
 from ...errors import ConfigError
-from ...registry import CLIP_METHODS, check_options
+from ...registry import CLIP_METHODS
 
 SOURCES = ("config", "transformers", "open_clip")
 WORDS = "words"  # model.tokenizer: a word vocabulary built from the captions, saved with the run
