@@ -69,7 +69,7 @@ def _embeds(model):
                 model.get_text_features(input_ids=IDS).pooler_output)
 
 
-def _assert_same(got, expected, atol=1e-12):
+def _assert_same(got, expected, atol=1e-12):  # float64 tensors
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=atol)
 
@@ -344,7 +344,7 @@ def test_compact_model_computes_the_gated_model(teacher):
         gated = _embeds(teacher)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     compact = prune_by_masks(teacher, gates)
-    _assert_same(_embeds(compact), gated, atol=1e-10)
+    _assert_same(_embeds(compact), gated, atol=1e-10)  # float64 tensors
     for key, value in teacher.state_dict().items():
         assert torch.equal(value, before[key])  # the teacher is untouched
     vision = gates["vision"]
@@ -380,7 +380,7 @@ def test_pruning_one_tower_keeps_the_other(teacher):
     compact = prune_by_masks(teacher, gates)
     with apply_gates(teacher, gates):
         gated = _embeds(teacher)
-    _assert_same(_embeds(compact), gated, atol=1e-10)
+    _assert_same(_embeds(compact), gated, atol=1e-10)  # float64 tensors
     assert compact.text_model.encoder.layers[0].mlp.fc1.out_features == 64
 
 
@@ -396,7 +396,7 @@ def test_expanded_model_with_its_pattern_computes_the_compact_model(teacher):
     assert not full.vision_model.encoder.layers[3].mlp.fc1.weight.any()  # the dropped layer is zeros
     with apply_gates(full, kept):
         expanded = _embeds(full)
-    _assert_same(expanded, _embeds(compact), atol=1e-10)
+    _assert_same(expanded, _embeds(compact), atol=1e-10)  # float64 tensors
     gates = ClipHardConcreteGates(teacher.config, kept=kept)
     alpha = gates.towers["vision"].log_alpha
     assert set(alpha) == {"hidden", "heads", "intermediate"}
@@ -481,7 +481,7 @@ def test_a_mask_stage_reaches_sparsity_and_fuses_into_an_equal_compact_model(tea
     fused = gates()
     with apply_gates(student, fused):
         gated = _embeds(student)
-    _assert_same(_embeds(prune_by_masks(student, fused)), gated, atol=1e-10)
+    _assert_same(_embeds(prune_by_masks(student, fused)), gated, atol=1e-10)  # float64 tensors
 
 
 def test_option_errors_name_the_option(teacher):

@@ -158,7 +158,7 @@ def test_crd_matches_loops(temperature):
     image_rows = _kl_rows(student, [_softmax(r) for r in teacher])
     text_rows = _kl_rows(_transpose(student), [_softmax(r) for r in _transpose(teacher)])
     assert got == pytest.approx(0.5 * (image_rows + text_rows) * temperature ** 2, rel=1e-12)
-    assert crd_loss(TI, TT, TI, TT, 50.0, 50.0, temperature).item() == pytest.approx(0.0, abs=1e-12)
+    assert crd_loss(TI, TT, TI, TT, 50.0, 50.0, temperature).item() == pytest.approx(0.0, abs=1e-12)  # float64 tensors
     assert got > 0
 
 
@@ -187,7 +187,7 @@ def test_gradient_distillation_matches_autograd_gradients():
         t_grads = _autograd_contrastive_gradients(t_anchor, t_other, t_tau)
         want += sum(_mse(a, b) for a, b in zip(s_grads, t_grads))
     assert got == pytest.approx(want, rel=1e-10)
-    assert gradient_distillation_loss(TI, TT, TI, TT, t_tau, t_tau).item() == pytest.approx(0.0, abs=1e-20)
+    assert gradient_distillation_loss(TI, TT, TI, TT, t_tau, t_tau).item() == pytest.approx(0.0, abs=1e-20)  # float64 tensors
     # the student's gradients themselves are differentiable: the loss trains the student
     student = SI.clone().requires_grad_(True)
     gradient_distillation_loss(student, ST, TI, TT, s_tau, t_tau).backward()

@@ -82,7 +82,7 @@ def test_contrastive_loss_is_the_symmetric_infonce_written_out():
         total += -row[i] + math.log(sum(math.exp(v) for v in row))
         total += -column[i] + math.log(sum(math.exp(v) for v in column))
     expected = total / (2 * 6)
-    assert clip_contrastive_loss(images, texts, scale).item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert clip_contrastive_loss(images, texts, scale).item() == pytest.approx(expected, rel=1e-12, abs=1e-12)  # float64 tensors
 
 
 def test_clip_fd_is_mse_of_normalised_embeddings_plus_the_contrastive_loss_with_clip_kds_weights():
@@ -141,7 +141,7 @@ def test_zero_shot_top1_is_the_nearest_mean_prompt_embedding():
             if cosine > best:
                 best, best_class = cosine, c
         correct += best_class == int(label)
-    assert E.zero_shot_top1(images, weights, labels) == pytest.approx(100.0 * correct / 20, abs=1e-9)
+    assert E.zero_shot_top1(images, weights, labels) == pytest.approx(100.0 * correct / 20, abs=1e-9)  # float64 tensors
 
 
 def _brute_force_ranks(images, texts):
@@ -164,8 +164,8 @@ def test_retrieval_recall_matches_brute_force_with_repeated_captions(block, monk
     image_ranks, text_ranks = _brute_force_ranks(images, texts)
     got = E.retrieval_recall(images, texts)
     for k in (1, 5, 10):
-        assert got[f"i2t_r{k}"] == pytest.approx(100.0 * sum(r < k for r in image_ranks) / 30, abs=1e-9)
-        assert got[f"t2i_r{k}"] == pytest.approx(100.0 * sum(r < k for r in text_ranks) / 30, abs=1e-9)
+        assert got[f"i2t_r{k}"] == pytest.approx(100.0 * sum(r < k for r in image_ranks) / 30, abs=1e-9)  # float64 tensors
+        assert got[f"t2i_r{k}"] == pytest.approx(100.0 * sum(r < k for r in text_ranks) / 30, abs=1e-9)  # float64 tensors
     assert got["mean_recall"] == pytest.approx(sum(v for key, v in got.items() if key != "mean_recall") / 6)
     assert 0 < got["i2t_r1"] < 100 and got["t2i_r10"] > got["t2i_r1"]  # the data separates the Ks
     assert torch.equal(E.retrieval_rows(30, 0), torch.arange(30)) and torch.equal(E.retrieval_rows(30, 50),

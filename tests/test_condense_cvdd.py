@@ -58,7 +58,7 @@ def test_prior_weights_are_a_softmax_of_the_priors_over_the_temperature():
     for temperature in (RECOVER_WEIGHT_TEMPERATURE, LABEL_WEIGHT_TEMPERATURE):
         exps = [math.exp(p / temperature) for p in priors]
         expected = torch.tensor([e / sum(exps) for e in exps], dtype=torch.float64)
-        assert torch.allclose(prior_weights(torch.tensor(priors), temperature), expected, atol=1e-12)
+        assert torch.allclose(prior_weights(torch.tensor(priors, dtype=torch.float64), temperature), expected, atol=1e-12)
 
 
 def test_committee_logits_are_the_weighted_sum_of_member_logits():
@@ -69,7 +69,7 @@ def test_committee_logits_are_the_weighted_sum_of_member_logits():
         for n in range(4):
             for k in range(6):
                 expected[n, k] += w[i] * z[i, n, k]
-    assert torch.allclose(committee_logits(z, w), expected, atol=1e-12)
+    assert torch.allclose(committee_logits(z, w), expected, atol=1e-12)  # float64 tensors
 
 
 def test_committee_labels_each_half_batch_with_its_own_statistics():

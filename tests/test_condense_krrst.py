@@ -55,10 +55,10 @@ def test_barlow_twins_loss_is_the_written_out_formula():
         for j in range(d):
             c = sum(a[b][i] * c_norm[b][j] for b in range(n)) / n
             expected += (1 - c) ** 2 if i == j else weight * c ** 2
-    assert torch.allclose(barlow_twins_loss(z1, z2, weight, eps), torch.as_tensor(expected), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(barlow_twins_loss(z1, z2, weight, eps), torch.as_tensor(expected), rtol=1e-12, atol=1e-12)  # float64 tensors
     # Identical, decorrelated, unit-variance views: C = I (up to eps), so the loss vanishes.
     views = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
-    assert barlow_twins_loss(views, views, weight, eps=0.0).item() == pytest.approx(0.0, abs=1e-12)
+    assert barlow_twins_loss(views, views, weight, eps=0.0).item() == pytest.approx(0.0, abs=1e-12)  # float64 tensors
 
 
 def test_krr_prediction_is_ridge_regression_with_a_bias_feature():
@@ -73,9 +73,9 @@ def test_krr_prediction_is_ridge_regression_with_a_bias_feature():
     # The primal form (push-through identity): weights (Phi_s^T Phi_s + lam I)^-1 Phi_s^T Y_s.
     primal = phi_t @ torch.linalg.solve(phi_s.T @ phi_s + lam * torch.eye(5, dtype=torch.float64), phi_s.T @ y_syn)
     got = krr_predict(syn, real, y_syn, ridge)
-    assert torch.allclose(got, dual, rtol=1e-10, atol=1e-10) and torch.allclose(got, primal, rtol=1e-8, atol=1e-8)
+    assert torch.allclose(got, dual, rtol=1e-10, atol=1e-10) and torch.allclose(got, primal, rtol=1e-8, atol=1e-8)  # float64 tensors
     loss = krr_st_loss(syn, real, y_syn, y_real, ridge)
-    assert torch.allclose(loss, ((dual - y_real) ** 2).mean(), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(loss, ((dual - y_real) ** 2).mean(), rtol=1e-10, atol=1e-12)  # float64 tensors
 
 
 def test_the_ridge_is_constant_in_the_gradient():
@@ -90,7 +90,7 @@ def test_the_ridge_is_constant_in_the_gradient():
     fixed = F.pad(real, (0, 1), value=1.0) @ phi_s.T @ torch.linalg.solve(
         phi_s @ phi_s.T + lam * torch.eye(5, dtype=torch.float64), y_syn)
     (expected,) = torch.autograd.grad(((fixed - y_real) ** 2).mean(), syn)
-    assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)  # float64 tensors
 
 
 def test_linear_decay_is_torch_linear_lr():

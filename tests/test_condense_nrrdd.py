@@ -62,7 +62,7 @@ def test_cam_is_zhous_cam_behind_global_pooling():
     maps = nrrdd.class_activation_maps(network, x, labels, "features")
     f = network.features(x)
     zhou = torch.einsum("bk,bkhw->bhw", network.fc.weight[labels], f)  # sum_k w_yk f_k(h, w)
-    assert torch.allclose(maps, zhou / 36, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(maps, zhou / 36, rtol=1e-12, atol=1e-14)  # float64 tensors
 
 
 def test_cam_is_the_logit_share_per_location_behind_convnets_flatten_head():
@@ -72,7 +72,7 @@ def test_cam_is_the_logit_share_per_location_behind_convnets_flatten_head():
     maps = nrrdd.class_activation_maps(network, x, labels, "features.1")
     f = network.features(x)  # (2, 6, 2, 2), flattened channel-major into the classifier
     weight = network.classifier.weight[labels].view(2, 6, 2, 2)
-    assert torch.allclose(maps, (weight * f).sum(1), rtol=1e-12, atol=1e-14)
+    assert torch.allclose(maps, (weight * f).sum(1), rtol=1e-12, atol=1e-14)  # float64 tensors
     logits = network(x).gather(1, labels[:, None]).squeeze(1)
     assert torch.allclose(maps.sum((1, 2)) + network.classifier.bias[labels], logits, rtol=1e-12)
 
@@ -99,7 +99,7 @@ def test_box_mass_ratio_against_brute_force():
             t, l, h, w = boxes[c, i].tolist()
             total = maps[i].sum()
             expected = maps[i, t:t + h, l:l + w].sum() / total if total > 0 else 0.0
-            assert ratios[c, i].item() == pytest.approx(float(expected), rel=1e-12, abs=1e-15)
+            assert ratios[c, i].item() == pytest.approx(float(expected), rel=1e-12, abs=1e-15)  # float64 tensors
     assert ratios[0, 0].item() == pytest.approx(1.0, rel=1e-12)
 
 
@@ -114,7 +114,7 @@ def test_masked_sgd_step_is_x_minus_m_eta_grad():
     gradient = x.grad.clone()
     torch.optim.SGD([x], lr=0.1).step()
     stepped = nrrdd.masked_update(x.detach(), before, mask)
-    assert torch.allclose(stepped, before - mask * 0.1 * gradient, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(stepped, before - mask * 0.1 * gradient, rtol=1e-12, atol=1e-15)  # float64 tensors
     assert torch.equal(stepped[0, :, 0, 0], before[0, :, 0, 0])
 
 

@@ -44,7 +44,7 @@ def tiny_net(seed=0, dtype=torch.float32):
 def test_clipping_loss_factor_is_the_reference_schedule():
     reference = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]  # buffer.py loss_decay
     ours = [clipping_loss_factor(e, 0.5, 10) for e in range(13)]
-    assert ours == pytest.approx(reference + [1.0, 1.0, 1.0], abs=1e-12)
+    assert ours == pytest.approx(reference + [1.0, 1.0, 1.0], abs=1e-12)  # Python floats (float64)
     assert clipping_loss_factor(0, 0.5, 0) == 1.0 and clipping_loss_factor(3, 0.2, 4) == pytest.approx(0.8)
 
 
@@ -74,7 +74,7 @@ def test_smooth_expert_gradient_is_the_reference_loss_gradient(penalty):
     x = torch.cat([augmented, clean], 1) if penalty else augmented
     ours = smooth_expert_gradient(net, penalty, 3 if penalty else None, lambda: 0.7)(params, {}, x, y)
     for name, value in reference.items():
-        assert torch.allclose(ours[name], value, rtol=1e-10, atol=1e-12), name
+        assert torch.allclose(ours[name], value, rtol=1e-10, atol=1e-12), name  # float64 tensors
 
 
 def test_vmapped_smooth_gradient_equals_the_loop():
@@ -144,13 +144,13 @@ def test_kmeans_finds_separated_clusters_at_a_lloyd_fixed_point():
     blob_means = points.view(3, 20, 2).mean(1)
     order = torch.cdist(blob_means, centres).argmin(1)
     assert sorted(order.tolist()) == [0, 1, 2]
-    assert torch.allclose(centres[order], blob_means, atol=1e-12)
+    assert torch.allclose(centres[order], blob_means, atol=1e-12)  # float64 tensors
     # Lloyd's fixed point on arbitrary data: every centre is the mean of the points nearest to it.
     scattered = torch.randn(50, 3, generator=generator, dtype=torch.float64)
     centres = kmeans(scattered, 4, torch.Generator().manual_seed(2))
     assignment = torch.cdist(scattered, centres).argmin(1)
     for j in range(4):
-        assert torch.allclose(centres[j], scattered[assignment == j].mean(0), atol=1e-12)
+        assert torch.allclose(centres[j], scattered[assignment == j].mean(0), atol=1e-12)  # float64 tensors
     with pytest.raises(ConfigError, match="k"):
         kmeans(scattered[:3], 4, generator)
 
@@ -215,7 +215,7 @@ def test_perturb_conv_weights_written_out():
             norm = math.sqrt(sum(v * v for v in d.tolist()))
             expected = torch.tensor([wi + 0.5 * di / norm * wi for wi, di in zip(w.tolist(), d.tolist())],
                                     dtype=torch.float64)
-            assert torch.allclose(new, expected, atol=1e-12), name
+            assert torch.allclose(new, expected, atol=1e-12), name  # float64 tensors
             assert ((new - w) / w).norm().item() == pytest.approx(0.5, rel=1e-10)  # relative size alpha
         else:
             assert torch.equal(new, w), name

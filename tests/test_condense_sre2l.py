@@ -80,7 +80,7 @@ def test_bn_statistics_loss_is_the_written_out_formula_in_float64():
 
     with BatchNormStatistics(net) as statistics:
         out = net(x)
-    assert torch.allclose(out, logits, atol=1e-12)
+    assert torch.allclose(out, logits, atol=1e-12)  # float64 tensors
     assert abs(statistics.loss(10.0).item() - (10 * layer_losses[0] + layer_losses[1])) < 1e-10
     ce, bn_loss = recover_terms(net, x, y, 10.0)
     ce_by_hand = -torch.log_softmax(logits, 1)[torch.arange(6), y].mean()
