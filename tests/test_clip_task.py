@@ -14,6 +14,7 @@ import yaml
 
 pytest.importorskip("transformers")
 
+from kdzoo.tasks.clip.continual import ClipContinualConfig  # noqa: E402
 from kdzoo.cli import main  # noqa: E402
 from kdzoo.config import from_dict, load_config  # noqa: E402
 from kdzoo.engine.checkpoint import load_checkpoint  # noqa: E402
@@ -373,7 +374,7 @@ def test_bad_configs_are_one_line_errors(tmp_path, teacher_run, capsys):
               "unknown option 'fd_weigth'"),
              (["clip", "distill", _distill_config(tmp_path, teacher_run, "b2", {"name": "clip_fd", "fd_weight": -1})],
               "method.fd_weight (clip_fd): expected a finite number >= 0"),
-             (["clip", "distill", _distill_config(tmp_path, teacher_run, "b3", "clip_kd")], "unknown clip method"),
+             (["clip", "distill", _distill_config(tmp_path, teacher_run, "b3", "no_such_method")], "unknown clip method"),
              (["clip", "distill", _distill_config(tmp_path, tmp_path / "nowhere", "b4", "clip_fd")],
               "not a kdzoo clip run directory")]
     for argv, message in cases:
@@ -401,5 +402,6 @@ def test_methods_are_listed_and_examples_load(capsys):
     examples = sorted((REPO / "configs" / "examples").glob("clip_*.yaml"))
     assert len(examples) >= 3
     for path in examples:
-        cls = ClipDistillConfig if "method" in yaml.safe_load(path.read_text()) else ClipRunConfig
+        data = yaml.safe_load(path.read_text())
+        cls = ClipContinualConfig if "tasks" in data else ClipDistillConfig if "method" in data else ClipRunConfig
         load_config(cls, path)

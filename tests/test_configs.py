@@ -6,6 +6,7 @@ import pytest
 
 from kdzoo.config import RunConfig, TeacherConfig, load_config, read_yaml
 from kdzoo.tasks.clip.config import ClipDistillConfig, ClipRunConfig
+from kdzoo.tasks.clip.continual import ClipContinualConfig
 from kdzoo.tasks.diffusion.config import DiffusionDistillConfig, DiffusionRunConfig
 from kdzoo.tasks.lm.config import LMRunConfig
 from kdzoo.tasks.lm.draft_task import FeatureDraftRunConfig
@@ -20,8 +21,9 @@ def test_every_config_is_valid(path):
         cls = FeatureDraftRunConfig if "target" in read_yaml(path) else LMRunConfig
     elif path.parent.name == "diffusion":  # `kdzoo diffusion` recipes: teachers and distilled students
         cls = DiffusionDistillConfig if "teacher" in read_yaml(path) else DiffusionRunConfig
-    elif path.name.startswith("clip_"):  # `kdzoo clip` recipes: teachers and distilled students
-        cls = ClipDistillConfig if "method" in read_yaml(path) else ClipRunConfig
+    elif path.name.startswith("clip_"):  # `kdzoo clip` recipes: teachers, distilled students, continual runs
+        data = read_yaml(path)
+        cls = ClipContinualConfig if "tasks" in data else ClipDistillConfig if "method" in data else ClipRunConfig
     else:
         cls = TeacherConfig if "model" in read_yaml(path) else RunConfig
     load_config(cls, path)

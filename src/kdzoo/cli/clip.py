@@ -4,6 +4,7 @@
     kdzoo clip teacher CONFIG [KEY=VALUE ...]   a dual encoder trained contrastively on image-caption pairs
     kdzoo clip distill CONFIG [KEY=VALUE ...]   a student trained against a teacher with a registered method
     kdzoo clip eval RUN [RUN ...]               zero-shot top-1 and retrieval R@1/5/10 on the held-out pairs
+    kdzoo clip continual CONFIG [KEY=VALUE ...] tasks learnt in sequence (finetune, zscl), with a forgetting table
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import argparse
 from ..config import load_config
 from ..engine.runtime import is_main_process, resolve_device
 from ..errors import ConfigError
-from ..runner.clip import run_clip_distill, run_clip_teacher
+from ..runner.clip import run_clip_continual, run_clip_distill, run_clip_teacher
 from ..tasks.clip.config import ClipDistillConfig, ClipRunConfig
+from ..tasks.clip.continual import FORGETTING_CSV, ClipContinualConfig
 from ..tasks.clip.task import evaluate_runs, format_table
 from .train import start_run
 
@@ -41,7 +43,15 @@ def add_clip_parser(subparsers) -> argparse.ArgumentParser:
                         "(method: {name: clip_fd, ...}; kdzoo methods --clip) against a frozen teacher run "
                         "(teacher:) or pretrained model (teacher_model:), on the teacher run's pairs unless data: "
                         "names others. The run directory holds what a teacher run's does.",
-                        "method.fd_weight=1000", cmd_clip_distill)}
+                        "method.fd_weight=1000", cmd_clip_distill),
+            "continual": ("train on tasks in sequence and measure forgetting (finetune, zscl)",
+                          "Continual learning: the initial model (initial: a kdzoo clip run folder, or "
+                          "initial_model:) trained with the method on each of tasks: in order, each step starting "
+                          "from the previous step's model (steps/<k>-<task>/, each a kdzoo clip run folder); after "
+                          "the initial model and each step, zero-shot top-1 on every task and every zero_shot_tasks: "
+                          "entry goes into forgetting.csv / forgetting.json, printed at the end. ZSCL (method: "
+                          "{name: zscl}) also needs reference: (images and texts it distils on).",
+                          "method.name=finetune", cmd_clip_continual)}
     for name, (helptext, description, example, func) in runs.items():
         p = sub.add_parser(name, help=helptext, description=description,
                            epilog=f"Overrides are KEY=VALUE pairs applied to the YAML, e.g. {example}.")
@@ -78,6 +88,15 @@ def cmd_clip_distill(args) -> int:
     run_dir, result = start_run(args, cfg, run_clip_distill)
     if is_main_process():
         print(f"done: {_final_words(result.metrics)}; {result.seconds:.1f}s; student dual encoder in {run_dir}")
+    return 0
+
+
+def cmd_clip_continual(args) -> int:
+    cfg = load_config(ClipContinualConfig, args.config, args.overrides)
+    run_dir, table = start_run(args, cfg, run_clip_continual)
+    if is_main_process():
+        print(table.format())
+        print(f"forgetting table in {run_dir / FORGETTING_CSV}")
     return 0
 
 

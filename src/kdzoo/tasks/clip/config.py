@@ -197,6 +197,59 @@ class ClipRunConfig:
         self.train.validate()
 
 
+INHERIT_KINDS = ("none", "manual", "auto")
+INHERIT_LAYER_RULES = ("interval_front", "front")
+INHERIT_PRUNING_TYPES = ("hidden", "heads", "intermediate", "layer")
+
+
+@dataclass
+class StudentInitConfig:
+    """Where a distilled student's weights start: TinyCLIP's weight inheritance (Wu et al. ICCV 2023; the
+    `kdzoo.tasks.clip.methods.tinyclip` module says what follows the authors).  `inherit`: none (the student of
+    `model`, a copy of the teacher when `model` is unset, or `run`'s dual encoder as it is), manual (`model`'s tower
+    sizes, weights sliced from the teacher or `run`), auto (the mask stage: the teacher's or `run`'s architecture under
+    learnable hard-concrete gates for `prune_step` steps, the run's length, exported as the compact pruned model)."""
+
+    inherit: str = "none"  # none | manual | auto
+    run: Optional[str] = None  # a kdzoo clip run folder the student's weights come from (None: the teacher)
+    rule: str = "interval_front"  # manual: teacher layer i * (T // S) for student layer i (front: the first S)
+    target_sparsity: float = 0.25  # auto: of the attention + MLP weights (--target-sparsity)
+    start_sparsity: float = 0.0  # auto: the target rises linearly from it (--start-sparsity)
+    sparsity_warmup: int = 1000  # auto: over these steps (--sparsity-warmup)
+    prune_step: int = 3000  # auto: mask-learning steps (--prune-step): the run's length, train.epochs unused
+    pruning_types: list[str] = field(default_factory=lambda: ["hidden", "heads", "intermediate"])
+    joint_sparsity: bool = True  # auto: one sparsity over both towers (--total-loss-flag)
+    mask_lr: float = 0.02  # auto: the gates' log-alphas, a constant rate (optimizer.py)
+    lambda_lr: float = -0.02  # auto: the Lagrange multipliers, negative: gradient ascent (--l0lr)
+
+    def validate(self, model: Optional[ClipModelConfig]) -> None:
+        _choice("student_init.inherit", self.inherit, INHERIT_KINDS)
+        _choice("student_init.rule", self.rule, INHERIT_LAYER_RULES)
+        if self.inherit == "manual" and (model is None or model.source != "config"):
+            raise ConfigError("student_init.inherit manual: set model (source config) to the student's tower sizes")
+        if self.inherit != "manual" and model is not None and (self.inherit == "auto" or self.run is not None):
+            raise ConfigError(f"model: the student is {'the gated' if self.inherit == 'auto' else 'the'} model of "
+                              f"{self.run or 'the teacher'}; leave model unset (student_init.inherit "
+                              f"{self.inherit})")
+        if self.inherit != "auto":
+            return
+        for key in ("start_sparsity", "target_sparsity"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"student_init.{key}: must be in [0, 1), got {getattr(self, key)}")
+        if self.start_sparsity > self.target_sparsity:
+            raise ConfigError(f"student_init.start_sparsity {self.start_sparsity} is above target_sparsity "
+                              f"{self.target_sparsity}")
+        _at_least("student_init.prune_step", self.prune_step, 1)
+        _at_least("student_init.sparsity_warmup", self.sparsity_warmup, 0)
+        bad = [t for t in self.pruning_types if t not in INHERIT_PRUNING_TYPES]
+        if bad or not {"heads", "intermediate"} <= set(self.pruning_types):
+            raise ConfigError(f"student_init.pruning_types: heads and intermediate, and some of hidden, layer; got "
+                              f"{self.pruning_types}")
+        if not self.mask_lr > 0 or not self.lambda_lr <= 0:
+            raise ConfigError(f"student_init.mask_lr must be > 0 and student_init.lambda_lr <= 0 (ascent), got "
+                              f"{self.mask_lr} and {self.lambda_lr}")
+
+
 @dataclass
 class ClipDistillConfig:
     """A student dual encoder trained with a registered method against a frozen teacher (``kdzoo clip distill``):
@@ -209,10 +262,12 @@ class ClipDistillConfig:
     model: Optional[ClipModelConfig] = None  # the student; None: a copy of the teacher, weights included
     data: Optional[ClipDataConfig] = None  # None: the teacher run's data
     train: ClipTrainConfig = field(default_factory=ClipTrainConfig)
+    student_init: StudentInitConfig = field(default_factory=StudentInitConfig)  # TinyCLIP's weight inheritance
     output_dir: str = "runs/clip"
     name: Optional[str] = None
 
     def validate(self) -> None:
+        self.student_init.validate(self.model)
         if (self.teacher is None) == (self.teacher_model is None):
             raise ConfigError("teacher: name a kdzoo clip run directory (teacher) or a pretrained model "
                               "(teacher_model), one of them")
@@ -233,4 +288,5 @@ class ClipDistillConfig:
 
 
 __all__ = ["VisionTowerConfig", "TextTowerConfig", "ClipModelConfig", "ClipDataConfig", "ClipTrainConfig",
-           "ClipRunConfig", "ClipDistillConfig", "CLIP_CIFAR_TEMPLATES", "SOURCES", "WORDS", "LN_100"]
+           "ClipRunConfig", "ClipDistillConfig", "StudentInitConfig", "INHERIT_KINDS", "CLIP_CIFAR_TEMPLATES",
+           "SOURCES", "WORDS", "LN_100"]

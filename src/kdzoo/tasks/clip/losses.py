@@ -74,6 +74,10 @@ def _check_same(student: torch.Tensor, teacher: torch.Tensor, what: str) -> None
 
 
 def _check_positive(value: Scale, option: str) -> None:
+    """Options given as numbers are checked; tensors (a model's exp logit scale, positive by construction) are not,
+    since reading one would synchronise the device every step."""
+    if isinstance(value, torch.Tensor):
+        return
     if float(value) <= 0.0:
         raise ConfigError(f"{option} must be positive, got {float(value)}")
 

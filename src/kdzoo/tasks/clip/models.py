@@ -33,6 +33,7 @@ from ...engine.checkpoint import export_weights, read_weights
 from ...engine.runtime import atomic_write
 from ...errors import CheckpointError, ConfigError
 from .config import WORDS, ClipModelConfig
+from .inherit import compact_skeleton
 
 ENCODER_FILE = "encoder.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -504,7 +505,9 @@ def save_encoder(run_dir: Path, encoder: DualEncoder, tokenizer: Any) -> None:
 def _backbone_from_record(record: dict, where: Path) -> nn.Module:
     if record.get("source") == "transformers":
         transformers = require_transformers()
-        return TransformersBackbone(transformers.CLIPModel(transformers.CLIPConfig.from_dict(record["clip_config"])))
+        config = transformers.CLIPConfig.from_dict(record["clip_config"])
+        # a TinyCLIP-pruned model's layers differ in heads and MLP width, which CLIPModel(config) cannot build
+        return TransformersBackbone(compact_skeleton(transformers.CLIPModel, config))
     if record.get("source") == "open_clip":
         return OpenClipBackbone(_open_clip_model(record["name"], None), record["name"])
     raise CheckpointError(f"{where}: unknown backbone {record.get('source')!r}")

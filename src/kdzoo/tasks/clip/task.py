@@ -15,6 +15,7 @@ which is not written yet.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -36,6 +37,7 @@ from .config import LN_100, ClipDataConfig, ClipDistillConfig, ClipRunConfig, Cl
 from .data import ClipData, build_clip_data, caption_table, epoch_captions, epoch_order
 from .evaluation import RECALL_KS, evaluate_encoder
 from .method_base import ClipBatch, ClipMethod
+from .methods.tinyclip import MaskStage, inherited_student
 from .models import DualEncoder, build_encoder, load_encoder, save_encoder
 
 ADAMW_BETAS = (0.9, 0.98)  # CLIP's (and open_clip's for ViTs)
@@ -54,23 +56,39 @@ def encoder_for(model: DualEncoder, tokenizer: Any, data: ClipData) -> Encoder:
 
 
 class ClipStep(nn.Module):
-    """One micro-batch: the student's outputs (a submodule), the frozen teacher's without gradient when the method
-    needs them, and the method's loss terms."""
+    """One micro-batch: the student's outputs (a submodule; under the gates of a TinyCLIP mask stage), the frozen
+    teacher's without gradient when the method needs them, and the method's loss terms (and the stage's)."""
 
-    def __init__(self, student: DualEncoder, method: ClipMethod, teacher: Optional[DualEncoder]):
+    def __init__(self, student: DualEncoder, method: ClipMethod, teacher: Optional[DualEncoder],
+                 mask_stage: Optional[MaskStage] = None):
         super().__init__()
         self.student = student
-        self.__dict__.update(method=method, teacher=teacher)  # checkpointed by the task / no run state
+        # checkpointed by the task / no run state
+        self.__dict__.update(method=method, teacher=teacher, mask_stage=mask_stage)
 
     def forward(self, batch: ClipBatch, step: int) -> dict[str, torch.Tensor]:
-        method = self.method
-        student_out = self.student(batch.images, batch.input_ids, batch.attention_mask, method.student_features)
+        method, stage = self.method, self.mask_stage
+        with stage.gated(self.student) if stage is not None else contextlib.nullcontext():
+            student_out = self.student(batch.images, batch.input_ids, batch.attention_mask, method.student_features)
         teacher_out = None
         if method.needs_teacher:
             with torch.no_grad():
                 teacher_out = self.teacher(batch.images, batch.teacher_input_ids, batch.teacher_attention_mask,
                                            method.teacher_features)
-        return method.loss(batch, student_out, teacher_out, step)
+        terms = method.loss(batch, student_out, teacher_out, step)
+        return terms if stage is None else {**terms, **stage.loss_terms(step)}
+
+
+class _ScheduledGroups:
+    """The optimizer's groups the schedule sets: a group marked ``"constant_lr": True`` keeps the rate it was added
+    with (TinyCLIP's gates)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for group in self.optimizer.param_groups if not group.get("constant_lr")]
 
 
 @register_task("clip", family="vision-language",
@@ -82,15 +100,16 @@ class ClipTask(Task):
     unit = "img"
 
     def __init__(self, train: ClipTrainConfig, data: ClipData, student: Encoder, method: ClipMethod,
-                 teacher: Optional[Encoder] = None):
+                 teacher: Optional[Encoder] = None, mask_stage: Optional[MaskStage] = None):
         if method.needs_teacher and teacher is None:
             raise ConfigError(f"method {getattr(method, 'registry_name', type(method).__name__)}: needs a teacher")
         self.train_cfg, self.data, self.student, self.method, self.teacher = train, data, student, method, teacher
+        self.mask_stage = mask_stage  # TinyCLIP's automatic inheritance: gates learnt, the compact model exported
         self.metric = "test_zeroshot_top1" if data.class_names is not None else "test_mean_recall"
         self.steps_per_epoch = len(data.train) // train.batch_size
         if self.steps_per_epoch == 0:
             raise ConfigError(f"train.batch_size {train.batch_size} exceeds the {len(data.train)} training pairs")
-        self.total_steps = train.epochs * self.steps_per_epoch
+        self.total_steps = train.epochs * self.steps_per_epoch if mask_stage is None else mask_stage.steps
         # before any checkpoint is restored: modules the method builds here are part of the run's state
         method.attach(student.model, teacher.model if teacher is not None else None)
 
@@ -106,9 +125,11 @@ class ClipTask(Task):
         if self.teacher is not None and self.method.needs_teacher:
             teacher = self.teacher.model.to(self.device).eval().requires_grad_(False)
             self.teacher_tokens = tuple(t.to(self.device) for t in self.teacher.tokens)
-        self.step_module = ClipStep(self.student.model, self.method, teacher)
+        self.step_module = ClipStep(self.student.model, self.method, teacher, self.mask_stage)
         trainer.runs[0].modules["student"] = self.student.model
         trainer.runs[0].modules["method"] = self.method
+        if self.mask_stage is not None:
+            trainer.runs[0].modules["gates"] = self.mask_stage.to(self.device).train()
 
     def schedule(self, trainer: Trainer) -> Schedule:
         tc = self.train_cfg
@@ -119,8 +140,9 @@ class ClipTask(Task):
         spec = OptimizerSpec("adamw", tc.lr, weight_decay=tc.weight_decay, betas=ADAMW_BETAS, decay_1d=False)
         optimizer = build_optimizer(student.parameters(), spec, trainer.device)
         extra = []
-        for group in self.method.parameter_groups():
-            lr = tc.lr * group.get("lr_scale", 1.0)
+        stage = self.mask_stage
+        for group in self.method.parameter_groups() + (stage.parameter_groups() if stage is not None else []):
+            lr = group["lr"] if group.get("constant_lr") else tc.lr * group.get("lr_scale", 1.0)
             if isinstance(optimizer.param_groups[0]["lr"], torch.Tensor):
                 lr = group["params"][0].new_tensor(lr)
             optimizer.add_param_group({**group, "lr": lr})
@@ -129,6 +151,8 @@ class ClipTask(Task):
         def clamp_logit_scale(*_):
             with torch.no_grad():
                 student.logit_scale.clamp_(0, LN_100)
+            if stage is not None:
+                stage.constrain_()  # the gates' log-alphas, as the authors after every step
 
         optimizer.register_step_post_hook(clamp_logit_scale)
 
@@ -138,11 +162,14 @@ class ClipTask(Task):
         step = TrainStep(forward, optimizer, trainer.device,
                          StepOptions(amp=tc.amp, max_grad_norm=tc.max_grad_norm, free_gradients_first=True),
                          clip_parameters=list(student.parameters()) + extra)
-        return [StepGroup(step, LearningRate(optimizer, trainer.schedule), [0], [OptimizerSlot(optimizer)])]
+        return [StepGroup(step, LearningRate(_ScheduledGroups(optimizer), trainer.schedule), [0],
+                          [OptimizerSlot(optimizer)])]
 
     def train_mode(self) -> None:
         self.student.model.train()
         self.method.train()
+        if self.mask_stage is not None:
+            self.mask_stage.train()
 
     def batches(self, trainer: Trainer, epoch: int, first_step: int) -> Iterator[Iterator[StepBatch]]:
         tc, train = self.train_cfg, self.data.train
@@ -167,9 +194,17 @@ class ClipTask(Task):
         return StepBatch((batch, step), len(rows), units=len(rows))
 
     def evaluate(self, trainer: Trainer, index: int) -> dict[str, float]:
-        tc = self.train_cfg
-        return evaluate_encoder(self.student.model, self.student_tokens, self.data, tc.eval_batch_size,
-                                tc.retrieval_pairs, self.device)
+        tc, stage = self.train_cfg, self.mask_stage
+        if stage is None:
+            return evaluate_encoder(self.student.model, self.student_tokens, self.data, tc.eval_batch_size,
+                                    tc.retrieval_pairs, self.device)
+        stage.eval()  # the deterministic gates, which the exported compact model computes
+        try:
+            with stage.gated(self.student.model):
+                return evaluate_encoder(self.student.model, self.student_tokens, self.data, tc.eval_batch_size,
+                                        tc.retrieval_pairs, self.device)
+        finally:
+            stage.train()
 
     def train_metrics(self, reading: MeterReading, seconds: float, units: int) -> dict[str, float]:
         return {"images_per_s": units / max(seconds, 1e-9)}
@@ -187,12 +222,16 @@ class ClipTask(Task):
         run = trainer.runs[0]
         if not trainer.group.is_main:
             return
-        save_encoder(run.run_dir, self.student.model, self.student.tokenizer)
+        model, stage = self.student.model, self.mask_stage
+        exported = model if stage is None else stage.compact(model)
+        save_encoder(run.run_dir, exported, self.student.tokenizer)
         if run.history:
-            summary = {"epochs": self.train_cfg.epochs, "steps": self.total_steps,
+            summary = {"epochs": -(-self.total_steps // self.steps_per_epoch), "steps": self.total_steps,
                        "seconds": run.history[-1]["seconds"], "final": run.history[-1],
                        "method": getattr(self.method, "registry_name", type(self.method).__name__),
-                       "parameters": sum(p.numel() for p in self.student.model.parameters())}
+                       "parameters": sum(p.numel() for p in exported.parameters())}
+            if stage is not None:
+                summary["mask_stage"] = stage.summary(model, exported)
             text = json.dumps(summary, indent=2)
             atomic_write(run.run_dir / SUMMARY, lambda tmp: tmp.write_text(text))
 
@@ -251,12 +290,16 @@ def build_distill_task(cfg: ClipDistillConfig, device: torch.device) -> ClipTask
     data = build_clip_data(cfg.data if cfg.data is not None else run_data_config(cfg.teacher))
     teacher = _teacher(cfg, data)
     seed_everything(cfg.train.seed)
-    if cfg.model is None:
+    init, mask_stage = cfg.student_init, None
+    if init.inherit != "none" or init.run is not None:  # TinyCLIP's weight inheritance, or a previous stage's student
+        model, tokenizer, mask_stage = inherited_student(init, cfg.model, teacher.model, teacher.tokenizer)
+        student = encoder_for(model, tokenizer, data)
+    elif cfg.model is None:
         student = Encoder(copy.deepcopy(teacher.model).requires_grad_(True), teacher.tokenizer, teacher.tokens)
     else:
         student = encoder_for(*build_encoder(cfg.model, data.geometry, data.captions), data)
     method = CLIP_METHODS.build(cfg.method.name, **cfg.method.options)
-    return ClipTask(cfg.train, data, student, method, teacher)
+    return ClipTask(cfg.train, data, student, method, teacher, mask_stage)
 
 
 # ---------------------------------------------------------------- kdzoo clip eval
