@@ -59,3 +59,12 @@ def test_resnet_rows_carry_their_network_and_stay_out_of_convnet_comparisons():
     assert rded.value == 37.1 and rded.model == "resnet18"
     assert published_accuracy("rded", "cifar10", 10) is None  # a ConvNet-3 run is not put beside a ResNet-18 figure
     assert published_accuracy("dm", "cifar10", 10) == 48.9 and reference("dm", "cifar10", ipc=10).model is None
+
+
+def test_released_tinyclip_models_are_in_the_data_file():
+    from kdzoo.bench.published import clip_zero_shot
+    rows = clip_zero_shot("imagenet1k")
+    value, what, source = rows["tinyclip_vit_8m_16_text_3m"]
+    assert value == 41.1 and "manual inheritance" in what and "TinyCLIP" in source  # README: ViT-8M/16 41.1 %
+    assert rows["tinyclip_auto_vit_45m_32_text_18m"][0] == 61.4
+    assert clip_zero_shot("no_such_dataset") == {}

@@ -62,6 +62,10 @@ def _check(data: dict) -> None:
     for method, claim in data["diffusion_claims"].items():
         if claim["source"] not in sources:
             raise ConfigError(f"{DATA_FILE}: diffusion_claims.{method}: unknown source {claim['source']!r}")
+    for dataset, table in data["clip"].items():
+        for model, row in table["rows"].items():
+            if row["source"] not in sources:
+                raise ConfigError(f"{DATA_FILE}: clip.{dataset}.rows.{model}: unknown source {row['source']!r}")
 
 
 def _bare(name: Optional[str]) -> str:
@@ -115,6 +119,14 @@ def diffusion_claims() -> dict[str, tuple[float, str, str]]:
             for method, claim in load()["diffusion_claims"].items()}
 
 
+def clip_zero_shot(dataset: str = "imagenet1k") -> dict[str, tuple[float, str, str]]:
+    """{released CLIP student: (zero-shot top-1 %, "inheritance, data, teacher", source)} for `dataset`."""
+    table = load()["clip"].get(dataset.lower(), {"rows": {}})
+    sources = load()["sources"]
+    return {model: (float(row["value"]), f"{row['inheritance']} inheritance, {row['data']}, from {row['teacher']}",
+                    sources[row["source"]]["name"]) for model, row in table["rows"].items()}
+
+
 def reference(method: str, dataset: str, *, teacher: Optional[str] = None, student: Optional[str] = None,
               ipc: Optional[int] = None) -> Optional[Reference]:
     """A distillation figure (give `teacher` and `student`) or a dataset-distillation one (give `ipc`)."""
@@ -151,5 +163,5 @@ def distillation_methods(dataset: str) -> list[str]:
 
 
 __all__ = ["Reference", "load", "reference", "lookup", "distillation_reference", "condensation_reference",
-           "diffusion_reference", "diffusion_claims",
+           "diffusion_reference", "diffusion_claims", "clip_zero_shot",
            "published_accuracy", "distillation_pairs", "distillation_methods"]
