@@ -10,6 +10,7 @@ pretrained model on one's own data (``kdzoo teacher``) needs.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Union
 
 import torch
@@ -22,6 +23,20 @@ torchvision = lazy_import("torchvision")
 
 # Where torchvision's classification families keep their classifier, tried in this order.
 HEAD_PATHS = ("fc", "classifier", "heads.head", "head")
+
+
+@contextmanager
+def quiet_progress():
+    """transformers' own loading/saving bars off for the duration (a run has its own), then as they were."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
 
 
 def torchvision_weights(arch: str, pretrained: Union[bool, str]) -> Any:
@@ -174,5 +189,5 @@ def _new_layer(old: nn.Module, num_classes: int) -> nn.Module:
                      bias=old.bias is not None, device=device, dtype=dtype)
 
 
-__all__ = ["replace_head", "new_head_note", "download_error", "check_weights_name", "timm_tagged_name", "torchvision_weights",
+__all__ = ["quiet_progress", "replace_head", "new_head_note", "download_error", "check_weights_name", "timm_tagged_name", "torchvision_weights",
            "torchvision_pretrained", "timm_pretrained", "HEAD_PATHS"]

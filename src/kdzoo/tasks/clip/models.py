@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -31,6 +30,7 @@ from torch import nn
 
 from ...engine.checkpoint import export_weights, read_weights
 from ...engine.runtime import atomic_write
+from ...models.pretrained import quiet_progress
 from ...errors import CheckpointError, ConfigError
 from .config import WORDS, ClipModelConfig
 from .inherit import compact_skeleton
@@ -421,26 +421,12 @@ def _clip_config(cfg: ClipModelConfig, image_size: int, channels: int, tokens: A
         projection_dim=cfg.projection_dim, logit_scale_init_value=cfg.logit_scale_init)
 
 
-@contextmanager
-def _quiet_loading():
-    """transformers' own loading bars off for the duration (a run has its own output), then as they were."""
-    from transformers.utils import logging
-
-    was_enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            logging.enable_progress_bar()
-
-
 def _pretrained_transformers(path: str) -> nn.Module:
     transformers = require_transformers()
     if not Path(path).is_dir():
         raise ConfigError(f"model.path {path}: no such folder (a transformers CLIPModel folder)")
     try:
-        with _quiet_loading():
+        with quiet_progress():
             return transformers.CLIPModel.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -13,7 +13,6 @@ import copy
 import difflib
 import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from ...errors import CheckpointError, ConfigError
+from ...models.pretrained import quiet_progress
 
 EOS = "<|endoftext|>"
 MODEL_DIR, TOKENIZER_DIR, ADAPTER_DIR = "model", "tokenizer", "adapter"
@@ -33,20 +33,6 @@ def require_transformers():
     except ImportError:
         raise ConfigError("kdzoo lm needs Hugging Face transformers and tokenizers: pip install 'kdzoo[lm]'") from None
     return transformers
-
-
-@contextmanager
-def quiet_progress():
-    """transformers' own loading/saving bars off for the duration (a run has its own), then as they were."""
-    from transformers.utils import logging
-
-    was_enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            logging.enable_progress_bar()
 
 
 def resolve_pretrained(name: str, what: str = MODEL_DIR) -> str:
