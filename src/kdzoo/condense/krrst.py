@@ -77,6 +77,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..engine.runtime import resolve_device
+from ..engine.stacked import StackedModels, StackTraining, loss_gradient, train_stack
 from ..errors import ConfigError
 from ..models.weights import load_weights
 from ..registry import NonNegative, Positive, PositiveInt, UnitInterval, register_condenser
@@ -498,13 +499,10 @@ def pretrain_on_representations(network: nn.Module, synthetic: SyntheticSet, epo
                           "(meta 'targets' is not 'representations')")
     device = next(network.parameters()).device
     images, targets = synthetic.inputs().to(device), synthetic.labels.to(device).float()
-    optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    network.train()
-    for _ in range(epochs):
-        for index in torch.randperm(len(images), device=device).split(batch_size):
-            optimizer.zero_grad(set_to_none=True)
-            F.mse_loss(network(images[index]), targets[index]).backward()
-            optimizer.step()
+    stack = StackedModels([network.train()], vectorize=False)  # the engine's stacked trainer, one network
+    settings = StackTraining(epochs, lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size)
+    train_stack(stack, images, targets, settings, loss_gradient(stack.template, F.mse_loss))
+    stack.write_back()
     return network
 
 

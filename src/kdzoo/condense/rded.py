@@ -241,7 +241,7 @@ class RDED(ObserverCondenser):
 
     # -- hooks -----------------------------------------------------------------------------------------------------
     def initial_images(self) -> torch.Tensor:
-        """Placeholders: the selected crops replace them when the set is first asked for."""
+        """Zeros until the selection runs: the selected crops fill them when the set is first asked for."""
         return torch.zeros(self.num_classes * self.ipc, self.channels, *self.image_size, device=self.torch_device)
 
     def setup(self) -> None:

@@ -335,7 +335,7 @@ class AST(MTT):
         if self.real.smallest_class < self.ipc:
             raise ConfigError(f"{self.registry_name}: representative_init needs {self.ipc} images per class, the "
                               f"smallest class has {self.real.smallest_class}; use a smaller ipc")
-        # Placeholder: the representative images need the experts, which `setup` trains.
+        # zeros until `setup` has trained the experts, which choose the representative images that fill them
         return torch.zeros(self.num_classes * self.ipc, self.channels, *self.image_size, device=self.torch_device)
 
     def setup(self) -> None:
