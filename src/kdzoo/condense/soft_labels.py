@@ -1,15 +1,14 @@
-"""Fixed soft labels from a committee of teachers: the ``committee_labels`` option.
+"""Fixed soft labels from a committee of teachers: the ``committee_labels`` option of every condenser.
 
-What this is: a committee of networks (one or several architectures) is trained on the real
-training images, minus a held-out tenth; every member labels the FINAL synthetic images once with
-its softmax (at `label_temperature`), and the members vote with weights proportional to their
-held-out accuracy (the "prior performance guided" voting of Cui et al. 2025, "Dataset Distillation
-via Committee Voting").  The result replaces the hard labels of any method; the evaluation then
-trains on them with soft-target cross-entropy.
+What this is: a committee of networks (one or several architectures) is trained on the real training images, minus
+a held-out tenth; every member labels the FINAL synthetic images once with its softmax (at `label_temperature`),
+and the members' probabilities are averaged with weights proportional to their held-out accuracy (our simple
+vote).  The result replaces the hard labels of any method; the evaluation then trains on them with soft-target
+cross-entropy.
 
-What this is not: the paper's committee voting relabels every augmented batch while the evaluation
-network trains (the committee is kept and queried per batch).  That per-batch relabelling is not
-implemented; hence the option is called ``committee_labels`` (fixed labels), not ``soft_labels``.
+What this is not: Cui et al. 2025's committee voting (``kdzoo condense cv_dd``, `cvdd.py`) recovers the images with
+the committee and relabels every augmented batch during evaluation with the members' logits combined by
+softmax(prior / 10) weights.  Hence the option is called ``committee_labels`` (fixed labels).
 """
 from __future__ import annotations
 
