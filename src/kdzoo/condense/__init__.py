@@ -8,11 +8,13 @@ as the whole training set.
     synthetic = condense("dm", data, ipc=10, iterations=20000)        # -> SyntheticSet(images, labels)
     results = evaluate_synthetic(synthetic, data, num_models=20)       # {"convnet:convnet3": EvalResult}
 
-Methods (registered in `CONDENSERS`, defaults beside each class): ``dc``, ``dsa``, ``dm``,
-``datadam``, ``mtt``, ``ftd``, ``krr_st`` (self-supervised; its labels are learned target
-representations, evaluated by `krrst.transfer_accuracy`).  Options of every method: ``fyi=True`` (match flipped images too),
+Methods (registered in `CONDENSERS`, defaults beside each class): matching ``dc``, ``dsa``, ``dm``, ``datadam``,
+``mtt``, ``ftd``, ``ast``; decoupled squeeze-recover-relabel ``sre2l``, ``rded``, ``cv_dd``, ``infer``, ``nrr_dd``
+(an observer model, `decoupled.ObserverCondenser`; their evaluation replays its soft labels on fresh crops); and
+``krr_st`` (self-supervised; its labels are learned target representations, evaluated by
+`krrst.transfer_accuracy`).  Options of every method: ``fyi=True`` (match flipped images too),
 ``committee_labels=True`` (fixed soft labels voted once by a committee on the final images; not the
-per-batch relabelling of the committee-voting paper, see `soft_labels`), ``init="real" | "noise"``,
+per-batch relabelling of the committee-voting paper, which is ``cv_dd``), ``init="real" | "noise"``,
 ``dsa_strategy``, ``zca`` (kornia ZCA whitening, eps 0.1; on by default for MTT/FTD on CIFAR) and
 ``normalize`` (DatasetCondensation's per-channel constants for CIFAR-10/100 and Fashion-MNIST).
 
