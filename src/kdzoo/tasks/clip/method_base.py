@@ -3,6 +3,7 @@ beside their distillation terms, is `losses.clip_contrastive_loss` (re-exported 
 `kdzoo.tasks.clip.methods`, registered with `register_clip_method` beside its defaults (``kdzoo methods --clip``)."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,7 +29,7 @@ class ClipBatch:
     teacher_attention_mask: Optional[torch.Tensor] = None
 
 
-class ClipMethod(nn.Module):
+class ClipMethod(nn.Module, ABC):
     """A student dual encoder trained against a frozen teacher.  The task calls `attach` once, before any checkpoint
     is restored (extra modules built there are part of the run's state), then per micro-batch `loss` with the
     student's outputs and, when `needs_teacher`, the teacher's (computed without gradient).  `teacher_features` /
@@ -48,10 +49,10 @@ class ClipMethod(nn.Module):
         ``{"params": [...], "lr_scale": factor of train.lr, "weight_decay": ...}``; called after `attach`."""
         return []
 
+    @abstractmethod
     def loss(self, batch: ClipBatch, student_out: ClipOutputs, teacher_out: Optional[ClipOutputs],
              step: int) -> dict[str, torch.Tensor]:
         """The weighted loss terms of one micro-batch (their sum is minimised)."""
-        raise NotImplementedError
 
 
 __all__ = ["ClipMethod", "ClipBatch", "clip_contrastive_loss"]
