@@ -82,6 +82,8 @@ class TrainConfig:
             raise ConfigError(f"train.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
 
 
+# a CLIP model's zero-shot classifier as a frozen teacher, built by kdzoo.runner from kdzoo.tasks.clip (DHO, SSLD)
+ZERO_SHOT_TEACHER = "clip:zero_shot"
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -267,7 +269,16 @@ def _validate_peers_and_rounds(cfg: RunConfig) -> None:
 
 
 def _validate_model(model: ModelConfig, where: str) -> None:
-    """Registered models are checked here; torchvision and timm names when the model is built."""
+    """Registered models are checked here; torchvision and timm names, and a zero-shot CLIP teacher's options, when
+    the model is built."""
+    if model.name == ZERO_SHOT_TEACHER:
+        if not where.startswith("teacher"):
+            raise ConfigError(f"{where}.name: {ZERO_SHOT_TEACHER} is a frozen teacher (a CLIP model's zero-shot "
+                              "classifier); it cannot be trained")
+        if model.weights or model.pretrained or model.init_from:
+            raise ConfigError(f"{where}: {ZERO_SHOT_TEACHER} reads its dual encoder from options.run or options.model; "
+                              "remove weights / pretrained / init_from")
+        return
     if not model.name.startswith(EXTERNAL_PREFIXES):
         entry = _lookup(MODELS, model.name, f"{where}.name")
         model.options = entry.check(model.options, f"{where}.options", model.name)

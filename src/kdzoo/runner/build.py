@@ -7,7 +7,7 @@ from typing import Optional
 
 from torch import nn
 
-from ..config import DataConfig, ModelConfig, RunConfig
+from ..config import ZERO_SHOT_TEACHER, DataConfig, ModelConfig, RunConfig
 from ..data import DataSplits, build_dataset, input_example, withhold_labels
 from ..distiller import Distiller, TrainingData
 from ..errors import CheckpointError, ConfigError
@@ -17,6 +17,7 @@ from ..models.inherit import inherit_weights
 from ..models.weights import LoadReport
 from ..models.weights import load_weights as load_model_weights
 from ..registry import DATASETS, TASKS, unknown_name_message
+from ..tasks.clip.zero_shot import build_zero_shot_teacher
 
 
 def build_data(cfg: DataConfig, task: Optional[str] = None) -> DataSplits:
@@ -39,6 +40,8 @@ def build_data(cfg: DataConfig, task: Optional[str] = None) -> DataSplits:
 
 
 def build_model(cfg: ModelConfig, data: DataSplits, where: str = "model") -> nn.Module:
+    if cfg.name == ZERO_SHOT_TEACHER:
+        return build_zero_shot_teacher(cfg.options, data, where)
     try:
         model = create_model(cfg.name, num_classes=data.num_classes, in_channels=data.in_channels,
                              pretrained=cfg.pretrained, **cfg.options)
@@ -109,7 +112,7 @@ def build_distiller(cfg: RunConfig, data: DataSplits, run_dir: Optional[Path] = 
         teacher = None
     elif teacher is None:
         teacher = build_model(cfg.teacher, data, "teacher")
-    if cfg.teacher and not cfg.teacher.weights and not cfg.teacher.pretrained:
+    if cfg.teacher and not cfg.teacher.weights and not cfg.teacher.pretrained and cfg.teacher.name != ZERO_SHOT_TEACHER:
         print("warning: the teacher has no weights (teacher.weights); it is randomly initialised")
     if cfg.student.init_from == "teacher":
         if teacher is None:
@@ -117,7 +120,7 @@ def build_distiller(cfg: RunConfig, data: DataSplits, run_dir: Optional[Path] = 
         print(f"student initialised from the teacher: {inherit_weights(student, teacher).summary()}")
     teachers = {}
     for name, section in cfg.teachers.items():
-        if not section.weights:
+        if not section.weights and section.name != ZERO_SHOT_TEACHER:
             print(f"warning: teachers.{name} has no weights; it is randomly initialised")
         teachers[name] = build_model(section, data, f"teachers.{name}")
     methods = build_methods(cfg)

@@ -14,6 +14,10 @@ half-weighted means.  The search grid is theirs: alpha in 0, 0.05, ..., 1 and be
 1.5, 2, 4}, the first best held-out accuracy kept.  Export: ``student.safetensors`` is the student alone
 (its own head); the combined predictor, student + kd head + chosen alpha and beta, is exported as
 ``student_with_heads.safetensors``.
+
+The teacher of the paper is a CLIP model's zero-shot classifier: ``teacher: {name: clip:zero_shot, options: {run:
+FOLDER}}`` builds it (``kdzoo.tasks.clip.zero_shot``: 100 x the cosines to the prompt-ensembled class embeddings,
+the authors' ``clip_classifier``); any classifier can teach as well.
 """
 from __future__ import annotations
 
@@ -96,7 +100,8 @@ class DualHeadModel(nn.Module):
                  paper="Kang et al. 2025, Dual-Head Optimization (semi-supervised KD)")
 class DHO(Method):
     """Defaults: the authors' code (CE 0.5, KD 1 over labelled + unlabelled, T 2).  `alpha` and `beta` fixed
-    skip the held-out search.
+    skip the held-out search.  The paper's teacher, a CLIP zero-shot classifier: ``teacher: {name: clip:zero_shot,
+    options: {run: FOLDER}}`` (configs/examples/dho_clip_digits.yaml).
 
     Options:
         weight: multiplier of the second head's KD term

@@ -132,7 +132,7 @@ def _images_and_labels(dataset: Dataset) -> tuple[Any, torch.Tensor]:
             torch.tensor([int(item[1]) for item in items], dtype=torch.long))
 
 
-def _geometry(splits: DataSplits) -> ImageGeometry:
+def image_geometry(splits: DataSplits) -> ImageGeometry:
     height, width = splits.image_size
     if height != width:
         raise ConfigError(f"data: square images needed, got {height}x{width}")
@@ -157,7 +157,7 @@ def captioned_dataset(cfg: ClipDataConfig) -> ClipData:
     templates = list(cfg.templates)
     captions = [template.format(name) for template in templates for name in names]
     return ClipData(splits.name, _templated_split(splits.train, len(templates), len(names)),
-                    _templated_split(splits.test, len(templates), len(names)), captions, _geometry(splits), names,
+                    _templated_split(splits.test, len(templates), len(names)), captions, image_geometry(splits), names,
                     templates)
 
 
@@ -264,4 +264,4 @@ def caption_table(captions: Sequence[str], tokenizer: Any) -> tuple[torch.Tensor
 
 
 __all__ = ["ClipData", "PairSplit", "build_clip_data", "captioned_dataset", "pairs_dataset", "read_pairs",
-           "class_names_of", "epoch_order", "epoch_captions", "caption_table", "DIGIT_NAMES"]
+           "class_names_of", "image_geometry", "epoch_order", "epoch_captions", "caption_table", "DIGIT_NAMES"]
