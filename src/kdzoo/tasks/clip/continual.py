@@ -293,9 +293,11 @@ class ContinualStepTask(ClipTask):
         super().setup(trainer)
         if self.prompt_method:
             ids, mask = self.student_tokens
-            first_template = self.data.prompt_indices()[:, 0].to(ids.device)  # ZSCL's `dataset.template`
-            self.method.bind((ids[first_template], mask[first_template]), self.reference, self.train_cfg.seed,
-                             self.device)
+            prompts = self.data.prompt_indices().to(ids.device)
+            if not self.method.all_templates:
+                prompts = prompts[:, 0]  # ZSCL's `dataset.template`
+            self.method.bind((ids[prompts], mask[prompts]), self.reference, self.train_cfg.seed, self.device,
+                             self.steps_per_epoch)
 
     def build_steps(self, trainer: Trainer):
         groups = super().build_steps(trainer)

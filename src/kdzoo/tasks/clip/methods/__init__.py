@@ -9,3 +9,4 @@ from .clip_kd import ClipCRD, ClipGD, ClipICL, ClipKD  # noqa: E402,F401
 from .clip_refine import ClipRefine  # noqa: E402,F401
 from .dc_clip import DCClip  # noqa: E402,F401
 from .zscl import ZSCL, PromptFineTuning  # noqa: E402,F401
+from .froster import Froster  # noqa: E402,F401

@@ -138,6 +138,7 @@ class PromptFineTuning(ClipMethod):
     """
 
     needs_teacher = False
+    all_templates = False  # the prompts bound: the first template's (ZSCL's `dataset.template`)
 
     def __init__(self, label_smoothing: UnitInterval = 0.2):
         super().__init__()
@@ -150,10 +151,12 @@ class PromptFineTuning(ClipMethod):
         student.logit_scale.requires_grad_(False)  # ZSCL's code leaves it out of the optimizer
 
     def bind(self, prompt_tokens: tuple[torch.Tensor, torch.Tensor], reference: Optional[ReferenceSet], seed: int,
-             device: torch.device) -> None:
-        """The task's prompts, one per class in class order ((ids, mask) for the student's tokenizer), and the
-        reference set; called by the continual step after `attach`, before training."""
+             device: torch.device, steps_per_epoch: int = 0) -> None:
+        """The task's prompts in class order ((ids, mask) for the student's tokenizer: one per class, (C, L), or
+        every template's, (C, T, L), for a method whose `all_templates` is true), the reference set, and the
+        optimizer steps of an epoch; called by the continual step after `attach`, before training."""
         self.prompt_tokens = tuple(t.to(device) for t in prompt_tokens)
+        self.steps_per_epoch = steps_per_epoch
 
     def prompt_loss(self, batch: ClipBatch, student_out: ClipOutputs) -> torch.Tensor:
         if self.prompt_tokens is None:
@@ -218,8 +221,8 @@ class ZSCL(PromptFineTuning):
         self.__dict__["anchor"] = anchor if self.l2_weight else {}  # the start, rebuilt identically on resume
 
     def bind(self, prompt_tokens: tuple[torch.Tensor, torch.Tensor], reference: Optional[ReferenceSet], seed: int,
-             device: torch.device) -> None:
-        super().bind(prompt_tokens, reference, seed, device)
+             device: torch.device, steps_per_epoch: int = 0) -> None:
+        super().bind(prompt_tokens, reference, seed, device, steps_per_epoch)
         if self.distillation_weight:
             if reference is None:
                 raise ConfigError("reference: zscl distils on a reference set of images and texts; set "
