@@ -87,6 +87,12 @@ def main() -> int:
     for row, pairs in results.items():
         print(f"| {row} | {cell([b for b, _ in pairs])} | {cell([n for _, n in pairs])} | "
               f"{cell([harmonic(b, n) for b, n in pairs])} |")
+    from kdzoo.bench.published import clip_table
+
+    what, columns, rows = clip_table("froster_base_to_novel")
+    print(f"\npublished, apart (other data and models): {what}")
+    for row, (values, source) in rows.items():
+        print(f"  {row}: " + ", ".join(f"{c} {v:.1f}" for c, v in zip(columns, values)) + f"  [{source}]")
     print(f"wall time {time.perf_counter() - started:.0f}s")
     return 0
 

@@ -101,6 +101,12 @@ def main() -> int:
     print(f"| CLIP teacher, zero-shot ({args.teacher}) | {teacher_top1:.2f} |")
     for row, values in results.items():
         print(f"| {row} | {cell(values)} |")
+    from kdzoo.bench.published import clip_table
+
+    what, columns, rows = clip_table("dho_imagenet")
+    print(f"\npublished, apart (other data and models): {what}")
+    for row, (values, source) in rows.items():
+        print(f"  {row}: " + ", ".join(f"{c} {v:.1f}" for c, v in zip(columns, values)) + f"  [{source}]")
     print(f"wall time {time.perf_counter() - started:.0f}s")
     return 0
 

@@ -68,3 +68,16 @@ def test_released_tinyclip_models_are_in_the_data_file():
     assert value == 41.1 and "manual inheritance" in what and "TinyCLIP" in source  # README: ViT-8M/16 41.1 %
     assert rows["tinyclip_auto_vit_45m_32_text_18m"][0] == 61.4
     assert clip_zero_shot("no_such_dataset") == {}
+
+
+def test_clip_tables_of_zscl_froster_and_dho_are_in_the_data_file():
+    from kdzoo.bench.published import clip_table
+    what, columns, rows = clip_table("zscl_mtil_order1")
+    assert columns == ["transfer", "avg", "last"] and "MTIL" in what
+    assert rows["zscl"][0] == [68.1, 75.4, 83.6] and "ZSCL" in rows["zscl"][1]  # results.ipynb, Table 3
+    assert rows["continual_finetune"][0] == [44.6, 55.9, 77.3]
+    _, columns, rows = clip_table("froster_base_to_novel")
+    values = dict(zip(columns, rows["froster"][0]))
+    assert (values["k400_base"], values["k400_novel"], values["k400_hm"]) == (77.8, 64.3, 70.4)  # README Table 1
+    assert clip_table("dho_imagenet")[2]["dho_vit_b16"][0] == [81.6, 82.8]
+    assert clip_table("no_such_table") == ("", [], {})

@@ -62,6 +62,13 @@ def _check(data: dict) -> None:
     for method, claim in data["diffusion_claims"].items():
         if claim["source"] not in sources:
             raise ConfigError(f"{DATA_FILE}: diffusion_claims.{method}: unknown source {claim['source']!r}")
+    for name, table in data["clip_tables"].items():
+        for model, row in table["rows"].items():
+            where = f"{DATA_FILE}: clip_tables.{name}.rows.{model}"
+            if len(row["values"]) != len(table["columns"]):
+                raise ConfigError(f"{where}: {len(row['values'])} values for {len(table['columns'])} columns")
+            if row["source"] not in sources:
+                raise ConfigError(f"{where}: unknown source {row['source']!r}")
     for dataset, table in data["clip"].items():
         for model, row in table["rows"].items():
             if row["source"] not in sources:
@@ -127,6 +134,18 @@ def clip_zero_shot(dataset: str = "imagenet1k") -> dict[str, tuple[float, str, s
                     sources[row["source"]]["name"]) for model, row in table["rows"].items()}
 
 
+def clip_table(name: str) -> tuple[str, list[str], dict[str, tuple[list[float], str]]]:
+    """(what it measures, columns, {row: (values, source)}) of CLIP table `name` (ZSCL's MTIL, FROSTER's
+    base-to-novel, DHO's ImageNet); an unknown name gives an empty table."""
+    table = load()["clip_tables"].get(name)
+    if table is None:
+        return "", [], {}
+    sources = load()["sources"]
+    return table["what"], list(table["columns"]), {row: ([float(v) for v in entry["values"]],
+                                                         sources[entry["source"]]["name"])
+                                                   for row, entry in table["rows"].items()}
+
+
 def reference(method: str, dataset: str, *, teacher: Optional[str] = None, student: Optional[str] = None,
               ipc: Optional[int] = None) -> Optional[Reference]:
     """A distillation figure (give `teacher` and `student`) or a dataset-distillation one (give `ipc`)."""
@@ -163,5 +182,5 @@ def distillation_methods(dataset: str) -> list[str]:
 
 
 __all__ = ["Reference", "load", "reference", "lookup", "distillation_reference", "condensation_reference",
-           "diffusion_reference", "diffusion_claims", "clip_zero_shot",
+           "diffusion_reference", "diffusion_claims", "clip_zero_shot", "clip_table",
            "published_accuracy", "distillation_pairs", "distillation_methods"]
