@@ -3,6 +3,7 @@ beside their distillation terms, is `losses.clip_contrastive_loss` (re-exported 
 `kdzoo.tasks.clip.methods`, registered with `register_clip_method` beside its defaults (``kdzoo methods --clip``)."""
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Optional
@@ -48,6 +49,10 @@ class ClipMethod(nn.Module, ABC):
         """Extra modules trained with the student (e.g. projections into the teacher's width), as optimizer groups
         ``{"params": [...], "lr_scale": factor of train.lr, "weight_decay": ...}``; called after `attach`."""
         return []
+
+    def student_context(self, batch: ClipBatch, step: int) -> contextlib.AbstractContextManager:
+        """A context around the student's forward of one micro-batch (e.g. masked image patches, CLIP-KD's MFD)."""
+        return contextlib.nullcontext()
 
     @abstractmethod
     def loss(self, batch: ClipBatch, student_out: ClipOutputs, teacher_out: Optional[ClipOutputs],

@@ -18,11 +18,12 @@ tokenizer, so `load_encoder` needs nothing but the folder.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -354,6 +355,34 @@ class OpenClipBackbone(nn.Module):
         return {"source": "open_clip", "name": self.name}
 
 
+def keep_patch_tokens(tokens: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
+    """MAE's per-sample random masking of (N, 1 + L, D) tokens (class token first, position embeddings already
+    added): the class token and ``int(L * (1 - ratio))`` patch tokens per image, those with the smallest of N x L
+    uniform draws (a CPU generator seeded with `seed`), in that order (CLIP-KD's ``random_masking``)."""
+    cls, patches = tokens[:, :1], tokens[:, 1:]
+    count, length, width = patches.shape
+    keep = int(length * (1 - ratio))
+    noise = torch.rand(count, length, generator=torch.Generator().manual_seed(seed)).to(tokens.device)
+    kept = noise.argsort(dim=1)[:, :keep]
+    return torch.cat([cls, patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, width))], dim=1)
+
+
+@contextlib.contextmanager
+def masked_image_patches(encoder: "DualEncoder", ratio: float, seed: int) -> Iterator[None]:
+    """Inside, `encoder`'s image tower sees only the tokens `keep_patch_tokens` keeps (a transformers CLIP vision
+    tower: the embeddings' output is cut before the pre-norm and the encoder, as CLIP-KD's ``mask_forward``)."""
+    backbone = encoder.backbone
+    if not isinstance(backbone, TransformersBackbone):
+        raise ConfigError("masked image patches: need a transformers CLIP image tower (model.source config or "
+                          "transformers)")
+    handle = backbone.model.vision_model.embeddings.register_forward_hook(
+        lambda module, args, output: keep_patch_tokens(output, ratio, seed))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class DualEncoder(nn.Module):
     """An image tower and a text tower in one embedding space (`encode_image`, `encode_text`: unnormalised
     projections), CLIP's learnable log logit scale (`logit_scale`), and `forward` giving `ClipOutputs`."""
@@ -532,5 +561,5 @@ def load_encoder(run_dir: str | Path) -> tuple[DualEncoder, Any]:
 
 __all__ = ["ClipOutputs", "DualEncoder", "ImageAdapter", "ImageGeometry", "TransformersBackbone", "OpenClipBackbone",
            "WordTokenizer", "FolderTokenizer", "OpenClipTokenizer", "split_words", "build_tokenizer", "build_encoder",
-           "save_encoder", "load_encoder", "require_transformers", "require_open_clip", "ENCODER_FILE",
-           "WEIGHTS_FILE"]
+           "save_encoder", "load_encoder", "require_transformers", "require_open_clip", "keep_patch_tokens",
+           "masked_image_patches", "ENCODER_FILE", "WEIGHTS_FILE"]

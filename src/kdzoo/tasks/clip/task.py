@@ -68,7 +68,8 @@ class ClipStep(nn.Module):
 
     def forward(self, batch: ClipBatch, step: int) -> dict[str, torch.Tensor]:
         method, stage = self.method, self.mask_stage
-        with stage.gated(self.student) if stage is not None else contextlib.nullcontext():
+        with stage.gated(self.student) if stage is not None else contextlib.nullcontext(), \
+                method.student_context(batch, step):
             student_out = self.student(batch.images, batch.input_ids, batch.attention_mask, method.student_features)
         teacher_out = None
         if method.needs_teacher:

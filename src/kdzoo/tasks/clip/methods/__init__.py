@@ -10,3 +10,5 @@ from .clip_refine import ClipRefine  # noqa: E402,F401
 from .dc_clip import DCClip  # noqa: E402,F401
 from .zscl import ZSCL, PromptFineTuning  # noqa: E402,F401
 from .froster import Froster  # noqa: E402,F401
+from .masked_feature import ClipMaskedFeatureDistillation  # noqa: E402,F401
+from .augmented_feature import ClipAugmentedFeatureDistillation  # noqa: E402,F401

@@ -36,9 +36,8 @@ Read from src/open_clip/loss.py, ``KDClipLoss.forward`` (lines 248-362) and src/
   (train.py line 227 clamps only the model's logit scale).
 
 Ours: one process, so the negatives are the batch (their single-process branch, loss.py lines 273-275, refers to
-names that only the multi-process branch defines; we follow the multi-process branch on one process).  Not
-implemented: AFD (fused features through a learnable projection) and the ``cross_kd`` term (weight 0 in every
-script); MFD is FD on masked images (``--mask_ratio``), which the towers here do not take.
+names that only the multi-process branch defines; we follow the multi-process branch on one process).  AFD and MFD
+are `clip_afd` and `clip_mfd`; not implemented: the ``cross_kd`` term (weight 0 in every script).
 """
 from __future__ import annotations
 
