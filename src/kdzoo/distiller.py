@@ -1,6 +1,7 @@
 """Distiller: a frozen teacher teaches a student through any list of methods, on unmodified models."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,11 +327,14 @@ class Distiller(nn.Module):
             student_images = images
             for each in self.methods.values():  # e.g. masked patches; the teacher saw the clean batch
                 student_images = each.student_input(student_images)
-            if self.trains_on_targets and self.student.training:  # a detector: its own losses on the targets
-                student_losses = dict(self.student(student_images, labels))
-                output = None
-            else:
-                output = self.student(student_images)
+            with contextlib.ExitStack() as contexts:  # e.g. patch tokens dropped inside a ViT student
+                for each in self.methods.values():
+                    contexts.enter_context(each.student_context(student_images))
+                if self.trains_on_targets and self.student.training:  # a detector: its own losses on the targets
+                    student_losses = dict(self.student(student_images, labels))
+                    output = None
+                else:
+                    output = self.student(student_images)
             student_feats = self._student_taps.collect()
             student_feats = {spec: student_feats[path] for spec, path in self._student_paths.items()}
             tapped = student_feats.pop(PREDICTIONS, None)

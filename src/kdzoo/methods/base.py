@@ -7,6 +7,7 @@ adapter, which `build` creates once the Distiller knows the feature shapes.
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Sequence
@@ -151,6 +152,11 @@ class Method(nn.Module, abc.ABC):
         """The batch the student sees (the teacher always sees `images`): a method that corrupts the student's
         input (masked patches) returns its own; the default passes the images through."""
         return images
+
+    def student_context(self, images: torch.Tensor) -> contextlib.AbstractContextManager:
+        """A context around the student's forward on `images` (the batch `student_input` returned): e.g. patch
+        tokens dropped inside a ViT (`kdzoo.models.vit.keep_patch_tokens`).  Default: none."""
+        return contextlib.nullcontext()
 
     def layer_pairs(self) -> list[tuple[Optional[str], Optional[str]]]:
         """(student tap, teacher tap) spec pairs this method compares; a tap compared with nothing is paired with

@@ -11,7 +11,9 @@ with 4x4 patches, the usual CIFAR adaptation of a 224px/16 model (64 patch token
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -126,6 +128,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if distillation_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.grid ** 2 + self.num_prefix_tokens, dim))
+        self.patch_drop = nn.Identity()  # as timm's: where `keep_patch_tokens` drops tokens (position embedded)
         self.blocks = nn.Sequential(*(Block(dim, heads, options.mlp_ratio) for _ in range(options.depth)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
@@ -144,7 +147,7 @@ class VisionTransformer(nn.Module):
         prefix = [t.expand(len(x), -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
         if prefix:
             x = torch.cat([*prefix, x], dim=1)
-        x = self.norm(self.blocks(x + self.pos_embed))
+        x = self.norm(self.blocks(self.patch_drop(x + self.pos_embed)))
         pooled = x[:, 0] if self.cls_token is not None else x.mean(1)
         if self.head_dist is None:
             return self.head(pooled)
@@ -153,6 +156,83 @@ class VisionTransformer(nn.Module):
         dist_logits = self.head_dist(x[:, 1])
         logits = self.head(pooled)
         return logits if self.training else (logits + dist_logits) / 2
+
+
+# ---------------------------------------------------------------- tokens and attention of any ViT (ours, timm's)
+
+
+def mae_keep_indices(batch: int, num_patches: int, ratio: float, generator: Optional[torch.Generator] = None,
+                     device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAE's ``random_masking``: per image, uniform noise over the patches, argsorted; the first
+    ``int(num_patches * (1 - ratio))`` are kept.  Returns (kept patch indices (B, K), in that order; mask (B, L),
+    1 = dropped, 0 = kept, in patch order)."""
+    keep = int(num_patches * (1 - ratio))
+    noise = torch.rand(batch, num_patches, generator=generator, device=None if generator is not None else device)
+    noise = noise.to(device) if device is not None else noise
+    shuffle = noise.argsort(dim=1)
+    kept = shuffle[:, :keep]
+    mask = torch.ones(batch, num_patches, device=noise.device)
+    mask.scatter_(1, kept, 0.0)
+    return kept, mask
+
+
+def gather_tokens(tokens: torch.Tensor, kept: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """(B, P + L, C) tokens -> (B, P + K, C): the `num_prefix` prefix tokens, then the patch tokens at `kept`
+    (B, K) in that order."""
+    prefix, patches = tokens[:, :num_prefix], tokens[:, num_prefix:]
+    index = kept.to(tokens.device).unsqueeze(-1).expand(-1, -1, patches.shape[-1])
+    return torch.cat([prefix, patches.gather(1, index)], dim=1)
+
+
+def prefix_tokens(model: nn.Module) -> int:
+    """How many prefix tokens (class, distillation, registers) lead a ViT's sequence (ours and timm's publish it)."""
+    count = getattr(model, "num_prefix_tokens", None)
+    if count is None:
+        raise ConfigError(f"{type(model).__name__}: not a ViT that publishes num_prefix_tokens")
+    return int(count)
+
+
+@contextlib.contextmanager
+def keep_patch_tokens(model: nn.Module, kept: torch.Tensor) -> Iterator[None]:
+    """Inside, `model` (our ViT or timm's) runs its blocks on its prefix tokens and the patch tokens `kept` (B, K)
+    only, the masked ones dropped after the position embedding (MAE's encoder): the forward costs what K tokens
+    cost.  Hooks the model's ``patch_drop`` module (timm's PatchDropout slot; an Identity in ours)."""
+    slot = getattr(model, "patch_drop", None)
+    if slot is None:
+        raise ConfigError(f"{type(model).__name__}: token dropping needs a ViT with a patch_drop slot (vit:* or "
+                          "timm's VisionTransformer)")
+    count = prefix_tokens(model)
+    handle = slot.register_forward_hook(lambda module, args, output: gather_tokens(output, kept, count))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def attention_probabilities(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) (B, heads, N, N) of a ViT attention module (ours: ``qkv``, ``heads``; timm's:
+    ``qkv``, ``num_heads``, ``q_norm``, ``k_norm``, ``scale``) on its input tokens `x` (B, N, C) -- the input of the
+    module, i.e. the block's normalised tokens.  Recomputed from the weights, so fused attention kernels need not
+    expose their probabilities."""
+    heads = getattr(attn, "num_heads", None) or getattr(attn, "heads", None)
+    if heads is None or not hasattr(attn, "qkv"):
+        raise ConfigError(f"{type(attn).__name__}: not a ViT attention module with qkv and heads")
+    batch, tokens, _ = x.shape
+    qkv = attn.qkv(x)
+    head_dim = qkv.shape[-1] // (3 * heads)
+    q, k, _ = qkv.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q = attn.q_norm(q) if hasattr(attn, "q_norm") else q
+    k = attn.k_norm(k) if hasattr(attn, "k_norm") else k
+    scale = getattr(attn, "scale", head_dim ** -0.5)
+    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+def attention_paths(model: nn.Module) -> list[str]:
+    """The module paths of a ViT's attention modules, block by block (``blocks.i.attn``)."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ConfigError(f"{type(model).__name__}: not a ViT with blocks")
+    return [f"blocks.{i}.attn" for i in range(len(blocks))]
 
 
 @register_model("vit:nano", options=ViTNanoOptions, family="vit", paper=VIT_PAPER)
