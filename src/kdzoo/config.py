@@ -110,6 +110,9 @@ class DataConfig:
     labelled_fraction: float = 1.0
     held_out_fraction: float = 0.0
     label_seed: int = 0
+    # instead of a fraction: a file of the training samples (positions, one per line) that keep their label, the
+    # others unlabelled, none held out (active learning: `kdzoo select` adds the next round's queries to it)
+    labelled_indices: Optional[str] = None
 
 
 @dataclass
@@ -305,6 +308,9 @@ def validate_data(data: DataConfig) -> None:
     entry = _lookup(DATASETS, data.name, "data.name")
     data.options = entry.check(data.options, "data.options", data.name)
     check_label_fractions(data.labelled_fraction, data.held_out_fraction)
+    if data.labelled_indices is not None and (data.labelled_fraction < 1 or data.held_out_fraction > 0):
+        raise ConfigError("data.labelled_indices: names the labelled samples itself; leave labelled_fraction and "
+                          "held_out_fraction unset")
 
 
 def _lookup(registry, name: str, where: str):

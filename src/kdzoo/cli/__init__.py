@@ -18,7 +18,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ..errors import KdzooError
-from .analysis import add_cka_parser, add_search_parser
+from .analysis import add_cka_parser, add_search_parser, add_select_parser
 from .bench import add_bench_parser
 from .clip import add_clip_parser
 from .condense import add_condense_parser
@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_search_parser(sub)
     add_cka_parser(sub)
+    add_select_parser(sub)
     add_methods_parser(sub)
     return parser
 

@@ -1,4 +1,5 @@
-"""``kdzoo search`` (DisWOT student search) and ``kdzoo cka`` (layer similarity maps)."""
+"""``kdzoo search`` (DisWOT student search), ``kdzoo cka`` (layer similarity maps) and ``kdzoo select`` (the next
+active-learning queries of a run)."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..analysis.active import STRATEGIES, select_queries
 from ..analysis.cka import KERNELS, model_cka
 from ..analysis.student_search import (TeacherSignals, evolutionary_search, rank_candidates, rank_correlation,
                                        search_space, zoo_candidate)
@@ -33,6 +35,33 @@ CKA_DESCRIPTION = (
     "minibatches with the unbiased HSIC estimator (memory bounded by one batch). TARGET is a run directory of "
     "`kdzoo train` (its config.yaml and trained student) or a train config YAML (student as its weights say). "
     "Writes cka.csv and cka.png.")
+
+
+SELECT_DESCRIPTION = (
+    "Active learning under distillation (ActiveKD): choose which unlabelled training samples to label next, from a "
+    "finished `kdzoo train` run whose data names its labelled samples (data.labelled_indices, a file of training "
+    "positions). pcoreset (PCoreSet, Kang et al. 2025) spreads the queries over the model's class-probability "
+    "space by greedy k-centre, coreset over its penultimate features, uncertainty takes the largest entropy, "
+    "random draws uniformly. Writes the labelled list plus the queries to --out, ready for the next round's "
+    "data.labelled_indices.")
+
+
+def add_select_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("select", help="the next active-learning queries of a run (PCoreSet, coreset, ...)",
+                              description=SELECT_DESCRIPTION)
+    p.add_argument("run", help="a finished kdzoo train run folder whose data.labelled_indices names its labels")
+    p.add_argument("--strategy", choices=STRATEGIES, default="pcoreset", help="how to choose (default pcoreset)")
+    p.add_argument("--queries", type=int, required=True, help="how many samples to add")
+    p.add_argument("--out", default=None, help="the new labelled list (default RUN/labelled_next.txt)")
+    p.add_argument("--seed", type=int, default=0, help="random strategy: its seed")
+    p.set_defaults(func=cmd_select)
+    return p
+
+
+def cmd_select(args) -> int:
+    queries, path = select_queries(args.run, args.strategy, args.queries, args.out, args.seed)
+    print(f"{args.strategy}: {len(queries)} queries added -> {path} ({len(path.read_text().split())} labelled)")
+    return 0
 
 
 def add_search_parser(subparsers) -> argparse.ArgumentParser:

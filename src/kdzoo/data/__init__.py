@@ -5,8 +5,8 @@ from .cache import DecodedSplit, cached_decode
 from .datasets import DataSplits, build_dataset, input_example, labels_of
 from .loaders import Placement, TensorData, make_loader
 from .scenes import DetectionData
-from .semi import UNLABELLED, labelled_count, withhold_labels
+from .semi import UNLABELLED, keep_labels_of, labelled_count, withhold_labels
 
 __all__ = ["DataSplits", "build_dataset", "input_example", "labels_of", "TensorData", "make_loader", "Placement",
-           "UInt8Images", "AugmentSpec", "DecodedSplit", "cached_decode", "withhold_labels", "labelled_count",
-           "UNLABELLED", "DetectionData"]
+           "UInt8Images", "AugmentSpec", "DecodedSplit", "cached_decode", "withhold_labels", "keep_labels_of",
+           "labelled_count", "UNLABELLED", "DetectionData"]

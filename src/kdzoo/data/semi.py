@@ -45,6 +45,29 @@ def withhold_labels(splits: DataSplits, labelled_fraction: float, held_out_fract
     return replace(splits, train=train_part, held_out=held)
 
 
+def keep_labels_of(splits: DataSplits, indices: torch.Tensor, where: str = "data.labelled_indices") -> DataSplits:
+    """`splits` whose training set keeps the labels of the samples at `indices` (positions in the training set)
+    and marks every other -1; the samples stay in place, so a position means the same sample before and after
+    (active learning adds positions round after round)."""
+    train = splits.train
+    if not isinstance(train, (TensorData, UInt8Images)):
+        raise ConfigError(f"{where}: {splits.name}'s training set ({type(train).__name__}) is not held in memory "
+                          "(TensorData or UInt8Images), so its labels cannot be withheld")
+    labels = torch.as_tensor(train.labels, dtype=torch.long)
+    indices = torch.as_tensor(indices, dtype=torch.long).flatten()
+    if len(indices) == 0:
+        raise ConfigError(f"{where}: no sample keeps its label")
+    bad = indices[(indices < 0) | (indices >= len(labels))]
+    if len(bad):
+        raise ConfigError(f"{where}: index {int(bad[0])} is outside the {len(labels)} training samples")
+    if len(indices.unique()) != len(indices):
+        raise ConfigError(f"{where}: an index is listed twice")
+    is_labelled = torch.zeros(len(labels), dtype=torch.bool)
+    is_labelled[indices] = True
+    new_labels = torch.where(is_labelled, labels, torch.full_like(labels, UNLABELLED))
+    return replace(splits, train=_subset(train, torch.arange(len(labels)), new_labels))
+
+
 def check_label_fractions(labelled_fraction: float, held_out_fraction: float) -> None:
     """A one-line error naming the config key of a fraction out of range."""
     if not 0 < labelled_fraction <= 1:
@@ -65,4 +88,4 @@ def _subset(dataset, index: torch.Tensor, labels: torch.Tensor):
                        dataset.resident)
 
 
-__all__ = ["withhold_labels", "labelled_count", "check_label_fractions", "UNLABELLED"]
+__all__ = ["withhold_labels", "keep_labels_of", "labelled_count", "check_label_fractions", "UNLABELLED"]

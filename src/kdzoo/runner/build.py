@@ -5,10 +5,11 @@ import re
 from pathlib import Path
 from typing import Optional
 
+import torch
 from torch import nn
 
 from ..config import ZERO_SHOT_TEACHER, DataConfig, ModelConfig, RunConfig
-from ..data import DataSplits, build_dataset, input_example, withhold_labels
+from ..data import DataSplits, build_dataset, input_example, keep_labels_of, withhold_labels
 from ..distiller import Distiller, TrainingData
 from ..errors import CheckpointError, ConfigError
 from ..methods import METHODS, Method, create_method
@@ -34,9 +35,29 @@ def build_data(cfg: DataConfig, task: Optional[str] = None) -> DataSplits:
     if task is not None and data.task != task:
         raise ConfigError(f"task: {task!r}, but data {cfg.name!r} holds {data.task} labels"
                           + (" (data.options.task)" if "task" in cfg.options else ""))
-    if cfg.labelled_fraction < 1 or cfg.held_out_fraction > 0:
+    if cfg.labelled_indices is not None:
+        data = keep_labels_of(data, read_indices(cfg.labelled_indices))
+    elif cfg.labelled_fraction < 1 or cfg.held_out_fraction > 0:
         data = withhold_labels(data, cfg.labelled_fraction, cfg.held_out_fraction, cfg.label_seed)
     return data
+
+
+def read_indices(path: str | Path, where: str = "data.labelled_indices") -> torch.Tensor:
+    """Sample positions from a text file, one integer per line (blank lines and # comments skipped)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as err:
+        raise ConfigError(f"{where} {path}: cannot be read ({err.strerror or err})") from None
+    values = []
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            values.append(int(text))
+        except ValueError:
+            raise ConfigError(f"{where} {path}: line {number} is not an integer ({text!r})") from None
+    return torch.tensor(values, dtype=torch.long)
 
 
 def build_model(cfg: ModelConfig, data: DataSplits, where: str = "model") -> nn.Module:
@@ -131,4 +152,4 @@ def build_distiller(cfg: RunConfig, data: DataSplits, run_dir: Optional[Path] = 
         raise name_method_key(err, cfg) from None
 
 
-__all__ = ["build_data", "build_model", "load_weights", "model_meta", "build_methods", "build_distiller"]
+__all__ = ["build_data", "read_indices", "build_model", "load_weights", "model_meta", "build_methods", "build_distiller"]
