@@ -48,7 +48,7 @@ LT_EPOCH_SCALE = 4  # the long-tailed split is 299 of 1347 samples: 4x the epoch
 def variants(epochs: int, imbalance: float) -> dict[str, dict]:
     """label -> run config keys (student, methods, stages, data options)."""
     half = max(1, epochs // 2)
-    generic = {"name": "dmae", "align": "all", "student_layer": "stage:-1", "teacher_layer": "stage:-1"}
+    generic = {"name": "g2sd", "decoder_dim": 32, "decoder_depth": 4, "decoder_heads": 4}
     lt = {"imbalance_factor": imbalance}
     lt_epochs = LT_EPOCH_SCALE * epochs
     return {
@@ -58,7 +58,8 @@ def variants(epochs: int, imbalance: float) -> dict[str, dict]:
         "DeiT soft": {"student": DEIT_VIT, "methods": [{"name": "deit", "distillation": "soft"}]},
         "BYOT (no teacher)": {"student": VIT, "methods": ["byot"]},
         "DMAE -> fine-tune": {"student": VIT, "methods": [], "stages": [
-            {"name": "masked", "methods": ["dmae"], "train": {"epochs": half}},
+            {"name": "masked", "methods": [{"name": "dmae", "decoder_dim": 32, "decoder_depth": 2,
+                                            "decoder_heads": 2}], "train": {"epochs": half}},
             {"name": "finetune", "train": {"epochs": epochs - half}}]},
         "G2SD generic -> KD": {"student": VIT, "methods": ["kd"], "stages": [
             {"name": "generic", "methods": [generic], "train": {"epochs": half}},

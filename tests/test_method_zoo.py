@@ -75,7 +75,7 @@ def test_every_method_trains_two_steps_through_the_cli(name, tmp_path):
         method["init_epochs"] = 1  # exercise the init stage, kept short
     config = {
         "student": METHODS.get(name).meta.get("student", {"name": "cifar:resnet8"}),  # deit: a distillation token
-        "teacher": {"name": "cifar:resnet14"},
+        "teacher": METHODS.get(name).meta.get("teacher", {"name": "cifar:resnet14"}),  # a ViT for ViT-only methods
         "methods": [method],
         "data": {"name": "synthetic", "options": {"train_size": 32, "test_size": 16, "num_classes": 10}},
         "train": {"epochs": 1, "batch_size": 16, "lr": 0.01, "progress": False, "device": "cpu"},

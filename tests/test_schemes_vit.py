@@ -16,7 +16,6 @@ from kdzoo.errors import ConfigError
 from kdzoo.methods import create_method
 from kdzoo.methods.schemes.byot import byot_soft_loss, masked_feature_loss
 from kdzoo.methods.schemes.deit import deit_hard_loss, deit_soft_loss, effective_number_weights
-from kdzoo.methods.schemes.dmae import mask_patches, masked_feature_l1, random_patch_mask
 from kdzoo.models import create_model
 from kdzoo.tasks.classification import fit
 from kdzoo.engine.checkpoint import load_checkpoint, read_weights
@@ -174,26 +173,6 @@ def test_byot_heads_leave_the_export(tmp_path):
 # ---------------------------------------------------------------- DMAE masking and teacher truncation
 
 
-def test_random_patch_mask_masks_the_ratio_and_mask_patches_zeroes_them():
-    mask = random_patch_mask(5, (4, 4), 0.75, torch.Generator().manual_seed(0))
-    assert mask.shape == (5, 4, 4) and mask.sum((1, 2)).tolist() == [12.0] * 5
-    assert not torch.equal(mask[0], mask[1])  # per-sample masks
-    images = torch.randn(5, 3, 8, 8) + 10  # no pixel is 0 by chance
-    out = mask_patches(images, mask)
-    for b, i, j in [(0, 0, 0), (2, 3, 1), (4, 2, 3)]:
-        patch = out[b, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2]
-        assert torch.equal(patch, torch.zeros_like(patch) if mask[b, i, j] else images[b, :, 2 * i:2 * i + 2,
-                                                                                          2 * j:2 * j + 2])
-
-
-def test_masked_feature_l1_averages_visible_positions():
-    s, t = torch.zeros(1, 2, 2, 2), torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[3.0, 0.0], [1.0, 0.0]]]])
-    visible = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
-    # per position mean over channels: (1+3)/2=2 at (0,0), (4+0)/2=2 at (1,1)
-    assert masked_feature_l1(s, t, visible).item() == pytest.approx(2.0, rel=EPS)
-    assert masked_feature_l1(s, t).item() == pytest.approx((2 + 1 + 2 + 2) / 4, rel=EPS)
-
-
 def test_teacher_forward_stops_after_its_deepest_tap():
     data = build_dataset("synthetic", num_classes=4, image_size=8, channels=1, train_size=8, test_size=4)
     torch.manual_seed(0)
@@ -226,19 +205,20 @@ def test_teacher_forward_stops_after_its_deepest_tap():
     both.close()
 
 
-def test_dmae_student_sees_masked_input_and_teacher_the_clean_one():
+def test_dmae_pixel_masking_variant_masks_the_student_input_and_teacher_sees_the_clean_one():
     data = build_dataset("synthetic", num_classes=4, image_size=8, channels=1, train_size=8, test_size=4)
     student = create_model("vit:nano", num_classes=4, in_channels=1, **TINY_VIT)
     teacher = create_model("vit:nano", num_classes=4, in_channels=1, **TINY_VIT)
     seen = {}
     student.patch_embed.register_forward_pre_hook(lambda m, i: seen.update(student=i[0]))
     teacher.patch_embed.register_forward_pre_hook(lambda m, i: seen.update(teacher=i[0]))
-    distiller = Distiller(student, teacher, [create_method("dmae", mask_ratio=0.5)], example_input=input_example(data))
+    method = create_method("dmae", mask_ratio=0.5, drop_tokens=False)  # our variant: pixels zeroed, all tokens run
+    distiller = Distiller(student, teacher, [method], example_input=input_example(data))
     images = torch.randn(4, 1, 8, 8) + 10
     distiller(images, torch.zeros(4, dtype=torch.long))
     assert torch.equal(seen["teacher"], images)
     zero_fraction = (seen["student"] == 0).float().mean().item()
-    assert zero_fraction == pytest.approx(0.5)  # patch size 2 from the 4x4 token grid; 8 of 16 patches
+    assert zero_fraction == pytest.approx(0.5)  # the ViT's 2x2 patches; 8 of 16 patches
 
 
 # ---------------------------------------------------------------- staged runs
@@ -248,7 +228,8 @@ def staged_config(second_lr: float = 0.0) -> dict:
     return {"student": {"name": "vit:nano", "options": TINY_VIT},
             "teacher": {"name": "vit:nano", "options": {**TINY_VIT, "dim": 24}},
             "methods": ["kd"],
-            "stages": [{"name": "generic", "methods": [{"name": "dmae", "align": "all", "teacher_layer": "stage:-1"}]},
+            "stages": [{"name": "generic", "methods": [{"name": "g2sd", "decoder_dim": 16, "decoder_depth": 1,
+                                                        "decoder_heads": 2}]},
                        {"name": "specific", "train": {"lr": second_lr}}],
             "data": TINY_DATA, "train": TINY_TRAIN}
 
@@ -257,7 +238,7 @@ def test_stages_run_in_order_each_from_the_previous_weights(tmp_path, capsys):
     assert run_cli(tmp_path, "g2sd", staged_config(second_lr=0.0)) == 0
     run = tmp_path / "g2sd"
     first, second = run / "stages" / "0-generic", run / "stages" / "1-specific"
-    assert "loss_dmae" in (first / "metrics.csv").read_text().splitlines()[0]
+    assert "loss_g2sd" in (first / "metrics.csv").read_text().splitlines()[0]
     assert "loss_kd" in (second / "metrics.csv").read_text().splitlines()[0]
     second_cfg = yaml.safe_load((second / "config.yaml").read_text())
     assert second_cfg["student"]["weights"] == str(first / "student.safetensors") and second_cfg["train"]["lr"] == 0

@@ -29,6 +29,37 @@ from .models import EXTERNAL_PREFIXES, MODELS, check_pretrained
 
 
 @dataclass
+class MixupConfig:
+    """``train.mixup``: timm's Mixup/CutMix on every training batch (kdzoo.tasks.classification.mixing); the
+    defaults are DeiT's and DeiT-LT's (arguments.py: --mixup 0.8, --cutmix 1.0, --mixup-prob 1.0,
+    --mixup-switch-prob 0.5, --mixup-mode batch, --smoothing 0.1)."""
+
+    mixup_alpha: float = 0.8  # Beta(alpha, alpha) of mixup's lambda; 0: no mixup
+    cutmix_alpha: float = 1.0  # Beta(alpha, alpha) of CutMix's area; 0: no CutMix
+    prob: float = 1.0  # chance that a batch (or sample, pair) is mixed at all
+    switch_prob: float = 0.5  # chance of CutMix rather than mixup when both are on
+    mode: str = "batch"  # batch | pair | elem: one draw per batch, per pair, per sample
+    label_smoothing: float = 0.1  # the mixed targets' smoothing
+    until_epoch: Optional[int] = None  # no mixing from this (0-based) epoch on (DeiT-LT's --no-mixup-drw); None: all
+
+    def validate(self) -> None:
+        _choice("train.mixup.mode", self.mode, ("batch", "pair", "elem"))
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.mixup.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.mixup_alpha == 0 and self.cutmix_alpha == 0:
+            raise ConfigError("train.mixup: mixup_alpha and cutmix_alpha are both 0; remove train.mixup to train "
+                              "without mixing")
+        for key in ("prob", "switch_prob"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"train.mixup.{key}: must be in [0, 1], got {getattr(self, key)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"train.mixup.label_smoothing: must be >= 0 and < 1, got {self.label_smoothing}")
+        if self.until_epoch is not None and self.until_epoch < 0:
+            raise ConfigError(f"train.mixup.until_epoch: must be >= 0, got {self.until_epoch}")
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 240
     batch_size: int = 64
@@ -59,6 +90,12 @@ class TrainConfig:
     lr_scaling: str = "none"  # none | linear | sqrt
     reference_batch_size: int = 64  # the batch size train.lr was tuned for
     scaling_warmup_epochs: float = 5.0  # warm-up used when lr_scaling raises the lr; a larger warmup_epochs wins
+    # mixed images and soft targets for the student's cross-entropy; the teacher sees the same mixed images
+    mixup: Optional[MixupConfig] = None  # None: off; {}: DeiT's Mixup/CutMix (see MixupConfig)
+    # sharpness-aware minimisation (kdzoo.engine.sam): two forward/backward passes per step, the second at
+    # w + rho * g / ||g|| (sam_adaptive: ASAM, elementwise |w| scaling); 0: off
+    sam_rho: float = 0.0
+    sam_adaptive: bool = False
 
     def validate(self) -> None:
         _choice("train.optimizer", self.optimizer, ("sgd", "adamw"))
@@ -80,6 +117,18 @@ class TrainConfig:
                 raise ConfigError(f"train.milestones[{i}]: must be >= 0, got {milestone}")
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ConfigError(f"train.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        if self.mixup is not None:
+            self.mixup.validate()
+            if self.cache_teacher_outputs:
+                raise ConfigError("train.cache_teacher_outputs: the teacher sees newly mixed images every step "
+                                  "(train.mixup); turn one of them off")
+        if self.sam_rho < 0:
+            raise ConfigError(f"train.sam_rho: must be >= 0, got {self.sam_rho}")
+        if self.sam_adaptive and self.sam_rho == 0:
+            raise ConfigError("train.sam_adaptive: ASAM needs a radius, train.sam_rho > 0 (e.g. 0.5)")
+        if self.sam_rho > 0 and self.compile == "reduce-overhead":
+            raise ConfigError("train.sam_rho: SAM runs the compiled forward twice per step, which CUDA graphs "
+                              "(train.compile=reduce-overhead) cannot replay; use train.compile=default or off")
 
 
 # a CLIP model's zero-shot classifier as a frozen teacher, built by kdzoo.runner from kdzoo.tasks.clip (DHO, SSLD)

@@ -173,7 +173,8 @@ class Distiller(nn.Module):
                           num_samples=data.num_samples, train_labels=data.labels,        # classes are per proposal
                           student=self.student, teacher=teachers.get(name), student_paths=dict(self._student_paths),
                           teacher_paths=dict(paths), example_input=example,
-                          train_data=data.dataset, cache_dir=data.cache_dir, held_out_data=data.held_out)
+                          train_data=data.dataset, cache_dir=data.cache_dir, held_out_data=data.held_out,
+                          teachers=dict(teachers))
             method.build(setup)
 
     @property

@@ -7,7 +7,7 @@ torchvision's PIL transforms in worker processes.  Indexing a UInt8Images gives 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -34,13 +34,51 @@ RESIDENT_CHOICES = ("auto", "true", "false")
 
 @dataclass(frozen=True)
 class AugmentSpec:
-    """Training augmentation: RandomCrop(size, padding=crop_padding) with zero fill, then a horizontal flip."""
+    """Training augmentation: RandomCrop(size, padding=crop_padding) with zero fill, then a horizontal flip, then
+    (`rand_augment`: (num_ops, magnitude)) torchvision's RandAugment on each image (Cubuk et al. 2020)."""
 
     crop_padding: int = 4  # 0: no crop
     flip: bool = True  # RandomHorizontalFlip(p=0.5)
+    rand_augment: Optional[tuple[int, int]] = None  # (num_ops, magnitude of 0-30); None: none
 
 
 CIFAR_AUGMENT = AugmentSpec(crop_padding=4, flip=True)
+# DeiT's RandAugment (timm rand-m9-mstd0.5-inc1: 2 operations at magnitude 9), as torchvision's RandAugment
+RAND_AUGMENT_DEFAULT = (2, 9)
+RAND_AUGMENT_MAX_MAGNITUDE = 30  # torchvision's num_magnitude_bins 31
+
+
+def parse_rand_augment(value: bool | str) -> Optional[tuple[int, int]]:
+    """Data option `rand_augment`: false (none), true (2 operations at magnitude 9, DeiT's) or a string of timm's
+    keys ``n`` (operations) and ``m`` (magnitude), e.g. "n2-m9" or "m5"; (num_ops, magnitude) or None."""
+    if value is False:
+        return None
+    if value is True:
+        return RAND_AUGMENT_DEFAULT
+    num_ops, magnitude = RAND_AUGMENT_DEFAULT
+    for part in str(value).split("-"):
+        if part == "rand":  # timm's prefix: "rand-m9-n2"
+            continue
+        key, digits = part[:1], part[1:]
+        if key not in ("n", "m") or not digits.isdigit():
+            raise ConfigError(f"data.options.rand_augment: {value!r} is not true, false or keys n<ops>-m<magnitude> "
+                              "(e.g. n2-m9)")
+        if key == "n":
+            num_ops = int(digits)
+        else:
+            magnitude = int(digits)
+    if num_ops < 1 or magnitude > RAND_AUGMENT_MAX_MAGNITUDE:
+        raise ConfigError(f"data.options.rand_augment: {value!r} needs n >= 1 and m <= {RAND_AUGMENT_MAX_MAGNITUDE}")
+    return num_ops, magnitude
+
+
+def training_augment(crop_and_flip: bool, rand_augment: bool | str) -> Optional[AugmentSpec]:
+    """The spec of a uint8 dataset's training split from its options `augment` and `rand_augment`."""
+    ops = parse_rand_augment(rand_augment)
+    if not crop_and_flip and ops is None:
+        return None
+    base = CIFAR_AUGMENT if crop_and_flip else AugmentSpec(crop_padding=0, flip=False)
+    return replace(base, rand_augment=ops)
 
 
 def pil_transform(mean: Sequence[float], std: Sequence[float], augment: Optional[AugmentSpec],
@@ -51,6 +89,8 @@ def pil_transform(mean: Sequence[float], std: Sequence[float], augment: Optional
         steps.append(T.RandomCrop(size, padding=augment.crop_padding))
     if augment is not None and augment.flip:
         steps.append(T.RandomHorizontalFlip())
+    if augment is not None and augment.rand_augment is not None:
+        steps.append(T.RandAugment(*augment.rand_augment))
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
 
 
@@ -162,4 +202,5 @@ class PILItems(Dataset):
         return self.transform(image), self.labels[i], i
 
 
-__all__ = ["UInt8Images", "PILItems", "AugmentSpec", "CIFAR_AUGMENT", "pil_transform", "parse_resident"]
+__all__ = ["UInt8Images", "PILItems", "AugmentSpec", "CIFAR_AUGMENT", "pil_transform", "parse_resident",
+           "parse_rand_augment", "training_augment"]

@@ -3,7 +3,9 @@
 Image datasets (cifar10, cifar100, imagefolder, fashion_mnist) are decoded once into the on-disk cache
 (``cache.py``) and come back as ``UInt8Images``, which make_loader batches and augments on the training
 device.  Data options shared by them: ``cache_dir`` (default ``~/.cache/kdzoo``), ``resident``
-(auto | true | false, see ``UInt8Images``) and ``augment`` (RandomCrop(padding=4) + horizontal flip).
+(auto | true | false, see ``UInt8Images``), ``augment`` (RandomCrop(padding=4) + horizontal flip) and
+``rand_augment`` (torchvision's RandAugment on each training image after them: true for 2 operations at magnitude
+9, DeiT's, or "n<ops>-m<magnitude>"; never on the test split).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 from ..engine.runtime import atomic_write, lazy_import
 from ..errors import ConfigError
 from ..registry import DATASETS, Fraction, NonNegative, PositiveInt, register_dataset
-from .arrays import CIFAR_AUGMENT, UInt8Images, parse_resident
+from .arrays import UInt8Images, parse_rand_augment, parse_resident, training_augment
 from .cache import DecodedSplit, cached_decode
 from .loaders import TensorData
 from .longtail import ImbalanceFactor, long_tailed
@@ -120,12 +122,12 @@ def synthetic(num_classes: PositiveInt = 10, image_size: PositiveInt = 32, chann
 
 
 def _uint8_splits(name: str, train: DecodedSplit, test: DecodedSplit, mean: Sequence[float], std: Sequence[float],
-                  augment: bool, resident: str | bool) -> DataSplits:
+                  augment: bool, resident: str | bool, rand_augment: bool | str = False) -> DataSplits:
     parse_resident(resident)  # a bad value fails here, not at the first epoch
     classes = train.meta.get("classes")
     num_classes = len(classes) if classes else int(train.labels.max()) + 1
     _, channels, height, width = train.images.shape
-    return DataSplits(name, UInt8Images.from_decoded(train, mean, std, CIFAR_AUGMENT if augment else None, resident),
+    return DataSplits(name, UInt8Images.from_decoded(train, mean, std, training_augment(augment, rand_augment), resident),
                       UInt8Images.from_decoded(test, mean, std, None, resident), num_classes, channels, (height, width))
 
 
@@ -179,25 +181,27 @@ def _torchvision_cifar(release: CifarRelease, root: str, download: bool,
 @register_dataset("cifar10", paper="Krizhevsky 2009, Learning Multiple Layers of Features from Tiny Images")
 def cifar10(root: str = "data", download: bool = False, augment: bool = True, cache_dir: Optional[str] = None,
             resident: Union[Literal["auto", "true", "false"], bool] = "auto",
-            imbalance_factor: ImbalanceFactor = 1.0) -> DataSplits:
+            imbalance_factor: ImbalanceFactor = 1.0, rand_augment: Union[bool, str] = False) -> DataSplits:
     """torchvision's CIFAR-10 (python pickles under ROOT/cifar-10-batches-py), decoded once into the cache;
     ``imbalance_factor: 100`` is CIFAR-10-LT."""
+    parse_rand_augment(rand_augment)  # a bad value fails before decoding
     release = CifarRelease("CIFAR10", "cifar10", CIFAR10_MEAN, CIFAR10_STD,
                            hint="; offline, the JPEG copy in shared/data loads with data.name=imagefolder")
     decoded = _torchvision_cifar(release, root, download, cache_dir)
     return long_tailed(_uint8_splits("cifar10", decoded["train"], decoded["test"], CIFAR10_MEAN, CIFAR10_STD, augment,
-                                     resident), imbalance_factor)
+                                     resident, rand_augment), imbalance_factor)
 
 
 @register_dataset("cifar100", paper="Krizhevsky 2009, Learning Multiple Layers of Features from Tiny Images")
 def cifar100(root: str = "data", download: bool = False, augment: bool = True, cache_dir: Optional[str] = None,
              resident: Union[Literal["auto", "true", "false"], bool] = "auto",
-             imbalance_factor: ImbalanceFactor = 1.0) -> DataSplits:
+             imbalance_factor: ImbalanceFactor = 1.0, rand_augment: Union[bool, str] = False) -> DataSplits:
     """torchvision's CIFAR-100 (python pickles under ROOT/cifar-100-python), 100 fine labels."""
+    parse_rand_augment(rand_augment)
     decoded = _torchvision_cifar(CifarRelease("CIFAR100", "cifar100", CIFAR100_MEAN, CIFAR100_STD), root, download,
                                  cache_dir)
     return long_tailed(_uint8_splits("cifar100", decoded["train"], decoded["test"], CIFAR100_MEAN, CIFAR100_STD,
-                                     augment, resident), imbalance_factor)
+                                     augment, resident, rand_augment), imbalance_factor)
 
 
 def _decode_image(path: str, size: tuple[int, int]) -> np.ndarray:
@@ -279,6 +283,8 @@ class ImageFolderOptions:
         image_size: height and width the images are decoded to (224 for ImageNet-pretrained models; 32 suits
             CIFAR-sized images and models)
         augment: random crop (padding 4) and horizontal flip of the training images
+        rand_augment: RandAugment on each training image after them: true (2 operations at magnitude 9, DeiT's),
+            false, or "n<ops>-m<magnitude>"
         mean: per-channel mean of pixels in [0, 1]: imagenet (as torchvision's and timm's pretrained models
             expect), cifar10, cifar100, or a list of 3 numbers
         std: per-channel standard deviation, named or 3 numbers as mean
@@ -291,6 +297,7 @@ class ImageFolderOptions:
     root: str = "data/imagefolder"
     image_size: PositiveInt = 32
     augment: bool = True
+    rand_augment: Union[bool, str] = False
     mean: Union[NormalizationName, list[float]] = "imagenet"
     std: Union[NormalizationName, list[float]] = "imagenet"
     test_split: str = "test"
@@ -305,6 +312,7 @@ def imagefolder(options: ImageFolderOptions = ImageFolderOptions()) -> DataSplit
     """Class-per-folder images decoded once (see `ImageFolderOptions`)."""
     root, test_split, cache_dir = options.root, options.test_split, options.cache_dir
     mean, std = channel_constants(options.mean, options.std)
+    parse_rand_augment(options.rand_augment)
     size = (options.image_size, options.image_size)
     decoded = {}
     for split in ("train", test_split):
@@ -321,7 +329,7 @@ def imagefolder(options: ImageFolderOptions = ImageFolderOptions()) -> DataSplit
     if decoded["train"].meta["classes"] != decoded[test_split].meta["classes"]:
         raise ConfigError(f"imagefolder: train and {test_split} class folders differ under {root!r}")
     return long_tailed(_uint8_splits("imagefolder", decoded["train"], decoded[test_split], mean, std, options.augment,
-                                     options.resident), options.imbalance_factor)
+                                     options.resident, options.rand_augment), options.imbalance_factor)
 
 
 def _gunzip(archive: Path, target: Path) -> None:
@@ -369,9 +377,11 @@ def _decode_fashion_mnist(root: str, train: bool) -> DecodedSplit:
 @register_dataset("fashion_mnist", paper="Xiao et al. 2017, Fashion-MNIST (28x28 grey-scale clothing, 10 classes)")
 def fashion_mnist(root: str = "data", download: bool = False, augment: bool = False,
                   cache_dir: Optional[str] = None, resident: Union[Literal["auto", "true", "false"], bool] = "auto",
-                  debian_dir: str = DEBIAN_FASHION_MNIST, imbalance_factor: ImbalanceFactor = 1.0) -> DataSplits:
+                  debian_dir: str = DEBIAN_FASHION_MNIST, imbalance_factor: ImbalanceFactor = 1.0,
+                  rand_augment: Union[bool, str] = False) -> DataSplits:
     """torchvision's FashionMNIST; the idx files come from ROOT/FashionMNIST/raw or the Debian package.
     `augment` is off by default (the dataset-condensation recipes train without it); on, it is crop + flip."""
+    parse_rand_augment(rand_augment)
     raw = _fashion_mnist_raw(root, debian_dir, download)
     decoded = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
@@ -379,7 +389,7 @@ def fashion_mnist(root: str = "data", download: bool = False, augment: bool = Fa
         decoded[split] = cached_decode("fashion_mnist", split, files, raw,
                                        partial(_decode_fashion_mnist, root, split == "train"), cache_dir)
     return long_tailed(_uint8_splits("fashion_mnist", decoded["train"], decoded["test"], FASHION_MNIST_MEAN,
-                                     FASHION_MNIST_STD, augment, resident), imbalance_factor)
+                                     FASHION_MNIST_STD, augment, resident, rand_augment), imbalance_factor)
 
 
 __all__ = ["DataSplits", "build_dataset", "input_example", "labels_of", "DATASETS"]

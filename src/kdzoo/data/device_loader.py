@@ -4,7 +4,9 @@ Per epoch it draws, from one CPU generator seeded by (seed, epoch), the shuffle 
 offset and every flip, and moves them to the device once.  Each step is then a few kernels on a whole
 batch (gather, pad, one gather for crop + flip, normalise): no worker process, no per-sample Python, no
 read back to the host.  Drawing on the CPU makes the epoch bit-identical on every device, so a resumed
-run repeats exactly what the interrupted one would have done.
+run repeats exactly what the interrupted one would have done.  RandAugment (``AugmentSpec.rand_augment``) runs
+after them on each image with torchvision's ``transforms.v2.RandAugment``, its draws from torch's CPU generator
+seeded per batch from the epoch's generator (and restored afterwards), so it too depends on (seed, epoch) alone.
 """
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from ..engine.runtime import lazy_import
 from .arrays import UInt8Images, normalize_batch
+
+transforms_v2 = lazy_import("torchvision.transforms.v2")
 
 
 def crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int) -> torch.Tensor:
@@ -39,6 +44,15 @@ def draw_augmentation(n: int, padding: int, flip: bool, generator: torch.Generat
     offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator)
     flips = torch.randint(0, 2, (n,), generator=generator).bool() if flip else torch.zeros(n, dtype=torch.bool)
     return offsets, flips
+
+
+def rand_augment_batch(images: torch.Tensor, num_ops: int, magnitude: int, seed: int) -> torch.Tensor:
+    """torchvision's RandAugment(num_ops, magnitude) on each uint8 image of a batch (each its own operations),
+    drawn from torch's CPU generator seeded with `seed`; the global generator's state is left as it was."""
+    augment = transforms_v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.stack([augment(image) for image in images])
 
 
 class ResidentBatches:
@@ -68,13 +82,17 @@ class ResidentBatches:
         if spec is not None:
             offsets, flips = draw_augmentation(n, spec.crop_padding, spec.flip, generator)
             offsets, flips = offsets.to(self.device, non_blocking=True), flips.to(self.device, non_blocking=True)
+            if spec.rand_augment is not None:  # drawn after the crops and flips, which stay as without it
+                first_seed = int(torch.randint(0, 2**62, (), generator=generator))
         for b in range(len(self)):
             batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
             index = order[batch]
             picked = images.index_select(0, index)  # row copies: much faster than images[index] on the CPU
             if spec is not None:
                 picked = crop_and_flip(picked, offsets[batch], flips[batch], spec.crop_padding)
+                if spec.rand_augment is not None:
+                    picked = rand_augment_batch(picked, *spec.rand_augment, seed=first_seed + b)
             yield normalize_batch(picked, mean, std), labels.index_select(0, index), index
 
 
-__all__ = ["ResidentBatches", "crop_and_flip", "draw_augmentation"]
+__all__ = ["ResidentBatches", "crop_and_flip", "draw_augmentation", "rand_augment_batch"]

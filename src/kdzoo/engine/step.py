@@ -4,7 +4,9 @@ One step is: for each of its micro-batches (gradient accumulation), forward unde
 summed losses, backward (gradients averaged over processes on the last micro-batch only); then gradient
 clipping, the optimizer update, and the step's loss terms, accuracy and a non-finite flag added to accumulators
 on the device.  Nothing in it reads
-a value back to the host: the loop reads the meters at progress refreshes and once per epoch.
+a value back to the host: the loop reads the meters at progress refreshes and once per epoch.  With SAM/ASAM
+(`StepOptions.sam_rho`, ``sam.py``) the micro-batches run forward and backward a second time at the perturbed
+weights before clipping and the update; the meters keep the first pass's losses.
 
 What changes with the device and `train.compile` (the optimizer's form: see `build_optimizer`):
 
@@ -33,6 +35,8 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from .sam import sharpness_aware
+
 # Compiled functions that share one code object (every run's step forward, every module call) share its
 # recompile limit: allow a few graphs (full batch, last batch, evaluation) for each of them.
 RECOMPILES_PER_FUNCTION = 8
@@ -57,7 +61,7 @@ class StepBatch:
 @dataclass(frozen=True)
 class StepOptions:
     """How a step runs: autocast (`amp`), torch.compile (`compile`), micro-batches per optimizer step
-    (`accumulation`) and gradient clipping (`max_grad_norm`, 0: none)."""
+    (`accumulation`), gradient clipping (`max_grad_norm`, 0: none) and SAM/ASAM (`sam_rho`, `sam_adaptive`)."""
 
     amp: str = "auto"
     compile: str = "off"
@@ -68,6 +72,9 @@ class StepOptions:
     # computed; which is faster depends on the model and the allocator (on a CPU, measured in alternated pairs:
     # a small CNN 6% faster with False, a small language model with large logits 3% faster with True).
     free_gradients_first: bool = False
+    # sharpness-aware minimisation (`sam.py`): a second forward/backward at w + e(w) before the update; 0: off
+    sam_rho: float = 0.0
+    sam_adaptive: bool = False  # ASAM: e(w) scaled elementwise by |w|
 
 
 def autocast_for(device: torch.device, amp: str):
@@ -163,6 +170,12 @@ class DeviceMeters:
     def end_step(self) -> None:
         self.step.add_(1)
 
+    def flag(self, loss: torch.Tensor) -> None:
+        """Count a loss that is not metered (SAM's second pass) in the non-finite flag alone."""
+        finite = torch.isfinite(loss.detach()).all()
+        self.first_bad.copy_(torch.where((self.bad > 0) | finite, self.first_bad, self.step))
+        self.bad.copy_(torch.maximum(self.bad, (~finite).float()))
+
     def state(self, group=None) -> dict:
         """The sums so far (with a `Distributed` group: over every process, a collective), for a checkpoint."""
         flat, first_bad = self._totals(group)
@@ -253,6 +266,7 @@ class TrainStep:
         self.clip_parameters = list(clip_parameters if clip_parameters is not None else
                                     (p for g in optimizer.param_groups for p in g["params"]))
         self.sync = sync or (lambda last: contextlib.nullcontext())
+        self.sam_parameters = [p for g in optimizer.param_groups for p in g["params"]]  # what SAM perturbs
         # the loop marks each batch as one CUDA-graph generation (teacher, student, backward, update), so a
         # graph replay never reuses memory still holding this batch's teacher outputs
         self.cuda_graphs = options.compile == "reduce-overhead" and device.type == "cuda"
@@ -267,25 +281,17 @@ class TrainStep:
 
     def __call__(self, micro_batches: Iterable[StepBatch], epoch: torch.Tensor) -> None:
         """One optimizer step over `options.accumulation` micro-batches (an iterable, so each is prepared just
-        before its forward)."""
-        accumulation = self.options.accumulation
-        if self.options.free_gradients_first:
+        before its forward; kept for a second pass with SAM)."""
+        options = self.options
+        if options.sam_rho:
+            micro_batches = list(micro_batches)
+        if options.free_gradients_first:
             self.optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(micro_batches):
-            with self.sync(i == accumulation - 1):
-                with autocast_for(self.device, self.options.amp):
-                    outputs = self.forward(*batch.inputs, epoch)
-                total = None
-                for meters, (logits, terms) in zip(self.meters, outputs):
-                    loss = sum(terms.values())
-                    meters.add(loss, terms, logits, batch.labels, batch.size)  # before the update reads the flag
-                    total = loss if total is None else total + loss
-                if accumulation > 1:
-                    total = total / accumulation
-                if i == 0 and not self.options.free_gradients_first:
-                    self.optimizer.zero_grad(set_to_none=True)
-                total.backward()
-            self.units += batch.units or batch.size
+        self._backward(micro_batches, epoch, metered=True)
+        if options.sam_rho:  # the update takes the gradient at w + e(w); the meters keep the losses at w
+            with sharpness_aware(self.sam_parameters, options.sam_rho, options.sam_adaptive):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._backward(micro_batches, epoch, metered=False)
         for meters in self.meters:
             meters.end_step()
         if self.options.max_grad_norm:
@@ -295,6 +301,31 @@ class TrainStep:
             flags = [m.bad for m in self.meters]
             self.optimizer.found_inf = flags[0] if len(flags) == 1 else torch.stack(flags).amax()
         self._update()
+
+
+    def _backward(self, micro_batches: Iterable[StepBatch], epoch: torch.Tensor, metered: bool) -> None:
+        """Forward and backward of every micro-batch, gradients accumulated; `metered`: their losses go to the
+        meters (else only a non-finite one is flagged)."""
+        accumulation = self.options.accumulation
+        for i, batch in enumerate(micro_batches):
+            with self.sync(i == accumulation - 1):
+                with autocast_for(self.device, self.options.amp):
+                    outputs = self.forward(*batch.inputs, epoch)
+                total = None
+                for meters, (logits, terms) in zip(self.meters, outputs):
+                    loss = sum(terms.values())
+                    if metered:
+                        meters.add(loss, terms, logits, batch.labels, batch.size)  # before the update reads the flag
+                    else:
+                        meters.flag(loss)
+                    total = loss if total is None else total + loss
+                if accumulation > 1:
+                    total = total / accumulation
+                if i == 0 and not self.options.free_gradients_first:
+                    self.optimizer.zero_grad(set_to_none=True)
+                total.backward()
+            if metered:
+                self.units += batch.units or batch.size
 
 
 def prepare_models(modules: Iterable[nn.Module], device: torch.device, channels_last: bool) -> None:

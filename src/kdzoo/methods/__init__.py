@@ -8,9 +8,10 @@ from .feature import ab, at, fitnet, fsp, ft, nd, nst, ofd, residual, reviewkd  
 # issue 11, seed papers: NKD/USKD, ND (KD++), FROSTER residual features, TinyCLIP affinity
 from .logit import ctkd, dist, dkd, kd, nkd, uskd  # noqa: F401
 from .relation import affinity, cc, crd, pkt, rkd, sp, vid  # noqa: F401
-# issue 12, training schemes: several teachers (MEAL V2), unlabelled data (SSLD), method-owned heads (DHO),
-# mutual learning (peers), iterative self-distillation (rounds), ViT schemes (DeiT, DMAE/G2SD), BYOT
-from .schemes import byot, deit, dho, dmae, dml, isd, meal_v2, ssld  # noqa: F401
+# training schemes: several teachers (MEAL V2, Hybrid Distill, DistillNearest/Weighted), unlabelled data (SSLD,
+# KD3), method-owned heads (DHO), peers (DML), rounds (ISD), ViT schemes (DeiT/DeiT-LT, DMAE, G2SD, SiT), BYOT, LSSKD
+from .schemes import (byot, deit, dho, dmae, dml, g2sd, hybrid_distill, isd, kd3, lsskd, meal_v2,  # noqa: F401
+                      similar_tasks, sit, ssld)
 
 
 def create_method(name: str, **options) -> Method:

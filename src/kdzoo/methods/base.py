@@ -65,6 +65,8 @@ class Setup:
     train_data: Optional[Any] = None  # the training dataset (items: image, label, index), for statistics over it
     cache_dir: Optional[Path] = None  # where a method may keep what it computed once (the run directory)
     held_out_data: Optional[Any] = None  # labelled samples kept out of training, to choose evaluation-time weights
+    # every named teacher of the distiller (read-only), for a method that also runs a teacher besides its own
+    teachers: dict[str, nn.Module] = field(default_factory=dict)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from ..errors import ConfigError
 from ..registry import MODELS, register_model, unknown_name_message
 from . import (cifar_mobilenetv2, cifar_resnet, cifar_shufflenet, cifar_vgg, cifar_wrn, convnet, detection,  # noqa: F401
                mlp, segformer, segmentation, tiny, vit)  # (each registers its models)
+from . import vit_slim  # noqa: F401  (SiT's self-slimmed ViT)
 from .pretrained import check_weights_name, replace_head, timm_pretrained, torchvision_pretrained
 
 torchvision = lazy_import("torchvision")

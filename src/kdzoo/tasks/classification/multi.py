@@ -31,6 +31,7 @@ from ...engine.stacked import StackedModels
 from ...engine.step import TrainStep, mark_static
 from ...engine.trainer import FitResult, StepGroup, Trainer
 from ...errors import ConfigError
+from .mixing import split_targets, with_soft_targets
 from .task import ClassificationTask, FitOptions, has_init_stage, optimizer_spec, separate_steps, task_class, train_runs
 
 
@@ -59,12 +60,13 @@ def stacked_forward(distillers: Sequence[Distiller], stack: StackedModels):
     slice of the logits (passed as `student_logits`) and the shared teacher outputs."""
 
     def forward(images, labels, index, teacher_outputs, epoch):
+        labels, targets = split_targets(labels)  # mixed soft targets (train.mixup) feed the cross-entropy
         logits = stack(images)
         outputs = []
         for k, distiller in enumerate(distillers):
             out = distiller(images, labels, index=index, epoch=epoch, student_logits=logits[k],
                             teacher_outputs=teacher_outputs if distiller.needs_teacher else None)
-            outputs.append((out.logits, out.losses))
+            outputs.append((out.logits, with_soft_targets(out.losses, out.logits, targets, distiller.ce_weight)))
         return outputs
 
     return forward
@@ -132,6 +134,8 @@ def fit_many(distillers: Sequence[nn.Module], data: DataSplits, cfg: TrainConfig
     if len(run_dirs) != len(distillers):
         raise ConfigError(f"fit_many: {len(distillers)} distillers but {len(run_dirs)} run directories")
     obstacle = stacking_obstacle(distillers)
+    if obstacle is None and cfg.sam_rho > 0:  # one norm over the stack would couple the students' perturbations
+        obstacle = "SAM (train.sam_rho) perturbs each student by its own gradient's norm"
     if stack is True and obstacle:
         raise ConfigError(f"fit_many(stack=True): cannot stack these students: {obstacle}")
     use_stack = stack is not False and obstacle is None

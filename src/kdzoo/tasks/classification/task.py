@@ -5,7 +5,9 @@ The task supplies what is particular to it: models on the device (channels_last 
 step per distiller (or one stacked step, `multi.py`), each epoch's batches from `make_loader` with the teacher's
 outputs of the batch (one shared forward, or a cache: `teacher_feed.py`), the methods' init stages (FitNet
 hints, FT paraphraser), top-1/top-5 on the test split, and its exports (safetensors, summary.json, curves.png,
-plan.md) as callbacks.  It knows no method by name: ``loss = sum(output.losses.values())``.
+plan.md) as callbacks.  It knows no method by name: ``loss = sum(output.losses.values())``.  With
+``train.mixup`` each batch is mixed before the teacher's forward and the cross-entropy takes the soft targets
+(`mixing.py`); ``train.sam_rho`` makes every main step sharpness-aware (kdzoo.engine.sam; init stages step plainly).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from ...errors import ConfigError, TrainingDiverged
 from ...plots import plot_run
 from ...registry import TASKS, register_task
 from .evaluation import evaluate, evaluation_model
+from .mixing import BatchMixer, check_mixup, split_targets, with_soft_targets
 from .plan import top1_score, write_plan
 from .teacher_feed import TeacherCache, TeacherFeed
 
@@ -102,11 +105,14 @@ def loop_config(cfg: TrainConfig) -> LoopConfig:
 
 
 def distiller_forward(model: Callable[..., DistillOutput]):
-    """The step forward of one distiller (or its DDP wrapper): one (logits, losses) pair."""
+    """The step forward of one distiller (or its DDP wrapper): one (logits, losses) pair.  Mixed soft targets
+    (train.mixup) in place of the labels feed the cross-entropy; the distiller reads their argmax."""
+    ce_weight = getattr(getattr(model, "module", model), "ce_weight", 1.0)
 
     def forward(images, labels, index, teacher_outputs, epoch):
+        labels, targets = split_targets(labels)
         out = model(images, labels, index=index, epoch=epoch, teacher_outputs=teacher_outputs)
-        return [(out.logits, out.losses)]
+        return [(out.logits, with_soft_targets(out.losses, out.logits, targets, ce_weight))]
 
     return forward
 
@@ -163,9 +169,17 @@ class ClassificationTask(Task):
         self.distillers, self.data, self.cfg = list(distillers), data, cfg
         self.teacher_cache, self.step_builder = teacher_cache, build_steps
         self.feed: Optional[TeacherFeed] = None
+        self.mixer: Optional[BatchMixer] = None
+        if cfg.mixup is not None:
+            check_mixup(self.distillers, data, teacher_cache)
+            self.mixer = BatchMixer(cfg.mixup, data.num_classes, cfg.seed)
+        if cfg.sam_rho > 0 and not all(isinstance(d, Distiller) for d in self.distillers):
+            raise ConfigError("train.sam_rho: SAM perturbs each student by its own gradient's norm; students "
+                              "trained as peers share one optimizer, so train them without SAM")
 
     def step_options(self, trainer: Trainer) -> StepOptions:
-        return StepOptions(amp=self.cfg.amp, compile=trainer.compile_mode)
+        return StepOptions(amp=self.cfg.amp, compile=trainer.compile_mode, sam_rho=self.cfg.sam_rho,
+                           sam_adaptive=self.cfg.sam_adaptive)
 
     def setup(self, trainer: Trainer) -> None:
         prepare_models(self.distillers, trainer.device, self.cfg.channels_last)
@@ -200,8 +214,10 @@ class ClassificationTask(Task):
         cfg = self.cfg
         loader = make_loader(self.data.train, self.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
                              placement=self.placement(trainer))
-        for batch in loader:
+        for b, batch in enumerate(loader):
             images, labels, index = self.to_device(trainer, batch)
+            if self.mixer is not None and self.mixer.active(epoch):  # before the teacher: it sees them mixed
+                images, labels = self.mixer(images, labels, epoch, b)
             teacher_outputs = None
             if self.feed is not None and self.feed.active:
                 with autocast_for(trainer.device, cfg.amp):
@@ -209,8 +225,9 @@ class ClassificationTask(Task):
             yield [self.micro_batch((images, labels, index, teacher_outputs))]
 
     def micro_batch(self, inputs: tuple) -> StepBatch:
-        """(images, labels, index, teacher outputs) as the step takes them: a sample per label."""
-        labels = inputs[1]
+        """(images, labels, index, teacher outputs) as the step takes them: a sample per label (mixed soft
+        targets: the training accuracy counts their dominant class)."""
+        labels = split_targets(inputs[1])[0]
         return StepBatch(inputs, len(labels), labels)
 
     @contextlib.contextmanager
@@ -282,7 +299,9 @@ class ClassificationTask(Task):
                 ctx = distiller.context(images, labels, index, epoch, method=method)
                 return [(None, {f"{name}_init": method.init_loss(ctx)})]
 
-            step = TrainStep(forward, optimizer, trainer.device, self.step_options(trainer))
+            # a stage trains its own parameters plainly: no SAM
+            step = TrainStep(forward, optimizer, trainer.device, replace(self.step_options(trainer), sam_rho=0.0,
+                                                                         sam_adaptive=False))
             stage_group = StepGroup(step, LearningRate(optimizer, lambda _: stage_lr), [0], [OptimizerSlot(optimizer)])
             distiller.train()
             student_ids = {id(p) for p in distiller.student.parameters()}
