@@ -261,3 +261,20 @@ def test_the_example_config_trains_both_stages_through_the_cli(tmp_path):
     assert "loss_ce" not in first  # the distillation stage reads no label
     finetune = (tmp_path / "hybrid" / "stages" / "1-finetune" / "metrics.csv").read_text().splitlines()
     assert "loss_ce" in finetune[0] and float(dict(zip(finetune[0].split(","), finetune[1].split(",")))["test_top1"]) >= 0
+
+
+def test_one_teacher_in_both_roles_with_a_short_last_batch(tmp_path):
+    """The CL teacher is the MIM teacher's very module: running it in student_context must not leave stale captures
+    for the Distiller's early-stopped teacher forward of the next batch (digits' last batch holds 4 images)."""
+    import yaml
+
+    from kdzoo.cli import main
+
+    vit = {"name": "vit:nano", "options": {"image_size": 8, "patch_size": 2, "dim": 32}}
+    config = tmp_path / "one.yaml"
+    config.write_text(yaml.safe_dump({
+        "student": vit, "teacher": vit, "data": {"name": "digits"},
+        "methods": [{"name": "hybrid_distill", "mask_ratio": 0.5, "mask_ramp_epochs": 1}],
+        "train": {"epochs": 1, "batch_size": 64, "progress": False, "device": "cpu"},
+        "output_dir": str(tmp_path), "name": "one"}))
+    assert main(["train", str(config)]) == 0

@@ -466,6 +466,8 @@ def teacher_forward(teacher: nn.Module, images: torch.Tensor, taps: Optional[Tap
     references), through cloned buffers so its running statistics never change.  `stop_after_taps` ends the
     forward as soon as every tap is captured (nobody reads the logits, which are then None): a method reading
     an intermediate layer pays only for the layers up to it."""
+    if taps is not None:  # only this forward's captures count (a method may have run the same module since)
+        taps.features = {}
     if stop_after_taps and taps is not None and taps.taps:
         handles = _stop_when_captured(teacher, taps)
         try:
