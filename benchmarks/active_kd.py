@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,19 +28,6 @@ STRATEGIES = ("random", "uncertainty", "coreset", "pcoreset")
 STUDENT = {"name": "tiny:cnn", "options": {"width": 8}}
 TRAIN = {"epochs": 10, "batch_size": 32, "lr": 0.05, "schedule": "cosine", "progress": False, "device": "cpu"}
 TRAIN_SAMPLES = 1348  # digits' training split
-
-
-def ensure_teacher(path: Path, epochs: int) -> None:
-    if (path / "summary.json").is_file():
-        return
-    import clip_methods
-
-    data, patch, _, _, _ = clip_methods.DATASETS["digits"]
-    config = {"model": clip_methods._patched(clip_methods.TEACHER_MODEL, patch), "data": data,
-              "output_dir": str(path.parent),
-              "train": {**clip_methods.TRAIN, "epochs": epochs, "warmup_steps": 10, "schedule": "cosine",
-                        "eval_every": epochs}}
-    clip_methods.run_chain("teacher", [(path.name, config)])
 
 
 def train_round(name: str, labelled: Path, seed: int, args) -> float:
@@ -60,10 +46,6 @@ def train_round(name: str, labelled: Path, seed: int, args) -> float:
     return json.loads((run_dir / "summary.json").read_text())["last_top1"]
 
 
-def cell(values: list[float]) -> str:
-    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="runs/active_kd/teacher", help="a kdzoo clip run folder (made if absent)")
@@ -77,18 +59,12 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    from clip_common import cell, digits_zero_shot_top1, ensure_teacher
     from kdzoo.analysis.active import select_queries
-    from kdzoo.data import build_dataset
-    from kdzoo.tasks.clip.zero_shot import build_zero_shot_teacher
 
     started = time.perf_counter()
-    ensure_teacher(Path(args.teacher), args.teacher_epochs)
-    splits = build_dataset("digits")
-    classifier = build_zero_shot_teacher({"run": args.teacher}, splits)
-    images = torch.stack([splits.test[i][0] for i in range(len(splits.test))])
-    labels = torch.tensor([int(splits.test[i][1]) for i in range(len(splits.test))])
-    with torch.no_grad():
-        teacher_top1 = 100.0 * (classifier(images).argmax(1) == labels).double().mean().item()
+    ensure_teacher(Path(args.teacher), args.teacher_epochs, warmup_steps=10)
+    teacher_top1 = digits_zero_shot_top1(args.teacher)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table: dict[str, list[list[float]]] = {s: [[] for _ in range(args.rounds + 1)] for s in STRATEGIES}

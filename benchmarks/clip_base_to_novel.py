@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -58,10 +57,6 @@ def harmonic(base: float, novel: float) -> float:
     return 2 * base * novel / (base + novel) if base + novel else 0.0
 
 
-def cell(values: list[float]) -> str:
-    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="runs/clip_bench/digits/teacher", help="a kdzoo clip run folder")
@@ -72,7 +67,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    from clip_zero_shot_teacher import ensure_teacher
+    from clip_common import cell, ensure_teacher, print_published
 
     started = time.perf_counter()
     ensure_teacher(Path(args.teacher))
@@ -87,12 +82,7 @@ def main() -> int:
     for row, pairs in results.items():
         print(f"| {row} | {cell([b for b, _ in pairs])} | {cell([n for _, n in pairs])} | "
               f"{cell([harmonic(b, n) for b, n in pairs])} |")
-    from kdzoo.bench.published import clip_table
-
-    what, columns, rows = clip_table("froster_base_to_novel")
-    print(f"\npublished, apart (other data and models): {what}")
-    for row, (values, source) in rows.items():
-        print(f"  {row}: " + ", ".join(f"{c} {v:.1f}" for c, v in zip(columns, values)) + f"  [{source}]")
+    print_published("froster_base_to_novel")
     print(f"wall time {time.perf_counter() - started:.0f}s")
     return 0
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,19 +35,6 @@ ROWS = {
 }
 
 
-def ensure_teacher(path: Path) -> None:
-    if (path / "summary.json").is_file():
-        return
-    import clip_methods  # the same teacher config as the CLIP methods' table
-
-    data, patch, epochs, _, _ = clip_methods.DATASETS["digits"]
-    config = {"model": clip_methods._patched(clip_methods.TEACHER_MODEL, patch), "data": data,
-              "output_dir": str(path.parent),
-              "train": {**clip_methods.TRAIN, "epochs": epochs, "warmup_steps": 50, "schedule": "cosine",
-                        "eval_every": epochs}}
-    clip_methods.run_chain("teacher", [(path.name, config)])
-
-
 def train(name: str, methods: list, teacher_options, seed: int, args) -> float:
     from kdzoo.config import RunConfig, from_dict
     from kdzoo.runner import train_run
@@ -66,10 +52,6 @@ def train(name: str, methods: list, teacher_options, seed: int, args) -> float:
     return json.loads(summary.read_text())["last_top1"]
 
 
-def cell(values: list[float]) -> str:
-    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="runs/clip_bench/digits/teacher", help="a kdzoo clip run folder")
@@ -80,17 +62,11 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    from kdzoo.data import build_dataset
-    from kdzoo.tasks.clip.zero_shot import build_zero_shot_teacher
+    from clip_common import cell, digits_zero_shot_top1, ensure_teacher, print_published
 
     started = time.perf_counter()
     ensure_teacher(Path(args.teacher))
-    splits = build_dataset("digits")
-    classifier = build_zero_shot_teacher({"run": args.teacher}, splits)
-    images = torch.stack([splits.test[i][0] for i in range(len(splits.test))])
-    labels = torch.tensor([int(splits.test[i][1]) for i in range(len(splits.test))])
-    with torch.no_grad():
-        teacher_top1 = 100.0 * (classifier(images).argmax(1) == labels).double().mean().item()
+    teacher_top1 = digits_zero_shot_top1(args.teacher)
     results = {}
     for seed in range(args.seeds):
         for i, (row, (methods, options)) in enumerate(ROWS.items()):
@@ -101,12 +77,7 @@ def main() -> int:
     print(f"| CLIP teacher, zero-shot ({args.teacher}) | {teacher_top1:.2f} |")
     for row, values in results.items():
         print(f"| {row} | {cell(values)} |")
-    from kdzoo.bench.published import clip_table
-
-    what, columns, rows = clip_table("dho_imagenet")
-    print(f"\npublished, apart (other data and models): {what}")
-    for row, (values, source) in rows.items():
-        print(f"  {row}: " + ", ".join(f"{c} {v:.1f}" for c, v in zip(columns, values)) + f"  [{source}]")
+    print_published("dho_imagenet")
     print(f"wall time {time.perf_counter() - started:.0f}s")
     return 0
 

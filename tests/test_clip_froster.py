@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from torch import nn
 
 pytest.importorskip("transformers")
 
@@ -20,6 +19,7 @@ from kdzoo.tasks.clip.continual import FORGETTING_CSV, step_dir  # noqa: E402
 from kdzoo.tasks.clip.method_base import ClipBatch  # noqa: E402
 from kdzoo.tasks.clip.methods.froster import Froster, prompt_ensemble  # noqa: E402
 from kdzoo.tasks.clip.models import ClipOutputs  # noqa: E402
+from test_clip_zscl import ToyEncoder as ZsclToyEncoder  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,23 +30,10 @@ TRAIN = {"epochs": 3, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.0, "warmup
 DIGITS = {"dataset": "digits", "templates": ["a photo of a {}.", "a blurry photo of the {}."]}
 
 
-class ToyEncoder(nn.Module):
-    """A dual encoder small enough to write its outputs out: a linear image map, a bag-of-words text map."""
+class ToyEncoder(ZsclToyEncoder):
+    """ZSCL's toy dual encoder with the embedding width FROSTER's branches read."""
 
     embed_dim = 3
-
-    def __init__(self, seed: int):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.image = nn.Parameter(torch.randn(4, 3, generator=g, dtype=torch.float64))
-        self.words = nn.Parameter(torch.randn(7, 3, generator=g, dtype=torch.float64))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(9.0), dtype=torch.float64))
-
-    def encode_image(self, images):
-        return images.flatten(1) @ self.image
-
-    def encode_text(self, ids, mask):
-        return (self.words[ids] * mask.unsqueeze(-1)).sum(1)
 
 
 def _unit(v):
