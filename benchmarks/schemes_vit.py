@@ -1,4 +1,6 @@
-"""The issue-12 ViT / self-distillation schemes beside KD and the plain student, on scikit-learn's digits.
+"""The issue-12 ViT / self-distillation schemes beside KD and the plain student, on scikit-learn's digits
+(`benchmarks/schemes_vit_cifar.py` runs every ViT scheme, those of issue 27 too, on a slice of the CIFAR-10 copy,
+where a ViT is less data-starved, with DeiT-LT's parts on a long-tailed slice).
 
     PYTHONPATH=src python benchmarks/schemes_vit.py --threads 1       # 3 seeds, 12 epochs: ~5 CPU-minutes
     PYTHONPATH=src python benchmarks/schemes_vit.py --threads 1 --imbalance 10 --variants "LT: KD,LT: DeiT-LT"

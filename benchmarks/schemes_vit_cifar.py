@@ -1,7 +1,7 @@
 """Every ViT / issue-27 scheme on a slice of the CIFAR-10 JPEG copy (`benchmarks/schemes_vit.py` runs the same
 schemes on digits; a ViT is data-starved there).  Part of `schemes_vit.py`'s table: run it with
 
-    OMP_NUM_THREADS=1 python benchmarks/schemes_vit_cifar.py --seeds 3 --jobs 2      # ~40 CPU-minutes
+    OMP_NUM_THREADS=1 python benchmarks/schemes_vit_cifar.py --seeds 3 --jobs 2 --epochs 12   # ~1 h on 2 cores
 
 Data: `--train-per-class` training and `--test-per-class` test images of each class of the copy (linked into a
 folder once), 32x32, crop + flip.  Long-tailed rows: `--lt-per-class` images per class cut to imbalance 100 (the
