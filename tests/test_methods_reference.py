@@ -338,10 +338,14 @@ def test_distance_and_gram_losses_stay_float32_under_bf16_autocast(loss):
 
 def mixed_precision_distiller(name: str):
     torch.manual_seed(10)
-    needs = METHODS.get(name).meta.get("student")  # deit: a student with a distillation token
-    student = (create_model(needs["name"], num_classes=10, image_size=16, **needs["options"]) if needs else
-               create_model("cifar:resnet8", num_classes=10))
-    teacher = create_model("cifar:resnet14", num_classes=10)
+    meta = METHODS.get(name).meta  # deit: a student with a distillation token; sit: a slimmed ViT and its teacher
+
+    def model(spec, default):
+        if spec is None:
+            return create_model(default, num_classes=10)
+        return create_model(spec["name"], num_classes=10, image_size=16, **spec.get("options", {}))
+
+    student, teacher = model(meta.get("student"), "cifar:resnet8"), model(meta.get("teacher"), "cifar:resnet14")
     images, labels = torch.randn(8, 3, 16, 16), torch.arange(8) % 10
     train_data = TensorDataset(torch.randn(16, 3, 16, 16), torch.arange(16) % 4)  # nd: the teacher's class means
     # schemes that choose a weight on held-out data or per round get a fixed one here

@@ -226,7 +226,7 @@ def test_classifier_alignment_written_out_and_zero_when_the_student_reads_as_the
                 + sum((bs[c].item() - target_b[c]) ** 2 for c in range(5)) / 5)
     assert classifier_alignment_loss(ws, bs, wt, bt, pw, pb).item() == pytest.approx(expected, rel=1e-12)  # float64
     aligned_w, aligned_b = wt @ pw, wt @ pb + bt
-    assert classifier_alignment_loss(aligned_w, aligned_b, wt, bt, pw, pb).item() == pytest.approx(0, abs=1e-24)
+    assert classifier_alignment_loss(aligned_w, aligned_b, wt, bt, pw, pb).item() == pytest.approx(0, abs=1e-24)  # float64
     h = randn(2, 3, seed=15)  # the aligned student's logits are the teacher's classifier on the projected feature
     torch.testing.assert_close(h @ aligned_w.t() + aligned_b, (h @ pw.t() + pb) @ wt.t() + bt)
     no_bias = sum((ws[c, d].item() - target_w[c][d]) ** 2 for c in range(5) for d in range(3)) / 15 + sum(

@@ -69,8 +69,8 @@ def test_gbc_matches_the_written_out_formula():
 def test_gbc_reduces_by_pca_to_64_dimensions_first():
     x, y = features_and_labels(n=120, dim=80, classes=4, seed=1)
     reduced = pca_by_hand(x.numpy(), GBC_PCA_DIM)
-    # float64: the projection matches up to the sign of each direction, which GBC does not see
-    np.testing.assert_allclose(np.abs(pca_project(x, GBC_PCA_DIM).numpy()), np.abs(reduced), atol=1e-8)
+    # the projection matches up to the sign of each direction, which GBC does not see
+    np.testing.assert_allclose(np.abs(pca_project(x, GBC_PCA_DIM).numpy()), np.abs(reduced), atol=1e-8)  # float64
     assert abs(gbc_score(x, y).item() - gbc_by_hand(reduced, y.numpy())) < 1e-8  # float64, through an eigh/SVD
     assert gbc_score(x, y).item() != pytest.approx(gbc_score(x, y, pca_dim=None).item())
 

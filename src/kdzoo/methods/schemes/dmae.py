@@ -118,7 +118,9 @@ def tokens_on_grid(feature: torch.Tensor, layout: Layout, grid: tuple[int, int])
     else:
         prefix = feature_map.new_zeros(len(feature), 0, feature_map.shape[1])
     if tuple(feature_map.shape[-2:]) != tuple(grid):
-        feature_map = F.interpolate(feature_map, size=grid, mode="bilinear", align_corners=False, antialias=True)
+        # float: the antialiased kernel has no bfloat16 CPU implementation (a constant target, so no cost to it)
+        feature_map = F.interpolate(feature_map.float(), size=grid, mode="bilinear", align_corners=False,
+                                    antialias=True)
     return prefix, map_to_tokens(feature_map)
 
 
@@ -163,7 +165,7 @@ class MaskedTokenDecoder(nn.Module):
         x = self.embed(tokens)
         prefix, visible = x[:, :self.num_prefix], x[:, self.num_prefix:]
         index = kept.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        patches = self.mask_token.expand(len(x), self.num_patches, -1).scatter(1, index, visible)
+        patches = self.mask_token.to(visible.dtype).expand(len(x), self.num_patches, -1).scatter(1, index, visible)
         return self.blocks(torch.cat([prefix, patches], dim=1) + self.position)
 
 
