@@ -68,8 +68,10 @@ def joint_rotation_labels(labels: torch.Tensor) -> torch.Tensor:
 def distill_kl(logits: torch.Tensor, target_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(softmax(target / T) || softmax(logits / T)) summed over classes, averaged over rows, times T^2; the
     target is a constant (HSAKD's DistillKL)."""
-    log_p = F.log_softmax(logits.float() / temperature, dim=1)  # float: a KL of near-equal rows under bf16
-    log_q = F.log_softmax(target_logits.detach().float() / temperature, dim=1)
+    # at least float32: a KL of near-equal rows loses its digits in bfloat16
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    log_p = F.log_softmax(logits.to(dtype) / temperature, dim=1)
+    log_q = F.log_softmax(target_logits.detach().to(dtype) / temperature, dim=1)
     return (log_q.exp() * (log_q - log_p)).sum(dim=1).mean() * temperature ** 2
 
 
