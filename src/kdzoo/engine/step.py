@@ -302,7 +302,6 @@ class TrainStep:
             self.optimizer.found_inf = flags[0] if len(flags) == 1 else torch.stack(flags).amax()
         self._update()
 
-
     def _backward(self, micro_batches: Iterable[StepBatch], epoch: torch.Tensor, metered: bool) -> None:
         """Forward and backward of every micro-batch, gradients accumulated; `metered`: their losses go to the
         meters (else only a non-finite one is flagged)."""
