@@ -71,9 +71,9 @@ def load_tokenizer(name: str):
     transformers = require_transformers()
     target = resolve_pretrained(name, TOKENIZER_DIR)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(target)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(target, trust_remote_code=False)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"tokenizer {name!r}: cannot be loaded ({_first_line(err)})") from None
+        raise ConfigError(f"tokenizer {name!r}: {_load_failure(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -82,6 +82,16 @@ def load_tokenizer(name: str):
 def _first_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+def _load_failure(err: Exception) -> str:
+    """Why transformers could not load a model or tokenizer, in words: a folder or hub repository that ships its own
+    Python code is refused (kdzoo loads with ``trust_remote_code=False`` and never asks on standard input)."""
+    text = str(err)
+    if "custom code" in text or "trust_remote_code" in text:
+        return ("asks to run its own Python code (auto_map / custom classes); kdzoo never runs remote code: use a "
+                "model of a standard transformers architecture")
+    return f"cannot be loaded ({_first_line(err)})"
 
 
 # ---------------------------------------------------------------- models
@@ -119,10 +129,10 @@ def build_model(arch: Optional[str], name: Optional[str], options: dict[str, Any
         target = resolve_pretrained(name)
         try:
             with quiet_progress():
-                model = transformers.AutoModelForCausalLM.from_pretrained(target, revision=revision,
-                                                                          attn_implementation=attn, dtype=torch.float32)
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    target, revision=revision, attn_implementation=attn, dtype=torch.float32, trust_remote_code=False)
         except (OSError, ValueError) as err:
-            raise ConfigError(f"{where}.name {name!r}: cannot be loaded ({_first_line(err)})") from None
+            raise ConfigError(f"{where}.name {name!r}: {_load_failure(err)}") from None
     vocab = model.get_output_embeddings().weight.shape[0]
     if vocab < len(tokenizer):
         raise ConfigError(f"{where}: its vocabulary ({vocab}) is smaller than the tokenizer's ({len(tokenizer)})")
