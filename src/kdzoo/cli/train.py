@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import RunConfig, TeacherConfig, load_config
-from ..engine.rundir import prepare_run_dir, removed_if_failed, run_dir_path
+from ..engine.rundir import prepare_run_dir, removed_if_failed, run_dir_path, run_lock
 from ..engine.runtime import is_main_process
 from ..engine.trainer import FitResult
 from ..runner import evaluate_target, teacher_run, train_run
@@ -61,7 +61,8 @@ def start_run(args, config: Any, runner: Callable[..., FitResult]) -> tuple[Path
     folder behind), printing where it is; under torchrun rank 0 speaks for all."""
     name = config.name or Path(args.config).stem
     main_process = is_main_process()
-    with removed_if_failed(run_dir_path(config.output_dir, name, args.run_dir)):
+    path = run_dir_path(config.output_dir, name, args.run_dir)
+    with removed_if_failed(path), run_lock(path):  # one process per run directory
         run_dir = prepare_run_dir(config.output_dir, name, args.resume, args.run_dir)
         if main_process:
             print(f"run directory: {run_dir}")

@@ -5,7 +5,9 @@ Every kind of run (classification, language models, staged runs, rounds) keeps t
 """
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -69,5 +71,58 @@ def removed_if_failed(path: Path) -> Iterator[None]:
         raise
 
 
-__all__ = ["CHECKPOINT", "METRICS", "RUN_CONFIG", "SUMMARY", "run_dir_path", "holds_run", "prepare_run_dir",
-           "removed_if_failed"]
+LOCK_FILE = ".kdzoo.lock"  # "PID HOST" of the process using the run directory
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(path: Path) -> Iterator[None]:
+    """One process at a time in the run directory `path` (created if needed): an exclusive lock file holding the
+    owner's pid and host, removed on leaving.  A second process stops with one line naming the owner; a lock left by
+    a process of this host that no longer exists is taken over with a message.  Only rank 0 of a torchrun job
+    locks (the others write nothing of their own there)."""
+    if not is_main_process():
+        yield
+        return
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / LOCK_FILE
+    me = f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = lock.read_text(errors="replace").split() if lock.is_file() else []
+            pid = int(owner[0]) if owner and owner[0].isdigit() else None
+            host = owner[1] if len(owner) > 1 else "?"
+            if pid is not None and host == socket.gethostname() and not _alive(pid):
+                print(f"{path}: taking over the lock of process {pid}, which no longer runs")
+                lock.unlink(missing_ok=True)
+                continue
+            raise ConfigError(f"{path} is in use by another kdzoo process (pid {pid if pid is not None else '?'} on "
+                              f"{host}); wait for it to finish, or use another name (remove {lock} only if that "
+                              "process is gone)") from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(me + "\n")
+        break
+    try:
+        yield
+    finally:
+        try:
+            if lock.read_text(errors="replace").strip() == me:
+                lock.unlink()
+        except OSError:
+            pass
+
+
+__all__ = ["CHECKPOINT", "METRICS", "RUN_CONFIG", "SUMMARY", "LOCK_FILE", "run_dir_path", "holds_run",
+           "prepare_run_dir", "removed_if_failed", "run_lock"]
