@@ -48,6 +48,8 @@ but ``kdzoo train`` builds every configured teacher with the dataset's class cou
 """
 from __future__ import annotations
 
+import abc
+
 import json
 from pathlib import Path
 from typing import ClassVar, Literal, Optional, Sequence
@@ -203,8 +205,9 @@ class SimilarTasksDistillation(Method):
         self.source_scores: dict[str, float] = {}
         self.source_weights: dict[str, float] = {}
 
+    @abc.abstractmethod
     def choose_weights(self, scores: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Each source's share of the distillation from its task-similarity score (DistillNearest: one-hot)."""
 
     def build(self, setup: Setup) -> None:
         sources = source_models(setup, self.method_name)
