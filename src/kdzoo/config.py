@@ -397,6 +397,9 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     return cls(**values)
 
 
+MAX_INT = 2**32 - 1  # an integer option beyond it (a seed's range) is a typo, not a request for 10^30 epochs
+
+
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
@@ -429,11 +432,13 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {_describe(value)}")
+        if abs(value) > MAX_INT:
+            raise ConfigError(f"{where}: {value:.3g} is beyond any sensible value (at most {MAX_INT:,})")
         return value
     if tp is float:
         if isinstance(value, str):  # PyYAML reads 5e-4 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -491,6 +496,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base``: keys given beside it override the base's
+                continue
             key = self.construct_object(key_node, deep=True)
             try:
                 duplicate = key in seen
@@ -504,9 +511,67 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# Limits checked on the parsed document before any value is built, so an alias bomb (aliases of aliases, each
+# doubling the value), a deep nesting or a number of thousands of digits is one line, never a hang or a traceback.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000  # values after every alias is expanded
+MAX_YAML_DEPTH = 50
+MAX_NUMBER_DIGITS = 40
+
+
+def _check_yaml_nodes(root: yaml.Node) -> None:
+    """Count the values `root` expands to (each alias as often as it is used) and its depth, without expanding
+    anything (each node is measured once); refuse what is over the limits."""
+    measured: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth)
+    open_nodes: set[int] = set()  # entered, not yet measured: the ancestors of what is on top of the stack
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in measured:
+            continue
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else
+                    list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if not children_done:
+            if id(node) in open_nodes:
+                raise ValueError(f"an alias at line {node.start_mark.line + 1} refers to a value that contains it")
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in measured)
+            continue
+        if isinstance(node, yaml.ScalarNode) and node.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+            digits = sum(c.isdigit() for c in node.value)
+            if digits > MAX_NUMBER_DIGITS:
+                raise ValueError(f"a number of {digits} digits at line {node.start_mark.line + 1} (at most "
+                                 f"{MAX_NUMBER_DIGITS}; write large values with an exponent, e.g. 1e12)")
+        values = 1 + sum(measured[id(c)][0] for c in children if id(c) in measured)
+        depth = 1 + max((measured[id(c)][1] for c in children if id(c) in measured), default=0)
+        if values > MAX_YAML_VALUES:
+            raise ValueError(f"it expands to more than {MAX_YAML_VALUES:,} values (aliases repeated inside aliases?)")
+        if depth > MAX_YAML_DEPTH:
+            raise ValueError(f"it is nested more than {MAX_YAML_DEPTH} levels deep "
+                             f"(at line {node.start_mark.line + 1})")
+        measured[id(node)] = (values, depth)
+        open_nodes.discard(id(node))
+
+
 def load_yaml_text(text: str) -> Any:
-    """YAML with PyYAML's safe loader (no code, no objects), refusing duplicate keys."""
-    return yaml.load(text, Loader=UniqueKeyLoader)
+    """YAML with PyYAML's safe loader (no code, no objects), refusing duplicate keys and, before anything is
+    built, documents over the size, expansion, depth and number-length limits (`ConfigError`)."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"the YAML is {len(text):,} characters long (at most {MAX_YAML_BYTES:,})")
+    loader = UniqueKeyLoader(text)
+    try:
+        root = loader.get_single_node()  # parsed, nothing built yet
+        if root is None:
+            return None
+        _check_yaml_nodes(root)
+        return loader.construct_document(root)
+    except RecursionError:  # PyYAML parses nested values recursively
+        raise ConfigError(f"the YAML is refused: it is nested more than {MAX_YAML_DEPTH} levels deep") from None
+    except ValueError as err:  # a limit of _check_yaml_nodes
+        raise ConfigError(f"the YAML is refused: {err}") from None
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -524,6 +589,8 @@ def read_yaml(path: str | Path) -> dict:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{at} ({getattr(err, 'problem', err)})") from None
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -540,7 +607,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         try:
             value = load_yaml_text(raw)
         except yaml.YAMLError:
-            raise ConfigError(f"override {item!r}: value is not valid YAML") from None
+            raise ConfigError(f"override {item[:80]!r}: value is not valid YAML") from None
+        except ConfigError as err:
+            raise ConfigError(f"override {key[:80]!r}: {err}") from None
         node: Any = data
         parts = key.split(".")
         for depth, part in enumerate(parts):

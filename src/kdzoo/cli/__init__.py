@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ..errors import KdzooError
+from ..engine.stopping import EXIT_STATUS
+from ..errors import Interrupted, KdzooError, safetensors_os_error
 from .analysis import add_cka_parser, add_search_parser, add_select_parser
 from .bench import add_bench_parser
 from .clip import add_clip_parser
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader stopped early (kdzoo methods | head): not an error
         _discard_stdout()
         return 0
+    except Interrupted as err:  # SIGTERM / SIGINT: the run saved its checkpoint and stopped
+        print(f"kdzoo {args.command}: {_one_line(str(err))}; {continue_hint(args)}", file=sys.stderr)
+        return EXIT_STATUS.get(err.signal_number, 128 + err.signal_number)
     except (KdzooError, OSError) as err:
         if debug:
             raise
@@ -63,9 +67,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdzoo {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"kdzoo {args.command}: interrupted; the last checkpoint (if any) is intact, continue with --resume",
+        print(f"kdzoo {args.command}: interrupted; the last checkpoint (if any) is intact; {continue_hint(args)}",
               file=sys.stderr)
         return 130
+    except Exception as err:  # a safetensors write that hit a full disk (not an OSError) names no file
+        converted = safetensors_os_error(err)
+        if converted is None or debug:
+            raise
+        print(f"kdzoo {args.command}: error: writing weights failed: {os_error_message(converted)}", file=sys.stderr)
+        return 2
+
+
+def continue_hint(args) -> str:
+    """How the interrupted command continues: its own words (``continue_hint`` among a parser's defaults, e.g.
+    bench, which resumes by itself), --resume where the command has it, else starting over."""
+    if getattr(args, "continue_hint", None):
+        return args.continue_hint
+    if hasattr(args, "resume"):
+        return "run the same command with --resume to continue"
+    return "run the command again to start over"
 
 
 def _discard_stdout() -> None:

@@ -6,9 +6,11 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from tqdm import tqdm
 
 from ..engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..engine.stopping import stop_requests
 from ..errors import ConfigError, TrainingDiverged
 from .base import Condenser, SyntheticSet, build_condenser, jsonable
 from .soft_labels import committee_soft_labels
@@ -49,19 +51,36 @@ def run_condenser(condenser: Condenser, checkpoint: Optional[str | Path] = None,
         start = state["iteration"]
     bar = tqdm(range(start, condenser.iterations), initial=start, total=condenser.iterations,
                desc=f"condense {name}", disable=not progress, dynamic_ncols=True)
-    for iteration in bar:
-        loss = condenser.step()
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"{name}: the matching loss became {loss} at iteration {iteration}; "
-                                   "lower lr_img (or lr_lr)")
-        condenser.history.append(loss)
-        recent = condenser.history[-20:]
-        bar.set_postfix(loss=f"{sum(recent) / len(recent):.4g}", refresh=False)
-        done = iteration + 1
-        if checkpoint and checkpoint_every and (done % checkpoint_every == 0 or done == condenser.iterations):
-            save_checkpoint(checkpoint, {"method": name, "options": jsonable(condenser.options()),
-                                         "iteration": done, "condenser": condenser.state_dict(), "rng": rng_state()})
+    with stop_requests() as stop:  # SIGTERM / SIGINT: a checkpoint after this iteration, then stop
+        for iteration in bar:
+            loss = condenser.step()
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"{name}: the matching loss became {loss} at iteration {iteration}; "
+                                       "lower lr_img (or lr_lr)")
+            condenser.history.append(loss)
+            recent = condenser.history[-20:]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4g}", refresh=False)
+            done = iteration + 1
+            due = checkpoint_every and (done % checkpoint_every == 0 or done == condenser.iterations)
+            if checkpoint and (due or stop.requested):
+                save_condense_checkpoint(condenser, checkpoint, done)
+            if stop.requested and done < condenser.iterations:
+                saved = f"; the checkpoint is in {checkpoint}" if checkpoint else ""
+                raise stop.interrupted(f"after iteration {done}/{condenser.iterations}{saved}")
     return final_set(condenser)
+
+
+def save_condense_checkpoint(condenser: Condenser, path: str | Path, iteration: int) -> None:
+    """The condenser's whole state after `iteration`, atomically; synthetic images that are not finite (a step
+    can diverge without its loss showing it yet) are refused before anything is written."""
+    state = condenser.state_dict()
+    bad = [key for key, value in state.items()
+           if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all())]
+    if bad:
+        raise TrainingDiverged(f"{condenser.registry_name}: {bad[0]} is not finite after iteration {iteration}; "
+                               f"nothing was saved (an earlier checkpoint at {path} is intact); lower lr_img (or lr_lr)")
+    save_checkpoint(path, {"method": condenser.registry_name, "options": jsonable(condenser.options()),
+                           "iteration": iteration, "condenser": state, "rng": rng_state()})
 
 
 def condense(method: str, data, ipc: int, *, checkpoint: Optional[str | Path] = None, checkpoint_every: int = 0,
@@ -71,4 +90,4 @@ def condense(method: str, data, ipc: int, *, checkpoint: Optional[str | Path] = 
     return run_condenser(condenser, checkpoint, checkpoint_every, resume, progress)
 
 
-__all__ = ["run_condenser", "condense", "final_set", "RESUMABLE_CHANGES"]
+__all__ = ["run_condenser", "condense", "final_set", "save_condense_checkpoint", "RESUMABLE_CHANGES"]

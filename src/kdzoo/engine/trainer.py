@@ -14,7 +14,8 @@ directory, optimizer slot, history and best metric); a task's step groups say wh
 
 Losses and accuracy are read back from the device only at progress refreshes (every `log_every` steps) and once
 per epoch; a non-finite loss raises `TrainingDiverged` at the first of those reads, always before an evaluation
-or checkpoint, so the last checkpoint on disk is the last good one.
+or checkpoint, and the weights are checked before every checkpoint write, so the last checkpoint on disk is the
+last good one.  SIGTERM or SIGINT ends the run after the current step with a checkpoint (`Interrupted`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import abc
 import contextlib
 import csv
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from .optim import LearningRate, OptimizerSlot
 from .rundir import CHECKPOINT, METRICS
 from .runtime import atomic_write, resolve_device, seed_everything
 from .step import DeviceMeters, MeterReading, StepBatch, TrainStep, compile_scope, resolve_compile_mode
+from .stopping import StopRequest, stop_requests
 
 
 @dataclass
@@ -346,6 +349,7 @@ class Trainer:
         self.show_bar = cfg.progress and _is_terminal(sys.stderr)
         self._loop_start: Optional[tuple[float, int]] = None  # (time, step) where this start's main loop began
         self._resume_meters: Optional[list] = None
+        self.stop = StopRequest()  # replaced by the live one while `run` trains
 
     # ------------------------------------------------------------------ setup
 
@@ -374,7 +378,8 @@ class Trainer:
         try:
             self._setup()
             try:
-                self._train()
+                with stop_requests() as self.stop:
+                    self._train()
             finally:
                 for g in self.groups:
                     g.close()
@@ -438,10 +443,13 @@ class Trainer:
 
         def after_step(step: int) -> None:
             inside = step < min((epoch + 1) * self.steps_per_epoch, self.total_steps)
-            if inside and self.cfg.save_every_steps and step % self.cfg.save_every_steps == 0:
+            stopping = inside and self.stop_agreed(step)  # at an epoch's end the epoch finishes first
+            if inside and (stopping or (self.cfg.save_every_steps and step % self.cfg.save_every_steps == 0)):
                 check()  # never a checkpoint after a non-finite loss
                 for k in range(len(self.runs)):
                     self.save_checkpoint(k, epoch, meters[k])
+            if stopping:
+                raise self.stop.interrupted(self.stopped_where())
             if self.on_step is not None:
                 self.on_step(step)
 
@@ -451,9 +459,33 @@ class Trainer:
         self.task.end_epoch(self, epoch)
         readings = check()
         train_seconds = time.perf_counter() - epoch_start
+        saved = []
         for k, (run, reading) in enumerate(zip(self.runs, readings)):
             self.task.before_evaluation(self, k)
-            self._end_epoch(k, run, reading, train_seconds, units)
+            saved.append(self._end_epoch(k, run, reading, train_seconds, units))
+        if epoch + 1 < self.epochs and self.stop_agreed(self.step, every_step=True):
+            for k in range(len(self.runs)):
+                if not saved[k]:
+                    self.save_checkpoint(k, epoch + 1)
+            raise self.stop.interrupted(self.stopped_where())
+
+    def stop_agreed(self, step: int, every_step: bool = False) -> bool:
+        """Whether to stop now on a signal.  One process decides alone; the processes of a distributed job
+        agree every `log_every` steps (and at epoch ends), as a signal may reach them at different steps."""
+        if not self.group.active:
+            return self.stop.requested
+        if not (every_step or step % self.cfg.log_every == 0):
+            return False
+        flag = torch.tensor(float(self.stop.requested), device=self.device)
+        self.group.all_reduce_sum(flag)
+        if flag.item() > 0 and not self.stop.requested:
+            self.stop.signal_number = signal.SIGTERM  # another process was signalled (torchrun passes SIGTERM on)
+        return flag.item() > 0
+
+    def stopped_where(self) -> str:
+        paths = [str(run.checkpoint_path) for run in self.runs if run.checkpoint_path is not None]
+        saved = f"; the checkpoint is in {', '.join(paths)}" if paths else ""
+        return f"after step {self.step}/{self.total_steps}{saved}"
 
     def epoch_label(self, epoch: int) -> str:
         if self.task.log_axis == "step":
@@ -467,7 +499,8 @@ class Trainer:
             return f"step {row['step']}/{self.total_steps}"
         return f"epoch {row['epoch']}/{self.epochs}"
 
-    def _end_epoch(self, k: int, run: Run, reading: MeterReading, train_seconds: float, units: int) -> None:
+    def _end_epoch(self, k: int, run: Run, reading: MeterReading, train_seconds: float, units: int) -> bool:
+        """Evaluate and log run k's epoch; whether its checkpoint was written."""
         cfg, epoch, task = self.cfg, self.epoch, self.task
         row = {"epoch": epoch + 1, "step": self.step, "lr": self.schedule(self.step - 1), "train_loss": reading.loss}
         row.update(task.train_metrics(reading, train_seconds, units))
@@ -475,6 +508,7 @@ class Trainer:
         improved = False
         last = epoch + 1 == self.epochs
         if (epoch + 1) % cfg.eval_every == 0 or last:
+            self.check_weights(run)  # weights gone non-finite a step before the loss shows it: no NaN metrics
             run.last = task.evaluate(self, k)
             value = run.last[task.metric]
             if math.isnan(run.best) or (value > run.best if task.higher_is_better else value < run.best):
@@ -486,6 +520,8 @@ class Trainer:
         if (cfg.save_every and (epoch + 1) % cfg.save_every == 0) or last or \
                 (cfg.save_every_steps and self.step % cfg.save_every_steps == 0):
             self.save_checkpoint(k, epoch + 1)
+            return True
+        return False
 
     def save_checkpoint(self, k: int, epoch: int, meters: Optional[DeviceMeters] = None) -> None:
         """Run k's checkpoint, atomically, by the main process (every process takes part in gathering a sharded
@@ -493,6 +529,7 @@ class Trainer:
         run = self.runs[k]
         if run.checkpoint_path is None:
             return
+        self.check_weights(run)
         totals = meters.state(self.group) if meters is not None else None  # summed over processes: a collective
         if self.group.is_main or run.sharded is not None:  # gathering shards takes every process too
             state = run.checkpoint(epoch, self.step)
@@ -502,6 +539,26 @@ class Trainer:
                 save_checkpoint(run.checkpoint_path, state)
         self.group.barrier()
         self._notify("on_checkpoint", k, epoch)
+
+    def check_weights(self, run: Run) -> None:
+        """Raise `TrainingDiverged` when a weight of `run` is NaN or infinite (a loss can stay finite a step
+        longer), so such weights never reach a checkpoint; every process checks its own (shard of the) weights
+        and they agree."""
+        tensors = [(f"{name}.{key}", t) for name, module in run.modules.items()
+                   for key, t in module.state_dict().items() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if not tensors:
+            return
+        finite = torch.stack([(t.to_local() if hasattr(t, "to_local") else t).detach().isfinite().all()
+                              for _, t in tensors])  # a sharded tensor: this process's part
+        bad = (~finite).sum().float()
+        self.group.all_reduce_sum(bad)
+        if bad.item() == 0:
+            return
+        first = next((key for (key, _), ok in zip(tensors, finite.tolist()) if not ok), "on another process")
+        where = (f"; the last good checkpoint {run.checkpoint_path} is intact"
+                 if run.checkpoint_path is not None and run.checkpoint_path.exists() else "")
+        raise TrainingDiverged(f"{run.label}weights are not finite at step {self.step} (first: {first}); they were "
+                               f"not saved{where}; try a lower train.lr or smaller method weights")
 
     def eta_seconds(self) -> Optional[float]:
         """Seconds left in the whole run (every remaining step, evaluations included) at the rate of this start's

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import save_config
-from ..engine.rundir import RUN_CONFIG
 from ..engine.trainer import FitResult
 from ..tasks.clip.config import ClipDistillConfig, ClipRunConfig
 from ..tasks.clip.continual import ClipContinualConfig, ForgettingTable, run_sequence
 from ..tasks.clip.task import build_distill_task, build_teacher_task, loop_config
-from .resume import report_changes, verify_resume_config
+from .resume import record_run_config, report_changes, verify_resume_config
 from .tasks import run_task
 
 
@@ -29,7 +27,7 @@ def run_clip_continual(cfg: ClipContinualConfig, run_dir: Path, resume: bool = F
     """Train `cfg.method` on `cfg.tasks` in order into `run_dir` (one run folder per step, each a kdzoo run with
     its own config and checkpoint); the forgetting table.  With `resume` a step that has a checkpoint continues."""
     report_changes(verify_resume_config(cfg, run_dir) if resume else [], verbose)
-    save_config(cfg, Path(run_dir) / RUN_CONFIG)
+    record_run_config(cfg, Path(run_dir), resume)
 
     def run_step(step_cfg, folder, step_resume, build):
         return run_task(step_cfg, folder, step_resume, verbose, build, loop_config(step_cfg))

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from ..config import RunConfig, TeacherConfig, read_yaml, save_config, to_dict
+from ..config import RunConfig, TeacherConfig, read_yaml, to_dict
 from ..data import DataSplits
 from ..distiller import Distiller
 from ..engine.rundir import RUN_CONFIG, SUMMARY
@@ -15,7 +15,7 @@ from ..engine.trainer import Callback, FitResult
 from ..errors import ConfigError
 from ..tasks.classification import Distillable, FitOptions, fit, read_summary, task_class, write_plan
 from .build import build_data, build_model, model_meta
-from .resume import report_changes, verify_checkpoint, verify_resume_config
+from .resume import record_run_config, report_changes, verify_checkpoint, verify_resume_config
 
 
 def run_distiller(cfg: RunConfig, run_dir: Path, build: Callable[[RunConfig, DataSplits, Path], Distillable],
@@ -32,7 +32,7 @@ def run_distiller(cfg: RunConfig, run_dir: Path, build: Callable[[RunConfig, Dat
         verify_checkpoint(run_dir, {"student": distiller.student, "methods": distiller.methods}, cfg.train.epochs)
     report_changes(notes, verbose)
     if is_main_process():  # under torchrun rank 0 alone writes
-        save_config(cfg, run_dir / RUN_CONFIG)
+        record_run_config(cfg, run_dir, resume)
         if isinstance(distiller, Distiller):  # students trained as peers have no teacher's layers to show
             write_plan(distiller, data.test, run_dir, cfg.train.device,  # before the first step
                        (cfg.student.name, cfg.teacher.name if cfg.teacher else None), verbose,
@@ -57,7 +57,7 @@ def teacher_run(cfg: TeacherConfig, run_dir: Path, resume: bool = False, verbose
         verify_checkpoint(run_dir, {"student": model, "methods": distiller.methods}, cfg.train.epochs)
     report_changes(notes, verbose)
     if is_main_process():  # under torchrun rank 0 alone writes
-        save_config(cfg, run_dir / RUN_CONFIG)
+        record_run_config(cfg, run_dir, resume)
     result = fit(distiller, data, cfg.train, run_dir, resume=resume, verbose=verbose,
                  options=FitOptions(export_meta=model_meta(cfg.model, data, cfg.data)))
     # A teacher run's weights are the model itself: name them so `teacher.weights: RUN_DIR` reads clearly.

@@ -1,5 +1,7 @@
-"""Before a run continues (`--resume`): its config against the one the run directory holds, and its checkpoint
-against the models just built.  Both only read: nothing in the run directory is written before they pass.
+"""Before a run continues (`--resume`): its config against the one the run directory holds, its input files
+(teacher weights and folders, corpora, dataset folders: every path the config names) against the fingerprints
+recorded at its start, and its checkpoint against the models just built.  All only read: nothing in the run
+directory is written before they pass.
 
 Any change that alters what is computed is refused with the changed keys in one line; only the keys in
 `RESUMABLE` may change, each with a note of what that means (more epochs or steps: the learning-rate schedule
@@ -12,9 +14,10 @@ from typing import Any
 
 from torch import nn
 
-from ..config import from_dict, read_yaml, to_dict
+from ..config import from_dict, read_yaml, save_config, to_dict
 from ..data.datasets import DATASETS
 from ..engine.checkpoint import check_state_fits, load_checkpoint
+from ..engine.inputs import INPUTS, changed_inputs, record_inputs
 from ..engine.rundir import CHECKPOINT, RUN_CONFIG
 from ..errors import CheckpointError, ConfigError
 from ..methods import METHODS
@@ -91,7 +94,39 @@ def verify_resume_config(cfg: Any, run_dir: Path) -> list[str]:
         diff = ", ".join(f"{k} {_show(before.get(k, _ABSENT))} -> {_show(after.get(k, _ABSENT))}" for k in refused)
         raise ConfigError(f"--resume: the config differs from the run's {path} in what it computes ({diff}); "
                           "undo the change, or start a new run with name=... or --run-dir")
+    replaced = changed_inputs(run_dir, input_paths(cfg))
+    if replaced:
+        raise ConfigError(f"--resume: {replaced[0]} since the run started (recorded in {run_dir / INPUTS}); "
+                          "restore it, or start a new run with name=... or --run-dir")
     return [f"{k} {_show(before.get(k, _ABSENT))} -> {_show(after.get(k, _ABSENT))}: {RESUMABLE[k]}" for k in changed]
+
+
+# Paths in a config that are where a run writes, not what it reads.
+NOT_INPUTS = ("output_dir", "name")
+
+
+def input_paths(cfg: Any) -> dict[str, Path]:
+    """Every config value that names an existing file or folder (teacher weights, a teacher run, a corpus, a
+    dataset root...), by its flat key."""
+    paths = {}
+    for key, value in flat_config(cfg).items():
+        if key in NOT_INPUTS or key.endswith("cache_dir") or not isinstance(value, str) or not value:
+            continue
+        try:
+            path = Path(value).expanduser()
+            if path.exists():
+                paths[key] = path
+        except (OSError, ValueError):  # a name too long to be a path, or with a NUL byte
+            continue
+    return paths
+
+
+def record_run_config(cfg: Any, run_dir: Path, resume: bool) -> None:
+    """At a start: the resolved config in ``config.yaml`` and, for a new run (or one that recorded none), its
+    inputs' fingerprints in ``inputs.json`` (what a resume compares)."""
+    save_config(cfg, run_dir / RUN_CONFIG)
+    if not resume or not (run_dir / INPUTS).is_file():
+        record_inputs(run_dir, input_paths(cfg))
 
 
 def verify_checkpoint(run_dir: Path, modules: dict[str, nn.Module], epochs: int) -> None:
@@ -128,4 +163,5 @@ def _show(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-__all__ = ["RESUMABLE", "flat_config", "verify_resume_config", "verify_checkpoint", "report_changes"]
+__all__ = ["RESUMABLE", "flat_config", "verify_resume_config", "verify_checkpoint", "report_changes", "input_paths",
+           "record_run_config"]

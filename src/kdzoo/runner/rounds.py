@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..config import MethodConfig, ModelConfig, RunConfig, save_config
+from ..config import MethodConfig, ModelConfig, RunConfig
 from ..data import DataSplits, TensorData, labels_of
 from ..engine.checkpoint import load_checkpoint, save_checkpoint
-from ..engine.rundir import CHECKPOINT, METRICS, RUN_CONFIG, SUMMARY
+from ..engine.rundir import CHECKPOINT, METRICS, SUMMARY
 from ..engine.runtime import atomic_write, is_main_process
 from ..engine.trainer import FitResult
 from ..errors import ConfigError
@@ -42,7 +42,7 @@ from ..methods import METHODS
 from ..methods.schemes.isd import optimal_ground_truth_weight
 from .build import build_data, build_distiller, build_model, load_weights
 from .plain import run_distiller
-from .resume import verify_resume_config
+from .resume import record_run_config, verify_resume_config
 
 ESTIMATE = "estimate"
 HOLDOUT = 0.1  # share of the training split held out to estimate the ground-truth weight
@@ -167,7 +167,7 @@ def train_rounds(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: b
         if not isinstance(progress.get("rounds_finished"), int):
             raise ConfigError(f"--resume: {run_dir / CHECKPOINT} is not the checkpoint of a run with rounds")
     elif is_main_process():
-        save_config(cfg, run_dir / RUN_CONFIG)
+        record_run_config(cfg, run_dir, resume)
         save_checkpoint(run_dir / CHECKPOINT, progress)
     data = build_data(cfg.data, cfg.task)
     holdout: Optional[Dataset] = None

@@ -6,13 +6,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..config import RunConfig, save_config
-from ..engine.rundir import CHECKPOINT, RUN_CONFIG
+from ..config import RunConfig
+from ..engine.rundir import CHECKPOINT
 from ..engine.runtime import atomic_write, is_main_process
 from ..engine.trainer import FitResult
 from .build import build_distiller
 from .plain import run_distiller
-from .resume import report_changes, verify_resume_config
+from .resume import record_run_config, report_changes, verify_resume_config
 
 STAGES_DIR = "stages"
 
@@ -28,7 +28,7 @@ def train_stages(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: b
     notes = verify_resume_config(cfg, run_dir) if resume else []
     report_changes(notes, verbose)
     if is_main_process():
-        save_config(cfg, run_dir / RUN_CONFIG)
+        record_run_config(cfg, run_dir, resume)
     weights, result = cfg.student.weights, None
     for i, stage in enumerate(cfg.stages):
         folder = stage_dir(run_dir, i, stage.name)

@@ -7,12 +7,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import save_config
 from ..engine.distributed import Distributed
-from ..engine.rundir import RUN_CONFIG
 from ..engine.runtime import resolve_device
 from ..engine.trainer import FitResult, LoopConfig, Run, Task, Trainer
-from .resume import report_changes, verify_resume_config
+from .resume import record_run_config, report_changes, verify_resume_config
 
 
 def run_task(cfg: Any, run_dir: Path, resume: bool, verbose: bool, build: Callable[[torch.device], Task],
@@ -28,7 +26,7 @@ def run_task(cfg: Any, run_dir: Path, resume: bool, verbose: bool, build: Callab
         raise
     report_changes(notes, verbose)
     if group.is_main:
-        save_config(cfg, run_dir / RUN_CONFIG)
+        record_run_config(cfg, run_dir, resume)
     trainer = Trainer(task, loop, [Run(run_dir=run_dir)], resume=resume, verbose=verbose, group=group)
     return trainer.run()[0]
 

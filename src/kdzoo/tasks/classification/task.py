@@ -12,6 +12,7 @@ plan.md) as callbacks.  It knows no method by name: ``loss = sum(output.losses.v
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 from dataclasses import dataclass, replace
@@ -214,7 +215,10 @@ class ClassificationTask(Task):
         cfg = self.cfg
         loader = make_loader(self.data.train, self.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
                              placement=self.placement(trainer))
-        for b, batch in enumerate(loader):
+        # a run resumed inside the epoch draws the epoch's batches again and skips those it trained on: the
+        # shuffle and augmentation are functions of (seed, epoch), so the rest are the uninterrupted run's
+        done = first_step - epoch * trainer.steps_per_epoch
+        for b, batch in itertools.islice(enumerate(loader), done, None):
             images, labels, index = self.to_device(trainer, batch)
             if self.mixer is not None and self.mixer.active(epoch):  # before the teacher: it sees them mixed
                 images, labels = self.mixer(images, labels, epoch, b)
