@@ -15,8 +15,10 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
+from .. import __version__
 from ..engine.stopping import EXIT_STATUS
 from ..errors import Interrupted, KdzooError, safetensors_os_error
 from .analysis import add_cka_parser, add_search_parser, add_select_parser
@@ -165,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'kdzoo COMMAND --help' for each command's options.  Errors are one line (exit status 2); "
                "add --debug anywhere on the line for the full traceback.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--version", action="version", version=f"kdzoo {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_run_parsers(sub)
     add_condense_parser(sub)

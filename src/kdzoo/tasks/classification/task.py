@@ -395,8 +395,8 @@ class EvalModeCheck(Callback):
     and training mode does not."""
 
     def __init__(self, student: nn.Module, min_train_gain: float = 15.0, max_test_share: float = 0.25,
-                 max_loss_factor: float = 10.0):
-        self.student = student
+                 max_loss_factor: float = 10.0, model_name: Optional[str] = None):
+        self.student, self.model_name = student, model_name or ""
         self.min_train_gain = min_train_gain  # training top-1 points above chance before a gap means anything
         self.max_test_share = max_test_share  # test gain over chance below this share of the training gain
         self.max_loss_factor = max_loss_factor  # test loss above this many times ln(classes)
@@ -416,9 +416,16 @@ class EvalModeCheck(Callback):
         what = (f"test top-1 {row['test_top1']:.2f}% is near chance ({chance:.2f}%) while training batches score "
                 f"{row['train_top1']:.2f}%" if near_chance else
                 f"the test loss {row['test_loss']:.4g} is over {self.max_loss_factor:g}x a uniform guess's")
-        momenta = sorted({m.momentum for m in self.student.modules()
-                          if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm))
-                          and m.track_running_stats and m.momentum is not None})
+        norms = [m for m in self.student.modules()
+                 if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm))
+                 and m.track_running_stats]
+        momenta = sorted({m.momentum for m in norms if m.momentum is not None})
+        if not norms:  # a ViT, an MLP: no running statistics to blame
+            message = (f"{run.label}warning: at epoch {row['epoch']} {what}: the model has no BatchNorm, so the "
+                       "gap is not running statistics; it may be overfitting the training batches (more data or "
+                       "augmentation, a lower train.lr) or still too early to tell (train for more epochs)")
+            tqdm.write(message) if trainer.cfg.progress else print(message)
+            return
         if momenta and momenta[0] < 0.1:
             kept = (1 - momenta[0]) ** trainer.step  # the share of the initial statistics still in them
             why = (f"its BatchNorm momentum is {momenta[0]:g}, so after {trainer.step} steps the running statistics "
@@ -428,17 +435,70 @@ class EvalModeCheck(Callback):
         else:
             why = ("the BatchNorm running statistics used in eval mode do not match the weights yet, or eval-mode "
                    "layers (dropout, BatchNorm) behave differently from training")
+        # only torchvision and timm models take the option; a model built in Python has the function
+        option = (" (student.options.bn_momentum=0.1)" if self.model_name.startswith(("tv:", "timm:", "timm32:"))
+                  else " (kdzoo.models.set_bn_momentum(model, 0.1))" if not self.model_name else "")
         message = (f"{run.label}warning: at epoch {row['epoch']} {what}: {why}.  Train for more steps (more epochs or "
-                   "data), or give BatchNorm a larger momentum (tv: and timm: models take the option bn_momentum, e.g. "
-                   "student.options.bn_momentum=0.1)")
+                   f"data){', or give BatchNorm a larger momentum' + option if momenta and momenta[0] < 0.1 else ''}")
         tqdm.write(message) if trainer.cfg.progress else print(message)
+
+
+class LossBalanceCheck(Callback):
+    """After the first epoch, a distillation term more than `max_factor` times the cross-entropy is reported:
+    the term, its method's weight and the weight that would make it equal to the cross-entropy.  A recipe weight
+    is tuned to the maps of its paper's models (AT's 1000 to CIFAR ResNets' 8x8 maps), so on other models a term
+    can swamp the labels without anything diverging.  The reports go to the console and to summary.json
+    (``loss_balance``), where `kdzoo bench` marks the cell."""
+
+    def __init__(self, distiller, verbose: bool, max_factor: float = 10.0):
+        self.distiller, self.verbose, self.max_factor = distiller, verbose, max_factor
+        self.done = False
+
+    def reports(self, row: dict) -> list[str]:
+        cross_entropy = row.get("loss_ce")
+        if not cross_entropy or not math.isfinite(cross_entropy) or cross_entropy <= 0:
+            return []
+        methods = dict(self.distiller.methods.items())
+        found = []
+        for key, value in row.items():
+            if not key.startswith("loss_") or key == "loss_ce" or not value > self.max_factor * cross_entropy:
+                continue
+            term = key[len("loss_"):]
+            name = term if term in methods else term.split(".")[0]
+            weight = getattr(methods.get(name), "weight", None)
+            index = list(methods).index(name) if name in methods else None
+            suggestion = (f"; methods.{index}.weight={weight * cross_entropy / value:.3g} would make it equal to the "
+                          f"cross-entropy" if isinstance(weight, (int, float)) and weight > 0 and index is not None
+                          else "")
+            found.append(f"the {term} term ({value:.4g}, weight {weight if weight is not None else '?'}) is "
+                         f"{value / cross_entropy:.0f}x the cross-entropy ({cross_entropy:.4g}) after epoch "
+                         f"{row['epoch']}: it may swamp the labels{suggestion}")
+        return found
+
+    def on_epoch_end(self, trainer, run, row, improved):
+        if self.done:
+            return
+        self.done = True
+        found = self.reports(row)
+        if not found:
+            return
+        if self.verbose:
+            for line in found:
+                message = f"{run.label}warning: {line}"
+                tqdm.write(message) if trainer.cfg.progress else print(message)
+        if run.run_dir is not None:
+            text = json.dumps({**read_summary(run.run_dir), "loss_balance": found}, indent=2)
+            atomic_write(run.run_dir / SUMMARY, lambda tmp: tmp.write_text(text))
 
 
 def default_callbacks(distiller, run_dir: Optional[Path], meta: dict, verbose: bool,
                       export: bool = True) -> list[Callback]:
     """What `fit` does for a run: console lines, and with a run directory metrics, the run's record and (with
     `export`) its exports."""
-    callbacks: list[Callback] = [ConsoleLog(), EvalModeCheck(distiller.student)] if verbose else []
+    callbacks: list[Callback] = ([ConsoleLog(), EvalModeCheck(distiller.student, model_name=meta.get("model"))]
+                                 if verbose else [])
+    if distiller.methods:
+        callbacks.append(LossBalanceCheck(distiller, verbose))
     if run_dir is not None:
         callbacks += [MetricsLog(), RunRecord(distiller, meta, verbose)]
         if export:
