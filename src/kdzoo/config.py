@@ -576,6 +576,8 @@ def load_yaml_text(text: str) -> Any:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file")
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:

@@ -31,6 +31,7 @@ from ..data import UNLABELLED, Placement, UInt8Images, input_example, make_loade
 from ..engine.checkpoint import load_checkpoint
 from ..engine.rundir import RUN_CONFIG
 from ..errors import CheckpointError, ConfigError
+from ..models.weights import non_finite_tensor
 from ..runner.build import build_data, build_distiller, read_indices
 from ..taps import Taps, discover_layout
 
@@ -79,9 +80,9 @@ def choose(strategy: str, scores: PoolScores, count: int, seed: int = 0) -> torc
         raise ConfigError(f"strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
     pool = (~scores.labelled).nonzero().flatten()
     if count < 1:
-        raise ConfigError(f"queries: must be >= 1, got {count}")
+        raise ConfigError(f"--queries: must be >= 1, got {count}")
     if count > len(pool):
-        raise ConfigError(f"queries: {count} asked, the unlabelled pool holds {len(pool)}")
+        raise ConfigError(f"--queries {count}: asked, but the unlabelled pool holds {len(pool)}")
     labelled = scores.labelled.nonzero().flatten()
     if strategy == "random":
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
@@ -100,13 +101,20 @@ def pool_scores(run_dir: str | Path, batch_size: int = 256) -> tuple[PoolScores,
     run_dir = Path(run_dir)
     if not (run_dir / RUN_CONFIG).is_file() or not (run_dir / "checkpoint.pt").is_file():
         raise ConfigError(f"{run_dir}: not a kdzoo train run folder (config.yaml and checkpoint.pt)")
-    cfg = load_config(RunConfig, run_dir / RUN_CONFIG)
+    try:
+        cfg = load_config(RunConfig, run_dir / RUN_CONFIG)
+    except ConfigError as err:  # a teacher run's config, say: name the run it came from
+        raise ConfigError(f"{run_dir}: not a kdzoo train run ({RUN_CONFIG}: {err})") from None
     if cfg.data.labelled_indices is None:
         raise ConfigError(f"{run_dir}: its data names no labelled_indices file, so the next round cannot add to it; "
                           "start round 0 with data.labelled_indices")
     data = build_data(cfg.data, cfg.task)
     distiller = build_distiller(cfg, data, run_dir)
     state = load_checkpoint(run_dir / "checkpoint.pt")
+    bad = non_finite_tensor(state.get("student") or {}, distiller.student.state_dict())
+    if bad is not None:
+        raise CheckpointError(f"{run_dir / 'checkpoint.pt'}: the student's tensor {bad[0]} holds {bad[1]} (a diverged "
+                              "run); its scores would choose nothing meaningful")
     try:
         distiller.student.load_state_dict(state["student"])
         distiller.methods.load_state_dict(state["methods"])

@@ -32,6 +32,7 @@ from ..condense.run import run_condenser
 from ..config import RunConfig, load_config, save_config, to_dict
 from ..data import build_dataset
 from ..engine.checkpoint import load_checkpoint
+from ..engine.rundir import run_lock
 from ..engine.runtime import atomic_write, remove_stale_temporaries, resolve_device, seed_everything
 from ..errors import ConfigError
 from ..registry import DATASETS
@@ -109,52 +110,68 @@ def run_grid(spec: BenchSpec, out_dir: str | Path, *, parallel: int | str = "aut
     `on_step(step)` is passed to the trainer (tests use it to kill a grid at a chosen step).
     """
     out_dir = Path(out_dir)
+    parallel = parallel_count(parallel)
+    if device:
+        resolve_device(device)
+    teachers, cells = expand(spec, out_dir)  # every cell's config checked before the output folder is made
     out_dir.mkdir(parents=True, exist_ok=True)
-    teachers, cells = expand(spec, out_dir)
-    for cell in cells:
-        if device and cell.config is not None:
-            cell.config.train.device = device
-        if cell.config is not None:
-            cell.config.train.progress = progress and cell.config.train.progress
-    for job in teachers:
-        if device and job.config is not None:
-            job.config.train.device = device
-        if job.config is not None:
-            job.config.train.progress = progress and job.config.train.progress
-    atomic_write(out_dir / "bench.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(to_dict(spec), sort_keys=False)))
-    report = GridReport(out_dir)
-    say = print if verbose else (lambda *a, **k: None)
-    if parallel == "auto":
-        probe_device = device or (cells[0].config.train.device if cells and cells[0].config else "auto")
-        parallel = 8 if resolve_device(probe_device).type == "cuda" else 1
-    parallel = max(1, int(parallel))
+    with run_lock(out_dir):  # one bench per output folder: two would train the same cells at once
+        for cell in cells:
+            if device and cell.config is not None:
+                cell.config.train.device = device
+            if cell.config is not None:
+                cell.config.train.progress = progress and cell.config.train.progress
+        for job in teachers:
+            if device and job.config is not None:
+                job.config.train.device = device
+            if job.config is not None:
+                job.config.train.progress = progress and job.config.train.progress
+        atomic_write(out_dir / "bench.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(to_dict(spec), sort_keys=False)))
+        report = GridReport(out_dir)
+        say = print if verbose else (lambda *a, **k: None)
+        if parallel == "auto":
+            probe_device = device or (cells[0].config.train.device if cells and cells[0].config else "auto")
+            parallel = 8 if resolve_device(probe_device).type == "cuda" else 1
 
-    pending = []
-    for cell in cells:
-        if read_result(cell.run_dir) is not None:
-            report.skipped.append(cell.key)
+        pending = []
+        for cell in cells:
+            if read_result(cell.run_dir) is not None:
+                report.skipped.append(cell.key)
+            else:
+                check_saved_config(cell)
+                pending.append(cell)
+        say(f"bench {spec.name}: {len(cells)} cells, {len(report.skipped)} already finished, {len(pending)} to run "
+            f"-> {out_dir}")
+
+        needed = {c.teacher for c in pending if c.teacher}
+        for job in teachers:
+            if job.label in needed:
+                _train_teacher(job, report, say)
+
+        if spec.kind == "condensation":
+            for cell in pending:
+                _run_condensation(cell, report, say)
         else:
-            check_saved_config(cell)
-            pending.append(cell)
-    say(f"bench {spec.name}: {len(cells)} cells, {len(report.skipped)} already finished, {len(pending)} to run "
-        f"-> {out_dir}")
+            for group in _groups(pending, parallel):
+                _run_group(group, spec, teachers, report, say, on_step)
 
-    needed = {c.teacher for c in pending if c.teacher}
-    for job in teachers:
-        if job.label in needed:
-            _train_teacher(job, report, say)
+        report.results = [dict(r, pair=c.pair, method=c.method, seed=c.seed, teacher=c.teacher_name,
+                               student=c.student_name) for c in cells if (r := read_result(c.run_dir)) is not None]
+        report.teachers = teacher_results(cells, teachers)
+        return report
 
-    if spec.kind == "condensation":
-        for cell in pending:
-            _run_condensation(cell, report, say)
-    else:
-        for group in _groups(pending, parallel):
-            _run_group(group, spec, teachers, report, say, on_step)
 
-    report.results = [dict(r, pair=c.pair, method=c.method, seed=c.seed, teacher=c.teacher_name,
-                           student=c.student_name) for c in cells if (r := read_result(c.run_dir)) is not None]
-    report.teachers = teacher_results(cells, teachers)
-    return report
+def parallel_count(parallel: int | str) -> int | str:
+    """``--parallel`` checked: "auto", or a whole number of cells trained together (>= 1)."""
+    if parallel == "auto":
+        return parallel
+    try:
+        count = int(str(parallel))
+    except ValueError:
+        raise ConfigError(f"--parallel: expected auto or a whole number >= 1, got {parallel!r}") from None
+    if count < 1:
+        raise ConfigError(f"--parallel: expected auto or a whole number >= 1, got {count}")
+    return count
 
 
 def _teacher_done(job: TeacherJob) -> bool:

@@ -37,13 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("KDZOO_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     args, extra = parser.parse_known_args(argv)
-    # KEY=VALUE overrides may also come after options such as --resume
-    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    # KEY=VALUE overrides may also come after options such as --resume (a word without "=" there is an override
+    # too, refused by the config loader with its own message)
+    overrides = [e for e in extra if not e.startswith("-")]
     if hasattr(args, "overrides") and overrides:
         args.overrides += overrides
         extra = [e for e in extra if e not in overrides]
     if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        command = f"kdzoo {args.command}" if getattr(args, "command", None) else "kdzoo"
+        print(f"{command}: error: unrecognized arguments: {' '.join(extra)} (see {command} --help)", file=sys.stderr)
+        return 2
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
@@ -116,7 +119,7 @@ def os_error_message(err: OSError) -> str:
         errno.EDQUOT: "disk quota exceeded; free some space, then continue with --resume",
         errno.EFBIG: "file size limit exceeded (ulimit -f); raise the limit, then continue with --resume",
         errno.EROFS: "read-only file system; choose another output directory",
-        errno.EACCES: "permission denied; choose a directory you can write to",
+        errno.EACCES: "permission denied; check the file's permissions, or choose a directory you can write to",
         errno.EPERM: "operation not permitted; choose a directory you can write to",
     }
     what = hints.get(err.errno, err.strerror or type(err).__name__)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -59,6 +60,7 @@ def add_select_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_select(args) -> int:
+    at_least_one(("--queries", args.queries))  # before the run's model scores its whole training split
     queries, path = select_queries(args.run, args.strategy, args.queries, args.out, args.seed)
     print(f"{args.strategy}: {len(queries)} queries added -> {path} ({len(path.read_text().split())} labelled)")
     return 0
@@ -146,6 +148,8 @@ def _teacher_and_data(args):
 def cmd_search(args) -> int:
     if bool(args.candidates) == bool(args.space):
         raise ConfigError("give --candidates NAME,NAME,... or --space cifar-resnet|tiny-cnn (one of them)")
+    at_least_one(("--batches", args.batches), ("--batch-size", args.batch_size), ("--evaluations", args.evaluations),
+                 ("--max-params", args.max_params))
     device = resolve_device(args.device)
     teacher, data, teacher_label = _teacher_and_data(args)
     teacher.to(device)
@@ -253,6 +257,9 @@ def cmd_cka(args) -> int:
             raise ConfigError(f"--kernels: {kernel!r} is not one of {', '.join(KERNELS)}")
     if args.batch_size < 4:
         raise ConfigError("--batch-size: the unbiased HSIC needs at least 4 images per batch")
+    at_least_one(("--batches", args.batches))
+    if not (math.isfinite(args.rbf_scale) and args.rbf_scale > 0):
+        raise ConfigError(f"--rbf-scale: must be a finite number > 0, got {args.rbf_scale}")
     device = resolve_device(args.device)
     teacher, student, data, run_dir, cfg = _cka_models(Path(args.target), args.overrides)
     teacher.to(device), student.to(device)
@@ -288,6 +295,13 @@ def cmd_cka(args) -> int:
         _print_rows_plain(rows)
     print(f"{result.samples} images; {out / 'cka.csv'}, {out / 'cka.png'}")
     return 0
+
+
+def at_least_one(*flags: tuple[str, Optional[int]]) -> None:
+    """Refuse a count option below 1 (None: not given), naming the flag, before any work is done."""
+    for flag, value in flags:
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}: must be >= 1, got {value}")
 
 
 def _label(model_cfg) -> str:

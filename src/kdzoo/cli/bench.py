@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..bench.harness import GridReport, read_result, run_grid, teacher_results
+from ..bench.harness import GridReport, parallel_count, read_result, run_grid, teacher_results
 from ..bench.presets import PRESETS, preset
 from ..bench.report import write_tables
 from ..bench.spec import expand, load_spec, select
 from ..config import read_yaml
+from ..engine.runtime import resolve_device
 from ..errors import ConfigError
 
 DESCRIPTION = ("Run a grid of teacher/student pairs x methods x seeds (from a preset or a YAML spec): teachers "
@@ -38,13 +39,20 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the teachers and cells, train nothing")
     p.add_argument("--report-only", action="store_true", help="write the tables from the finished cells, train nothing")
     p.add_argument("--progress", action="store_true", help="progress bars inside each run")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_bench, continue_hint="run the same command again: finished cells are kept and "
+                                                "half-done ones continue from their checkpoints")
     return p
 
 
 def cmd_bench(args) -> int:
     if not args.preset and not args.config:
         raise ConfigError("give --preset NAME or --config FILE (kdzoo bench --help lists the presets)")
+    parallel_count(args.parallel)  # the options first: a typo costs nothing, not a grid's teachers
+    if args.device:
+        try:
+            resolve_device(args.device)
+        except ConfigError as err:
+            raise ConfigError(f"--device: {err}") from None
     raw = preset(args.preset, args.configs) if args.preset else read_yaml(args.config)
     spec = load_spec(raw, args.overrides, f"preset {args.preset}" if args.preset else args.config)
     spec = select(spec, _names(args.pairs), _names(args.methods))

@@ -9,6 +9,7 @@ squeezed observer in ``observer.safetensors``, whose soft labels their evaluatio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..condense.base import SyntheticSet, build_condenser
+from ..condense.base import SyntheticSet, build_condenser, check_iterations
 from ..condense.ddranking import CLI_OPTIONS as DDRANKING_OPTIONS, DDRankingOptions, ddranking_scores, format_ddranking
 from ..condense.krrst import TransferOptions, format_transfer, transfer_accuracy
 from ..condense.evaluate import EvalOptions, evaluate_synthetic, format_results, published_accuracy
@@ -24,6 +25,7 @@ from ..condense.run import run_condenser
 from ..config import apply_overrides
 from ..data import build_dataset
 from ..engine.checkpoint import remove_stale_files
+from ..engine.rundir import removed_if_failed, run_lock
 from ..engine.runtime import atomic_write, resolve_device
 from ..errors import ConfigError
 from ..plots import plot_grid
@@ -100,6 +102,11 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, dict, dict]:
 
 
 def cmd_condense(args) -> int:
+    with contextlib.ExitStack() as hold:  # the output folder's lock, held until the command ends
+        return _condense(args, hold)
+
+
+def _condense(args, hold: contextlib.ExitStack) -> int:
     args = _parse_arguments(args)
     entry = CONDENSERS.get(args.method)
     if args.help_options:
@@ -118,12 +125,15 @@ def cmd_condense(args) -> int:
                                                                          if flag == "--num-eval" else ""))
     resolve_device(args.device)
     options = entry.check(options, "", args.method)
+    check_iterations(options)
     data_options = DATASETS.get(args.dataset).check(data_options, "data", args.dataset)
     eval_options = _check_eval_options(eval_options)
     if "augment" in DATASETS.get(args.dataset).defaults:
         data_options.setdefault("augment", False)  # distil from the images as they are
     out = Path(args.out or f"runs/condense/{args.method}-{args.dataset}-ipc{args.ipc}")
     checkpoint = out / "checkpoint.pt"
+    hold.enter_context(removed_if_failed(out))  # a failed start leaves no empty folder
+    hold.enter_context(run_lock(out))  # one process per output folder
     if checkpoint.exists() and not args.resume:
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if args.resume and not checkpoint.is_file():
@@ -136,6 +146,9 @@ def cmd_condense(args) -> int:
         options.setdefault("observer_file", str(out / "observer.safetensors"))
 
     data = build_dataset(args.dataset, **data_options)
+    if args.ipc * data.num_classes > len(data.train):  # more synthetic images than real ones: a typo
+        raise ConfigError(f"--ipc {args.ipc}: {args.ipc} images per class x {data.num_classes} classes is more than "
+                          f"the {len(data.train)} training images of {args.dataset}")
     condenser = build_condenser(args.method, data, args.ipc, **options)
     synthetic = run_condenser(condenser, checkpoint, args.checkpoint_every, args.resume, progress=not args.quiet)
     synthetic.save(out / "synthetic.safetensors")

@@ -7,6 +7,7 @@ import textwrap
 
 from ..condense import CONDENSERS
 from ..data.datasets import DATASETS
+from ..errors import ConfigError
 from ..methods import METHODS
 from ..models import MODELS
 from ..registry import CLIP_METHODS, DIFFUSION_METHODS, LM_LOSSES, describe_type
@@ -33,7 +34,13 @@ def add_methods_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+LIST_FLAGS = ("models", "datasets", "condensers", "tasks", "lm", "diffusion", "clip")
+
+
 def cmd_methods(args) -> int:
+    chosen = [f"--{flag}" for flag in LIST_FLAGS if getattr(args, flag)]
+    if len(chosen) > 1:  # one list at a time: which one was meant is not for us to guess
+        raise ConfigError(f"{' and '.join(chosen)}: give one of them (one list at a time)")
     registry = (MODELS if args.models else DATASETS if args.datasets else CONDENSERS if args.condensers
                 else TASKS if args.tasks else LM_LOSSES if args.lm else DIFFUSION_METHODS if args.diffusion
                 else CLIP_METHODS if args.clip else METHODS)

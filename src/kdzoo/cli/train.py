@@ -52,7 +52,7 @@ def add_run_parsers(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    run_demo(seeds=args.seeds, **({"epochs": args.epochs} if args.epochs else {}), out_dir=args.out)
+    run_demo(seeds=args.seeds, **({"epochs": args.epochs} if args.epochs is not None else {}), out_dir=args.out)
     return 0
 
 

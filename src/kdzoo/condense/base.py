@@ -31,6 +31,8 @@ from ..taps import Layout, Taps, discover_layout
 from .augment import DSA, DSA_STRATEGY
 from .space import InputSpace, build_input_space, pixel_tensors, split_tensors  # noqa: F401  (re-exported)
 
+MAX_ITERATIONS = 10_000_000  # 60x the longest schedule a paper uses (KRR-ST's 160,000): more is a typo
+
 
 @dataclass(frozen=True)
 class EvalProtocol:
@@ -152,6 +154,14 @@ def fyi_expand(images: torch.Tensor, labels: torch.Tensor, groups: int) -> tuple
     return torch.cat([x, x.flip(-1)], 1).flatten(0, 1), torch.cat([y, y], 1).flatten(0, 1)
 
 
+def check_iterations(options: dict[str, Any], where: str = "") -> None:
+    """Refuse a negative or absurd ``iterations`` (an accepted 10**30 would run until killed), before any data is
+    read: the annotations bound it below only, a subclass may redeclare it."""
+    value = options.get("iterations")
+    if isinstance(value, int) and not 0 <= value <= MAX_ITERATIONS:
+        raise ConfigError(f"{where}iterations: must be between 0 and {MAX_ITERATIONS:,}, got {value}")
+
+
 def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
@@ -193,8 +203,7 @@ class Condenser(ABC):
             raise ConfigError(f"{self.registry_name}: ipc must be at least 1, got {self.ipc}")
         if self.init not in ("real", "noise"):
             raise ConfigError(f"{self.registry_name}: init must be 'real' or 'noise', got {self.init!r}")
-        if self.iterations < 0:
-            raise ConfigError(f"{self.registry_name}: iterations must be >= 0, got {self.iterations}")
+        check_iterations({"iterations": self.iterations}, f"{self.registry_name}: ")
         self.resolve_options()
         self.torch_device = resolve_device(self.device)
         torch.manual_seed(self.seed)

@@ -37,6 +37,8 @@ def prepare_run_dir(output_dir: str, name: str, resume: bool, run_dir: Optional[
     """The run directory of a start, created; a folder that holds a run is refused without `resume`, and
     `resume` needs one.  Temporary files a killed write left behind are removed (by rank 0 alone)."""
     path = run_dir_path(output_dir, name, run_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path}: is a file, not a run directory; choose another --run-dir or name")
     if not resume and holds_run(path):
         raise ConfigError(f"{path} already holds a run: pass --resume to continue it, or set name=... for a new one")
     if resume and not holds_run(path):
@@ -94,6 +96,8 @@ def run_lock(path: Path) -> Iterator[None]:
         yield
         return
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path}: is a file, not a run directory; choose another --run-dir or name")
     path.mkdir(parents=True, exist_ok=True)
     lock = path / LOCK_FILE
     me = f"{os.getpid()} {socket.gethostname()}"

@@ -195,11 +195,32 @@ def fit_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: 
             raise CheckpointError(f"{source}: does not fit {kind} (another architecture, width or class count?): "
                                   f"{where} is {tuple(state[mapping[name]].shape)} in the file, "
                                   f"{tuple(tensor.shape)} in the model")
+    bad = non_finite_tensor({name: state[source_name] for name, source_name in mapping.items()}, expected)
+    if bad is not None:
+        name, what = bad
+        where = name if mapping[name] == name else f"{name} ({mapping[name]} in the file)"
+        raise CheckpointError(f"{source}: tensor {where} holds {what} (weights of a diverged or damaged run); give "
+                              "weights saved before the loss became non-finite")
     model.load_state_dict({name: state[source_name] for name, source_name in mapping.items()}, strict=False)
     used = set(mapping.values())
     return LoadReport(source, len(mapping), len(expected), renames,
                       missing=[name for name in expected if name not in mapping],
                       unexpected=[name for name in state if name not in used])
+
+
+def non_finite_tensor(state: Mapping[str, torch.Tensor],
+                      reference: Mapping[str, torch.Tensor] | None = None) -> tuple[str, str] | None:
+    """(name, "NaN" or "inf") of the first floating-point tensor of `state` holding a non-finite value, or None.
+    A name whose tensor in `reference` (the model's own state) is non-finite too is skipped: a mask buffer of
+    -inf belongs to the architecture, it is no sign of a diverged run."""
+    for name, tensor in state.items():
+        if not (tensor.is_floating_point() or tensor.is_complex()) or bool(torch.isfinite(tensor).all()):
+            continue
+        own = (reference or {}).get(name)
+        if own is not None and (own.is_floating_point() or own.is_complex()) and not bool(torch.isfinite(own).all()):
+            continue
+        return name, "NaN" if bool(torch.isnan(tensor).any()) else "inf"
+    return None
 
 
 def load_weights(model: nn.Module, path: str | Path, what: str = "model") -> LoadReport:
@@ -218,4 +239,4 @@ def _first_line(err: Exception) -> str:
 
 
 __all__ = ["LoadReport", "load_weights", "read_state_dict", "fit_state_dict", "match_names", "extract_state_dict",
-           "resolve_weights_path", "WEIGHT_FILES", "RUN_WEIGHT_FILES"]
+           "non_finite_tensor", "resolve_weights_path", "WEIGHT_FILES", "RUN_WEIGHT_FILES"]

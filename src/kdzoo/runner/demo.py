@@ -18,12 +18,15 @@ from ..config import TrainConfig
 from ..data import TensorData, build_dataset, input_example
 from ..data.datasets import DataSplits
 from ..distiller import Distiller
+from ..engine.rundir import removed_if_failed
+from ..errors import ConfigError
 from ..methods import create_method
 from ..models import count_parameters, create_model
 from ..plots import plot_curves
 from ..tasks.classification import fit
 
 TEACHER_WIDTH, STUDENT_WIDTH = 32, 8
+MAX_SEEDS, MAX_EPOCHS = 100, 10_000  # beyond: a typo, not a demo
 STUDENT_FRACTION = 0.1  # of the training split, drawn once with a fixed seed
 VARIANTS = {"student alone": [], "student + KD": ["kd"], "student + FitNet": ["fitnet"]}
 
@@ -34,10 +37,24 @@ def labelled_subset(data: DataSplits, fraction: float, seed: int = 0) -> DataSpl
     return replace(data, train=TensorData(data.train.images[keep], data.train.labels[keep]))
 
 
+def check_demo_options(seeds: int, epochs: int) -> None:
+    """Refuse counts the demo cannot run (none) or would run for days, before any training."""
+    for flag, value, most in (("--seeds", seeds, MAX_SEEDS), ("--epochs", epochs, MAX_EPOCHS)):
+        if not 1 <= value <= most:
+            raise ConfigError(f"{flag}: must be between 1 and {most}, got {value}")
+
+
 def run_demo(seeds: int = 3, epochs: int = 40, out_dir: str | Path = "runs/demo", verbose: bool = True) -> list[dict]:
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    check_demo_options(seeds, epochs)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # made first, so an unwritable --out fails now rather than after the training; removed if the demo fails
+    with removed_if_failed(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return _demo(seeds, epochs, out_dir, verbose)
+
+
+def _demo(seeds: int, epochs: int, out_dir: Path, verbose: bool) -> list[dict]:
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     data = build_dataset("digits")
     student_data = labelled_subset(data, STUDENT_FRACTION)
     recipe = TrainConfig(epochs=epochs, batch_size=32, lr=0.05, schedule="cosine", weight_decay=5e-4,

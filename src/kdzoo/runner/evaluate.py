@@ -30,6 +30,10 @@ def load_target(target: str | Path, overrides: list[str] = (), device: str = "au
     `device`, and its dataset.  ``model.*`` overrides name or change the model (a plain .pth records none), the
     others the data section."""
     target = Path(target)
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if sep and key and key.split(".")[0] not in ("model", "data"):  # would be ignored: the user meant something
+            raise ConfigError(f"override {item!r}: kdzoo eval takes data.* and model.* overrides only")
     model_overrides = [item for item in overrides if item.startswith("model.")]
     data_overrides = [item for item in overrides if not item.startswith("model.")]
     run_config = target / RUN_CONFIG if target.is_dir() else target.parent / RUN_CONFIG
