@@ -124,7 +124,9 @@ def test_prefixes_removed_or_added_to_match():
     # a distillation wrapper's file: the student's tensors are taken, the teacher's reported as unexpected
     both = {**{f"student.{k}": v for k, v in state.items()}, "teacher.fc.weight": torch.zeros(4, 32)}
     model = create_model("tiny:cnn", num_classes=4, width=8)
-    report = fit_state_dict(model, both, "both.pth")
+    with pytest.raises(CheckpointError, match=r"1 in the file the model has no place for \(teacher.fc.weight\)"):
+        fit_state_dict(model, both, "both.pth")  # strict by default
+    report = fit_state_dict(model, both, "both.pth", strict=False)
     assert _equal_states(model, state) and report.unexpected == ["teacher.fc.weight"]
     assert report.summary() == (f"loaded {len(state)}/{len(state)} tensors from both.pth (removed prefix "
                                 "'student.'); 1 unexpected, ignored: teacher.fc.weight")
@@ -136,7 +138,10 @@ def test_missing_and_unexpected_names_are_one_line(tmp_path):
     partial["aux.weight"] = torch.ones(3)
     model = create_model("tiny:cnn", num_classes=4, width=8)
     initial_fc = model.fc.weight.detach().clone()
-    report = fit_state_dict(model, partial, "backbone.pth")
+    with pytest.raises(CheckpointError, match="fills 24 of the 26 tensors"):
+        fit_state_dict(model, partial, "backbone.pth")
+    assert torch.equal(model.fc.weight, initial_fc)  # nothing loaded when refused
+    report = fit_state_dict(model, partial, "backbone.pth", strict=False)
     assert report.missing == ["fc.weight", "fc.bias"] and report.unexpected == ["aux.weight"]
     assert report.summary() == (f"loaded {len(state) - 2}/{len(state)} tensors from backbone.pth; 2 missing, kept as "
                                 "initialised: fc.weight, fc.bias; 1 unexpected, ignored: aux.weight")

@@ -141,6 +141,9 @@ class ModelConfig:
     name: str = "tiny:cnn"
     weights: Optional[str] = None  # .pth/.pt/.bin state dict, .safetensors, run directory or kdzoo checkpoint
     options: dict[str, Any] = field(default_factory=dict)
+    # the weights must fill every tensor of the model and hold no others; false: load what fits, with a warning
+    # printed and kept in the run's summary.json (``weights_warnings``)
+    strict: bool = True
     # tv:/timm: models: true for the library's default pretrained weights (downloaded on first use), or a
     # weights name (torchvision: IMAGENET1K_V2; timm: a tag such as a1_in1k); a new head when classes differ
     pretrained: Any = False

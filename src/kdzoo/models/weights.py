@@ -177,10 +177,13 @@ def _cuts(name: str) -> list[int]:
 
 
 def fit_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "weights",
-                   what: str = "model") -> LoadReport:
+                   what: str = "model", strict: bool = True) -> LoadReport:
     """Load `state` into `model` after matching names (`match_names`).  Refused (CheckpointError): a file that
-    shares no parameter with the model, and the first tensor whose shape differs (named, with both shapes).
-    Names found on one side only are left alone and listed in the returned report."""
+    shares no parameter with the model, the first tensor whose shape differs (named, with both shapes) and, when
+    `strict`, a file that leaves any tensor of the model unfilled or holds tensors the model has no place for (a
+    ResNet-18 state dict fills 122 of a ResNet-34's 218: evaluating that half-loaded model gives noise).  BatchNorm's
+    step counters (``num_batches_tracked``, absent from older files) do not count.  Without `strict`, names found on
+    one side only are left alone and listed in the returned report."""
     expected = model.state_dict()
     mapping, renames = match_names(state, expected)
     kind = f"the {what} {type(model).__name__}"
@@ -201,11 +204,20 @@ def fit_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: 
         where = name if mapping[name] == name else f"{name} ({mapping[name]} in the file)"
         raise CheckpointError(f"{source}: tensor {where} holds {what} (weights of a diverged or damaged run); give "
                               "weights saved before the loss became non-finite")
-    model.load_state_dict({name: state[source_name] for name, source_name in mapping.items()}, strict=False)
     used = set(mapping.values())
-    return LoadReport(source, len(mapping), len(expected), renames,
-                      missing=[name for name in expected if name not in mapping],
-                      unexpected=[name for name in state if name not in used])
+    report = LoadReport(source, len(mapping), len(expected), renames,
+                        missing=[name for name in expected if name not in mapping],
+                        unexpected=[name for name in state if name not in used])
+    missing = [name for name in report.missing if not name.endswith("num_batches_tracked")]
+    if strict and (missing or report.unexpected):
+        parts = ([f"{len(missing)} of the model's tensors missing from the file ({_some(missing)})"] if missing
+                 else []) + ([f"{len(report.unexpected)} in the file the model has no place for "
+                              f"({_some(report.unexpected)})"] if report.unexpected else [])
+        raise CheckpointError(f"{source}: fills {len(mapping)} of the {len(expected)} tensors of {kind}: "
+                              f"{'; '.join(parts)}; another architecture or depth? (strict: false loads only what "
+                              "fits)")
+    model.load_state_dict({name: state[source_name] for name, source_name in mapping.items()}, strict=False)
+    return report
 
 
 def non_finite_tensor(state: Mapping[str, torch.Tensor],
@@ -223,10 +235,10 @@ def non_finite_tensor(state: Mapping[str, torch.Tensor],
     return None
 
 
-def load_weights(model: nn.Module, path: str | Path, what: str = "model") -> LoadReport:
+def load_weights(model: nn.Module, path: str | Path, what: str = "model", strict: bool = True) -> LoadReport:
     """Read a weights file or run directory (`read_state_dict`) and load it into `model` (`fit_state_dict`)."""
     state, _ = read_state_dict(path)
-    return fit_state_dict(model, state, str(resolve_weights_path(path)), what)
+    return fit_state_dict(model, state, str(resolve_weights_path(path)), what, strict)
 
 
 def _some(names: list[str], count: int = 3) -> str:

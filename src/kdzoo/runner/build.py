@@ -71,21 +71,25 @@ def build_model(cfg: ModelConfig, data: DataSplits, where: str = "model") -> nn.
     except TypeError as err:  # a torchvision/timm builder refusing an option: options are not checked ahead
         raise ConfigError(f"{where}.options ({cfg.name}): {err}") from None
     if cfg.weights:
-        load_weights(model, cfg.weights, f"{where}.weights")
+        report = load_weights(model, cfg.weights, f"{where}.weights", cfg.strict)
+        if report.missing or report.unexpected:  # only without `strict`: the run's summary keeps it
+            model.weights_warning = f"{where}.weights (strict: false): {report.summary()}"
     return model
 
 
-def load_weights(model: nn.Module, path: str | Path, where: str = "") -> LoadReport:
+def load_weights(model: nn.Module, path: str | Path, where: str = "", strict: bool = True) -> LoadReport:
     """Load any weights file or run directory into `model` (`kdzoo.models.weights.load_weights`: prefixes
-    matched, a shape that differs refused); `where` names the config key in errors and in the one-line report
-    printed when names had to be matched or some were found on one side only."""
+    matched, a shape that differs refused, and with `strict` tensors on one side only); `where` names the config
+    key in errors and in the one-line report printed when names had to be matched or some were left out."""
     prefix = f"{where}: " if where else ""
     try:
-        report = load_model_weights(model, path)
+        report = load_model_weights(model, path, strict=strict)
     except (CheckpointError, ConfigError) as err:
+        if strict and "strict: false" in str(err):
+            err = type(err)(str(err).replace("strict: false", f"{where.rsplit('.', 1)[0]}.strict=false"))
         raise type(err)(f"{prefix}{err}") from None
     if not report.exact:
-        print(f"{prefix}{report.summary()}")
+        print(f"{prefix}{'warning: ' if report.missing or report.unexpected else ''}{report.summary()}")
     return report
 
 

@@ -61,9 +61,12 @@ def load_target(target: str | Path, overrides: list[str] = (), device: str = "au
     validate_data(data_cfg)
     data = build_data(data_cfg, task if isinstance(task, str) else None)
     model = build_model(ModelConfig(model_cfg.name, None, model_cfg.options), data)
-    report = fit_state_dict(model, state, str(resolve_weights_path(target)))
+    try:
+        report = fit_state_dict(model, state, str(resolve_weights_path(target)), strict=model_cfg.strict)
+    except CheckpointError as err:  # a half-loaded model would score noise
+        raise CheckpointError(str(err).replace("strict: false", "model.strict=false")) from None
     if not report.exact:
-        print(report.summary())
+        print(f"{'warning: ' if report.missing or report.unexpected else ''}{report.summary()}")
     return LoadedTarget(model.to(resolve_device(device)), data, model_cfg.name, data_cfg.name)
 
 

@@ -378,6 +378,7 @@ class RunRecord(Callback):
         self.distiller, self.meta, self.verbose = distiller, meta, verbose
 
     def on_train_start(self, trainer, run):
+        self.record_weights_warnings(run.run_dir)
         if (run.run_dir / RUN_CONFIG).exists():  # written by kdzoo's runs, with the plan beside it
             return
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -386,6 +387,17 @@ class RunRecord(Callback):
         if isinstance(distiller, Distiller) and (distiller.teacher is not None or len(distiller.methods)):
             write_plan(distiller, trainer.task.data.test, run.run_dir, names=(self.meta.get("model"), None),
                        verbose=self.verbose, score=trainer.task.score_model)
+
+
+    def record_weights_warnings(self, run_dir: Path) -> None:
+        """Weights loaded with ``strict: false`` that left tensors out stay in summary.json (``weights_warnings``)."""
+        distiller = self.distiller
+        models = [distiller.student, *(getattr(distiller, "teachers", None) or {}).values()]
+        found = [m.weights_warning for m in models if isinstance(getattr(m, "weights_warning", None), str)]
+        if found:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            text = json.dumps({**read_summary(run_dir), "weights_warnings": found}, indent=2)
+            atomic_write(run_dir / SUMMARY, lambda tmp: tmp.write_text(text))
 
 
 class EvalModeCheck(Callback):
