@@ -37,7 +37,7 @@ def test_bn_momentum_is_offered_only_to_models_that_take_it(capsys):
 
 def test_a_term_that_swamps_the_cross_entropy_is_reported_with_a_weight_that_fits(tmp_path, capsys):
     at = SimpleNamespace(weight=1000.0)
-    distiller = SimpleNamespace(methods={"kd": SimpleNamespace(weight=0.9), "at": at})
+    distiller = SimpleNamespace(methods={"kd": SimpleNamespace(weight=0.9), "at": at}, ce_weight=1.0)
     check = LossBalanceCheck(distiller, verbose=True)
     run = SimpleNamespace(label="", run_dir=tmp_path)
     row = {"epoch": 1, "loss_ce": 0.17, "loss_kd": 1.2, "loss_at": 14.0}
@@ -51,9 +51,11 @@ def test_a_term_that_swamps_the_cross_entropy_is_reported_with_a_weight_that_fit
 
 
 def test_balanced_terms_say_nothing(tmp_path, capsys):
-    distiller = SimpleNamespace(methods={"kd": SimpleNamespace(weight=0.9)})
+    # KD's recipe: the labels weighed 0.1, the T^2-scaled term 9 against a cross-entropy of 2.2 (the quick bench)
+    distiller = SimpleNamespace(methods={"kd": SimpleNamespace(weight=0.9)}, ce_weight=0.1)
     LossBalanceCheck(distiller, verbose=True).on_epoch_end(
-        _trainer(), SimpleNamespace(label="", run_dir=tmp_path), {"epoch": 1, "loss_ce": 0.2, "loss_kd": 1.9}, False)
+        _trainer(), SimpleNamespace(label="", run_dir=tmp_path), {"epoch": 1, "loss_ce": 0.22, "loss_kd": 9.156},
+        False)
     assert capsys.readouterr().out == "" and not (tmp_path / "summary.json").exists()
 
 

@@ -196,7 +196,7 @@ def test_resume_is_exact_and_errors_are_one_line(tmp_path, teacher_dir, capsys):
 
     bad = _write(tmp_path / "bad.yaml", _student_cfg(tmp_path, teacher_dir, losses=["forward_kll"]))
     assert main(["lm", "distill", bad]) == 2
-    assert capsys.readouterr().err.strip() == ("kdzoo lm: error: losses[0].name: unknown lm loss 'forward_kll'; "
+    assert capsys.readouterr().err.strip() == ("kdzoo lm distill: error: losses[0].name: unknown lm loss 'forward_kll'; "
                                                "did you mean forward_kl?")
     assert main(["lm", "distill", bad, "losses=[forward_kl]", "train.stepz=3"]) == 2
     assert "train.stepz: unknown key (did you mean 'steps'?)" in capsys.readouterr().err
@@ -208,7 +208,7 @@ def test_resume_is_exact_and_errors_are_one_line(tmp_path, teacher_dir, capsys):
     hub = _write(tmp_path / "hub.yaml", _student_cfg(tmp_path, tmp_path / "no-such-teacher", losses=["forward_kl"]))
     assert main(["lm", "distill", hub]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("kdzoo lm: error:") and "\n" not in err
+    assert err.startswith("kdzoo lm ") and "\n" not in err
 
 
 def test_config_validation():

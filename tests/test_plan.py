@@ -42,13 +42,16 @@ def test_plan_names_layers_shapes_adapter_and_weights():
     assert kd[:2] == ["- options: temperature 4, standardize false", "- logits: student <- teacher"]
     fitnet = lines[lines.index("## fitnet (weight 100)") + 2:]
     assert fitnet.pop(0) == "- options: normalize_layers false"
-    assert fitnet[0] == "- student stage:2 = `stage3` (16, 4, 4)  ->  teacher stage:2 = `stage3` (32, 4, 4)"
+    assert fitnet[0] == ("- student stage:2 (3rd of 3 stage outputs) = `stage3` (16, 4, 4)  ->  "
+                         "teacher stage:2 (3rd of 3 stage outputs) = `stage3` (32, 4, 4)")
     assert fitnet[1] == ("  - adapter `regressor`: ConvReg [Conv2d 16->32 1x1, BatchNorm2d 32], (16, 4, 4) -> "
                          f"(32, 4, 4), {16 * 32 + 32 + 2 * 32:,} parameters")
     at = lines[lines.index("## at (weight 1000)") + 2:]
     assert at.pop(0) == "- options: p 2, normalize_layers false, max_size_ratio 2"
-    assert at[:3] == ["- student stage:-2 = `stage2` (8, 8, 8)  ->  teacher stage:-2 = `stage2` (16, 8, 8)",
-                      "- student stage:-1 = `stage3` (16, 4, 4)  ->  teacher stage:-1 = `stage3` (32, 4, 4)",
+    assert at[:3] == ["- student stage:-2 (2nd of 3 stage outputs) = `stage2` (8, 8, 8)  ->  "
+                      "teacher stage:-2 (2nd of 3 stage outputs) = `stage2` (16, 8, 8)",
+                      "- student stage:-1 (3rd of 3 stage outputs) = `stage3` (16, 4, 4)  ->  "
+                      "teacher stage:-1 (3rd of 3 stage outputs) = `stage3` (32, 4, 4)",
                       "- adapter: none (features compared as they are)"]
 
 

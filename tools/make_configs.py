@@ -67,7 +67,7 @@ METHODS = {
     # issue 11 seed methods (part A)
     "nkd": (["nkd"], {}),
     "uskd": (["uskd"], {}),  # teacher-free: its recipes have no teacher section
-    "kd_nd": (["nd", {"name": "kd", "weight": 1.0}], {}),  # KD++: ND first, so CE keeps ND's weight 1
+    "nd": (["nd", {"name": "kd", "weight": 1.0}], {}),  # KD++: ND first, so CE keeps ND's weight 1
     "affinity": (["affinity"], {}),
     "residual_feature": (["residual_feature"], {}),
     "ofa": (["ofa"], {}),
@@ -97,7 +97,7 @@ def method_entries(name: str, teacher: str, student: str) -> list:
         if entry["name"] == "kd" and entry.get("standardize"):
             entry["temperature"] = KD_LS_BASE_TEMPERATURE.get(pair, KD_LS_BASE_TEMPERATURE_DEFAULT)
             entry["weight"] = KD_LS_WEIGHT
-        if name == "kd_nd" and pair in KDPP_WEIGHTS:
+        if name == "nd" and pair in KDPP_WEIGHTS:
             kd_weight, nd_weight = KDPP_WEIGHTS[pair]
             entry["weight"] = kd_weight if entry["name"] == "kd" else nd_weight
         out.append(entry if len(entry) > 1 else entry["name"])

@@ -596,8 +596,8 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid YAML{at} ({getattr(err, 'problem', err)})") from None
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
-    if data is None:
-        return {}
+    if data is None:  # an empty file would start a run of defaults (a diffusion teacher: 2,000 steps)
+        raise ConfigError(f"{path}: the config file is empty")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {_describe(data)}")
     return data

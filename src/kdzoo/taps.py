@@ -4,9 +4,13 @@ A tap names a module by its path in `model.named_modules()` and optionally which
 ``"layer3"`` is the module's output, ``"layer3.4.relu:input"`` its (first) input.  A module called
 more than once in one forward (torchvision's shared ``relu`` in a BasicBlock) keeps its last call.
 
-Symbolic taps are resolved per model against its layout: ``"stage:2"`` (third stage output, counted
-from the stem), ``"stage:-1"``, ``"penultimate"`` (the feature that enters the classifier) and any
-extra list a model family publishes, e.g. ``"preact:-1"``.  Layouts are discovered automatically
+Symbolic taps are resolved per model against its layout: ``"stage:2"`` (the third stage output: indices count
+from 0, as RepDistiller's ``feat[i]``), ``"stage:-1"``, ``"penultimate"`` (the feature that enters the classifier)
+and any extra list a model family publishes, e.g. ``"preact:-1"``.  What stage 0 is comes from the layout: the
+stem's output where the stem is a stage of its own (the CIFAR ResNets: ``relu``, then ``layer1``..), the end of
+the first stage where the stem keeps that stage's shape and so belongs to it (tiny:cnn: ``stage1``), so an index
+need not match the number in a module's name; the distillation plan prints each tap's place
+("stage:2 (3rd of 3 stage outputs) = `stage3`").  Layouts are discovered automatically
 (see `discover_layout`) unless the model class publishes ``kdzoo_taps``.  A dense model (a segmenter, whose last
 layer is a conv, not a Linear) also has ``"decoder:0"`` (the feature entering its classifier, as ``"penultimate"``)
 and ``"logits:0"`` (the classifier's output, before any upsampling to the image).

@@ -176,7 +176,7 @@ def _config_cases(command: str, config: Path, f: Files) -> list[Case]:
     return [
         case("missing config file", [command, f.work / "missing.yaml", "--run-dir", new], "missing.yaml"),
         case("config is a folder", [command, f.folder, "--run-dir", new], f.folder.name),
-        case("empty config file", [command, f.empty, "--run-dir", new], model),
+        case("empty config file", [command, f.empty, "--run-dir", new], f.empty.name, "empty"),
         case("binary config file", [command, f.binary, "--run-dir", new], f.binary.name),
         case("unreadable config (chmod 000)", [command, f.unreadable, "--run-dir", new], f.unreadable.name,
              unprivileged=True),
@@ -332,7 +332,7 @@ def bench_cases(f: Files) -> list[Case]:
         case("recipe preset without configs/", ["bench", "--preset", "cifar100-crd", "--configs",
                                                 f.work / "no-configs", "--dry-run"], "no-configs"),
         case("missing spec file", ["bench", "--config", f.work / "missing-spec.yaml"], "missing-spec.yaml"),
-        case("empty spec file", ["bench", "--config", f.empty, "--dry-run"], "methods"),
+        case("empty spec file", ["bench", "--config", f.empty, "--dry-run"], f.empty.name, "empty"),
         case("binary spec file", ["bench", "--config", f.binary, "--dry-run"], f.binary.name),
         case("unknown spec key", ["bench", "--config", spec_file("unknown", seedz=[1]), "--dry-run"], "seedz"),
         case("no seeds", [*dry, "seeds=[]"], "seeds"),
@@ -364,7 +364,7 @@ def cka_cases(f: Files) -> list[Case]:
     return [
         case("nonexistent run folder", ["cka", f.work / "no-such-run", "--out", out], "no-such-run"),
         case("folder without config.yaml", ["cka", f.folder, "--out", out], f.folder.name),
-        case("empty config", ["cka", f.empty, "--out", out], "student"),
+        case("empty config", ["cka", f.empty, "--out", out], f.empty.name, "empty"),
         case("binary config", ["cka", f.binary, "--out", out], f.binary.name),
         case("config without a teacher", ["cka", no_teacher, "--out", out], "teacher"),
         case("unknown kernel", [*base, "--kernels", "cosine"], "cosine"),

@@ -31,15 +31,18 @@ from ..condense.evaluate import EvalOptions, evaluate_synthetic
 from ..condense.run import run_condenser
 from ..config import RunConfig, load_config, save_config, to_dict
 from ..data import build_dataset
+from ..distiller import Distiller
 from ..engine.checkpoint import load_checkpoint
-from ..engine.rundir import run_lock
+from ..engine.rundir import SUMMARY, run_lock
 from ..engine.runtime import atomic_write, remove_stale_temporaries, resolve_device, seed_everything
 from ..errors import ConfigError
 from ..registry import DATASETS
 from ..runner import build_data, build_distiller, build_model, model_meta, teacher_run
 from ..runner.demo import labelled_subset
-from ..tasks.classification import FitOptions, fit_many
-from .spec import BenchSpec, Cell, TeacherJob, expand
+from ..tasks.classification import FitOptions, distillation_plan, fit_many, task_class
+from ..tasks.classification.plan import PLAN_FILE, epoch_option_warnings, warnings_section
+from .spec import (FINGERPRINT, BenchSpec, Cell, TeacherJob, expand, fingerprint, recorded_settings,
+                   settings_difference)
 
 RESULT = "result.json"
 CHECKPOINT = "checkpoint.pt"
@@ -57,6 +60,7 @@ class GridReport:
     teachers_trained: list[str] = field(default_factory=list)
     results: list[dict] = field(default_factory=list)  # every finished cell of the grid
     teachers: dict[str, dict] = field(default_factory=dict)  # pair -> teacher result
+    planned: list[dict] = field(default_factory=list)  # every (pair, method) of the grid, finished or not
 
 
 def read_result(run_dir: Path) -> Optional[dict]:
@@ -67,6 +71,43 @@ def read_result(run_dir: Path) -> Optional[dict]:
         return json.loads(path.read_text())
     except json.JSONDecodeError:  # cannot happen with atomic writes; a hand-edited file is redone
         return None
+
+
+def cell_results(cells: list[Cell]) -> list[dict]:
+    """The finished cells' results with what the table needs: the cell's labels and, when its run reported a
+    distillation term far above the cross-entropy, that report (summary.json's ``loss_balance``)."""
+    out = []
+    for cell in cells:
+        result = read_result(cell.run_dir)
+        if result is None:
+            continue
+        row = dict(result, pair=cell.pair, method=cell.method, seed=cell.seed, teacher=cell.teacher_name,
+                   student=cell.student_name)
+        balance = _summary(cell.run_dir).get("loss_balance")
+        if balance:
+            row["loss_balance"] = list(balance)
+        out.append(row)
+    return out
+
+
+def planned_rows(cells: list[Cell]) -> list[dict]:
+    """One entry per (pair, method) of the grid, in its order: its labels, and `baseline` for the student
+    trained alone (a cell without methods)."""
+    out: dict[tuple[str, str], dict] = {}
+    for cell in cells:
+        out.setdefault((cell.pair, cell.method), {
+            "pair": cell.pair, "method": cell.method, "teacher": cell.teacher_name, "student": cell.student_name,
+            "ipc": cell.condense["ipc"] if cell.condense else None,
+            "baseline": cell.config is not None and not cell.config.methods})
+    return list(out.values())
+
+
+def _summary(run_dir: Path) -> dict:
+    try:
+        data = json.loads((Path(run_dir) / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def write_result(run_dir: Path, result: dict) -> None:
@@ -147,6 +188,7 @@ def run_grid(spec: BenchSpec, out_dir: str | Path, *, parallel: int | str = "aut
         for job in teachers:
             if job.label in needed:
                 _train_teacher(job, report, say)
+        _warn_other_teacher(cells, teachers, say)
 
         if spec.kind == "condensation":
             for cell in pending:
@@ -155,9 +197,9 @@ def run_grid(spec: BenchSpec, out_dir: str | Path, *, parallel: int | str = "aut
             for group in _groups(pending, parallel):
                 _run_group(group, spec, teachers, report, say, on_step)
 
-        report.results = [dict(r, pair=c.pair, method=c.method, seed=c.seed, teacher=c.teacher_name,
-                               student=c.student_name) for c in cells if (r := read_result(c.run_dir)) is not None]
+        report.results = cell_results(cells)
         report.teachers = teacher_results(cells, teachers)
+        report.planned = planned_rows(cells)
         return report
 
 
@@ -178,16 +220,63 @@ def _teacher_done(job: TeacherJob) -> bool:
     return job.trained or (job.run_dir / "model.safetensors").is_file()
 
 
+def stale_teacher(job: TeacherJob) -> Optional[str]:
+    """Why the teacher already in the job's run directory (finished or half-done) is not this grid's teacher --
+    other settings, or none recorded -- or None (nothing there, or the same fingerprint)."""
+    if job.trained or not any((job.run_dir / name).is_file() for name in ("model.safetensors", CHECKPOINT)):
+        return None
+    return settings_difference(recorded_settings(job.run_dir), job.settings)
+
+
 def _train_teacher(job: TeacherJob, report: GridReport, say) -> None:
+    if job.note:
+        say(f"teacher {job.label}: {job.note}")
+    stale = stale_teacher(job)
+    if stale is not None:  # never reused silently: set aside (kept, not deleted) and trained again
+        aside = _free_name(job.run_dir)
+        job.run_dir.rename(aside)
+        say(f"teacher {job.label}: retraining: the teacher in {job.run_dir} is not this grid's, {stale}; "
+            f"it is kept in {aside}")
     if _teacher_done(job):
         return
 
     position = _checkpoint_position(job.run_dir)
-    say(f"teacher {job.label}: {'resuming at epoch %d' % position[0] if position else 'training'} -> {job.run_dir}")
     job.run_dir.mkdir(parents=True, exist_ok=True)
+    settings = job.settings
+    text = json.dumps({"fingerprint": fingerprint(settings), "settings": settings}, indent=1, default=str)
+    atomic_write(job.run_dir / FINGERPRINT, lambda tmp: tmp.write_text(text))
+    say(f"teacher {job.label}: {'resuming at epoch %d' % position[0] if position else 'training'} -> {job.run_dir}")
     result = teacher_run(job.config, job.run_dir, resume=position is not None, verbose=False)
     report.teachers_trained.append(job.label)
     say(f"teacher {job.label}: top-1 {result.last_top1:.2f}% (best {result.best_top1:.2f}%) in {result.seconds:.0f}s")
+
+
+def _teacher_fingerprint(cell: Cell, teachers: list[TeacherJob]) -> Optional[str]:
+    """The fingerprint of the teacher the bench trained for `cell` (None: no teacher, or given weights)."""
+    job = next((j for j in teachers if j.label == cell.teacher), None)
+    return fingerprint(job.settings) if job is not None and job.config is not None else None
+
+
+def _warn_other_teacher(cells: list[Cell], teachers: list[TeacherJob], say) -> None:
+    """One line per teacher whose finished cells recorded another teacher's fingerprint (it was retrained)."""
+    for job in teachers:
+        current = fingerprint(job.settings) if job.config is not None else None
+        older = [c.key for c in cells if c.teacher == job.label and current is not None
+                 and (r := read_result(c.run_dir)) is not None and r.get("teacher_fingerprint") not in (None, current)]
+        if older:
+            cells_were = "cells" if len(older) > 1 else "cell"
+            say(f"teacher {job.label}: {len(older)} finished {cells_were} ({', '.join(older[:3])}"
+                f"{', ...' if len(older) > 3 else ''}) {'were' if len(older) > 1 else 'was'} distilled from an "
+                "earlier teacher with other settings; remove their folders to train them again from this one")
+
+
+def _free_name(run_dir: Path) -> Path:
+    """``<run_dir>.replaced``, ``.replaced2``, ...: the first that does not exist."""
+    for count in range(1, 1000):
+        candidate = run_dir.with_name(f"{run_dir.name}.replaced{count if count > 1 else ''}")
+        if not candidate.exists():
+            return candidate
+    raise ConfigError(f"{run_dir}: too many replaced teachers beside it; remove some")
 
 
 def teacher_results(cells: list[Cell], teachers: list[TeacherJob]) -> dict[str, dict]:
@@ -237,6 +326,7 @@ def _run_group(group: list[Cell], spec: BenchSpec, teachers: list[TeacherJob], r
         distillers.append(build_distiller(cell.config, student_data, cell.run_dir,
                                           teacher=teacher if cell.config.teacher is not None else None))
         save_config(cell.config, cell.run_dir / "config.yaml")
+    _write_plans(group, distillers, data, teacher)
     metas = [model_meta(c.config.student, data, c.config.data) for c in group]
     started = time.perf_counter()
     results = fit_many(distillers, student_data, first.train, [c.run_dir for c in group], resume=resume,
@@ -247,7 +337,7 @@ def _run_group(group: list[Cell], spec: BenchSpec, teachers: list[TeacherJob], r
                   "last_top5": result.last_top5, "epochs": cell.config.train.epochs,
                   "seconds": wall / len(group), "group_size": len(group), "resumed": resume,
                   "teacher": cell.teacher_name, "student": cell.student_name,
-                  "train_images": len(student_data.train)}
+                  "train_images": len(student_data.train), "teacher_fingerprint": _teacher_fingerprint(cell, teachers)}
         write_result(cell.run_dir, record)
         (report.resumed if resume else report.trained).append(cell.key)
         say(f"  {cell.key}: last {result.last_top1:.2f}%  best {result.best_top1:.2f}%  ({wall / len(group):.1f}s)")
@@ -255,6 +345,26 @@ def _run_group(group: list[Cell], spec: BenchSpec, teachers: list[TeacherJob], r
         close = getattr(distiller, "close", None)
         if callable(close):
             close()
+
+
+def _write_plans(group: list[Cell], distillers: list, data, teacher) -> None:
+    """plan.md in each cell's run directory, as `kdzoo train` writes it (the layers each method compares, their
+    shapes, adapters and weights); the group's one teacher is scored on the test split once for all of them."""
+    if not any(isinstance(d, Distiller) for d in distillers):
+        return
+    score = task_class(data).score_model
+    teacher_score = None
+    if teacher is not None and data.test is not None:
+        teacher.to(resolve_device(group[0].config.train.device))  # where training puts it anyway
+        teacher_score = score(teacher, data.test)
+    for cell, distiller in zip(group, distillers):
+        if not isinstance(distiller, Distiller):
+            continue
+        teacher_name = cell.config.teacher.name if cell.config.teacher is not None else None
+        plan = distillation_plan(distiller, teacher_score if distiller.teacher is not None else None,
+                                 cell.config.student.name, teacher_name) + warnings_section(epoch_option_warnings(
+                                     [(m.name, m.options) for m in cell.config.methods], cell.config.train.epochs))
+        atomic_write(cell.run_dir / PLAN_FILE, lambda tmp, text=plan: tmp.write_text(text))
 
 
 def _run_condensation(cell: Cell, report: GridReport, say) -> None:
@@ -308,4 +418,5 @@ def aggregate(results: list[dict]) -> list[dict]:
     return rows
 
 
-__all__ = ["run_grid", "GridReport", "aggregate", "read_result", "teacher_results", "RESULT"]
+__all__ = ["run_grid", "GridReport", "aggregate", "read_result", "teacher_results", "cell_results", "planned_rows",
+           "stale_teacher", "RESULT"]

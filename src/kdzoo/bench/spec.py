@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -39,10 +40,16 @@ from typing import Any, Optional
 import yaml
 
 from ..config import RunConfig, TeacherConfig, apply_overrides, from_dict, read_yaml, to_dict
+from ..engine.rundir import RUN_CONFIG
 from ..errors import CheckpointError, ConfigError
 from ..models.weights import resolve_weights_path
+from ..runner.resume import RESUMABLE, flat_config
 
 KINDS = ("distillation", "condensation")
+FINGERPRINT = "fingerprint.json"  # in a bench teacher's run directory: the settings it was trained with
+# Keys that say where and how visibly a teacher ran, not what it learned (a resumed run may change them too);
+# the epochs and steps do change a finished teacher.
+NOT_SETTINGS = frozenset(k for k in RESUMABLE if k not in ("train.epochs", "train.steps")) | {"train.num_workers"}
 
 
 @dataclass
@@ -104,6 +111,11 @@ class TeacherJob:
     config: Optional[TeacherConfig]
     run_dir: Path
     trained: bool = False
+    note: Optional[str] = None  # why given weights were not used (printed when the teacher is trained)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return teacher_settings(self.config) if self.config is not None else {}
 
 
 @dataclass
@@ -210,7 +222,8 @@ def expand(spec: BenchSpec, out_dir: Path) -> tuple[list[TeacherJob], list[Cell]
             raw.pop("output_dir", None), raw.pop("name", None)
             job = None
             if raw.get("teacher"):
-                job = _teacher_job(raw["teacher"], teacher_raw, out_dir, teachers, cfg_where)
+                job = _teacher_job(raw["teacher"], teacher_raw, out_dir, teachers, cfg_where,
+                                   check_given="teacher_recipe" in pair)
                 raw["teacher"] = dict(raw["teacher"], weights=str(job.run_dir) if not job.trained
                                       else raw["teacher"]["weights"])
             for seed in spec.seeds:
@@ -282,29 +295,86 @@ def _with_sections(raw: dict, data_update: dict, train_update: dict, teacher_raw
 
 
 def _teacher_job(teacher: dict, teacher_raw: Optional[dict], out_dir: Path, jobs: dict[str, TeacherJob],
-                 where: str) -> TeacherJob:
-    """The teacher's weights if they exist (a trained recipe teacher), else a run under OUT/teachers/."""
+                 where: str, check_given: bool) -> TeacherJob:
+    """The teacher's weights if they exist (a trained recipe teacher; with `check_given`, only when their run
+    recorded this teacher's settings), else a run under OUT/teachers/."""
     weights = teacher.get("weights")
+    config = None
+    if teacher_raw is not None:
+        try:
+            config = from_dict(TeacherConfig, teacher_raw)
+            config.validate()
+        except ConfigError as err:
+            raise ConfigError(f"{where} teacher: {err}") from None
+    note = None
     if weights:
         try:
-            resolve_weights_path(weights)
+            found = resolve_weights_path(weights)
+        except CheckpointError:  # no weights there yet: the bench trains the teacher
+            found = None
+        # Weights a recipe points at (runs/cifar100/teachers/...) may have been trained with other settings
+        # than this grid's teacher: they are used only when their recorded settings are the same.
+        why_not = (settings_difference(recorded_settings(found.parent if found.is_file() else found),
+                                       teacher_settings(config))
+                   if found is not None and check_given and config is not None else None)
+        if found is not None and why_not is None:
             label = f"{model_label(teacher)}@{weights}"
             return jobs.setdefault(label, TeacherJob(label, None, Path(weights), trained=True))
-        except CheckpointError:  # no weights there yet: the bench trains the teacher
-            pass
-    if teacher_raw is None:
+        if why_not is not None:
+            note = f"not using the teacher in {weights}: {why_not}"
+    if config is None:
         raise ConfigError(f"{where}: the teacher has no weights and no recipe to train it")
-    try:
-        config = from_dict(TeacherConfig, teacher_raw)
-        config.validate()
-    except ConfigError as err:
-        raise ConfigError(f"{where} teacher: {err}") from None
     label = model_label(teacher)
     text = yaml.safe_dump(to_dict(config), sort_keys=True)
     existing = jobs.get(label)
     if existing is not None and yaml.safe_dump(to_dict(existing.config), sort_keys=True) != text:
         label = f"{label}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"  # same model, another recipe
-    return jobs.setdefault(label, TeacherJob(label, config, out_dir / "teachers" / label))
+    job = jobs.setdefault(label, TeacherJob(label, config, out_dir / "teachers" / label))
+    job.note = job.note or note
+    return job
+
+
+def teacher_settings(config: TeacherConfig) -> dict[str, Any]:
+    """What a teacher learned from, flat (``{"train.lr": 0.05, ...}``, defaults filled in): its config without
+    where it was written, where the data was read from or how visibly it ran."""
+    return {k: v for k, v in flat_config(config).items() if k not in NOT_SETTINGS}
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """A short hash of a teacher's settings (`teacher_settings`)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def recorded_settings(run_dir: Path) -> Optional[dict[str, Any]]:
+    """The settings a teacher's run directory says it was trained with: the bench's ``fingerprint.json``, else
+    the ``config.yaml`` every `kdzoo teacher` run writes; None when neither can be read."""
+    try:
+        return json.loads((Path(run_dir) / FINGERPRINT).read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        return teacher_settings(from_dict(TeacherConfig, read_yaml(Path(run_dir) / RUN_CONFIG)))
+    except (OSError, ConfigError):
+        return None
+
+
+def settings_difference(recorded: Optional[dict[str, Any]], wanted: dict[str, Any]) -> Optional[str]:
+    """None when a teacher trained with `recorded` settings is the one `wanted` describes, else why not
+    (the first keys that differ, old -> new)."""
+    if recorded is None:
+        return "there is no record of the settings it was trained with (no fingerprint.json or config.yaml)"
+    if fingerprint(recorded) == fingerprint(wanted):
+        return None
+    missing = object()
+    changed = [k for k in dict.fromkeys([*recorded, *wanted]) if recorded.get(k, missing) != wanted.get(k, missing)]
+    shown = ", ".join(f"{k} {_show(recorded.get(k))} -> {_show(wanted.get(k))}" for k in changed[:3])
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    return f"it was trained with other settings ({shown}{more})"
+
+
+def _show(value: Any) -> str:
+    text = "(unset)" if value is None else str(value)
+    return text if len(text) <= 30 else text[:27] + "..."
 
 
 def _condensation_cells(spec: BenchSpec, out_dir: Path) -> list[Cell]:
@@ -327,4 +397,5 @@ def _condensation_cells(spec: BenchSpec, out_dir: Path) -> list[Cell]:
     return cells
 
 
-__all__ = ["BenchSpec", "Cell", "TeacherJob", "load_spec", "expand", "select", "model_label", "pair_name"]
+__all__ = ["BenchSpec", "Cell", "TeacherJob", "load_spec", "expand", "select", "model_label", "pair_name",
+           "teacher_settings", "fingerprint", "recorded_settings", "settings_difference", "FINGERPRINT"]

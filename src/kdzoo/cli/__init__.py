@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += overrides
         extra = [e for e in extra if e not in overrides]
     if extra:
-        command = f"kdzoo {args.command}" if getattr(args, "command", None) else "kdzoo"
+        command = command_name(args)
         print(f"{command}: error: unrecognized arguments: {' '.join(extra)} (see {command} --help)", file=sys.stderr)
         return 2
     if not getattr(args, "command", None):
@@ -57,30 +57,38 @@ def main(argv: list[str] | None = None) -> int:
         _discard_stdout()
         return 0
     except Interrupted as err:  # SIGTERM / SIGINT: the run saved its checkpoint and stopped
-        print(f"kdzoo {args.command}: {_one_line(str(err))}; {continue_hint(args)}", file=sys.stderr)
+        print(f"{command_name(args)}: {_one_line(str(err))}; {continue_hint(args)}", file=sys.stderr)
         return EXIT_STATUS.get(err.signal_number, 128 + err.signal_number)
     except (KdzooError, OSError) as err:
         if debug:
             raise
         message = str(err) if isinstance(err, KdzooError) else os_error_message(err)
-        print(f"kdzoo {args.command}: error: {_one_line(message)}", file=sys.stderr)
+        print(f"{command_name(args)}: error: {_one_line(message)}", file=sys.stderr)
         return 2
     except RuntimeError as err:
         message = peer_failure_message(err)
         if message is None or debug:
             raise
-        print(f"kdzoo {args.command}: error: {message}", file=sys.stderr)
+        print(f"{command_name(args)}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"kdzoo {args.command}: interrupted; the last checkpoint (if any) is intact; {continue_hint(args)}",
+        print(f"{command_name(args)}: interrupted; the last checkpoint (if any) is intact; {continue_hint(args)}",
               file=sys.stderr)
         return 130
     except Exception as err:  # a safetensors write that hit a full disk (not an OSError) names no file
         converted = safetensors_os_error(err)
         if converted is None or debug:
             raise
-        print(f"kdzoo {args.command}: error: writing weights failed: {os_error_message(converted)}", file=sys.stderr)
+        print(f"{command_name(args)}: error: writing weights failed: {os_error_message(converted)}", file=sys.stderr)
         return 2
+
+
+def command_name(args) -> str:
+    """``kdzoo lm eval``: the command and, for a command with subcommands, the subcommand, as argparse names them."""
+    if not getattr(args, "command", None):
+        return "kdzoo"
+    sub = getattr(args, f"{args.command}_command", None)
+    return f"kdzoo {args.command}" + (f" {sub}" if isinstance(sub, str) else "")
 
 
 def continue_hint(args) -> str:

@@ -86,7 +86,9 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=2, help="scoring batches (default 2)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the candidates' initialisation and of the search")
-    p.add_argument("--bench", default=None, help="a kdzoo bench output directory: rank correlation with its results")
+    p.add_argument("--bench", default=None,
+                   help="kdzoo bench output directories, comma-separated: rank correlation with their results "
+                        "(3 or more students of this teacher needed)")
     p.add_argument("--bench-method", default="kd", help="which bench method's top-1 to correlate with (default kd)")
     p.add_argument("--csv", default=None, help="also write the ranking to this CSV file")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -132,6 +134,9 @@ def _teacher_and_data(args):
         model_cfg.weights = str(target)
         if not args.data:
             data_raw = raw.get("data", data_raw)
+    elif "/" in args.teacher or target.suffix:  # a path, not a zoo name: say so rather than "unknown model"
+        raise ConfigError(f"--teacher {args.teacher}: no such run directory (a kdzoo teacher or kdzoo bench teacher "
+                          "run, e.g. runs/bench/quick/teachers/cnn_width32, or a zoo name such as cifar:resnet56)")
     else:
         model_cfg = ModelConfig(args.teacher, args.teacher_weights)
         if not args.teacher_weights:
@@ -195,7 +200,8 @@ def cmd_search(args) -> int:
                   f"Spearman {corr['spearman']:+.3f}, Kendall {corr['kendall']:+.3f}")
         else:
             print(f"rank correlation: only {len(matched)} candidates have {args.bench_method} results in "
-                  f"{args.bench} for teacher {teacher_label} (3 needed)")
+                  f"{args.bench} for teacher {teacher_label} (3 needed): run kdzoo bench with more students of "
+                  f"this teacher and pass its folder too (--bench {args.bench},OTHER)")
     if args.csv:
         out = io.StringIO()
         csv.writer(out).writerows(rows)
@@ -205,16 +211,19 @@ def cmd_search(args) -> int:
     return 0
 
 
-def _bench_top1(bench_dir: str, teacher_label: str, method: str) -> dict[str, float]:
-    """student label -> mean last-epoch top-1 of `method` with this teacher, from a bench's results.csv."""
-    path = Path(bench_dir) / "results.csv"
-    if not path.is_file():
-        raise ConfigError(f"--bench {bench_dir}: no results.csv (run kdzoo bench there first)")
-    out = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            if row["method"] == method and row["teacher"].split(":")[-1] == teacher_label and row["last_top1_mean"]:
-                out[row["student"].split(":")[-1]] = float(row["last_top1_mean"])
+def _bench_top1(bench_dirs: str, teacher_label: str, method: str) -> dict[str, float]:
+    """student label -> mean last-epoch top-1 of `method` with this teacher, from the results.csv of every bench
+    folder in `bench_dirs` (comma-separated; a student found in several keeps the first folder's number)."""
+    out: dict[str, float] = {}
+    for bench_dir in filter(None, (d.strip() for d in bench_dirs.split(","))):
+        path = Path(bench_dir) / "results.csv"
+        if not path.is_file():
+            raise ConfigError(f"--bench {bench_dir}: no results.csv (run kdzoo bench there first)")
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if (row["method"] == method and row["teacher"].split(":")[-1] == teacher_label
+                        and row["last_top1_mean"]):
+                    out.setdefault(row["student"].split(":")[-1], float(row["last_top1_mean"]))
     return out
 
 

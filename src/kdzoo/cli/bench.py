@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..bench.harness import GridReport, parallel_count, read_result, run_grid, teacher_results
+from ..bench.harness import (GridReport, cell_results, parallel_count, planned_rows, read_result, run_grid,
+                             stale_teacher, teacher_results)
 from ..bench.presets import PRESETS, preset
 from ..bench.report import write_tables
 from ..bench.spec import expand, load_spec, select
@@ -61,21 +62,23 @@ def cmd_bench(args) -> int:
         teachers, cells = expand(spec, out)
         if args.dry_run:
             for job in teachers:
-                state = "given" if job.trained else ("done" if (job.run_dir / "model.safetensors").is_file() else "to train")
-                print(f"teacher {job.label}: {job.run_dir} ({state})")
+                stale = stale_teacher(job)
+                state = ("given" if job.trained else f"to train again: {stale}" if stale is not None
+                         else "done" if (job.run_dir / "model.safetensors").is_file() else "to train")
+                print(f"teacher {job.label}: {job.run_dir} ({state})" + (f"; {job.note}" if job.note else ""))
             for cell in cells:
                 print(f"cell {cell.key}: {cell.run_dir} ({'done' if read_result(cell.run_dir) else 'to run'})")
             print(f"{len(teachers)} teachers, {len(cells)} cells")
             return 0
-        results = [dict(r, pair=c.pair, method=c.method, seed=c.seed, teacher=c.teacher_name, student=c.student_name)
-                   for c in cells if (r := read_result(c.run_dir)) is not None]
-        report = GridReport(out, results=results, teachers=teacher_results(cells, teachers))
+        report = GridReport(out, results=cell_results(cells), teachers=teacher_results(cells, teachers),
+                            planned=planned_rows(cells))
     else:
         report = run_grid(spec, out, parallel=args.parallel, device=args.device, progress=args.progress)
-    text, _ = write_tables(spec, report, out)
+    text, rows = write_tables(spec, report, out)
     print()
     print(text)
-    print(f"tables: {out / 'results.md'}, {out / 'results.csv'}; chart: {out / 'results.png'}")
+    chart = f"; chart: {out / 'results.png'}" if any(r["last_mean"] is not None for r in rows) else ""
+    print(f"tables: {out / 'results.md'}, {out / 'results.csv'}{chart}")
     return 0
 
 

@@ -18,9 +18,11 @@ from typing import Optional, Sequence
 import torch
 
 from ..condense.base import SyntheticSet, build_condenser, check_iterations
-from ..condense.ddranking import CLI_OPTIONS as DDRANKING_OPTIONS, DDRankingOptions, ddranking_scores, format_ddranking
+from ..condense.ddranking import (CLI_OPTIONS as DDRANKING_OPTIONS, DDRankingOptions, ddranking_scores,
+                                  format_ddranking, random_real_baseline)
 from ..condense.krrst import TransferOptions, format_transfer, transfer_accuracy
-from ..condense.evaluate import EvalOptions, evaluate_synthetic, format_results, published_accuracy
+from ..condense.evaluate import (EvalOptions, evaluate_synthetic, format_results, full_data_accuracy,
+                                 published_accuracy)
 from ..condense.run import run_condenser
 from ..config import apply_overrides
 from ..data import build_dataset
@@ -55,7 +57,9 @@ def add_condense_parser(subparsers) -> argparse.ArgumentParser:
 
 
 DESCRIPTION = ("Learn IPC synthetic images per class with a dataset-distillation method, save them (safetensors + "
-               "PNG grid), then train fresh networks on them and report test accuracy beside the published number.")
+               "PNG grid), then train fresh networks on them and report test accuracy beside random real images "
+               "(the same number per class, the same protocol; --no-baseline skips them), the full training set "
+               "(where a number is published) and the method's published number.")
 EPILOG = ("A method's options with their defaults: kdzoo condense METHOD --help-options (None: the authors' "
           "value for the dataset and IPC).  The set is saved in pixel space with the normalisation or ZCA "
           "whitening it was distilled in; for the CIFAR-10 JPEG copy (--dataset imagefolder) pass normalize=cifar10 "
@@ -71,6 +75,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--num-eval", type=int, default=20, help="fresh networks per evaluated architecture (default 20)")
     p.add_argument("--no-eval", action="store_true", help="only distil; skip the evaluation")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the random-real baseline (as many networks again, each on random real images)")
     p.add_argument("--protocol", choices=("accuracy", "ddranking"), default="accuracy",
                    help="accuracy: test accuracy of fresh networks (default); ddranking: DD-Ranking's HLR, IOR and "
                         "label-robust score beside it (--num-eval rounds)")
@@ -179,12 +185,17 @@ def _condense(args, hold: contextlib.ExitStack) -> int:
     eval_options.setdefault("num_models", args.num_eval)
     results = evaluate_synthetic(synthetic, data, EvalOptions(**eval_options), device=args.device,
                                  progress=not args.quiet)
+    # the accuracy alone says little: random real images of the same count under the same protocol beside it
+    random_real = None if args.no_baseline else random_real_baseline(
+        synthetic, data, EvalOptions(**eval_options), device=args.device, progress=not args.quiet)
     report = {"method": args.method, "dataset": args.dataset, "ipc": args.ipc,
               "published": published_accuracy(args.method, args.dataset, args.ipc),
-              "results": {name: r.to_dict() for name, r in results.items()}}
+              "results": {name: r.to_dict() for name, r in results.items()},
+              "random_real": {name: r.to_dict() for name, r in random_real.items()} if random_real else None,
+              "full_data": {name: full_data_accuracy(args.dataset, name) for name in results}}
     text = json.dumps(report, indent=1)
     atomic_write(out / "evaluation.json", lambda tmp: tmp.write_text(text))
-    print(format_results(results, args.method, args.dataset, args.ipc))
+    print(format_results(results, args.method, args.dataset, args.ipc, random_real))
     return 0
 
 

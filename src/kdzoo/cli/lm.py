@@ -17,14 +17,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import from_dict, load_config, read_yaml
-from ..engine.rundir import RUN_CONFIG
+from ..config import load_config
 from ..engine.runtime import is_main_process, resolve_device, seed_everything
 from ..errors import ConfigError
 from ..registry import LM_LOSSES
 from ..runner import run_lm
 from ..tasks.lm.cache import open_offline_cache
-from ..tasks.lm.config import LMModelConfig, LMRunConfig
+from ..tasks.lm.config import LMModelConfig, LMRunConfig, read_run_config
 from ..tasks.lm.draft_head import (benchmark_feature_draft, is_feature_draft, lm_head_digest, load_feature_draft,
                                    time_speculative)
 from ..tasks.lm.metrics import evaluate_lm
@@ -146,20 +145,23 @@ def cmd_lm_cache(args) -> int:
     return 0
 
 
-def _run_config(run_dir: Path) -> LMRunConfig:
-    path = Path(run_dir) / RUN_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: not a kdzoo lm run directory (no config.yaml)")
-    return from_dict(LMRunConfig, read_yaml(path), str(path))
+def _vocabulary(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
 
 
 def cmd_lm_eval(args) -> int:
-    cfg = _run_config(Path(args.run))
-    data = load_data(cfg, Path(args.run))
+    if args.batches < 0:
+        raise ConfigError(f"--batches: must be >= 0 (0: all), got {args.batches}")
+    cfg = read_run_config(args.run)
     device = resolve_device(args.device)
+    data = load_data(cfg, Path(args.run))
     model, _ = load_trained(args.run, data.tokenizer)
     teacher_spec = LMModelConfig(name=args.teacher) if args.teacher else cfg.teacher
-    teacher = make_model(teacher_spec, data.tokenizer, False, "teacher").to(device) if teacher_spec else None
+    where = "--teacher" if args.teacher else "teacher"
+    teacher = make_model(teacher_spec, data.tokenizer, False, where).to(device) if teacher_spec else None
+    if teacher is not None and _vocabulary(teacher) != _vocabulary(model):
+        raise ConfigError(f"{where} {teacher_spec.name or teacher_spec.arch!r}: its vocabulary ({_vocabulary(teacher)})"
+                          f" differs from the model's ({_vocabulary(model)}); KL and agreement need the same tokenizer")
     result = evaluate_lm(model.to(device), data.val, teacher, batch_size=cfg.train.batch_size // cfg.train.grad_accum,
                          max_batches=args.batches, device=device, prompt_len=cfg.data.prompt_len)
     line = f"{args.run}: held-out perplexity {result['ppl']:.3f} ({result['tokens']} tokens)"
@@ -169,14 +171,30 @@ def cmd_lm_eval(args) -> int:
     return 0
 
 
+SPECULATE_COUNTS = ("prompts", "prompt_len", "new_tokens", "draft_tokens", "repeats")
+
+
 def cmd_lm_speculate(args) -> int:
-    cfg = _run_config(Path(args.target))
-    data = load_data(cfg, Path(args.target))
+    for key in SPECULATE_COUNTS:
+        if getattr(args, key) < 1:
+            raise ConfigError(f"--{key.replace('_', '-')}: must be >= 1, got {getattr(args, key)}")
+    cfg = read_run_config(args.target)
     device = resolve_device(args.device)
-    target, tokenizer = load_trained(args.target, data.tokenizer)
-    target.to(device)
+    data = load_data(cfg, Path(args.target))
     if args.prompt_len >= data.val.input_ids.shape[1]:
         raise ConfigError(f"--prompt-len {args.prompt_len} must be shorter than the rows ({data.val.input_ids.shape[1]})")
+    target, tokenizer = load_trained(args.target, data.tokenizer)
+    target.to(device)
+    drafts = []  # every draft loaded (and checked) before any timing
+    for path in args.drafts:
+        if is_feature_draft(path):
+            drafts.append((path, load_feature_draft(path, target).to(device)))
+            continue
+        draft, _ = load_trained(path, tokenizer)
+        if _vocabulary(draft) != _vocabulary(target):
+            raise ConfigError(f"{path}: the draft's vocabulary ({_vocabulary(draft)}) differs from the target's "
+                              f"({_vocabulary(target)}); a draft must share the target's tokenizer")
+        drafts.append((path, draft.to(device)))
     prompts = [data.val.input_ids[i:i + 1, :args.prompt_len].to(device)
                for i in range(min(args.prompts, len(data.val)))]
     baseline, _ = time_generation(target, prompts, args.new_tokens, repeats=args.repeats)
@@ -185,9 +203,9 @@ def cmd_lm_speculate(args) -> int:
           "target's own); same: share of outputs identical to the target's alone")
     print(f"{'draft':<40} {'accept':>7} {'acc. len':>8} {'seconds':>8} {'speed-up':>8} {'same':>5}")
     own_loop = None  # the target alone in the feature heads' loop, timed once
-    for path in args.drafts:
+    for path, draft in drafts:
         if is_feature_draft(path):
-            head = load_feature_draft(path, target).to(device)
+            head = draft
             if head.meta.get("target_digest") not in (None, lm_head_digest(target)):
                 print(f"note: {path} was trained for another target ({head.meta.get('target')})")
             if own_loop is None:
@@ -197,9 +215,8 @@ def cmd_lm_speculate(args) -> int:
                                           own_loop)
             label = f"{path} (feature head)"
         else:
-            draft, _ = load_trained(path, tokenizer)
             with torch.no_grad():
-                row = benchmark_draft(target, draft.to(device), prompts, args.new_tokens, args.draft_tokens,
+                row = benchmark_draft(target, draft, prompts, args.new_tokens, args.draft_tokens,
                                       args.repeats, baseline)
             label = path
         print(f"{label:<40} {row['acceptance_rate']:>7.3f} {row['tokens_per_target_call']:>8.2f} "

@@ -7,14 +7,13 @@ and the same sampling seed.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
-from ..config import from_dict, read_yaml
-from ..engine.rundir import RUN_CONFIG
 from ..engine.runtime import resolve_device, seed_everything
 from ..errors import ConfigError
 from ..tasks.lm.arithmetic import arithmetic_problems, is_arithmetic_corpus, parse_spec
-from ..tasks.lm.config import LMRunConfig
+from ..tasks.lm.config import read_run_config
 from ..tasks.lm.models import load_trained, require_transformers
 from ..tasks.lm.passk import evaluate_pass_at_k
 
@@ -43,24 +42,35 @@ def add_passk_parser(lm_subparsers) -> argparse.ArgumentParser:
 
 def run_corpus(run_dir: Path) -> str:
     """The ``data.corpus`` a kdzoo lm run was trained on."""
-    path = Path(run_dir) / RUN_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: not a kdzoo lm run directory (no {RUN_CONFIG}); give --corpus for others")
-    return from_dict(LMRunConfig, read_yaml(path), str(path)).data.corpus
+    return read_run_config(run_dir, "; give --corpus for others").data.corpus
+
+
+def check_options(args) -> None:
+    """The numbers of the command line, before any model is loaded."""
+    for key in ("problems", "samples", "max_new_tokens"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{key.replace('_', '-')}: must be >= 1, got {value}")
+    if any(not 1 <= k <= args.samples for k in args.k):
+        raise ConfigError(f"--k: every k must lie in 1..--samples ({args.samples}), got {args.k}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"--temperature: must be a finite number >= 0 (0: greedy), got {args.temperature}")
 
 
 def passk_rows(args) -> list[tuple[str, dict[int, float]]]:
     """(run, {k: pass@k}) for each run of the parsed arguments."""
     require_transformers()
-    if args.problems < 1:
-        raise ConfigError(f"--problems: must be >= 1, got {args.problems}")
+    check_options(args)
     device = resolve_device(args.device)
-    rows = []
+    corpora = {}  # every run's problems known before any model is loaded
     for run in args.runs:
         corpus = args.corpus or run_corpus(Path(run))
         if not is_arithmetic_corpus(corpus):
             raise ConfigError(f"{run}: trained on corpus {corpus!r}, not arithmetic; give --corpus arithmetic[:...]")
-        problems = arithmetic_problems(args.split, args.problems, parse_spec(corpus))
+        corpora[run] = parse_spec(corpus)
+    rows = []
+    for run in args.runs:
+        problems = arithmetic_problems(args.split, args.problems, corpora[run])
         max_new = args.max_new_tokens or max(len(answer) for _, answer in problems) + 2
         model, tokenizer = load_trained(run)
         seed_everything(args.seed)

@@ -60,7 +60,7 @@ from ..errors import ConfigError
 from ..registry import NonNegativeInt, Positive, PositiveInt, UnitInterval
 from .augment import DSA, DSA_STRATEGY
 from .base import EvalProtocol, SyntheticSet, build_network
-from .evaluate import EvalOptions, accuracy, evaluate_synthetic, train_networks
+from .evaluate import EvalOptions, EvalResult, accuracy, evaluate_synthetic, train_networks
 from .observer import has_saved_teacher, observer_from_meta, soft_targets
 from .soft_labels import HOLDOUT_FRACTION, committee_members, vote
 from .space import pixel_tensors, split_tensors
@@ -394,6 +394,45 @@ def ddranking_scores(synthetic: SyntheticSet, data, options: Optional[DDRankingO
                           {k: v[name] for k, v in no_augment.items()}, options) for name in models}
 
 
+def random_real_baseline(synthetic: SyntheticSet, data, evaluation: EvalOptions, *, seed: int = 0,
+                         device: str = "auto", progress: bool = False) -> dict[str, EvalResult]:
+    """Random real images beside a synthetic set, for `kdzoo condense`'s table: `evaluation.num_models` fresh
+    random subsets of the training split (as many images per class as the set, `_random_subject`), one network
+    each, trained and tested under the set's own protocol (epochs, augmentation, architectures, a teacher that
+    relabels every batch) -- DD-Ranking's IOR baseline without its learning-rate search.  Labels: the teacher's
+    soft labels when the set has one, else hard labels (also for a soft set without a saved teacher, whose
+    committee would have to be trained again: the published random-real rows use hard labels too).  Seeded by
+    `seed`, the global random state left as it was.  Per architecture one `EvalResult` (mean, population std)."""
+    torch_device = resolve_device(device)
+    num_classes = synthetic.meta.get("num_classes", data.num_classes)
+    labeller = teacher_labeller(synthetic, torch_device) if synthetic.soft else None
+    mode = evaluation.teacher_labels or synthetic.meta.get("eval", {}).get("teacher_labels", "none")
+    if mode == "static" and labeller is None:  # stored soft labels mixed with inputs: hard subsets cannot
+        evaluation = dataclasses.replace(evaluation, teacher_labels="none")
+    if synthetic.soft and len(synthetic.labels) % num_classes:
+        per_class = torch.bincount(synthetic.labels.argmax(1), minlength=num_classes)
+    else:
+        per_class = torch.bincount(class_major_hard_labels(synthetic, num_classes), minlength=num_classes)
+    one_each = dataclasses.replace(evaluation, num_models=1)
+    found: dict[str, list[EvalResult]] = {}
+    devices = [torch_device] if torch_device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        real = _train_split(synthetic, data)  # reading a generated split may draw random numbers
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(evaluation.num_models):
+            subject = _random_subject(synthetic, real, per_class, generator, labeller)
+            for name, result in evaluate_synthetic(subject, data, one_each, device=str(torch_device),
+                                                   progress=progress).items():
+                found.setdefault(name, []).append(result)
+    merged = {}
+    for name, runs in found.items():
+        accuracies = [a for r in runs for a in r.accuracies]
+        mean, std = mean_std(accuracies)
+        merged[name] = EvalResult(name, accuracies, mean, std, runs[0].epochs, runs[0].lr, sum(r.seconds for r in runs))
+    return merged
+
+
 def _per_round(subjects: list[SyntheticSet], evaluation: EvalOptions, grid, run: _Run) -> dict[str, list[float]]:
     """One network per random subset (one subset per round), per architecture."""
     found: dict[str, list[float]] = {}
@@ -436,5 +475,6 @@ def format_ddranking(scores: dict[str, DDRankingScores], method: str, dataset: s
 
 __all__ = ["hard_label_recovery", "improvement_over_random", "label_robust_score", "augmentation_robust_score",
            "normalised_score", "mean_std", "class_major_hard_labels", "random_real_subset", "DDRankingOptions",
-           "DDRankingScores", "ddranking_scores", "real_hard_accuracy", "committee_labeller", "format_ddranking",
+           "DDRankingScores", "ddranking_scores", "random_real_baseline", "real_hard_accuracy", "committee_labeller",
+           "format_ddranking",
            "REFERENCE_LR_GRID", "CLI_OPTIONS"]

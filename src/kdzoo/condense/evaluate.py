@@ -40,6 +40,10 @@ PUBLISHED_CIFAR10 = {
     "datm": {1: 46.9, 10: 66.8, 50: 76.1},
 }
 
+# The same networks trained on the whole training split ("Whole Dataset" row of DC, Zhao et al. 2021, Table 1; DM,
+# Zhao & Bilen 2023, Table 1), ConvNet-3, test accuracy %: the ceiling a condensed set is read against.
+PUBLISHED_FULL_DATA = {"cifar10": 84.8, "cifar100": 56.2}
+
 
 # Evaluation modes whose students train their own way from the teacher (NRR-DD's "dbr"), registered by the method
 # that defines them: trainer(networks, images, labels, settings, teacher, crops, temperature, progress) -> stack.
@@ -60,6 +64,12 @@ def published_accuracy(method: str, dataset: str, ipc: int) -> Optional[float]:
     if dataset.lower() != "cifar10":
         return None
     return PUBLISHED_CIFAR10.get(method, {}).get(ipc)
+
+
+def full_data_accuracy(dataset: str, model: str) -> Optional[float]:
+    """The published full-training-set accuracy of `model` on `dataset` (%), or None when none is known (only
+    ConvNet-3 on CIFAR-10/100)."""
+    return PUBLISHED_FULL_DATA.get(dataset.lower()) if model.startswith("convnet:") else None
 
 
 @dataclass(frozen=True)
@@ -328,13 +338,21 @@ def evaluate_synthetic(synthetic: SyntheticSet, data, options: Optional[EvalOpti
     return results
 
 
-def format_results(results: dict[str, EvalResult], method: str, dataset: str, ipc: int) -> str:
-    """A plain-text table of our accuracy beside the published one (ConvNet-3 rows only)."""
+def format_results(results: dict[str, EvalResult], method: str, dataset: str, ipc: int,
+                   random_real: Optional[dict[str, EvalResult]] = None) -> str:
+    """A plain-text table of our accuracy beside what it should be read against: random real images (the same
+    number per class under the same protocol, `ddranking.random_real_baseline`; "-" when not run), the whole
+    training split (published, ConvNet-3 rows only; "not measured" otherwise) and the method's published number."""
     published = published_accuracy(method, dataset, ipc)
-    rows = [("method", "dataset", "ipc", "model", "networks", "epochs", "accuracy %", "published %")]
+    rows = [("method", "dataset", "ipc", "model", "networks", "epochs", "accuracy %", "random real %", "full data %",
+             "published %")]
     for name, r in results.items():
         paper = f"{published:.1f}" if published is not None and name.startswith("convnet:") else "-"
+        baseline = (random_real or {}).get(name)
+        random_text = f"{baseline.mean:.2f} ± {baseline.std:.2f}" if baseline is not None else "-"
+        full = full_data_accuracy(dataset, name)
         rows.append((method, dataset, str(ipc), name, str(len(r.accuracies)), str(r.epochs),
-                     f"{r.mean:.2f} ± {r.std:.2f}", paper))
+                     f"{r.mean:.2f} ± {r.std:.2f}", random_text, f"{full:.1f}" if full is not None else "not measured",
+                     paper))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)

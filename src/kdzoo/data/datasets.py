@@ -83,7 +83,14 @@ def labels_of(dataset: Dataset) -> torch.Tensor:
 def digits(test_fraction: Fraction = 0.25, split_seed: int = 0, image_size: PositiveInt = 8,
            imbalance_factor: ImbalanceFactor = 1.0) -> DataSplits:
     """Real 8x8 grey-scale digits shipped inside scikit-learn: no download.  `imbalance_factor` (every labelled
-    dataset has it): a long-tailed training split, see `kdzoo.data.longtail`."""
+    dataset has it): a long-tailed training split, see `kdzoo.data.longtail`.
+
+    Options:
+        test_fraction: share of the 1797 images held out as the test split (drawn at random by split_seed)
+        split_seed: seed of the random train/test split (the same seed, the same split)
+        image_size: height and width the 8x8 images are resized to (bilinear; 8 keeps them as they are)
+        imbalance_factor: a long-tailed training split (largest class / smallest class; 1: as it is)
+    """
     bunch = sklearn_datasets.load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     if image_size != 8:
@@ -103,7 +110,18 @@ def digits(test_fraction: Fraction = 0.25, split_seed: int = 0, image_size: Posi
 def synthetic(num_classes: PositiveInt = 10, image_size: PositiveInt = 32, channels: PositiveInt = 3,
               train_size: PositiveInt = 512, test_size: PositiveInt = 256, noise: NonNegative = 0.5,
               seed: int = 0, imbalance_factor: ImbalanceFactor = 1.0) -> DataSplits:
-    """Each class is a smooth random prototype image; samples add Gaussian noise.  Learnable, tiny."""
+    """Each class is a smooth random prototype image; samples add Gaussian noise.  Learnable, tiny.
+
+    Options:
+        num_classes: number of classes (one prototype image each)
+        image_size: height and width of the images
+        channels: channels of the images (3: RGB-like, 1: grey-scale)
+        train_size: images in the training split
+        test_size: images in the test split
+        noise: standard deviation of the Gaussian noise added to each sample's prototype (larger: harder)
+        seed: seed of the prototypes and the samples (the same seed, the same data)
+        imbalance_factor: a long-tailed training split (largest class / smallest class; 1: balanced)
+    """
     g = torch.Generator().manual_seed(seed)
     coarse = torch.randn(num_classes, channels, 4, 4, generator=g)
     prototypes = torch.nn.functional.interpolate(coarse, size=image_size, mode="bilinear", align_corners=False)
@@ -183,7 +201,18 @@ def cifar10(root: str = "data", download: bool = False, augment: bool = True, ca
             resident: Union[Literal["auto", "true", "false"], bool] = "auto",
             imbalance_factor: ImbalanceFactor = 1.0, rand_augment: Union[bool, str] = False) -> DataSplits:
     """torchvision's CIFAR-10 (python pickles under ROOT/cifar-10-batches-py), decoded once into the cache;
-    ``imbalance_factor: 100`` is CIFAR-10-LT."""
+    ``imbalance_factor: 100`` is CIFAR-10-LT.
+
+    Options:
+        root: the folder holding cifar-10-batches-py
+        download: fetch the dataset into root when it is missing (needs internet)
+        augment: random crop (padding 4) and horizontal flip of the training images
+        cache_dir: where decoded images are cached (default ~/.cache/kdzoo)
+        resident: keep the decoded images on the training device (auto: when they fit)
+        imbalance_factor: a long-tailed training split (largest class / smallest class; 100: CIFAR-10-LT)
+        rand_augment: RandAugment on each training image after the crop and flip: true (2 operations at
+            magnitude 9, DeiT's), false, or "n<ops>-m<magnitude>"
+    """
     parse_rand_augment(rand_augment)  # a bad value fails before decoding
     release = CifarRelease("CIFAR10", "cifar10", CIFAR10_MEAN, CIFAR10_STD,
                            hint="; offline, the JPEG copy in shared/data loads with data.name=imagefolder")
@@ -196,7 +225,18 @@ def cifar10(root: str = "data", download: bool = False, augment: bool = True, ca
 def cifar100(root: str = "data", download: bool = False, augment: bool = True, cache_dir: Optional[str] = None,
              resident: Union[Literal["auto", "true", "false"], bool] = "auto",
              imbalance_factor: ImbalanceFactor = 1.0, rand_augment: Union[bool, str] = False) -> DataSplits:
-    """torchvision's CIFAR-100 (python pickles under ROOT/cifar-100-python), 100 fine labels."""
+    """torchvision's CIFAR-100 (python pickles under ROOT/cifar-100-python), 100 fine labels.
+
+    Options:
+        root: the folder holding cifar-100-python
+        download: fetch the dataset into root when it is missing (needs internet)
+        augment: random crop (padding 4) and horizontal flip of the training images
+        cache_dir: where decoded images are cached (default ~/.cache/kdzoo)
+        resident: keep the decoded images on the training device (auto: when they fit)
+        imbalance_factor: a long-tailed training split (largest class / smallest class; 100: CIFAR-100-LT)
+        rand_augment: RandAugment on each training image after the crop and flip: true (2 operations at
+            magnitude 9, DeiT's), false, or "n<ops>-m<magnitude>"
+    """
     parse_rand_augment(rand_augment)
     decoded = _torchvision_cifar(CifarRelease("CIFAR100", "cifar100", CIFAR100_MEAN, CIFAR100_STD), root, download,
                                  cache_dir)
@@ -380,7 +420,20 @@ def fashion_mnist(root: str = "data", download: bool = False, augment: bool = Fa
                   debian_dir: str = DEBIAN_FASHION_MNIST, imbalance_factor: ImbalanceFactor = 1.0,
                   rand_augment: Union[bool, str] = False) -> DataSplits:
     """torchvision's FashionMNIST; the idx files come from ROOT/FashionMNIST/raw or the Debian package.
-    `augment` is off by default (the dataset-condensation recipes train without it); on, it is crop + flip."""
+    `augment` is off by default (the dataset-condensation recipes train without it); on, it is crop + flip.
+
+    Options:
+        root: the folder holding FashionMNIST/raw (the idx files, or their .gz archives)
+        download: fetch the dataset into root when it is in neither root nor debian_dir (needs internet)
+        augment: random crop (padding 4) and horizontal flip of the training images (off: the condensation
+            recipes' setting)
+        cache_dir: where decoded images are cached (default ~/.cache/kdzoo)
+        resident: keep the decoded images on the training device (auto: when they fit)
+        debian_dir: where the Debian package dataset-fashion-mnist puts the .gz archives (read when root has none)
+        imbalance_factor: a long-tailed training split (largest class / smallest class; 1: as it is)
+        rand_augment: RandAugment on each training image after the crop and flip: true (2 operations at
+            magnitude 9, DeiT's), false, or "n<ops>-m<magnitude>"
+    """
     parse_rand_augment(rand_augment)
     raw = _fashion_mnist_raw(root, debian_dir, download)
     decoded = {}

@@ -6,7 +6,8 @@ Round 1 uses the config's teacher if it has one; without one it trains the stude
 (`Method.ground_truth_weight`) run with it at 1, so round 1 trains with the rounds' own loss; the others, which need
 a teacher, sit round 1 out; with none left it is plain cross-entropy.  Round r >= 2 builds a fresh student
 (seed train.seed + r - 1) and a teacher of the student's architecture loaded from RUN_DIR/round_{r-1}.  The last
-round's student is copied to RUN_DIR/student.safetensors (with its summary.json and metrics.csv).
+round's student is copied to RUN_DIR/student.safetensors (with its summary.json and metrics.csv); RUN_DIR/plan.md
+holds every round's plan and RUN_DIR/curves.png every round's curves, one line each.
 
 A method's ground-truth weight written as ``estimate`` (1: the labels alone, 0: the teacher alone, as isd's
 ``alpha``) is a weight that the loop sets in every round r >= 2 by Borup & Andersen's estimate instead of a grid search:
@@ -41,7 +42,7 @@ from ..errors import ConfigError
 from ..methods import METHODS
 from ..methods.schemes.isd import optimal_ground_truth_weight
 from .build import build_data, build_distiller, build_model, load_weights
-from .plain import run_distiller
+from .plain import record_parts, run_distiller
 from .resume import record_run_config, verify_resume_config
 
 ESTIMATE = "estimate"
@@ -202,6 +203,7 @@ def train_rounds(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: b
             shutil.copyfile(last / name, run_dir / name)
         text = json.dumps({"weights": progress["weights"], "holdout": len(holdout) if holdout else 0}, indent=2)
         atomic_write(run_dir / "rounds.json", lambda tmp: tmp.write_text(text))
+        record_parts(run_dir, [(f"round {r}", round_dir(run_dir, r)) for r in range(1, cfg.rounds + 1)], "rounds")
     if result is None:  # every round had finished: report the last one
         summary = json.loads((last / "summary.json").read_text())
         result = FitResult({"test_top1": summary["last_top1"], "test_top5": summary["last_top5"]},

@@ -1,6 +1,7 @@
 """A staged run (``stages:`` in a run config): each stage a plain run in its own folder whose student starts from
 the previous stage's exported weights (G2SD's generic then specific distillation, DMAE's masked pre-training then
-fine-tuning)."""
+fine-tuning).  The run's folder holds the last stage's student, every stage's plan (plan.md) and every stage's
+curves one after the other (curves.png)."""
 from __future__ import annotations
 
 import shutil
@@ -11,7 +12,7 @@ from ..engine.rundir import CHECKPOINT
 from ..engine.runtime import atomic_write, is_main_process
 from ..engine.trainer import FitResult
 from .build import build_distiller
-from .plain import run_distiller
+from .plain import record_parts, run_distiller
 from .resume import record_run_config, report_changes, verify_resume_config
 
 STAGES_DIR = "stages"
@@ -41,6 +42,8 @@ def train_stages(cfg: RunConfig, run_dir: Path, resume: bool = False, verbose: b
         weights = str(folder / "student.safetensors")
     if is_main_process():  # the run directory's weights are the last stage's student
         atomic_write(run_dir / "student.safetensors", lambda tmp: shutil.copyfile(weights, tmp))
+        record_parts(run_dir, [(f"stage {i + 1}/{len(cfg.stages)}: {stage.name}", stage_dir(run_dir, i, stage.name))
+                               for i, stage in enumerate(cfg.stages)], "stages")
     result.run_dir = run_dir
     return result
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from ...models.vit import Block
-from ...registry import register_method
+from ...registry import PositiveInt, register_method
 from ...taps import Layout, token_grid
 from ..base import Context, Method
 
@@ -141,10 +141,15 @@ class OFAKD(Method):
     teacher's logits; the student's own logits get the same loss (weight `kd_weight`) beside cross-entropy 1.
 
     Stages: the student's stages after its stem (OFA's stages 1-4), or `student_layers`.  A map stage i of n
-    gets n - i SepConvs (the deepest a 1x1 conv) to width max(student, teacher penultimate width); a token
-    stage gets log2(grid / `final_grid`) patch mergings and max(n - i, 1) transformer blocks of that width
-    (see `TokenBranch`).  `eps` is one value or one per stage plus one for the final logits (OFA's ``--ofa-eps``).
-    Defaults: the authors' CIFAR-100 command (eps 1.0, T 1, all weights 1); their ImageNet runs use eps 1.5.
+    gets n - i SepConvs (the deepest a 1x1 conv) to the branch width; a token stage gets log2(grid /
+    `final_grid`) patch mergings and max(n - i, 1) transformer blocks of the branch width (see `TokenBranch`).
+    Branch width by default as the authors size it (Hao840/OFAKD ``distillers/ofa.py``): a CNN student's map
+    branches end at max(student, teacher penultimate width), a ViT/MLP student's token branches run at the
+    student's own penultimate width, so a small ViT under a wide CNN teacher keeps small branches (vit:nano
+    under a ResNet-18: 0.35M branch parameters instead of 22.4M at width 512); `branch_width` sets one width
+    for every branch.  `eps` is one value or one per stage plus one for the final logits (OFA's
+    ``--ofa-eps``).  Defaults: the authors' CIFAR-100 command (eps 1.0, T 1, all weights 1); their ImageNet
+    runs use eps 1.5.
 
     Options:
         weight: weight of the branch heads' losses
@@ -153,14 +158,18 @@ class OFAKD(Method):
         temperature: softmax temperature
         final_grid: token grid side the branches shrink to by patch merging
         student_layers: student taps that get a branch head; null: every stage after the stem
+        branch_width: width of every branch; null: the authors' (a ViT/MLP student's own width, for a CNN
+            student max(student, teacher) width)
     """
 
     reads_labels = True
     ce_weight = 1.0
 
     def __init__(self, weight: float = 1.0, kd_weight: float = 1.0, eps: Union[float, Sequence[float]] = 1.0,
-                 temperature: float = 1.0, final_grid: int = 7, student_layers: Optional[Sequence[str]] = None):
+                 temperature: float = 1.0, final_grid: int = 7, student_layers: Optional[Sequence[str]] = None,
+                 branch_width: Optional[PositiveInt] = None):
         super().__init__()
+        self.branch_width = branch_width
         self.weight = weight
         self.kd_weight = kd_weight
         self.eps = eps
@@ -184,18 +193,21 @@ class OFAKD(Method):
             raise ConfigError(f"ofa: eps needs one value or {len(stages) + 1} (one per stage and one for the "
                               f"logits), got {len(eps)}")
         self.stage_eps = eps
-        width = max(setup.student_shapes["penultimate"][-1], setup.teacher_shapes["penultimate"][-1])
+        student_width = setup.student_shapes["penultimate"][-1]
+        # the authors: map branches of a CNN student end at max(student, teacher); token branches keep the student's
+        map_width = self.branch_width or max(student_width, setup.teacher_shapes["penultimate"][-1])
+        token_width = self.branch_width or student_width
         branches = []
         for i, spec in enumerate(stages, start=1):
             shape = tuple(setup.student_shapes[spec])
             remaining = len(stages) - i
             if len(shape) == 4:
-                branches.append(MapBranch(shape[1], remaining, width, setup.num_classes))
+                branches.append(MapBranch(shape[1], remaining, map_width, setup.num_classes))
             elif len(shape) == 3:
                 prefix = self.student_layout.prefix_of(shape[1])
                 _, grid = token_grid(shape[1], self.student_layout.image_size, prefix)
                 merges = max(int(math.log2(min(grid) / self.final_grid)), 0)
-                branches.append(TokenBranch(shape[2], prefix, grid, merges, max(remaining, 1), width,
+                branches.append(TokenBranch(shape[2], prefix, grid, merges, max(remaining, 1), token_width,
                                             setup.num_classes))
             else:
                 raise ConfigError(f"ofa: student stage {spec!r} gives a feature of shape {list(shape)}; "

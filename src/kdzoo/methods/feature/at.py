@@ -39,7 +39,10 @@ class AT(Method):
     maps compares nothing the two models share.
 
     Options:
-        weight: multiplier of the loss term (0 turns it off)
+        weight: multiplier of the loss term (0 turns it off).  1000 suits CIFAR ResNets (32/16/8 maps); smaller
+            maps give a larger term: on the bench's quick preset (8x8 digits, 8/4/2 maps) 1000 makes the term 37x
+            the cross-entropy and costs the students 55-66 points, 30 still 3-30, so quick uses 10 (no loss
+            against the student alone).  A run whose term exceeds 10x the cross-entropy says which weight fits.
         p: power of |feature| averaged over channels to form the attention map
         normalize_layers: divide each layer's term by the mean square of the teacher's feature there (evens out
             layer sizes)

@@ -18,7 +18,9 @@ def hint_loss(adapted_student: torch.Tensor, teacher_feature: torch.Tensor) -> t
 
 
 @register_method("fitnet", description="MSE of a regressed student map to a teacher map",
-                 layers="student stage:2 -> teacher stage:2 (the second stage after the stem)",
+                 layers="student stage:2 -> teacher stage:2 (the third stage output counted from 0: the second after "
+                        "the stem where the stem is a stage of its own, as on the CIFAR ResNets; the plan names the "
+                        "module)",
                  family="feature", paper="Romero et al. 2015, FitNets: Hints for Thin Deep Nets")
 class FitNet(Method):
     """One hint, as RepDistiller and mdistiller: ``hint_layer=2`` of their feature lists, which is our

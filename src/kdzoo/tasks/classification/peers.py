@@ -18,7 +18,8 @@ step (AMP, compile, fused optimizer, checkpoints) unchanged and costs K forwards
 
 The run's `student` is `PeerModels`: its forward is the first student's (evaluation, train accuracy), its state
 every student's (so checkpoints and resume hold them all).  `PeerCallback` adds each other student's test
-accuracy to the metrics and exports every student (student_0.safetensors, ...; student.safetensors is the first).
+accuracy to the metrics and exports every student (student_0.safetensors, ...; student.safetensors is the first),
+with summary.json and curves.png holding every student; `PeerConsoleLog` prints a line per student per epoch.
 """
 from __future__ import annotations
 
@@ -29,12 +30,14 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ...distiller import Distiller, DistillOutput, TeacherOutputs
 from ...engine.checkpoint import export_weights
 from ...engine.runtime import atomic_write
 from ...engine.trainer import Callback
 from ...errors import ConfigError
+from ...plots import plot_curves, plot_run
 from .task import evaluate
 
 
@@ -111,12 +114,13 @@ class PeerDistiller(nn.Module):
 class PeerCallback(Callback):
     """Per epoch with a test evaluation: each other student's test score (the task's: top-1, a segmenter's mIoU)
     as ``test_top1_k`` / ``test_miou_k`` (in metrics.csv and the console line's row).  At the end: every student
-    exported as student_k.safetensors with its own metadata, the first also as student.safetensors, and
-    summary.json with every student's last and best score.
+    exported as student_k.safetensors with its own metadata, the first also as student.safetensors,
+    summary.json with every student's last and best score, and curves.png with every student's curves.
     Put it before the metrics callback so the rows it extends are the ones written."""
 
     def __init__(self, metas: Sequence[dict]):
         self.metas = list(metas)
+        self.names = [meta.get("model") or f"student {k}" for k, meta in enumerate(self.metas)]
 
     def _models(self, run) -> list[nn.Module]:
         return list(run.modules["student"].peers)
@@ -144,16 +148,59 @@ class PeerCallback(Callback):
         for k, (model, meta) in enumerate(zip(models, self.metas)):
             export_weights(run.run_dir / f"student_{k}.safetensors", model, meta)
         export_weights(run.run_dir / "student.safetensors", models[0], self.metas[0])
-        write_peer_summary(run.run_dir, run.history, len(models), trainer.task.score[0])
+        write_peer_summary(run.run_dir, run.history, self.names, trainer.task.score)
 
 
-def write_peer_summary(run_dir: Path, history: list[dict], count: int, key: str = "top1") -> None:
-    """summary.json of students trained as peers: the first student's last and best ``key`` score (top1, miou)
-    and every student's."""
-    rows = [row for row in history if f"test_{key}_0" in row]
+class PeerConsoleLog(Callback):
+    """After the run's own console line (the first student's score, every student's loss summed): one line per
+    student with the sum of its own loss terms and its test score (best so far); at the end each student's
+    last and best score.  Put it after `PeerCallback`, whose columns it reads."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+
+    def on_epoch_end(self, trainer, run, row, improved):
+        key, word = trainer.task.score
+        for k, name in enumerate(self.names):
+            terms = [v for c, v in row.items() if c.startswith("loss_") and c.rsplit("_", 1)[-1] == str(k)]
+            line = f"{run.label}  student {k} ({name}): loss {sum(terms):.4f}"
+            if f"test_{key}_{k}" in row:
+                best = max(best_scores(run.history + [row], key, k))
+                line += f"  test {word} {row[f'test_{key}_{k}']:.2f}% (best {best:.2f}%)"
+            _say(trainer, line)
+
+    def on_train_end(self, trainer, run):
+        key, word = trainer.task.score
+        for k, name in enumerate(self.names):
+            values = best_scores(run.history, key, k)
+            if values:
+                _say(trainer, f"{run.label}student {k} ({name}): last {word} {values[-1]:.2f}%, best "
+                              f"{max(values):.2f}%")
+
+
+def _say(trainer, line: str) -> None:
+    tqdm.write(line) if trainer.show_bar else print(line, flush=True)
+
+
+def best_scores(history: Sequence[dict], key: str, k: int) -> list[float]:
+    """Student k's test scores (``test_<key>_k``) in the evaluated rows of `history`, in order (a row given
+    twice counts once)."""
+    seen, values = set(), []
+    for row in history:
+        if f"test_{key}_{k}" in row and id(row) not in seen:
+            seen.add(id(row))
+            values.append(row[f"test_{key}_{k}"])
+    return values
+
+
+def write_peer_summary(run_dir: Path, history: list[dict], names: Sequence[str],
+                       score: tuple[str, str] = ("top1", "top-1")) -> None:
+    """summary.json of students trained as peers: the first student's last and best score (`score`: the task's
+    column suffix and name: top1, miou) and every student's; curves.png: every student's test score and loss."""
+    key = score[0]
     students = []
-    for k in range(count):
-        values = [row[f"test_{key}_{k}"] for row in rows if f"test_{key}_{k}" in row]
+    for k in range(len(names)):
+        values = best_scores(history, key, k)
         students.append({f"last_{key}": values[-1] if values else None,
                          f"best_{key}": max(values) if values else None})
     final = history[-1]
@@ -161,6 +208,24 @@ def write_peer_summary(run_dir: Path, history: list[dict], count: int, key: str 
                "students": students, "epochs": final["epoch"], "seconds": final["seconds"]}
     text = json.dumps(summary, indent=2)
     atomic_write(run_dir / "summary.json", lambda tmp: tmp.write_text(text))
+    if key == "top1":  # plot_curves draws test top-1: one line per student
+        plot_curves({f"student {k} ({name})": peer_history(history, key, k) for k, name in enumerate(names)},
+                    run_dir / "curves.png", title=f"{run_dir.name}: {len(names)} students as peers")
+    else:  # another score (a segmenter's mIoU): the run's own curves, the first student's score
+        plot_run(history, run_dir / "curves.png", title=f"{run_dir.name} (student 0's {score[1]})", score=score)
 
 
-__all__ = ["PeerDistiller", "PeerModels", "PeerCallback"]
+def peer_history(history: Sequence[dict], key: str, k: int) -> list[dict]:
+    """Student k's rows: its epoch, the sum of its loss terms as ``train_loss`` and its test score as
+    ``test_<key>``."""
+    rows = []
+    for row in history:
+        terms = [v for c, v in row.items() if c.startswith("loss_") and c.rsplit("_", 1)[-1] == str(k)]
+        own = {"epoch": row["epoch"], "train_loss": sum(terms) if terms else row["train_loss"]}
+        if f"test_{key}_{k}" in row:
+            own[f"test_{key}"] = row[f"test_{key}_{k}"]
+        rows.append(own)
+    return rows
+
+
+__all__ = ["PeerDistiller", "PeerModels", "PeerCallback", "PeerConsoleLog", "write_peer_summary"]

@@ -16,21 +16,26 @@ import torch
 from torch import nn
 
 from ...distiller import Distiller
+from ...taps import Layout
 from ...engine.runtime import atomic_write, resolve_device
 from ...methods import METHODS
 from .evaluation import evaluate
 
-__all__ = ["distillation_plan", "write_plan", "top1_score", "ModelScore", "describe_adapter", "loss_weights", "other_options"]
+__all__ = ["distillation_plan", "peer_plan", "write_plan", "write_peer_plan", "epoch_option_warnings", "warnings_section", "top1_score",
+           "ModelScore", "describe_adapter", "loss_weights", "other_options"]
 PLAN_FILE = "plan.md"
 
 WEIGHT_NAMES = ("weight", "alpha", "beta", "gamma")  # DKD's alpha/beta, DIST's beta/gamma weigh their terms
+# Method options that count epochs of an init stage run before train.epochs (FT, AB, FSP), not epochs of the run.
+OWN_STAGE_OPTIONS = ("init_epochs",)
 
 
 def distillation_plan(distiller: Distiller, teacher_score: Optional[tuple[str, float]] = None,
                       student_name: Optional[str] = None, teacher_name: Optional[str] = None) -> str:
-    """A Markdown plan of `distiller`: per method, the student and teacher layers (module paths) with their
-    shapes (batch dimension left out), the adapter between them, and the loss weights; with `teacher_score`
-    the teacher's test score, e.g. ``("test top-1", 87.5)`` (%)."""
+    """A Markdown plan of `distiller`: per method, the student and teacher layers (module paths, a symbolic tap
+    with its place among the model's, `tap_place`) with their shapes (batch dimension left out), the adapter
+    between them, and the loss weights; with `teacher_score` the teacher's test score, e.g.
+    ``("test top-1", 87.5)`` (%)."""
     student = student_name or type(distiller.student).__name__
     lines = ["# Distillation plan", ""]
     if distiller.teacher is not None:
@@ -40,13 +45,38 @@ def distillation_plan(distiller: Distiller, teacher_score: Optional[tuple[str, f
         for other, module in list(distiller.teachers.items())[1:]:  # several named teachers
             lines.append(f"- teacher {other!r}: {type(module).__name__}")
     lines += [f"- student: {student}", f"- cross-entropy weight: {_number(distiller.ce_weight)}"]
+    return "\n".join(lines + _method_lines(distiller)) + "\n"
+
+
+def peer_plan(distillers: Sequence[Distiller], student_names: Sequence[Optional[str]] = ()) -> str:
+    """The plan of students trained as peers (`PeerDistiller`'s distillers): per student, its methods as
+    `distillation_plan` shows them; `student_names`: the students' factory names, in order."""
+    names = [student_names[k] if k < len(student_names) and student_names[k] else type(d.student).__name__
+             for k, d in enumerate(distillers)]
+    lines = [f"# Distillation plan: {len(distillers)} students as peers", "",
+             "- students: " + ", ".join(f"{k} {name}" for k, name in enumerate(names)),
+             "- each student has its own methods; a method that reads peers gets the other students' outputs, "
+             "detached"]
+    for k, (distiller, name) in enumerate(zip(distillers, names)):
+        lines += ["", f"## student {k}: {name}", "", f"- cross-entropy weight: {_number(distiller.ce_weight)}"]
+        lines += _method_lines(distiller, heading="###")
+    return "\n".join(lines) + "\n"
+
+
+def _method_lines(distiller: Distiller, heading: str = "##") -> list[str]:
+    """Per method of `distiller`: a heading with its loss weights, its options, the layers it pairs (with their
+    place among the model's taps and shapes) and its adapters."""
+    lines: list[str] = []
     s_paths, s_shapes = distiller.student_paths, distiller.student_shapes
+    layouts = getattr(distiller, "layouts", {})
     several = len(distiller.teachers) > 1
     for name, method in distiller.methods.items():
         t_paths, t_shapes = distiller.method_teacher_taps(method)
+        teacher_name = distiller.method_teacher(method)
+        t_layout = layouts.get(f"teacher:{teacher_name}", layouts.get("teacher"))
         weights = loss_weights(method)
         shown = ", ".join(f"{k} {_number(v)}" for k, v in weights.items()) or "no weight option"
-        lines += ["", f"## {name} ({shown})", ""]
+        lines += ["", f"{heading} {name} ({shown})", ""]
         others = other_options(method)
         if others:
             lines.append("- options: " + ", ".join(f"{k} {_option(v)}" for k, v in others.items()))
@@ -55,11 +85,13 @@ def distillation_plan(distiller: Distiller, teacher_score: Optional[tuple[str, f
             lines.append(f"- reads {reads}")
         pairs = method.layer_pairs()
         if not pairs:
-            lines.append("- logits: student <- teacher" if method.needs_teacher else "- student logits alone")
+            lines.append("- logits: student <- teacher" if method.needs_teacher else
+                         "- logits: student <- the other students' (peers, detached)" if method.needs_peers else
+                         "- student logits alone")
         adapters = method.adapters()
         for i, (s_spec, t_spec) in enumerate(pairs):
-            student_side = _side(s_spec, s_paths, s_shapes)
-            teacher_side = _side(t_spec, t_paths, t_shapes)
+            student_side = _side(s_spec, s_paths, s_shapes, layouts.get("student"))
+            teacher_side = _side(t_spec, t_paths, t_shapes, t_layout)
             lines.append(f"- student {student_side}  ->  teacher {teacher_side}")
             for adapter_name, adapter in _adapters_of_pair(adapters, i, len(pairs)):
                 shape = s_shapes.get(s_spec) if s_spec is not None else None
@@ -70,7 +102,7 @@ def distillation_plan(distiller: Distiller, teacher_score: Optional[tuple[str, f
                 lines.append(f"- learnable `{adapter_name}`: {describe_adapter(adapter)}")
         if pairs and not adapters:
             lines.append("- adapter: none (features compared as they are)")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def top1_score(model: nn.Module, test_data) -> tuple[str, float]:
@@ -83,21 +115,66 @@ ModelScore = Callable[[nn.Module, object], tuple[str, float]]  # (model, test sp
 
 def write_plan(distiller: Distiller, test_data, run_dir: Optional[Path] = None, device: Optional[str] = None,
                names: tuple[Optional[str], Optional[str]] = (None, None), verbose: bool = True,
-               score: ModelScore = top1_score) -> str:
+               score: ModelScore = top1_score, warnings: Sequence[str] = ()) -> str:
     """Score the teacher on `test_data` (on `device`, else where it is; `score`: the task's, test top-1 by
     default), then print the plan and write it to ``run_dir/plan.md``.  `names`: the student's and the teacher's
-    factory names."""
+    factory names; `warnings`: lines the plan ends with (`epoch_option_warnings`)."""
     teacher_score = None
     if distiller.teacher is not None and test_data is not None:
         if device is not None:
             distiller.teacher.to(resolve_device(device))  # where training puts it anyway
         teacher_score = score(distiller.teacher, test_data)
-    plan = distillation_plan(distiller, teacher_score, *names)
+    return _record(distillation_plan(distiller, teacher_score, *names) + warnings_section(warnings), run_dir,
+                   verbose)
+
+
+def write_peer_plan(distillers: Sequence[Distiller], run_dir: Optional[Path] = None,
+                    student_names: Sequence[Optional[str]] = (), verbose: bool = True,
+                    warnings: Sequence[str] = ()) -> str:
+    """`peer_plan` printed and written to ``run_dir/plan.md``, as `write_plan` does for one student."""
+    return _record(peer_plan(distillers, student_names) + warnings_section(warnings), run_dir, verbose)
+
+
+def _record(plan: str, run_dir: Optional[Path], verbose: bool) -> str:
     if verbose:
         print(plan, end="")
     if run_dir is not None:
         atomic_write(Path(run_dir) / PLAN_FILE, lambda tmp: tmp.write_text(plan))
     return plan
+
+
+def warnings_section(warnings: Sequence[str]) -> str:
+    return "".join(["\n## Warnings\n\n", *(f"- warning: {line}\n" for line in warnings)]) if warnings else ""
+
+
+def epoch_option_warnings(methods: Sequence[tuple[str, dict]], epochs: int) -> list[str]:
+    """One line per method option that counts epochs of the run (a warm-up, a ramp, a curriculum, an epoch
+    from which something starts: a registered numeric option whose name holds "epoch") set to `epochs` or more,
+    naming the method, the option, its value, train.epochs and what follows.  `methods`: (registered name,
+    options given) pairs, in config order; options not given take the registered default."""
+    found = []
+    for index, (name, given) in enumerate(methods):
+        if name not in METHODS.names():
+            continue
+        for key, value in {**METHODS.get(name).defaults, **given}.items():
+            if "epoch" not in key or key in OWN_STAGE_OPTIONS or not isinstance(value, numbers.Real) \
+                    or isinstance(value, bool) or value <= 0 or value < epochs:
+                continue
+            found.append(f"{name}.{key} = {_number(value)} >= train.epochs = {epochs}: "
+                         f"{_epoch_option_effect(key, value, epochs)}; set methods.{index}.{key} below {epochs} or "
+                         "raise train.epochs")
+    return found
+
+
+def _epoch_option_effect(key: str, value: float, epochs: int) -> str:
+    """What an epoch-counting option at `value` does in a run of `epochs` epochs, by the kind its name says."""
+    if key.endswith(("from_epoch", "start_epoch")) or key.startswith("start"):
+        return f"it never takes effect (it starts at epoch {_number(value)}, after the run's last)"
+    if "warmup" in key:  # `warmup_factor`: linear, (epoch + 1) / warmup_epochs
+        return ("the term reaches full weight only in the last epoch" if value == epochs else
+                f"the term never reaches full weight ({epochs / value:.0%} of it in the last epoch)")
+    return (f"its {_number(value)}-epoch schedule reaches its end only in the last epoch" if value == epochs else
+            f"its {_number(value)}-epoch schedule never reaches its end")
 
 
 def loss_weights(method: nn.Module) -> dict[str, float]:
@@ -133,12 +210,35 @@ def describe_adapter(module: nn.Module, input_shape: Optional[Sequence[int]] = N
     return f"{text}, {sum(p.numel() for p in module.parameters()):,} parameters"
 
 
-def _side(spec: Optional[str], paths: dict[str, str], shapes: dict[str, torch.Size]) -> str:
+def _side(spec: Optional[str], paths: dict[str, str], shapes: dict[str, torch.Size],
+          layout: Optional[Layout] = None) -> str:
     if spec is None:
         return "(none)"
     path = paths.get(spec, spec)
-    where = f"`{path}`" if path == spec else f"{spec} = `{path}`"
+    place = tap_place(spec, layout)
+    where = f"`{path}`" if path == spec else f"{spec}{f' ({place})' if place else ''} = `{path}`"
     return f"{where} {_shape(shapes[spec])}" if spec in shapes else where
+
+
+def tap_place(spec: str, layout: Optional[Layout]) -> str:
+    """Where a symbolic tap ``kind:i`` sits in the model's list of that kind, counted from 1 as people count:
+    ``stage:2`` -> ``3rd of 3 stage outputs``.  The index counts from 0 (RepDistiller's ``feat[i]``), and the
+    layout decides what stage 0 is (the stem's output on a CIFAR ResNet, the first block whose shape differs from
+    the input's on a model whose stem keeps the first stage's shape), so a module called ``stage3`` can be
+    ``stage:2``; saying its place removes the guesswork.  Empty for module taps."""
+    kind, sep, index = spec.partition(":")
+    if layout is None or not sep or not index.lstrip("-").isdigit():
+        return ""
+    taps = layout.stages if kind == "stage" else layout.extra.get(kind, [])
+    if not taps or not -len(taps) <= int(index) < len(taps):
+        return ""
+    noun = "stage outputs" if kind == "stage" else f"{kind} taps"
+    return f"{_ordinal(int(index) % len(taps) + 1)} of {len(taps)} {noun}"
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _adapters_of_pair(adapters: dict[str, nn.Module], index: int, count: int) -> list[tuple[str, nn.Module]]:

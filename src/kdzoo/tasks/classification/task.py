@@ -456,7 +456,8 @@ class EvalModeCheck(Callback):
 
 
 class LossBalanceCheck(Callback):
-    """After the first epoch, a distillation term more than `max_factor` times the cross-entropy is reported:
+    """After the first epoch, a distillation term more than `max_factor` times the (unweighted) cross-entropy is
+    reported:
     the term, its method's weight and the weight that would make it equal to the cross-entropy.  A recipe weight
     is tuned to the maps of its paper's models (AT's 1000 to CIFAR ResNets' 8x8 maps), so on other models a term
     can swamp the labels without anything diverging.  The reports go to the console and to summary.json
@@ -467,8 +468,12 @@ class LossBalanceCheck(Callback):
         self.done = False
 
     def reports(self, row: dict) -> list[str]:
-        cross_entropy = row.get("loss_ce")
-        if not cross_entropy or not math.isfinite(cross_entropy) or cross_entropy <= 0:
+        # against the cross-entropy itself, not its weighted term: KD's recipe weighs the labels 0.1 on purpose
+        ce_weight = getattr(self.distiller, "ce_weight", 1.0)
+        if not ce_weight or row.get("loss_ce") is None:
+            return []
+        cross_entropy = row["loss_ce"] / ce_weight
+        if not math.isfinite(cross_entropy) or cross_entropy <= 0:
             return []
         methods = dict(self.distiller.methods.items())
         found = []

@@ -22,6 +22,7 @@ Held-out retrieval pairs take each image's first caption (the first template for
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,17 +170,33 @@ def _folder_pairs(folder: Path) -> list[tuple[str, str]]:
     for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         caption_file = image.with_suffix(".txt")
         if caption_file.is_file():
-            lines = [line.strip() for line in caption_file.read_text(encoding="utf-8").splitlines()]
+            lines = [line.strip() for line in _utf8_text(caption_file).splitlines()]
             pairs += [(str(image), line) for line in lines if line]
     return pairs
 
 
+def _utf8_text(path: Path) -> str:
+    """A captions file's text; one that is not UTF-8 text (a binary file) is a one-line ConfigError naming it."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"data.pairs {path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})"
+                          ) from None
+    if "\x00" in text:
+        raise ConfigError(f"data.pairs {path}: a binary file (NUL bytes), not text")
+    return text
+
+
 def _table_rows(path: Path) -> list[dict]:
+    text = _utf8_text(path)
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
+        try:
+            return list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as err:
+            raise ConfigError(f"data.pairs {path}: not a readable .csv file ({err})") from None
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 row = json.loads(line)

@@ -552,6 +552,10 @@ def load_encoder(run_dir: str | Path) -> tuple[DualEncoder, Any]:
         raise CheckpointError(f"{path}: unreadable ({err})") from None
     encoder = DualEncoder(_backbone_from_record(record["backbone"], path), adapter)
     tensors, _ = read_weights(run_dir / WEIGHTS_FILE)
+    bad = next((name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())),
+               None)
+    if bad is not None:
+        raise CheckpointError(f"{run_dir / WEIGHTS_FILE}: weights that are not finite (NaN or inf), first in {bad}")
     try:
         encoder.load_state_dict(tensors, strict=True)
     except RuntimeError as err:

@@ -249,11 +249,19 @@ def loop_config(cfg: ClipRunConfig | ClipDistillConfig) -> LoopConfig:
 def run_config(run_dir: str | Path) -> ClipRunConfig | ClipDistillConfig:
     """The config a kdzoo clip run was trained with (a teacher's or a distilled student's)."""
     path = Path(run_dir) / RUN_CONFIG
+    if not Path(run_dir).exists():
+        raise ConfigError(f"{run_dir}: not a kdzoo clip run directory (the folder does not exist)")
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"{run_dir}: a file, not a kdzoo clip run directory")
     if not path.is_file():
         raise ConfigError(f"{run_dir}: not a kdzoo clip run directory (no {RUN_CONFIG})")
     data = read_yaml(path)
     distilled = "method" in data and ("teacher" in data or "teacher_model" in data)
-    return from_dict(ClipDistillConfig if distilled else ClipRunConfig, data, str(path))
+    try:
+        return from_dict(ClipDistillConfig if distilled else ClipRunConfig, data, str(path))
+    except ConfigError as err:
+        raise ConfigError(f"{run_dir}: not a kdzoo clip run directory (its {RUN_CONFIG} is not a kdzoo clip config: "
+                          f"{err})") from None
 
 
 def run_data_config(run_dir: str | Path, depth: int = 0) -> ClipDataConfig:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -148,13 +149,22 @@ def load_pipeline(path: str | Path) -> tuple[nn.Module, Any, Optional[ImageRange
     with a UNet2DModel."""
     diffusers = require_diffusers()
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: not a diffusion run or pipeline folder (the folder does not exist)")
     if not (path / "unet").is_dir():
         raise CheckpointError(f"{path}: not a diffusion run or pipeline folder (no unet/)")
     pruned_file = path / "unet" / PRUNED_FILE
     if pruned_file.is_file():
         unet = _load_pruned_unet(path / "unet", json.loads(pruned_file.read_text()))
     else:
-        unet = diffusers.UNet2DModel.from_pretrained(str(path / "unet"))
+        try:
+            unet = diffusers.UNet2DModel.from_pretrained(str(path / "unet"))
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+            raise CheckpointError(f"{path / 'unet'}: not a readable UNet2DModel folder "
+                                  f"({' '.join(str(err).split())[:300]})") from None
+    bad = next((name for name, p in unet.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if bad is not None:
+        raise CheckpointError(f"{path / 'unet'}: its weights are not finite (NaN or inf), first in {bad}")
     scheduler_dir = path / "scheduler"
     config = (diffusers.DDIMScheduler.load_config(str(scheduler_dir)) if scheduler_dir.is_dir()
               else diffusers.DDPMScheduler().config)

@@ -51,11 +51,17 @@ class RunKind(NamedTuple):
 def run_kind(run_dir: Path) -> RunKind:
     """The `RunKind` of a kdzoo diffusion run (teacher or student)."""
     path = run_dir / RUN_CONFIG
+    if not run_dir.exists():
+        raise ConfigError(f"{run_dir}: not a kdzoo diffusion run (the folder does not exist)")
     if not path.is_file():
         raise ConfigError(f"{run_dir}: not a kdzoo diffusion run (no {RUN_CONFIG})")
     config = read_yaml(path)
     if isinstance(config, dict) and "teacher" in config:
-        distill = from_dict(DiffusionDistillConfig, config, str(path))
+        try:
+            distill = from_dict(DiffusionDistillConfig, config, str(path))
+        except ConfigError as err:
+            raise ConfigError(f"{run_dir}: not a kdzoo diffusion run directory (its {RUN_CONFIG} is not a kdzoo "
+                              f"diffusion config: {err})") from None
         return RunKind(distill_teacher_config(distill), Path(distill.teacher), distill.method)
     return RunKind(teacher_config(run_dir))
 
@@ -112,7 +118,11 @@ def evaluate_runs(runs: list[str], options: EvalOptions) -> list[dict]:
     teacher's data (the first run's)."""
     if not runs:
         raise ConfigError("no runs to evaluate")
-    cfg = run_kind(Path(runs[0])).config
+    kinds = {run: run_kind(Path(run)) for run in runs}  # every run read (and refused) before any sampling
+    cfg = kinds[runs[0]].config
+    for run, kind in kinds.items():
+        if kind.config.data != cfg.data:
+            raise ConfigError(f"{run}: trained on other data than {runs[0]}")
     splits = build_dataset(cfg.data.dataset, **cfg.data.options)
     train_x, _, test_x, test_y = dataset_images(splits)
     features = _features(cfg, options)
@@ -122,9 +132,7 @@ def evaluate_runs(runs: list[str], options: EvalOptions) -> list[dict]:
     labels = test_y[torch.arange(count) % len(test_y)]
     rows = []
     for run in runs:
-        kind = run_kind(Path(run))
-        if kind.config.data != cfg.data:
-            raise ConfigError(f"{run}: trained on other data than {runs[0]}")
+        kind = kinds[run]
         lead = options.teacher_lead if kind.method is not None else 0
         draw, unet_config, max_steps = run_sampler(run, options.device, lead)
         conditional = bool(getattr(unet_config, "num_class_embeds", None))

@@ -312,13 +312,19 @@ def teacher_config(run_dir: str | Path) -> DiffusionRunConfig:
     path = Path(run_dir) / RUN_CONFIG
     if not path.is_file():
         raise ConfigError(f"teacher {run_dir}: not a kdzoo diffusion run directory (no {RUN_CONFIG})")
-    return from_dict(DiffusionRunConfig, read_yaml(path), str(path))
+    try:
+        return from_dict(DiffusionRunConfig, read_yaml(path), str(path))
+    except ConfigError as err:
+        raise ConfigError(f"{run_dir}: not a kdzoo diffusion run directory (its {RUN_CONFIG} is not a kdzoo diffusion "
+                          f"config: {err})") from None
 
 
 def distill_teacher_config(cfg: DiffusionDistillConfig) -> DiffusionRunConfig:
     """The teacher's data and noise: a kdzoo teacher run's config.yaml, or for a plain diffusers pipeline folder
     the distill config's `data` and the noise of the folder's scheduler config."""
     teacher = Path(cfg.teacher)
+    if not teacher.exists():
+        raise ConfigError(f"teacher {teacher}: the folder does not exist")
     if (teacher / RUN_CONFIG).is_file():
         found = teacher_config(teacher)
         if cfg.data is not None and cfg.data != found.data:

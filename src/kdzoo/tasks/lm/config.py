@@ -7,9 +7,11 @@ One config class serves ``kdzoo lm train`` (a model trained alone on the corpus:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
-from ...config import MethodConfig
+from ...config import MethodConfig, from_dict, read_yaml
+from ...engine.rundir import RUN_CONFIG
 from ...errors import ConfigError
 from ...registry import check_options
 from .objectives import LM_LOSSES
@@ -89,6 +91,8 @@ class LMDataConfig:
             raise ConfigError(f"data.val_fraction: must lie in (0, 0.5), got {self.val_fraction}")
         if not 0 <= self.prompt_len < self.seq_len - 1:
             raise ConfigError(f"data.prompt_len: must lie in [0, seq_len - 1), got {self.prompt_len}")
+        if self.max_chars is not None and self.max_chars < 1:
+            raise ConfigError(f"data.max_chars: must be >= 1 (or unset: the whole corpus), got {self.max_chars}")
 
 
 @dataclass
@@ -252,3 +256,21 @@ class LMRunConfig:
             raise ConfigError("generation.prompt_len + generation.max_new_tokens must not exceed data.seq_len")
         if not self.losses and self.ce_weight == 0:
             raise ConfigError("nothing to train: no losses and ce_weight=0")
+
+
+def read_run_config(run_dir: str | Path, hint: str = "") -> LMRunConfig:
+    """The config of a kdzoo lm run folder (``kdzoo lm train | distill``); a folder that does not exist, a file, a
+    folder without config.yaml or with another command's config is one line saying so (`hint`: what to do then)."""
+    path = Path(run_dir)
+    if not path.exists():
+        raise ConfigError(f"{run_dir}: not a kdzoo lm run directory (the folder does not exist)")
+    if not path.is_dir():
+        raise ConfigError(f"{run_dir}: a file, not a kdzoo lm run directory{hint}")
+    if not (path / RUN_CONFIG).is_file():
+        raise ConfigError(f"{run_dir}: not a kdzoo lm run directory (no {RUN_CONFIG}){hint}")
+    data = read_yaml(path / RUN_CONFIG)
+    try:
+        return from_dict(LMRunConfig, data, str(path / RUN_CONFIG))
+    except ConfigError as err:
+        raise ConfigError(f"{run_dir}: not a kdzoo lm run directory (its {RUN_CONFIG} is not a kdzoo lm train/distill "
+                          f"config: {err}){hint}") from None

@@ -46,7 +46,9 @@ def corpus_texts(corpus: str, max_chars: Optional[int] = None) -> list[str]:
             raise ConfigError(f"data.corpus {corpus!r}: not pydoc, fortunes, a .txt file or a directory")
         if not files:
             raise ConfigError(f"data.corpus {corpus!r}: no .txt files in this directory")
-        texts = [p.read_text(errors="replace") for p in files]
+        texts = [_text_file(p, corpus) for p in files]
+        if not any(text.strip() for text in texts):
+            raise ConfigError(f"data.corpus {corpus!r}: empty (no text in {len(files)} file(s))")
     if max_chars is not None:
         kept, total = [], 0
         for text in texts:
@@ -56,6 +58,14 @@ def corpus_texts(corpus: str, max_chars: Optional[int] = None) -> list[str]:
             total += len(kept[-1])
         texts = kept
     return texts
+
+
+def _text_file(path: Path, corpus: str) -> str:
+    """A corpus file's text (a stray undecodable byte replaced); a binary file (NUL bytes) is refused."""
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise ConfigError(f"data.corpus {corpus!r}: {path} is a binary file (NUL bytes), not text")
+    return data.decode("utf-8", errors="replace")
 
 
 @dataclass
@@ -87,7 +97,8 @@ def tokenize_rows(texts: list[str], tokenizer, seq_len: int, packing: bool = Tru
         stream = [token for ids in encoded for token in ids + [eos]]
         rows = len(stream) // seq_len
         if rows == 0:
-            raise ConfigError(f"data: the corpus has {len(stream)} tokens, fewer than one row of seq_len={seq_len}")
+            raise ConfigError(f"data.seq_len {seq_len}: the corpus has {len(stream)} tokens, fewer than one row; "
+                              "lower data.seq_len or use a larger corpus")
         ids = torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
         return TokenRows(ids, torch.ones_like(ids, dtype=torch.bool))
     pieces = []

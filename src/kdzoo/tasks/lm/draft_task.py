@@ -31,7 +31,7 @@ from .data import LMData, batch_rows, build_lm_data, corpus_texts, loss_mask
 from .draft_head import (HEAD_FILE, FeatureDraftHead, HeadShape, draft_logit_loss, feature_regression_loss,
                          lm_head_digest, partial_alignment_loss, sample_continuations, save_feature_draft,
                          target_features, uniform_feature_noise)
-from .models import build_model, load_tokenizer
+from .models import MODEL_DIR, build_model, load_tokenizer, pretrained_source
 from .task import StepsTask
 
 CHECKPOINT_KEY = "head"
@@ -295,7 +295,8 @@ def loop_config(cfg: FeatureDraftRunConfig) -> LoopConfig:
 
 def load_target(name: str, device: torch.device) -> tuple[nn.Module, Any]:
     """The frozen target and its tokenizer (a run directory keeps its tokenizer beside the model)."""
-    tokenizer = load_tokenizer(name)
+    pretrained_source(name, MODEL_DIR, "target")  # a target that is no model is said to be one first
+    tokenizer = load_tokenizer(name, "target (its tokenizer)")
     target = build_model(None, name, {}, tokenizer, where="target").to(device).eval().requires_grad_(False)
     return target, tokenizer
 

@@ -9,21 +9,34 @@ its tokenizer in ``tokenizer/``).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
+import logging
+import os
 import re
 import shutil
+import socket
+import urllib.parse
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
-from ...errors import CheckpointError, ConfigError
+from ...errors import CheckpointError, ConfigError, naming_path
 from ...models.pretrained import quiet_progress
 
 EOS = "<|endoftext|>"
 MODEL_DIR, TOKENIZER_DIR, ADAPTER_DIR = "model", "tokenizer", "adapter"
+# files one of which a folder (or a hub repository) holding a tokenizer has
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
+                   "vocab.txt")
+# transformers config fields that count something (widths, layers, heads, positions): whole numbers >= 1
+SIZE_OPTIONS = frozenset({"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                          "num_key_value_heads", "max_position_embeddings", "vocab_size", "head_dim", "n_embd",
+                          "n_layer", "n_head", "n_inner", "n_positions", "n_ctx"})
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
 def require_transformers():
@@ -37,9 +50,117 @@ def require_transformers():
 
 def resolve_pretrained(name: str, what: str = MODEL_DIR) -> str:
     """A kdzoo lm run directory resolves to its saved model (or tokenizer); anything else is passed on as is."""
-    path = Path(name)
+    path = Path(name).expanduser()
     if path.is_dir() and (path / what).is_dir():
         return str(path / what)
+    return str(path) if path.is_dir() else name
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether `name` can only be a folder, never a hub repository id (``owner/name``): it starts with / . or ~,
+    has more than one separator, or its parent folder exists (``runs/typo`` beside an existing ``runs/``)."""
+    if name.startswith(("/", ".", "~")) or name.count(os.sep) > 1:
+        return True
+    return os.sep in name and Path(name).expanduser().parent.is_dir()
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether `folder` holds a tokenizer's files (tokenizer.json / tokenizer_config.json, a vocabulary, a
+    sentencepiece model)."""
+    return any(file.name in TOKENIZER_FILES or file.suffix == ".model" or file.name.startswith(("tokenizer", "vocab"))
+               for file in folder.iterdir() if file.is_file())
+
+
+def local_source(name: str, what: str, where: str) -> Optional[str]:
+    """The folder `name` names, checked to hold a model (`what` MODEL_DIR: a config.json) or a tokenizer
+    (TOKENIZER_DIR); a kdzoo lm run directory stands for its ``model/`` or ``tokenizer/``.  None for a hub name.
+    A path that does not exist is said to be one, not passed to the hub as a repository id."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        folder = Path(resolve_pretrained(name, what))
+        if what == MODEL_DIR and not (folder / "config.json").is_file():
+            raise ConfigError(f"{where} {name!r}: {folder} is not a model folder (no config.json; a kdzoo lm run "
+                              "folder holds model/config.json)")
+        if what == TOKENIZER_DIR and not has_tokenizer(folder):
+            raise ConfigError(f"{where} {name!r}: {folder} has no tokenizer (no tokenizer.json or "
+                              "tokenizer_config.json); set tokenizer: {name: byte} (or bpe) or name a tokenizer folder "
+                              "in tokenizer.name")
+        return str(folder)
+    if path.exists():
+        raise ConfigError(f"{where} {name!r}: {path} is a file, not a model folder")
+    if looks_like_path(name):
+        raise ConfigError(f"{where} {name!r}: the folder {path} does not exist")
+    return None
+
+
+def _hub_unreachable(endpoint: str) -> Optional[str]:
+    """Why the hub at `endpoint` cannot be reached (one quick connection, no retries), or None when it can or a
+    proxy decides."""
+    if any(os.environ.get(variable) for variable in PROXY_VARIABLES):
+        return None
+    url = urllib.parse.urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as err:
+        return str(err) or type(err).__name__
+    return None
+
+
+def check_hub_name(name: str, revision: Optional[str], files: tuple[str, ...], where: str) -> None:
+    """A hub name that is not in the local cache while the hub cannot be reached is one line here, before
+    transformers retries the network for a minute."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    try:
+        cached = any(isinstance(huggingface_hub.try_to_load_from_cache(name, file, revision=revision), str)
+                     for file in files)
+    except ValueError as err:  # HFValidationError: not a repository id either
+        raise ConfigError(f"{where} {name!r}: neither an existing folder nor a Hugging Face hub name "
+                          f"({_first_line(err)})") from None
+    if cached:
+        return
+    advice = f"download it where there is a network (huggingface-cli download {name}) or give a local folder"
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"{where} {name!r}: not in the local cache of Hugging Face models and cannot be downloaded "
+                          f"(HF_HUB_OFFLINE is set); {advice}")
+    reason = _hub_unreachable(constants.ENDPOINT)
+    if reason is not None:
+        raise ConfigError(f"{where} {name!r}: not in the local cache of Hugging Face models and cannot be downloaded "
+                          f"({constants.ENDPOINT} cannot be reached: {reason}); {advice}; HF_HUB_OFFLINE=1 keeps "
+                          "kdzoo off the network")
+
+
+@contextlib.contextmanager
+def quiet_hub() -> Iterator[None]:
+    """huggingface_hub's and transformers' warnings (network retries, download notes) and progress bars off
+    around a load whose failure is reported in one line; then as they were."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "transformers")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with quiet_progress():
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for a folder or repository it cannot read: missing or damaged files."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, KeyError, SafetensorError
+
+
+def pretrained_source(name: str, what: str, where: str, revision: Optional[str] = None) -> str:
+    """What to give ``from_pretrained`` for `name`: a checked local folder, or a hub name that is cached or can be
+    downloaded."""
+    folder = local_source(name, what, where)
+    if folder is not None:
+        return folder
+    check_hub_name(name, revision, ("config.json",) if what == MODEL_DIR else TOKENIZER_FILES[:2], where)
     return name
 
 
@@ -67,13 +188,14 @@ def train_tokenizer(texts: list[str], kind: str = "bpe", vocab_size: int = 512):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, where: str = "tokenizer"):
     transformers = require_transformers()
-    target = resolve_pretrained(name, TOKENIZER_DIR)
+    target = pretrained_source(name, TOKENIZER_DIR, where)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(target, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"tokenizer {name!r}: {_load_failure(err)}") from None
+        with quiet_hub():
+            tokenizer = transformers.AutoTokenizer.from_pretrained(target, trust_remote_code=False)
+    except _load_errors() as err:
+        raise ConfigError(f"{where} {name!r}: {_load_failure(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -84,13 +206,19 @@ def _first_line(err: Exception) -> str:
     return text[0] if text else type(err).__name__
 
 
-def _load_failure(err: Exception) -> str:
+def _load_failure(err: Exception, source: Optional[str] = None) -> str:
     """Why transformers could not load a model or tokenizer, in words: a folder or hub repository that ships its own
-    Python code is refused (kdzoo loads with ``trust_remote_code=False`` and never asks on standard input)."""
+    Python code is refused (kdzoo loads with ``trust_remote_code=False`` and never asks on standard input); a
+    damaged weights file is named."""
+    from safetensors import SafetensorError
+
     text = str(err)
     if "custom code" in text or "trust_remote_code" in text:
         return ("asks to run its own Python code (auto_map / custom classes); kdzoo never runs remote code: use a "
                 "model of a standard transformers architecture")
+    files = sorted(Path(source).glob("*.safetensors")) if source and Path(source).is_dir() else []
+    if isinstance(err, SafetensorError) and files:
+        return f"{', '.join(str(f) for f in files)}: damaged or truncated weights ({_first_line(err)})"
     return f"cannot be loaded ({_first_line(err)})"
 
 
@@ -107,13 +235,23 @@ def build_config(arch: str, options: dict[str, Any], tokenizer) -> Any:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             raise ConfigError(f"model.options: {key!r} is not a {cls.__name__} field"
                               + (f" (did you mean {close[0]!r}?)" if close else ""))
+    for key in SIZE_OPTIONS.intersection(options):
+        value = options[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"model.options.{key}: must be a whole number >= 1, got {value!r}")
     values = dict(options)
     values.setdefault("vocab_size", len(tokenizer))
     eos = tokenizer.eos_token_id
     values.update(bos_token_id=eos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
     if values["vocab_size"] < len(tokenizer):
         raise ConfigError(f"model.options.vocab_size {values['vocab_size']} < tokenizer size {len(tokenizer)}")
-    return cls(**values)
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        return cls(**values)
+    except (ValueError, TypeError, StrictDataclassError) as err:  # transformers' own checks of the fields
+        cause = getattr(err, "__cause__", None) or err
+        raise ConfigError(f"model.options: {_first_line(cause)}") from None
 
 
 def build_model(arch: Optional[str], name: Optional[str], options: dict[str, Any], tokenizer,
@@ -126,17 +264,38 @@ def build_model(arch: Optional[str], name: Optional[str], options: dict[str, Any
         config = build_config(arch, options, tokenizer)
         model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     else:
-        target = resolve_pretrained(name)
+        label = f"{where}.name" if where in ("model", "teacher") else where  # the config key, or what it is
+        target = pretrained_source(name, MODEL_DIR, label, revision)
         try:
-            with quiet_progress():
+            with quiet_hub():
                 model = transformers.AutoModelForCausalLM.from_pretrained(
                     target, revision=revision, attn_implementation=attn, dtype=torch.float32, trust_remote_code=False)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{where}.name {name!r}: {_load_failure(err)}") from None
+        except _load_errors() as err:
+            raise ConfigError(f"{label} {name!r}: {_load_failure(err, target)}") from None
+        check_finite(model, target, where)
     vocab = model.get_output_embeddings().weight.shape[0]
     if vocab < len(tokenizer):
         raise ConfigError(f"{where}: its vocabulary ({vocab}) is smaller than the tokenizer's ({len(tokenizer)})")
     return model
+
+
+def check_positions(model: nn.Module, seq_len: int, where: str) -> None:
+    """Rows longer than a model's learned position embeddings (GPT-2's n_positions) are refused in one line;
+    rotary models (Llama) have no such table."""
+    limit = getattr(model.config, "n_positions", None)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(f"data.seq_len {seq_len}: longer than the {limit} positions of {where} (n_positions); "
+                          f"set data.seq_len <= {limit}")
+
+
+def check_finite(model: nn.Module, source: str, where: str) -> None:
+    """A loaded model whose weights hold NaN or inf is refused in one line naming its weights file."""
+    bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if bad is None:
+        return
+    files = sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []
+    shown = files[0] if len(files) == 1 else (Path(source) / "model.safetensors" if files else source)
+    raise CheckpointError(f"{where}: {shown} holds weights that are not finite (NaN or inf), first in {bad}")
 
 
 def save_pretrained(model: nn.Module, tokenizer, run_dir: Path) -> None:
@@ -145,8 +304,8 @@ def save_pretrained(model: nn.Module, tokenizer, run_dir: Path) -> None:
     for sub, obj in ((MODEL_DIR, model), (TOKENIZER_DIR, tokenizer)):
         final, staging = run_dir / sub, run_dir / f".{sub}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        with quiet_progress():
-            obj.save_pretrained(str(staging))
+        with quiet_progress(), naming_path(final / ("model.safetensors" if sub == MODEL_DIR else "tokenizer")):
+            obj.save_pretrained(str(staging))  # a full disk: one line naming the file, not transformers' error
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
 
@@ -211,5 +370,6 @@ def load_trained(run_dir: str | Path, tokenizer=None) -> tuple[nn.Module, Any]:
     path = Path(run_dir)
     if not path.exists():
         raise CheckpointError(f"{path}: no such run directory")
-    tokenizer = tokenizer or load_tokenizer(str(path))
-    return build_model(None, str(path), {}, tokenizer, where=str(path)), tokenizer
+    pretrained_source(str(path), MODEL_DIR, "run")  # a folder that holds no model is said to be one first
+    tokenizer = tokenizer or load_tokenizer(str(path), where="run")
+    return build_model(None, str(path), {}, tokenizer, where="run"), tokenizer

@@ -39,8 +39,8 @@ from .cross_tokenizer import aligned_mask, gather_teacher_positions, retokenize
 from .config import LMModelConfig, LMRunConfig
 from .data import LMData, batch_rows, build_lm_data, corpus_texts, loss_mask
 from .metrics import evaluate_lm, next_token_ce
-from .models import (adapt_student, build_model, export_student, load_tokenizer, train_tokenizer,
-                     value_projection)
+from .models import (MODEL_DIR, adapt_student, build_model, check_positions, export_student, load_tokenizer,
+                     pretrained_source, train_tokenizer, value_projection)
 from .chunked import (ChunkedInputs, auto_chunk_tokens, chunked_token_losses, liger_available, liger_divergence,
                       split_causal_lm)
 from .objectives import (LM_LOSSES, LMContext, LMObjective, SampledTeacher, SparseTeacher, TeacherChunk,
@@ -58,12 +58,13 @@ def resolve_tokenizer(cfg: LMRunConfig, texts: list[str], run_dir: Optional[Path
     a BPE trained on the corpus."""
     if run_dir is not None and (run_dir / "tokenizer").is_dir() and (run_dir / CHECKPOINT).is_file():
         return load_tokenizer(str(run_dir))
-    name = cfg.tokenizer.name
+    name, where = cfg.tokenizer.name, "tokenizer.name"
     if name is None and cfg.teacher is not None and cfg.teacher.name is not None:
-        name = cfg.teacher.name
+        name, where = cfg.teacher.name, "tokenizer (unset: the teacher's) teacher.name"
+        pretrained_source(name, MODEL_DIR, "teacher.name", cfg.teacher.revision)  # a teacher that is no model first
     if name in (None, "bpe", "byte"):
         return train_tokenizer(texts, name or "bpe", cfg.tokenizer.vocab_size)
-    return load_tokenizer(name)
+    return load_tokenizer(name, where)
 
 
 def load_data(cfg: LMRunConfig, run_dir: Optional[Path] = None) -> LMData:
@@ -72,9 +73,13 @@ def load_data(cfg: LMRunConfig, run_dir: Optional[Path] = None) -> LMData:
     return build_lm_data(texts, tokenizer, cfg.data.seq_len, cfg.data.packing, cfg.data.val_fraction)
 
 
-def make_model(spec: LMModelConfig, tokenizer, eager: bool, where: str) -> nn.Module:
-    return build_model(spec.arch, spec.name, spec.options, tokenizer, eager_attention=eager, revision=spec.revision,
-                       where=where)
+def make_model(spec: LMModelConfig, tokenizer, eager: bool, where: str, seq_len: Optional[int] = None) -> nn.Module:
+    """The model of `spec`; with `seq_len`, one that takes rows that long."""
+    model = build_model(spec.arch, spec.name, spec.options, tokenizer, eager_attention=eager, revision=spec.revision,
+                        where=where)
+    if seq_len is not None:
+        check_positions(model, seq_len, where)
+    return model
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -481,7 +486,8 @@ def build_lm_task(cfg: LMRunConfig, run_dir: Optional[Path], device: torch.devic
     data = load_data(cfg, run_dir)
     seed_everything(cfg.train.seed)  # initial weights depend on the seed alone
     eager = wants_attentions(cfg)
-    student = adapt_student(make_model(cfg.model, data.tokenizer, eager, "model"), cfg.model).to(device)
+    student = adapt_student(make_model(cfg.model, data.tokenizer, eager, "model", cfg.data.seq_len), cfg.model)
+    student = student.to(device)
     teacher = served = teacher_tokenizer = None
     if cfg.teacher is not None and cfg.teacher.endpoint is not None:
         spec = cfg.teacher
@@ -494,8 +500,9 @@ def build_lm_task(cfg: LMRunConfig, run_dir: Optional[Path], device: torch.devic
         if cross and cfg.teacher.name is None:
             raise ConfigError("teacher.name: cross-tokenizer losses need a teacher with its own tokenizer (a hub name "
                               "or a directory), not one built from 'arch'")
-        teacher_tokenizer = load_tokenizer(cfg.teacher.name) if cross else None
-        teacher = make_model(cfg.teacher, teacher_tokenizer or data.tokenizer, eager, "teacher")
+        teacher_tokenizer = load_tokenizer(cfg.teacher.name, "teacher.name") if cross else None
+        teacher = make_model(cfg.teacher, teacher_tokenizer or data.tokenizer, eager, "teacher",
+                             None if cross else cfg.data.seq_len)
         teacher = teacher.to(device).eval().requires_grad_(False)
         sv, tv = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
         if sv != tv and not cross:
