@@ -8,7 +8,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "kdzoo"
 OPTIONAL_EXTRAS = ("timm", "transformers", "tokenizers", "peft", "diffusers", "open_clip", "pycocotools", "torchmetrics",
-                   "liger_kernel", "huggingface_hub")  # liger_kernel: Triton kernels on CUDA; huggingface_hub: with transformers
+                   "liger_kernel", "huggingface_hub")  # Triton kernels on CUDA; the hub client transformers brings
 
 
 def _functions():

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ...errors import CheckpointError, ConfigError, naming_path
@@ -149,8 +150,6 @@ def quiet_hub() -> Iterator[None]:
 
 def _load_errors() -> tuple[type[BaseException], ...]:
     """What transformers raises for a folder or repository it cannot read: missing or damaged files."""
-    from safetensors import SafetensorError
-
     return OSError, ValueError, KeyError, SafetensorError
 
 
@@ -210,8 +209,6 @@ def _load_failure(err: Exception, source: Optional[str] = None) -> str:
     """Why transformers could not load a model or tokenizer, in words: a folder or hub repository that ships its own
     Python code is refused (kdzoo loads with ``trust_remote_code=False`` and never asks on standard input); a
     damaged weights file is named."""
-    from safetensors import SafetensorError
-
     text = str(err)
     if "custom code" in text or "trust_remote_code" in text:
         return ("asks to run its own Python code (auto_map / custom classes); kdzoo never runs remote code: use a "
