@@ -148,9 +148,8 @@ def quiet_hub() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _load_errors() -> tuple[type[BaseException], ...]:
-    """What transformers raises for a folder or repository it cannot read: missing or damaged files."""
-    return OSError, ValueError, KeyError, SafetensorError
+# what transformers raises for a folder or repository it cannot read: missing or damaged files
+LOAD_ERRORS = (OSError, ValueError, KeyError, SafetensorError)
 
 
 def pretrained_source(name: str, what: str, where: str, revision: Optional[str] = None) -> str:
@@ -193,7 +192,7 @@ def load_tokenizer(name: str, where: str = "tokenizer"):
     try:
         with quiet_hub():
             tokenizer = transformers.AutoTokenizer.from_pretrained(target, trust_remote_code=False)
-    except _load_errors() as err:
+    except LOAD_ERRORS as err:
         raise ConfigError(f"{where} {name!r}: {_load_failure(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -267,7 +266,7 @@ def build_model(arch: Optional[str], name: Optional[str], options: dict[str, Any
             with quiet_hub():
                 model = transformers.AutoModelForCausalLM.from_pretrained(
                     target, revision=revision, attn_implementation=attn, dtype=torch.float32, trust_remote_code=False)
-        except _load_errors() as err:
+        except LOAD_ERRORS as err:
             raise ConfigError(f"{label} {name!r}: {_load_failure(err, target)}") from None
         check_finite(model, target, where)
     vocab = model.get_output_embeddings().weight.shape[0]
