@@ -230,14 +230,20 @@ def test_below_the_student_alone_is_marked_and_cells_still_parse():
     assert summary["at"] == "32.00 ± 2.83 †↓" and summary["fitnet"] == "89.00 ± 1.41 ↓"
     assert all(CELL.match(cell) for cell in summary.values())
     assert "† resnet56-resnet20 at, seed 0: the at term is 14x the cross-entropy." in text
-    assert ("↓ below the student trained alone (by more than its std over seeds): resnet56-resnet20 at, "
-            "resnet56-resnet20 fitnet.") in text
+    assert ("↓ below the student trained alone: resnet56-resnet20 at (-59.00, beyond the student's std 1.41); "
+            "resnet56-resnet20 fitnet (-2.00, beyond the student's std 1.41).") in text
     every = markdown_tables(text)[1]
     assert ["resnet56-resnet20", "at", "2", "32.00 ± 2.83 †↓"] == every[3][:4]
     one_seed = load_spec({"name": "t", "dataset": "digits", "seeds": [0], "methods": ["student", "at"],
                           "pairs": [{"recipes": "x"}]})
     single = GridReport(Path("."), results=[r for r in report.results if r["seed"] == 0], planned=report.planned)
-    assert MARKS["below"] not in "".join(r["marks"] for r in table_rows(one_seed, single))  # no std, no verdict
+    rows = {r["method"]: r for r in table_rows(one_seed, single)}
+    assert MARKS["below"] in rows["at"]["marks"] and rows["at"]["below"] == "-60.00"  # one seed: the gap alone
+    # below the student but within its spread: marked, and the footnote says so
+    within = GridReport(Path("."), results=[dict(r, last_top1=90.5 if r["method"] == "fitnet" else r["last_top1"])
+                                            for r in report.results], planned=report.planned)
+    rows = {r["method"]: r for r in table_rows(spec, within)}
+    assert rows["fitnet"]["below"] == "-0.50, within the student's std 1.41"
 
 
 def test_planned_rows_name_the_student_alone_as_the_baseline():

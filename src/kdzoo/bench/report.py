@@ -88,7 +88,7 @@ def _with_published(spec: BenchSpec, row: dict) -> dict:
 def _mark(rows: list[dict], report: GridReport) -> None:
     """`MARKS["balance"]` on a row whose runs reported a distillation term far above the cross-entropy (the
     first report quoted in its notes); `MARKS["below"]` on a method whose mean is below the pair's student
-    trained alone by more than that baseline's std over seeds."""
+    trained alone (the footnote gives the gap and whether it is beyond that baseline's std over seeds)."""
     baselines = {p["pair"]: p["method"] for p in report.planned if p.get("baseline")}
     by_key = {(r["pair"], r["method"]): r for r in rows}
     for row in rows:
@@ -100,9 +100,13 @@ def _mark(rows: list[dict], report: GridReport) -> None:
             row["marks"] += MARKS["balance"]
             row["notes"].append(f"seed {reports[0][0]}: {reports[0][1]}")
         base = by_key.get((row["pair"], baselines.get(row["pair"], BASELINE)))
-        if (base is not None and base is not row and base["last_mean"] is not None and base["last_std"] is not None
-                and row["last_mean"] < base["last_mean"] - base["last_std"]):  # one seed: no std, no verdict
+        if base is not None and base is not row and base["last_mean"] is not None and \
+                row["last_mean"] < base["last_mean"]:
             row["marks"] += MARKS["below"]
+            gap = row["last_mean"] - base["last_mean"]
+            std = base["last_std"]
+            row["below"] = (f"{gap:+.2f}" + ("" if std is None else
+                                             f", {'beyond' if -gap > std else 'within'} the student's std {std:.2f}"))
 
 
 def _pm(mean: Optional[float], std: Optional[float]) -> str:
@@ -187,10 +191,9 @@ def _footnotes(rows: list[dict]) -> list[str]:
     for r in rows:
         if MARKS["balance"] in r["marks"]:
             lines.append(f"- {MARKS['balance']} {r['pair']} {r['method']}, {r['notes'][0]}.")
-    below = [f"{r['pair']} {r['method']}" for r in rows if MARKS["below"] in r["marks"]]
+    below = [f"{r['pair']} {r['method']} ({r['below']})" for r in rows if MARKS["below"] in r["marks"]]
     if below:
-        lines.append(f"- {MARKS['below']} below the student trained alone (by more than its std over seeds): "
-                     + ", ".join(below) + ".")
+        lines.append(f"- {MARKS['below']} below the student trained alone: " + "; ".join(below) + ".")
     return [""] + lines if lines else []
 
 
