@@ -143,7 +143,7 @@ def test_teacher_fingerprint_marks_and_plans_on_a_tiny_grid(tmp_path, capsys):
     spec = load_spec(tiny_spec(methods=methods))
     text = markdown(spec, table_rows(spec, report))
     at_cell = {row[0]: row[1] for row in markdown_tables(text)[0][1:]}["at"]
-    assert CELL.match(at_cell).group("marks") == MARKS["balance"]
+    assert CELL.match(at_cell).group("marks").startswith(MARKS["balance"])  # (and ↓ when below the student)
     assert f"{MARKS['balance']} p at, seed 0: {summary['loss_balance'][0]}." in text
     capsys.readouterr()
 

@@ -10,7 +10,7 @@ output folders such as ``runs/demo`` land there too).  Cases about a read-only p
 the unprivileged user ``nobody`` when the tests run as root (root ignores ``chmod``).
 
 ``PYTHONPATH=src python -m tests.fault_injection.bad_inputs_core`` prints the table and, per command, the message
-each case gets; `tests/test_bad_inputs_core.py` runs every case.
+each case gets; `tests/fault_injection/test_bad_inputs_core.py` runs every case.
 """
 from __future__ import annotations
 

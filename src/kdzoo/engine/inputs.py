@@ -5,8 +5,9 @@ path.
 A file is recorded by size, modification time and SHA-256; a folder by a digest of its files' names, sizes and
 times and, when it is small enough to read quickly, a SHA-256 of their contents.  A later check hashes nothing
 when the sizes and times are unchanged; otherwise it compares contents, so a copy of the same bytes (new times)
-still counts as the same input.  Hidden entries (lock files, temporaries of atomic writes) are not part of a
-folder's fingerprint.
+still counts as the same input.  Hidden entries (lock files, temporaries of atomic writes) and a run folder's
+bookkeeping (checkpoint, metrics, summaries, plots, TensorBoard events: rewritten when a finished run is resumed)
+are not part of a folder's fingerprint; its weights are.
 """
 from __future__ import annotations
 
@@ -23,11 +24,20 @@ CONTENT_LIMIT = 1 << 30  # bytes per input whose contents are hashed; above it, 
 FILE_LIMIT = 5000  # files per folder; a larger folder (a whole dataset tree) is not fingerprinted
 
 
+# A run folder's bookkeeping, rewritten when a finished run is resumed or re-exported: not what a later run reads
+# from it (its weights, tokenizer, data).
+BOOKKEEPING_FILES = frozenset({"checkpoint.pt", "metrics.csv", "summary.json", "plan.md", "config.yaml", "train.yaml",
+                               "inputs.json", "fingerprint.json", "result.json", "results.md", "results.csv",
+                               "evaluation.json"})
+BOOKKEEPING_FOLDERS = frozenset({"tensorboard"})
+BOOKKEEPING_SUFFIXES = (".png", ".log")
+
+
 def _files(folder: Path) -> Iterator[Path]:
     for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in BOOKKEEPING_FOLDERS)
         for name in sorted(names):
-            if not name.startswith("."):
+            if not (name.startswith(".") or name in BOOKKEEPING_FILES or name.endswith(BOOKKEEPING_SUFFIXES)):
                 yield Path(root) / name
 
 

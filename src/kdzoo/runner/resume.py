@@ -101,8 +101,9 @@ def verify_resume_config(cfg: Any, run_dir: Path) -> list[str]:
     return [f"{k} {_show(before.get(k, _ABSENT))} -> {_show(after.get(k, _ABSENT))}: {RESUMABLE[k]}" for k in changed]
 
 
-# Paths in a config that are where a run writes, not what it reads.
-NOT_INPUTS = ("output_dir", "name")
+# Paths in a config that are where a run writes, not what it reads; and a continual step's `start`, the previous
+# step's export, which the same run writes again when it is resumed.
+NOT_INPUTS = ("output_dir", "name", "start")
 
 
 def input_paths(cfg: Any) -> dict[str, Path]:

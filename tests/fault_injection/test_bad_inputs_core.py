@@ -8,7 +8,7 @@ another owner (`AWAITING`) are reported, not failed, and the few of them that tr
 """
 import pytest
 
-from tests.fault_injection.bad_inputs_core import (AWAITING, CATALOGUE, COMMANDS, RUN_UNTIL_KILLED, prepare,
+from .bad_inputs_core import (AWAITING, CATALOGUE, COMMANDS, RUN_UNTIL_KILLED, prepare,
                                                    remove_work_directory, run_commands, work_directory)
 
 

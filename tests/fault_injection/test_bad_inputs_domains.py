@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
-from tests.fault_injection.bad_inputs_domains import GROUPS, Case, Fixtures, run_group  # noqa: E402
+from .bad_inputs_domains import GROUPS, Case, Fixtures, run_group  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
