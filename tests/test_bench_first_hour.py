@@ -18,6 +18,7 @@ from kdzoo.bench.spec import FINGERPRINT, expand, fingerprint, teacher_settings
 from kdzoo.cli import main
 from kdzoo.config import save_config
 from kdzoo.methods import METHODS
+from test_bench import tiny_spec as bench_tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SEPARATOR = re.compile(r"^(\|---)+\|$")
@@ -49,16 +50,8 @@ def markdown_tables(text: str) -> list[list[list[str]]]:
 
 
 def tiny_spec(**changes) -> dict:
-    spec = {
-        "name": "tiny", "seeds": [0], "methods": {"student": [], "kd": ["kd"]},
-        "pairs": [{"name": "p", "teacher": {"name": "tiny:cnn", "options": {"width": 4}},
-                   "student": {"name": "tiny:cnn", "options": {"width": 2}}}],
-        "data": {"name": "synthetic", "options": {"train_size": 32, "test_size": 16, "image_size": 8, "channels": 1}},
-        "train": {"epochs": 1, "batch_size": 16, "lr": 0.05, "device": "cpu", "progress": False},
-        "teacher_train": {"epochs": 1},
-    }
-    spec.update(changes)
-    return spec
+    """test_bench's tiny grid, one epoch per cell."""
+    return bench_tiny_spec(**{"train": {**bench_tiny_spec()["train"], "epochs": 1}, **changes})
 
 
 # ---------------------------------------------------------------- 1. published numbers, alone or beside ours
