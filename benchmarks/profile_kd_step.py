@@ -2,6 +2,7 @@
 
     python benchmarks/profile_kd_step.py                     # cifar:resnet20 -> cifar:resnet8, batch 64, 2 threads
     python benchmarks/profile_kd_step.py --compile default   # the same with train.compile
+    python benchmarks/profile_kd_step.py --channels-last     # NHWC batches and weights (oneDNN's blocked convs)
     python benchmarks/profile_kd_step.py --device cuda --threads 16
 
 Random CIFAR-shaped data (100 classes, device-resident uint8 images with the crop and flip), KD at its recipe
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--compile", default="off", help="off, default or reduce-overhead (default off)")
+    parser.add_argument("--channels-last", action="store_true", help="train.channels_last=true (NHWC)")
     parser.add_argument("--top", type=int, default=15, help="rows of the table (default 15)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     distiller = Distiller(student, teacher, [create_method("kd")], example_input=input_example(data),
                           data=TrainingData(num_samples=len(data.train), labels=labels_of(data.train)))
     cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=0.05, device=args.device, compile=args.compile,
-                      progress=False, warmup_epochs=0)
+                      progress=False, warmup_epochs=0, channels_last=args.channels_last)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     timing = {}
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         fit(distiller, data, cfg, verbose=False, options=FitOptions(on_step=on_step))
     sort = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
     print(f"{args.teacher} -> {args.student}, batch {args.batch_size}, {args.threads} threads, {args.device}, "
-          f"compile {args.compile}: {args.steps * args.batch_size / (timing['end'] - timing['start']):.0f} img/s "
+          f"compile {args.compile}{', channels_last' if args.channels_last else ''}: {args.steps * args.batch_size / (timing['end'] - timing['start']):.0f} img/s "
           f"over {args.steps} profiled steps")
     print(profiler.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
     return 0

@@ -14,6 +14,7 @@ KD 0.9), SGD momentum 0.9.
                  CIFAR-100 loader builds it (PIL images, RandomCrop(32, 4), RandomHorizontalFlip, ToTensor,
                  Normalize; `--workers` workers, default 2), `.cuda()` made a no-op on a CPU
   kdzoo          `fit()` on the same images held as uint8 (crop and flip on the batch), meters on the device
+  kdzoo fit(), channels_last   the same with train.channels_last=true (NHWC: oneDNN's faster convolutions)
   kdzoo compiled the same with train.compile=default (torch.compile; its compilation is in the untimed steps)
 The DM iteration: CIFAR-10-shaped random images (10 classes x `--dm-per-class`), IPC 10, ConvNet-3, DSA on,
 batch_real 256, lr_img 1 (main_DM.py's defaults).
@@ -93,7 +94,7 @@ def run_mdistiller(args) -> float:
     return args.steps * args.batch_size / (time.perf_counter() - start)
 
 
-def run_kdzoo(args, compile_mode: str) -> float:
+def run_kdzoo(args, compile_mode: str, channels_last: bool = False) -> float:
     """Images/s of kdzoo's fit() on the same kind of images."""
     from kdzoo.config import TrainConfig
     from kdzoo.data import DataSplits, input_example, labels_of
@@ -114,7 +115,7 @@ def run_kdzoo(args, compile_mode: str) -> float:
     distiller = Distiller(student, teacher, [create_method("kd")], example_input=input_example(data),
                           data=TrainingData(num_samples=len(train), labels=labels_of(train)))
     cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=0.05, device="cpu", compile=compile_mode,
-                      progress=False, warmup_epochs=0)
+                      progress=False, warmup_epochs=0, channels_last=channels_last)
     marks = {}
 
     def on_step(step: int) -> None:
@@ -196,15 +197,17 @@ def run_kdzoo_dm(args) -> float:
 def child(args) -> int:
     torch.set_num_threads(args.threads)
     runs = {"mdistiller": lambda: run_mdistiller(args), "kdzoo:off": lambda: run_kdzoo(args, "off"),
-            "kdzoo:default": lambda: run_kdzoo(args, "default"), "main_dm": lambda: run_main_dm(args),
+            "kdzoo:default": lambda: run_kdzoo(args, "default"), "kdzoo:nhwc": lambda: run_kdzoo(args, "off", True),
+            "main_dm": lambda: run_main_dm(args),
             "kdzoo:dm": lambda: run_kdzoo_dm(args)}
     print(json.dumps({"rate": runs[args.child]()}))
     return 0
 
 
-KD_CONFIGS = ("mdistiller", "kdzoo:off", "kdzoo:default")
+KD_CONFIGS = ("mdistiller", "kdzoo:off", "kdzoo:nhwc", "kdzoo:default")
 DM_CONFIGS = ("main_dm", "kdzoo:dm")
 LABELS = {"mdistiller": "mdistiller train_iter", "kdzoo:off": "kdzoo fit()", "kdzoo:default": "kdzoo compiled",
+          "kdzoo:nhwc": "kdzoo fit(), channels_last",
           "main_dm": "main_DM.py iteration", "kdzoo:dm": "kdzoo dm step"}
 
 
